@@ -1,0 +1,148 @@
+"""Export a diffusers checkpoint into an artifact folder (needs torch + diffusers).
+
+    from diffrt.export import export
+    manifest = export("path/to/sd15", "out/sd15")
+
+The folder is built under a temporary name beside OUT and renamed into place only
+when every stage is exported, checked against torch, and the manifest is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+from diffrt import __version__
+from diffrt.artifacts import Manifest, StageSpec, file_record, folder_records, write_manifest
+from diffrt.errors import DiffrtError
+from diffrt.export.checkpoint import checkpoint_hash, read_json, read_model_index, resolve_source
+from diffrt.families import family_for_pipeline_class, get_family
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+# An exported stage whose outputs differ from torch by more than this (relative to
+# the outputs' magnitude) is a broken export, not rounding.
+CHECK_TOLERANCE = 1e-3
+
+
+def _versions() -> dict[str, str]:
+    versions = {"diffrt": __version__}
+    for package in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def export(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    family: str = "auto",
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`."""
+    started = time.perf_counter()
+    out = Path(out)
+    if precision != "fp32":
+        raise DiffrtError(
+            f"--precision {precision} is not supported yet; use fp32 (fp16/bf16 arrive with the GPU and OpenVINO backends)"
+        )
+    if not 14 <= opset <= 20:
+        raise DiffrtError(f"--opset {opset} is out of range; use 14..20 (default {DEFAULT_OPSET})")
+    if out.exists() and not overwrite:
+        raise DiffrtError(f"{out} already exists; choose another OUT or pass --overwrite")
+    folder = resolve_source(str(src))
+    model_index = read_model_index(folder)
+    pipeline_class = model_index["_class_name"]
+    fam = family_for_pipeline_class(pipeline_class) if family == "auto" else get_family(family)
+    if pipeline_class not in fam.PIPELINE_CLASSES:
+        raise DiffrtError(f"{folder} holds a {pipeline_class}, not a {fam.NAME} pipeline; use --family auto")
+
+    from diffrt.export import sd as torch_side  # the only family so far
+    from diffrt.export.onnx_graph import check_graph, export_graph
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
+        modules = torch_side.load_modules(folder)
+        model = torch_side.model_facts(folder, modules)
+        io = fam.stage_io(model)
+        stage_modules = torch_side.stage_modules(modules, model)
+        stages = {}
+        for index, name in enumerate(fam.STAGES, start=1):
+            t0 = time.perf_counter()
+            inputs, outputs = io[name]
+            spec = StageSpec(name=name, inputs=inputs, outputs=outputs)
+            stage = stage_modules[name]
+            logger.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", index, len(fam.STAGES), name, opset)
+            files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
+            logger.info("[%d/%d] %s: checking against torch ...", index, len(fam.STAGES), name)
+            error, scale = check_graph(files[0], stage.module, stage.check_inputs, spec)
+            if not error <= CHECK_TOLERANCE * max(1.0, scale):
+                raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
+            records = tuple(file_record(staging, p) for p in files)
+            stages[name] = StageSpec(name=name, inputs=inputs, outputs=outputs, files=records, max_abs_error=error)
+            size_mb = sum(r.size for r in records) / 2**20
+            logger.info(
+                "[%d/%d] %s: done in %.1fs (%.0f MB%s), max abs error vs torch %.2e",
+                index, len(fam.STAGES), name, time.perf_counter() - t0, size_mb,
+                ", external data" if len(files) > 1 else "", error,
+            )
+            del stage_modules[name]
+        del modules
+
+        components = {}
+        for component in (*fam.TOKENIZERS, "scheduler"):
+            if not (folder / component).is_dir():
+                raise DiffrtError(f"{folder / component} is missing; the checkpoint is incomplete")
+            shutil.copytree(folder / component, staging / component)
+            components[component] = folder_records(staging, staging / component)
+
+        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
+        from diffrt.runtime.schedulers import scheduler_name_for
+
+        scheduler = scheduler_name_for(scheduler_config.get("_class_name", ""), scheduler_config)
+        preset = fam.PRESETS[fam.default_preset(pipeline_class)]
+        size = model["sample_size"] * model["vae_scale_factor"]
+        manifest = Manifest(
+            family=fam.NAME,
+            pipeline_class=pipeline_class,
+            precision=precision,
+            opset=opset,
+            stages=stages,
+            components=components,
+            model=model,
+            defaults={
+                "preset": preset.name,
+                "scheduler": scheduler,
+                "num_inference_steps": preset.num_inference_steps,
+                "guidance_scale": fam.preset_guidance(preset, model),
+                "height": size,
+                "width": size,
+            },
+            source={"id": str(src), "path": str(folder), "sha256": checkpoint_hash(folder)},
+            versions=_versions(),
+        )
+        write_manifest(staging, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("export finished in %.1fs: %s", time.perf_counter() - started, out)
+    return manifest
+
+
+__all__ = ["DEFAULT_OPSET", "export"]

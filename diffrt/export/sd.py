@@ -1,0 +1,159 @@
+"""The torch side of the SD family: load the modules, wrap each stage for export, make
+trace and check inputs. IO names and shapes come from diffrt.families.sd."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffrt.errors import DiffrtError
+from diffrt.export.checkpoint import read_json
+from diffrt.families import sd
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageModule:
+    """A stage ready to export: the module, the inputs to trace it with, and inputs
+    of another shape to check the exported graph with."""
+
+    module: torch.nn.Module
+    trace_inputs: tuple[torch.Tensor, ...]
+    check_inputs: dict[str, torch.Tensor]
+
+
+class TextEncoderStage(torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids=input_ids, return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNetStage(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False
+        )[0]
+
+
+class VaeDecoderStage(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderStage(torch.nn.Module):
+    """Outputs the diagonal Gaussian's parameters (mean and logvar stacked on channels),
+    so img2img can sample or take the mode in numpy."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0].parameters
+
+
+def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    modules = {}
+    for name, cls in loaders.items():
+        if not (folder / name).is_dir():
+            raise DiffrtError(f"{folder / name} is missing; an SD checkpoint needs text_encoder/, unet/ and vae/")
+        logger.info("loading %s (%s)", name, cls.__name__)
+        try:
+            module = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DiffrtError(f"cannot load {folder / name} as {cls.__name__}: {first}") from None
+        modules[name] = module.eval().requires_grad_(False)
+    return modules
+
+
+def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """What the runtime needs to know about the checkpoint, in plain JSON types."""
+    text_config = modules["text_encoder"].config
+    unet_config = modules["unet"].config
+    vae_config = modules["vae"].config
+    tokenizer_config = {}
+    if (folder / "tokenizer" / "tokenizer_config.json").is_file():
+        tokenizer_config = read_json(folder / "tokenizer" / "tokenizer_config.json")
+    max_length = tokenizer_config.get("model_max_length")
+    if not isinstance(max_length, int) or max_length > text_config.max_position_embeddings:
+        max_length = int(text_config.max_position_embeddings)
+    vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    return {
+        "text_max_length": max_length,
+        "text_hidden_size": int(text_config.hidden_size),
+        "cross_attention_dim": int(unet_config.cross_attention_dim),
+        "latent_channels": int(unet_config.in_channels),
+        "time_cond_proj_dim": unet_config.time_cond_proj_dim,
+        "sample_size": int(unet_config.sample_size),
+        "vae_scale_factor": vae_scale_factor,
+        "vae_scaling_factor": float(vae_config.scaling_factor),
+        # image sizes must be multiples of this (diffusers checks multiples of 8)
+        "size_multiple": max(8, vae_scale_factor),
+        "num_upsamplers": len(unet_config.block_out_channels) - 1,
+    }
+
+
+def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
+    """Each stage's wrapper with trace inputs and check inputs of a different shape.
+
+    The UNet is traced at latent sizes that are NOT multiples of 2**num_upsamplers:
+    that makes diffusers pass explicit `upsample_size`s taken from the skip tensors,
+    so the exported graph is correct at every latent size, not only multiples of 8.
+    """
+    gen = torch.Generator().manual_seed(0)
+    seq, channels = model["text_max_length"], model["latent_channels"]
+    up = 2 ** model["num_upsamplers"]
+    vocab = modules["text_encoder"].config.vocab_size
+
+    def ids(batch: int) -> torch.Tensor:
+        x = torch.randint(0, vocab - 1, (batch, seq), generator=gen)
+        x[:, -1] = vocab - 1  # an end-of-text token, so pooling is well defined
+        return x
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    def unet_inputs(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
+        feeds = {
+            "sample": randn(batch, channels, h, w),
+            "timestep": torch.full((batch,), 501.0),
+            "encoder_hidden_states": randn(batch, seq, model["cross_attention_dim"]),
+        }
+        if model.get("time_cond_proj_dim"):
+            feeds["timestep_cond"] = randn(batch, model["time_cond_proj_dim"])
+        return feeds
+
+    f = model["vae_scale_factor"]
+    unet_trace = unet_inputs(2, up + 1, 2 * up + 1)
+    return {
+        sd.TEXT_ENCODER: StageModule(TextEncoderStage(modules["text_encoder"]), (ids(2),), {"input_ids": ids(1)}),
+        sd.DENOISER: StageModule(UNetStage(modules["unet"]), tuple(unet_trace.values()), unet_inputs(1, 2 * up, 3 * up)),
+        sd.VAE_DECODER: StageModule(
+            VaeDecoderStage(modules["vae"]), (randn(2, channels, 5, 7),), {"latent_sample": randn(1, channels, 8, 6)}
+        ),
+        sd.VAE_ENCODER: StageModule(
+            VaeEncoderStage(modules["vae"]), (randn(2, 3, 5 * f, 7 * f),), {"sample": randn(1, 3, 8 * f, 6 * f)}
+        ),
+    }

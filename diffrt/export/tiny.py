@@ -1,0 +1,106 @@
+"""Tiny random-weight diffusers checkpoints, made locally and offline.
+
+Used by `diffrt demo` and the tests: the same module classes and code paths as the
+real checkpoints (CLIP text encoder, UNet2DConditionModel, AutoencoderKL, a CLIP BPE
+tokenizer, the checkpoint's scheduler config), with small widths so that export and
+generation take seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("sd15", "sd2", "lcm")
+
+_SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+_SCHEDULERS = {
+    # runwayml/stable-diffusion-v1-5's scheduler_config.json
+    "sd15": ("PNDMScheduler", {**_SD_BETAS, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                               "trained_betas": None, "clip_sample": False}),
+    # stabilityai/stable-diffusion-2-1's (v-prediction)
+    "sd2": ("DDIMScheduler", {**_SD_BETAS, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False,
+                              "prediction_type": "v_prediction", "trained_betas": None}),
+    # SimianLuo/LCM_Dreamshaper_v7's
+    "lcm": ("LCMScheduler", {**_SD_BETAS, "set_alpha_to_one": True, "steps_offset": 1, "clip_sample": False,
+                             "original_inference_steps": 50, "prediction_type": "epsilon", "trained_betas": None,
+                             "timestep_spacing": "leading"}),
+}
+
+
+def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny random-weight pipeline of `kind` to `folder` with save_pretrained.
+
+    sd15: StableDiffusionPipeline, PNDM, epsilon, pad token "<|endoftext|>".
+    sd2:  StableDiffusionPipeline, DDIM v-prediction, linear projections, pad token "!".
+    lcm:  LatentConsistencyModelPipeline, LCM scheduler, UNet with time_cond_proj_dim.
+    The default image is sample_size * 2 pixels square (the tiny VAE downsamples by 2).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from diffrt.export.clip_vocab import write_tiny_clip_tokenizer
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(KINDS)}")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(Path(tmp), pad_token="!" if kind == "sd2" else "<|endoftext|>")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_act="gelu" if kind == "sd2" else "quick_gelu",
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if kind == "sd2" else 8,
+        use_linear_projection=kind == "sd2",
+        norm_num_groups=32,
+        time_cond_proj_dim=32 if kind == "lcm" else None,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size * 2,
+    )
+    class_name, config = _SCHEDULERS[kind]
+    scheduler = getattr(diffusers, class_name).from_config(config)
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    if kind == "lcm":
+        pipe = diffusers.LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                        requires_safety_checker=False)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    logger.info("wrote a tiny random-weight %s checkpoint to %s", kind, folder)
+    return folder

@@ -1,0 +1,135 @@
+"""Stable Diffusion 1.x / 2.x (and LCM-distilled SD): one CLIP text encoder, a UNet,
+the KL VAE. Torch-free: the stage IO contract, defaults, presets and the numpy side
+of conditioning. The torch side (module wrappers, sample inputs) is export/sd.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from diffrt.artifacts import TensorSpec
+from diffrt.families.presets import Preset
+
+NAME = "sd"
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
+LCM_PIPELINE_CLASS = "LatentConsistencyModelPipeline"
+
+TEXT_ENCODER = "text_encoder"
+DENOISER = "unet"
+VAE_DECODER = "vae_decoder"
+VAE_ENCODER = "vae_encoder"
+STAGES = (TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER)
+TOKENIZERS = ("tokenizer",)
+
+# diffusers' LatentConsistencyModelPipeline default guidance_scale.
+LCM_GUIDANCE_SCALE = 8.5
+
+PRESETS = {
+    "full-30step": Preset(
+        name="full-30step",
+        description="the checkpoint's own scheduler, 30 steps, classifier-free guidance 7.5",
+        num_inference_steps=30,
+        scheduler=None,
+        guidance_scale=7.5,
+    ),
+    "lcm-4step": Preset(
+        name="lcm-4step",
+        description="LCM scheduler, 4 steps; LCM-distilled UNets take guidance 8.5 as an embedding, others run without CFG",
+        num_inference_steps=4,
+        scheduler="lcm",
+        guidance_scale=None,
+    ),
+}
+
+
+def default_preset(pipeline_class: str) -> str:
+    return "lcm-4step" if pipeline_class == LCM_PIPELINE_CLASS else "full-30step"
+
+
+def preset_guidance(preset: Preset, model: Mapping[str, Any]) -> float:
+    """The guidance scale a preset means for this checkpoint."""
+    if preset.guidance_scale is not None:
+        return preset.guidance_scale
+    return LCM_GUIDANCE_SCALE if model.get("time_cond_proj_dim") else 1.0
+
+
+def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+    """Inputs and outputs of every stage; dims named where they are dynamic."""
+    seq = int(model["text_max_length"])
+    hidden = int(model["text_hidden_size"])
+    channels = int(model["latent_channels"])
+    latent = ("batch", channels, "latent_height", "latent_width")
+    image = ("batch", 3, "height", "width")
+    unet_inputs = [
+        TensorSpec("sample", "float32", latent),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", seq, int(model["cross_attention_dim"]))),
+    ]
+    if model.get("time_cond_proj_dim"):
+        unet_inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(model["time_cond_proj_dim"]))))
+    return {
+        TEXT_ENCODER: (
+            (TensorSpec("input_ids", "int64", ("batch", seq)),),
+            (
+                TensorSpec("last_hidden_state", "float32", ("batch", seq, hidden)),
+                TensorSpec("pooler_output", "float32", ("batch", hidden)),
+            ),
+        ),
+        DENOISER: (tuple(unet_inputs), (TensorSpec("out_sample", "float32", latent),)),
+        VAE_DECODER: (
+            (TensorSpec("latent_sample", "float32", latent),),
+            (TensorSpec("sample", "float32", image),),
+        ),
+        VAE_ENCODER: (
+            (TensorSpec("sample", "float32", image),),
+            (TensorSpec("latent_parameters", "float32", ("batch", 2 * channels, "latent_height", "latent_width")),),
+        ),
+    }
+
+
+def guidance_scale_embedding(w: np.ndarray, embedding_dim: int) -> np.ndarray:
+    """LCM's guidance embedding (diffusers `get_guidance_scale_embedding`), float32."""
+    w = np.asarray(w, dtype=np.float32) * np.float32(1000.0)
+    half_dim = embedding_dim // 2
+    scale = np.float32(math.log(10000.0)) / np.float32(half_dim - 1)
+    freqs = np.exp(np.arange(half_dim, dtype=np.float32) * -scale)
+    emb = w[:, None] * freqs[None, :]
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    if embedding_dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+def uses_cfg(model: Mapping[str, Any], guidance_scale: float) -> bool:
+    """CFG runs unless guidance <= 1 or the UNet takes guidance as an embedding (LCM),
+    exactly as diffusers' `do_classifier_free_guidance`."""
+    return guidance_scale > 1.0 and not model.get("time_cond_proj_dim")
+
+
+def denoiser_conditioning(
+    encode_text: Callable[[list[str]], np.ndarray],
+    model: Mapping[str, Any],
+    prompts: list[str],
+    negative_prompts: list[str],
+    num_images_per_prompt: int,
+    guidance_scale: float,
+) -> dict[str, np.ndarray]:
+    """The denoiser inputs other than sample/timestep, for one batched call per step.
+
+    With CFG the batch is [uncond..., cond...] (diffusers' order), each prompt repeated
+    `num_images_per_prompt` times. `encode_text` maps prompts to last_hidden_state.
+    """
+    do_cfg = uses_cfg(model, guidance_scale)
+    texts = (negative_prompts + prompts) if do_cfg else prompts
+    embeds = np.repeat(encode_text(texts), num_images_per_prompt, axis=0)
+    feeds = {"encoder_hidden_states": embeds}
+    dim = model.get("time_cond_proj_dim")
+    if dim:
+        batch = len(prompts) * num_images_per_prompt
+        w = np.full((batch,), guidance_scale - 1.0, dtype=np.float32)
+        feeds["timestep_cond"] = guidance_scale_embedding(w, int(dim))
+    return feeds
