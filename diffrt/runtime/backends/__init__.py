@@ -1,0 +1,29 @@
+"""Backends: one file each, behind the small protocol in base.py.
+
+A backend opens one `Session` per stage. Only the chosen backend's library is
+imported, when it is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from diffrt.errors import DiffrtError
+from diffrt.runtime.backends.base import Backend, Session
+
+# name -> module; the module defines `BACKEND`, an object following base.Backend.
+_MODULES = {"ort": "diffrt.runtime.backends.ort"}
+# Designed for (see DESIGN.md), not built yet: named so the error can say so.
+_PLANNED = ("openvino", "tensorrt", "torch")
+
+
+def get_backend(name: str, **options) -> Backend:
+    if name not in _MODULES:
+        if name in _PLANNED:
+            raise DiffrtError(f"backend {name!r} is not available in this version yet; use one of: {', '.join(_MODULES)}")
+        raise DiffrtError(f"unknown backend {name!r}; choose one of: {', '.join(_MODULES)}")
+    module = importlib.import_module(_MODULES[name])
+    return module.make_backend(**options)
+
+
+__all__ = ["Backend", "Session", "get_backend"]

@@ -1,0 +1,36 @@
+"""The backend protocol: a session per stage, `run(feeds) -> outputs`, explicit lifecycle.
+
+Arrays are numpy on CPU backends. GPU backends may accept and return their own
+device arrays (ORT OrtValues bound with IOBinding, TensorRT device buffers) so that
+latents stay on the device between steps; the pipeline only passes what one
+session returned into the next session or the scheduler, and `to_host` is called
+once at the end. That is why the protocol names no array type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from diffrt.artifacts import StageSpec
+
+
+class Session(Protocol):
+    spec: StageSpec
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the stage; every input of `spec` must be fed."""
+
+    def close(self) -> None:
+        """Release the session's memory; the session is unusable afterwards."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def open(self, folder: Path, spec: StageSpec) -> Session:
+        """Load the stage's graph (or a built engine for it) from the artifact folder."""
+
+    def describe(self) -> str:
+        """One line: library version and device, for timings and reports."""

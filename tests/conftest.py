@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-weight diffusers checkpoints and their exports, built
+once per test session (seconds each)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+KINDS = ("sd15", "sd2", "lcm")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(kind) -> folder of a saved diffusers pipeline (cached per kind)."""
+    from diffrt.export.tiny import make_tiny_sd
+
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = make_tiny_sd(tmp_path_factory.mktemp(f"ckpt-{kind}") / "checkpoint", kind=kind)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """exported(kind) -> artifact folder of the tiny checkpoint of that kind (cached)."""
+    from diffrt.export import export
+
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(f"art-{kind}") / "artifact"
+            export(tiny_checkpoint(kind), out)
+            cache[kind] = out
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    logging.getLogger("diffrt").setLevel(logging.WARNING)
+    yield

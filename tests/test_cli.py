@@ -1,0 +1,49 @@
+"""The CLI's main paths, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffrt.cli", *args], capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
+
+
+def test_demo_runs_the_whole_path_offline(tmp_path):
+    env_out = tmp_path / "demo.png"
+    result = cli("demo", "--dir", str(tmp_path / "work"), "-o", str(env_out), "--steps", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = Image.open(env_out)
+    assert image.size == (128, 128)
+    assert "timings: text_encoder" in result.stdout and "vae_decoder" in result.stdout
+    assert "[2/4] unet: exporting to ONNX" in result.stderr  # export progress is shown
+    assert "denoising [" in result.stderr and "4/4" in result.stderr  # generation progress
+    assert (tmp_path / "work" / "artifact" / "manifest.json").is_file()
+
+
+def test_generate_inspect_bench(exported, tmp_path):
+    folder = str(exported("sd15"))
+    out = tmp_path / "cat.png"
+    result = cli("generate", folder, "a cat", "--negative", "blurry", "--steps", "3", "--cfg", "6", "--seed", "1",
+                 "--size", "80x48", "-n", "2", "--scheduler", "euler", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in range(2):
+        assert Image.open(tmp_path / f"cat-{i}.png").size == (80, 48)
+    assert "euler, 3 steps, guidance 6" in result.stderr
+
+    result = cli("generate", folder, "a cat", "--preset", "lcm-4step", "--seed", "1", "-o", str(out))
+    assert result.returncode == 0 and "lcm, 4 steps, guidance 1" in result.stderr, result.stderr[-3000:]
+
+    result = cli("inspect", folder)
+    assert result.returncode == 0 and "StableDiffusionPipeline" in result.stdout and "unet:" in result.stdout
+
+    result = cli("bench", folder, "--steps", "2", "--runs", "2", "--scheduler", "ddim")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout[: result.stdout.index("\n| stage")])
+    assert report["runs"] == 2 and report["settings"]["num_inference_steps"] == 2
+    assert report["median_seconds"]["total"] > 0
