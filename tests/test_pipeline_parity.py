@@ -59,8 +59,11 @@ def pipes(tiny_checkpoint, exported):
 
     def get(kind):
         if kind not in cache:
-            cache[kind] = (Pipeline.load(exported(kind)), _diffusers_pipeline(tiny_checkpoint(kind)))
-        return cache[kind]
+            ref = _diffusers_pipeline(tiny_checkpoint(kind))
+            cache[kind] = (Pipeline.load(exported(kind)), ref, ref.scheduler.config)
+        ours, ref, config = cache[kind]
+        ref.scheduler = getattr(__import__("diffusers"), config["_class_name"]).from_config(config)
+        return ours, ref
 
     return get
 
@@ -82,7 +85,7 @@ def _compare(ours, theirs, kind, scheduler):
 @pytest.mark.parametrize("scheduler", DETERMINISTIC)
 def test_sd_matches_diffusers(pipes, kind, scheduler):
     ours, ref = pipes(kind)
-    ref.scheduler = _diffusers_scheduler(scheduler, ref.scheduler.config)
+    ref.scheduler = _diffusers_scheduler(scheduler, ref.scheduler.config)  # from the checkpoint's own
     steps = 8 if scheduler != "pndm" else 12
     prompts, negatives = ["a photo of a cat", "(((masterpiece))), a dog, 4k"], ["blurry", ""]
     latents = _latents((4, 4, 32, 32))  # 2 prompts x 2 images, 64x64 px
