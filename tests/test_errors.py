@@ -194,3 +194,31 @@ def test_cli_export_bad_precision(tiny_checkpoint, tmp_path):
 def test_cli_bad_size_syntax(exported):
     result = cli("generate", str(exported("sd15")), "a cat", "--size", "big")
     assert result.returncode == 2 and "--size 'big': use WIDTHxHEIGHT" in result.stderr
+
+
+def test_export_bad_scheduler_config_fails_before_exporting(tiny_checkpoint, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("sd15"), src)
+    path = src / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "timestep_spacing": "bogus"}))
+    result = cli("export", str(src), str(tmp_path / "out"))
+    assert_one_line_error(result, "scheduler_config.json", "timestep_spacing='bogus' is not supported")
+    assert "exporting to ONNX" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_export_unimplemented_scheduler_class_falls_back(tiny_checkpoint, tmp_path):
+    from diffrt.export import export
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("sd15"), src)
+    path = src / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "UniPCMultistepScheduler"}))
+    out = tmp_path / "out"
+    export(src, out)
+    assert json.loads((out / "manifest.json").read_text())["defaults"]["scheduler"] == "dpmpp_2m"
+    # --overwrite replaces a finished folder with a new complete one
+    before = (out / "manifest.json").read_text()
+    export(tiny_checkpoint("sd15"), out, overwrite=True)
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["defaults"]["scheduler"] == "pndm" and (out / "manifest.json").read_text() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]

@@ -65,9 +65,7 @@ def export(
     fam = family_for_pipeline_class(pipeline_class) if family == "auto" else get_family(family)
     if pipeline_class not in fam.PIPELINE_CLASSES:
         raise DiffrtError(f"{folder} holds a {pipeline_class}, not a {fam.NAME} pipeline; use --family auto")
-
-    from diffrt.export import sd as torch_side  # the only family so far
-    from diffrt.export.onnx_graph import check_graph, export_graph
+    scheduler = _default_scheduler(folder)  # before the long part: a bad config fails fast
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -75,44 +73,13 @@ def export(
     staging.mkdir()
     try:
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
-        modules = torch_side.load_modules(folder)
-        model = torch_side.model_facts(folder, modules)
-        io = fam.stage_io(model)
-        stage_modules = torch_side.stage_modules(modules, model)
-        stages = {}
-        for index, name in enumerate(fam.STAGES, start=1):
-            t0 = time.perf_counter()
-            inputs, outputs = io[name]
-            spec = StageSpec(name=name, inputs=inputs, outputs=outputs)
-            stage = stage_modules[name]
-            logger.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", index, len(fam.STAGES), name, opset)
-            files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
-            logger.info("[%d/%d] %s: checking against torch ...", index, len(fam.STAGES), name)
-            error, scale = check_graph(files[0], stage.module, stage.check_inputs, spec)
-            if not error <= CHECK_TOLERANCE * max(1.0, scale):
-                raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
-            records = tuple(file_record(staging, p) for p in files)
-            stages[name] = StageSpec(name=name, inputs=inputs, outputs=outputs, files=records, max_abs_error=error)
-            size_mb = sum(r.size for r in records) / 2**20
-            logger.info(
-                "[%d/%d] %s: done in %.1fs (%.0f MB%s), max abs error vs torch %.2e",
-                index, len(fam.STAGES), name, time.perf_counter() - t0, size_mb,
-                ", external data" if len(files) > 1 else "", error,
-            )
-            del stage_modules[name]
-        del modules
-
+        model, stages = _export_stages(fam, folder, staging, opset)
         components = {}
         for component in (*fam.TOKENIZERS, "scheduler"):
             if not (folder / component).is_dir():
                 raise DiffrtError(f"{folder / component} is missing; the checkpoint is incomplete")
             shutil.copytree(folder / component, staging / component)
             components[component] = folder_records(staging, staging / component)
-
-        scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
-        from diffrt.runtime.schedulers import scheduler_name_for
-
-        scheduler = scheduler_name_for(scheduler_config.get("_class_name", ""), scheduler_config)
         preset = fam.PRESETS[fam.default_preset(pipeline_class)]
         size = model["sample_size"] * model["vae_scale_factor"]
         manifest = Manifest(
@@ -135,14 +102,78 @@ def export(
             versions=_versions(),
         )
         write_manifest(staging, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("export finished in %.1fs: %s", time.perf_counter() - started, out)
     return manifest
+
+
+def _default_scheduler(folder: Path) -> str:
+    """Our name for the checkpoint's scheduler. A class we do not implement (e.g.
+    UniPC) falls back to DPM++ 2M, the closest multistep solver, on the same betas."""
+    from diffrt.runtime.schedulers import make_scheduler, scheduler_name_for
+
+    config = read_json(folder / "scheduler" / "scheduler_config.json")
+    try:
+        name = scheduler_name_for(config.get("_class_name", ""), config)
+    except ValueError:
+        logger.warning("scheduler %s is not implemented; the default will be dpmpp_2m", config.get("_class_name"))
+        name = "dpmpp_2m"
+    try:
+        make_scheduler(name, config)
+    except ValueError as exc:
+        raise DiffrtError(f"{folder / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
+    return name
+
+
+def _export_stages(fam, folder: Path, staging: Path, opset: int) -> tuple[dict, dict[str, StageSpec]]:
+    """Export and check every stage of the family; returns (model facts, stage specs)."""
+    from diffrt.export import sd as torch_side  # the only family so far
+    from diffrt.export.onnx_graph import check_graph, export_graph
+
+    modules = torch_side.load_modules(folder)
+    model = torch_side.model_facts(folder, modules)
+    io = fam.stage_io(model)
+    stage_modules = torch_side.stage_modules(modules, model)
+    del modules
+    stages, count = {}, len(fam.STAGES)
+    for index, name in enumerate(fam.STAGES, start=1):
+        t0 = time.perf_counter()
+        inputs, outputs = io[name]
+        spec = StageSpec(name=name, inputs=inputs, outputs=outputs)
+        stage = stage_modules.pop(name)
+        logger.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", index, count, name, opset)
+        files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
+        logger.info("[%d/%d] %s: checking against torch ...", index, count, name)
+        error, scale = check_graph(files[0], stage.module, stage.check_inputs, spec)
+        if not error <= CHECK_TOLERANCE * max(1.0, scale):
+            raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
+        records = tuple(file_record(staging, p) for p in files)
+        stages[name] = StageSpec(name=name, inputs=inputs, outputs=outputs, files=records, max_abs_error=error)
+        logger.info(
+            "[%d/%d] %s: done in %.1fs (%.0f MB%s), max abs error vs torch %.2e",
+            index, count, name, time.perf_counter() - t0, sum(r.size for r in records) / 2**20,
+            ", external data" if len(files) > 1 else "", error,
+        )
+    return model, stages
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing OUT is replaced only after the
+    new one is complete, and is kept if the swap fails."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    backup = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, backup)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 __all__ = ["DEFAULT_OPSET", "export"]

@@ -73,6 +73,12 @@ def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    # Our own progress lines say what is loading; the libraries' bars only add noise.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
     modules = {}
     for name, cls in loaders.items():
