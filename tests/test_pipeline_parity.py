@@ -176,3 +176,20 @@ def test_seeded_generation_is_reproducible_and_pil(exported):
     np.testing.assert_array_equal(np.asarray(result.images[0]), (a.images[0] * 255).round().astype(np.uint8))
     assert set(result.timings) >= {"text_encoder", "denoiser", "denoiser_steps", "vae_decoder", "total"}
     assert len(result.timings["denoiser_steps"]) == 3
+
+
+@pytest.mark.parametrize(("guidance", "batch"), [(7.5, 4), (1.0, 2)])
+def test_cfg_is_one_batched_denoiser_call_per_step(exported, guidance, batch):
+    pipe = Pipeline.load(exported("sd15"))
+    unet = pipe._sessions["unet"]
+    calls = []
+    real_run = unet.run
+
+    def spy(feeds):
+        calls.append({k: v.shape for k, v in feeds.items()})
+        return real_run(feeds)
+
+    unet.run = spy
+    pipe("a cat", num_inference_steps=3, scheduler="euler", guidance_scale=guidance, num_images_per_prompt=2)
+    assert len(calls) == 3
+    assert all(c["sample"][0] == batch and c["encoder_hidden_states"][0] == batch for c in calls)
