@@ -18,11 +18,11 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -287,11 +287,6 @@ def load_artifact(folder: str | Path, check_hashes: bool = True) -> Manifest:
     manifest = read_manifest(folder)
     verify_files(folder, manifest, check_hashes=check_hashes)
     return manifest
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise DiffrtError(message)
 
 
 __all__ = [
