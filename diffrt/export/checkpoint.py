@@ -15,15 +15,10 @@ from diffrt.errors import DiffrtError
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# What a text-to-image export reads from a hub repo (weights in both formats, configs,
-# tokenizer and scheduler files); no fp16 variants, no .ckpt single files.
-_HUB_PATTERNS = [
-    "model_index.json",
-    "*/config.json",
-    "*/*.safetensors",
-    "tokenizer*/*",
-    "scheduler/*",
-]
+# What a text-to-image export reads from a hub repo: configs, safetensors weights,
+# tokenizer and scheduler files; not the fp16/non-EMA variants or single-file .ckpt.
+_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "tokenizer*/*", "scheduler/*"]
+_HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.ckpt"]
 
 
 def resolve_source(src: str) -> Path:
@@ -48,7 +43,7 @@ def resolve_source(src: str) -> Path:
         raise DiffrtError(f"{src} looks like a hub id but huggingface_hub is not installed; pip install 'diffrt[export]'") from None
     logger.info("downloading %s from the hub ...", src)
     try:
-        folder = snapshot_download(src, allow_patterns=_HUB_PATTERNS)
+        folder = snapshot_download(src, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORE)
     except Exception as exc:  # noqa: BLE001 - offline, 404, gated: all one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DiffrtError(
