@@ -9,6 +9,7 @@ when every stage is exported, checked against torch, and the manifest is written
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -131,7 +132,7 @@ def _default_scheduler(folder: Path) -> str:
 def _export_stages(fam, folder: Path, staging: Path, opset: int) -> tuple[dict, dict[str, StageSpec]]:
     """Export and check every stage of the family; returns (model facts, stage specs)."""
     from diffrt.export import sd as torch_side  # the only family so far
-    from diffrt.export.onnx_graph import check_graph, export_graph
+    from diffrt.export.onnx_graph import check_graph, export_graph, reference_outputs
 
     modules = torch_side.load_modules(folder)
     model = torch_side.model_facts(folder, modules)
@@ -147,7 +148,11 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int) -> tuple[dict, 
         logger.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", index, count, name, opset)
         files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
         logger.info("[%d/%d] %s: checking against torch ...", index, count, name)
-        error, scale = check_graph(files[0], stage.module, stage.check_inputs, spec)
+        feeds = {k: v.numpy() for k, v in stage.check_inputs.items()}
+        reference = reference_outputs(stage.module, stage.check_inputs, spec)
+        del stage  # free the torch weights before onnxruntime loads its own copy
+        gc.collect()
+        error, scale = check_graph(files[0], feeds, reference, spec)
         if not error <= CHECK_TOLERANCE * max(1.0, scale):
             raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
         records = tuple(file_record(staging, p) for p in files)
