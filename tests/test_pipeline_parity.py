@@ -1,8 +1,10 @@
 """End to end against diffusers: same tiny weights, same prompt, same `latents`.
 
-Tolerance: max abs difference <= 2e-3 on the [0, 1] image scale (DESIGN.md). The
-differences come from ONNX Runtime's kernels vs torch's (fp32 reassociation) and
-from numpy vs torch float32 scheduler arithmetic; measured values are ~1e-6..1e-5.
+DESIGN.md's bar is max abs difference <= 2e-3 on the [0, 1] image scale. We assert
+1e-4: on these tiny models two different but related samplers (DDIM and Euler
+discretize the same ODE) give images only ~1e-3 apart, so 2e-3 could not tell them
+apart. Measured differences are 0.6e-6..3.5e-6 (ONNX Runtime vs torch kernels, numpy
+vs torch float32 scheduler arithmetic).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from diffrt.runtime.pipeline import Pipeline
 
-TOLERANCE = 2e-3
+TOLERANCE = 1e-4
 DETERMINISTIC = ("ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
 
