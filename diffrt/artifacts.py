@@ -13,7 +13,6 @@ so a half-written export is never mistaken for a finished one.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -192,9 +191,6 @@ class Manifest:
             versions=dict(data["versions"]),
             manifest_version=int(data["manifest_version"]),
         )
-
-    def replace(self, **changes: Any) -> Manifest:
-        return dataclasses.replace(self, **changes)
 
 
 # --- hashing -------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -76,9 +75,6 @@ def export_graph(module: torch.nn.Module, sample: Sequence[torch.Tensor], spec: 
             os.replace(raw, graph)
             files = [graph]
         del model
-    leftovers = [p for p in stage_dir.iterdir() if p not in files]
-    for path in leftovers:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
     return files
 
 

@@ -57,9 +57,9 @@ def _use_shared_cpu_arena(options: ort.SessionOptions) -> None:
     """All sessions of the process draw CPU memory from ONE registered arena.
 
     With one arena per session (the default) each session keeps its own high-water
-    mark, so the UNet's and the VAE decoder's peaks add up: at 768x768 on SD1.5 the
-    process peaked at 18.3 GiB with per-session arenas and 14.7 GiB with one shared
-    arena, at the same speed (benchmarks/README.md).
+    mark, so the UNet's and the VAE decoder's peaks add up. benchmarks/real_size_sd15.py
+    at 768x768 on SD1.5 measured a process peak of 18.3 GiB with per-session arenas
+    and 14.9 GiB with the shared one, at about the same speed (benchmarks/README.md).
     """
     global _shared_arena_registered
     if not _shared_arena_registered:
