@@ -5,6 +5,13 @@ device arrays (ORT OrtValues bound with IOBinding, TensorRT device buffers) so t
 latents stay on the device between steps; the pipeline only passes what one
 session returned into the next session or the scheduler, and `to_host` is called
 once at the end. That is why the protocol names no array type.
+
+`profile` binds some of a stage's named dims (e.g. {"batch": 2, "latent_height": 64,
+"latent_width": 64}) to the values the caller expects, so that backends which compile
+for static shapes (OpenVINO, TensorRT) can compile at load instead of on the first
+request. Dims it leaves unbound are taken from the feeds when the stage runs; a
+backend that compiles per shape then compiles (or loads from its engine cache) once
+per new shape.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ class Session(Protocol):
 class Backend(Protocol):
     name: str
 
-    def open(self, folder: Path, spec: StageSpec) -> Session:
+    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> Session:
         """Load the stage's graph (or a built engine for it) from the artifact folder."""
 
     def describe(self) -> str:

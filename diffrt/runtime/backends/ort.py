@@ -80,7 +80,8 @@ class OrtBackend:
             raise DiffrtError(f"onnxruntime has no {', '.join(missing)} here; available: {', '.join(available)}")
         self.intra_op_num_threads = intra_op_num_threads
 
-    def open(self, folder: Path, spec: StageSpec) -> OrtSession:
+    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OrtSession:
+        # ORT runs every shape of the dynamic graph; it needs no profile.
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.intra_op_num_threads  # 0: one per physical core
