@@ -351,11 +351,16 @@ def phase_generate(args: argparse.Namespace) -> dict[str, Any]:
                        if (m := re.match(r"loaded (\w+) in ([\d.]+)s", msg))}
     hash_seconds = (load_log.messages[0][0] - t0) if load_log.messages else None
 
-    def on_step(step: int, total: int) -> None:
-        print(f"  denoiser step {step}/{total} ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
-        tracker.start("vae_decoder" if step == total else f"denoiser step {step + 1}")
+    calls = [0]
 
-    tracker.start("text_encoder + denoiser step 1")
+    def on_step(step: int, total: int) -> None:
+        # called after every UNet call with the requested steps done (PNDM: one call more than steps)
+        calls[0] += 1
+        print(f"  UNet call {calls[0]}: {step}/{total} steps done ({time.perf_counter() - started:.1f}s)",
+              file=sys.stderr, flush=True)
+        tracker.start("vae_decoder" if step == total else f"UNet call {calls[0] + 1}")
+
+    tracker.start("text_encoder + UNet call 1")
     started = time.perf_counter()
     with pipe:
         result = pipe(PROMPT, num_inference_steps=args.steps, height=height, width=width, seed=args.seed,
@@ -524,14 +529,14 @@ def print_table(report: dict[str, Any]) -> None:
                      if s["seconds"] >= 0.05 or s["set_new_peak"]]
     if "generate" in phases:
         g = phases["generate"]
-        t, steps = g["timings"], g["steps"]  # steps: load, step 1 (+ text encoder), step 2, ..., vae_decoder
+        t, steps = g["timings"], g["steps"]  # steps: load, UNet call 1 (+ text encoder), call 2, ..., vae_decoder
         rows.append(_phase_row("generate phase (load + 1 image)", g, g["process_seconds_in_phase"]))
         rows.append(_step_row("  Pipeline.load", steps[0], g["load_seconds"]))
         if g.get("load_verify_hashes_seconds") is not None:
             rows.append(("    verify sha256 of every file", f"{g['load_verify_hashes_seconds']:.1f}", "", ""))
         rows += [(f"    ORT session {n}", f"{sec:.1f}", "", "") for n, sec in g["load_session_seconds"].items()]
         rows.append(("  text_encoder", f"{t['text_encoder']:.2f}", "", ""))
-        unet_calls = t["denoiser_steps"]
+        unet_calls = t.get("denoiser_calls", t.get("denoiser_steps", []))  # older reports: denoiser_steps
         rows.append((f"  denoiser: {len(unet_calls)} UNet calls, batch 2 (CFG)", f"{t['denoiser']:.1f}", "", ""))
         for i, seconds in enumerate(unet_calls, 1):
             rows.append(_step_row(f"    UNet call {i}", steps[i] if i < len(steps) else None, seconds))

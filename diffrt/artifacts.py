@@ -214,8 +214,31 @@ def folder_records(root: Path, folder: Path) -> tuple[FileRecord, ...]:
 
 # --- atomic writes -------------------------------------------------------------
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 minus the umask (0o644 with umask 022)."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half."""
+    """Write `text` to `path` so that readers see the old file or the new one, never half.
+
+    The file gets the permissions the umask gives, like any file open() creates
+    (mkstemp's private 0600 would make an artifact unreadable to other accounts).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -223,6 +246,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -244,8 +268,14 @@ def read_manifest(folder: str | Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {folder} is not a diffrt artifact folder (run `diffrt export SRC {folder}`)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise ArtifactError(permission_denied(path)) from None
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the model") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path} is not a diffrt manifest (no \"format\": \"{FORMAT_NAME}\"); re-export the model")
@@ -262,20 +292,38 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise ArtifactError(f"{path} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
 
 
+def permission_denied(path: Path) -> str:
+    return (f"{path}: permission denied; this account cannot read the artifact (ask its owner to make it readable, "
+            f"e.g. `chmod -R a+rX {path.parent}`)")
+
+
+def file_problem(folder: Path, record: FileRecord, check_hash: bool = True) -> str | None:
+    """What is wrong with one artifact file, in one line, or None if it matches its record."""
+    path = folder / record.path
+    if not path.is_file():
+        return f"{path} is missing; the artifact folder is incomplete, re-export it"
+    size = path.stat().st_size
+    if size != record.size:
+        return f"{path} has {size} bytes, the manifest says {record.size}: the file is corrupted or truncated; re-export"
+    if not os.access(path, os.R_OK):
+        return permission_denied(path)
+    if check_hash:
+        try:
+            digest = sha256_file(path)
+        except PermissionError:
+            return permission_denied(path)
+        if digest != record.sha256:
+            return f"{path} does not match its sha256 in {MANIFEST_NAME}: the file is corrupted; re-export"
+    return None
+
+
 def verify_files(folder: Path, manifest: Manifest, check_hashes: bool = True) -> None:
-    """Refuse a folder whose files do not match the manifest: missing, resized or (if
-    `check_hashes`) changed content. Sizes are always checked; hashing reads every byte."""
+    """Refuse a folder whose files do not match the manifest: missing, resized, unreadable
+    or (if `check_hashes`) changed content. Sizes are always checked; hashing reads every byte."""
     for record in manifest.all_files():
-        path = folder / record.path
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing; the artifact folder is incomplete, re-export it")
-        size = path.stat().st_size
-        if size != record.size:
-            raise ArtifactError(
-                f"{path} has {size} bytes, the manifest says {record.size}: the file is corrupted or truncated; re-export"
-            )
-        if check_hashes and sha256_file(path) != record.sha256:
-            raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST_NAME}: the file is corrupted; re-export")
+        problem = file_problem(folder, record, check_hashes)
+        if problem:
+            raise ArtifactError(problem)
 
 
 def load_artifact(folder: str | Path, check_hashes: bool = True) -> Manifest:
@@ -293,6 +341,8 @@ __all__ = [
     "StageSpec",
     "TensorSpec",
     "atomic_write_text",
+    "file_mode",
+    "file_problem",
     "file_record",
     "folder_records",
     "load_artifact",

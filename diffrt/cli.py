@@ -1,22 +1,30 @@
 """The `diffrt` command: export, generate, bench, inspect, demo.
 
 User mistakes print one line (`error: ...`) and exit with status 2; progress and
-logs go to stderr; results (paths, timings, JSON) go to stdout.
+logs go to stderr; results (paths, timings, JSON) go to stdout. Every setting is
+checked before the model is loaded, and output paths before any compute is spent.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from diffrt import __version__
 from diffrt.errors import DiffrtError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+EXPORT_MODULES = ("torch", "diffusers", "transformers", "onnx")
+DEMO_PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -33,91 +41,180 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def _progress_bar(label: str):
-    def report(step: int, total: int) -> None:
-        filled = int(30 * step / total)
-        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {step}/{total}", end="", file=sys.stderr, flush=True)
-        if step == total:
-            print(file=sys.stderr)
+# -- output on the terminal --------------------------------------------------------
 
-    return report
+class Progress:
+    """A progress bar on a terminal; on a pipe or file, a few plain lines instead of
+    carriage returns; nothing with -q."""
+
+    def __init__(self, label: str, quiet: bool, stream=sys.stderr):
+        self.label, self.quiet, self.stream = label, quiet, stream
+        self.tty = stream.isatty()
+        self._last_line = -1
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            filled = int(30 * step / total)
+            print(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {step}/{total} steps", end="",
+                  file=self.stream, flush=True)
+            if step == total:
+                print(file=self.stream)
+            return
+        tenth = step * 10 // total  # at most ~10 lines however many steps
+        if tenth != self._last_line or step == total:
+            self._last_line = tenth
+            print(f"{self.label}: {step}/{total} steps", file=self.stream, flush=True)
 
 
-def _print_timings(timings: dict) -> None:
-    steps = timings.get("denoiser_steps", [])
-    per_step = statistics.median(steps) if steps else 0.0
-    print(
-        f"timings: text_encoder {timings['text_encoder']:.3f}s | denoiser {timings['denoiser']:.3f}s "
-        f"({len(steps)} steps, {per_step:.3f}s/step) | vae_decoder {timings['vae_decoder']:.3f}s | "
-        f"total {timings['total']:.3f}s"
-    )
+def _timings_line(timings: dict, steps: int) -> str:
+    calls = timings.get("denoiser_calls", [])
+    per_call = statistics.median(calls) if calls else 0.0
+    what = f"{steps} steps" if len(calls) == steps else f"{steps} steps, {len(calls)} denoiser calls"
+    return (f"timings: text_encoder {timings['text_encoder']:.3f}s | denoiser {timings['denoiser']:.3f}s "
+            f"({what}, {per_call:.3f}s/call) | vae_decoder {timings['vae_decoder']:.3f}s | total {timings['total']:.3f}s")
+
+
+def _configure_output(args: argparse.Namespace) -> None:
+    """diffrt's own progress at INFO (off with -q); other libraries' warnings and
+    progress bars only with --verbose: they are noise to a user of diffrt."""
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("diffrt").setLevel(level)
+    if not verbose:
+        warnings.simplefilter("ignore")
+        for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(name, "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock", "transformers", "diffusers", "torch"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+# -- checks done before any work ----------------------------------------------------
+
+def _require_export_extra(command: str) -> None:
+    """A runtime-only install has no torch/diffusers: say which extra to install."""
+    for module in EXPORT_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise DiffrtError(
+                f"`diffrt {command}` needs the export extra ({module} cannot be imported: {exc}); install it with "
+                "`pip install torch==2.13.0` (or your CUDA build of torch), then `pip install -e '.[export]'` "
+                "in a diffrt clone"
+            ) from None
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
+    """-o x.png with -n 1 writes x.png; with -n N, x-0.png ... x-(N-1).png."""
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
 
 
+def _check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """Refuse outputs that could not be written, before the compute is spent."""
+    first = paths[0]
+    if first.suffix.lower() not in IMAGE_SUFFIXES:
+        raise DiffrtError(f"-o {first}: use a .png, .jpg or .webp file name")
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise DiffrtError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another -o")
+    folder = first.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".diffrt-write-check-"):
+            pass
+    except OSError as exc:
+        raise DiffrtError(f"-o {first}: cannot write in {folder} ({exc.strerror or exc}); choose another -o") from None
+
+
+def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
+    """Read the manifest (not the weights) and validate every setting of the request."""
+    from diffrt.artifacts import read_manifest
+    from diffrt.runtime.request import check_memory, make_request, read_scheduler_config
+
+    manifest = read_manifest(folder)
+    height, width = args.size if args.size else (None, None)
+    request = make_request(
+        manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
+        num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
+        num_images_per_prompt=batch, seed=args.seed, scheduler=args.scheduler, preset=args.preset,
+    )
+    check_memory(manifest, request, weights_loaded=False)
+    return request
+
+
+# -- commands -------------------------------------------------------------------------
+
 def cmd_export(args: argparse.Namespace) -> None:
+    _require_export_extra("export")
     from diffrt.export import export
 
+    t0 = time.perf_counter()
     manifest = export(args.src, args.out, family=args.family, precision=args.precision, opset=args.opset,
                       overwrite=args.overwrite)
-    for name, stage in manifest.stages.items():
-        print(f"{name}: {stage.graph_path} (max abs error vs torch {stage.max_abs_error:.2e})")
-    print(f"wrote {args.out}")
+    size = sum(f.size for f in manifest.all_files()) / 2**20
+    print(f"wrote {args.out} ({len(manifest.stages)} stages, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s")
 
 
-def _generate(args: argparse.Namespace, folder: Path, output: Path) -> None:
+def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> None:
     from diffrt.runtime.pipeline import Pipeline
 
-    height, width = args.size if args.size else (None, None)
+    request = _prepare_request(args, folder, batch=len(outputs))
+    settings = request.settings
     with Pipeline.load(folder, backend=args.backend, verify=not args.no_verify) as pipe:
-        settings = pipe.resolve(args.preset, args.scheduler, args.steps, args.cfg, height, width)
-        print(
-            f"generating {args.n} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
-            f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, backend {pipe.backend.describe()}",
-            file=sys.stderr,
-        )
+        if not args.quiet:
+            print(f"generating {request.batch} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
+                  f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, seed {request.seed}, "
+                  f"backend {pipe.backend.describe()}", file=sys.stderr)
         result = pipe(
-            args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
-            height=height, width=width, num_images_per_prompt=args.n, seed=args.seed, scheduler=args.scheduler,
-            preset=args.preset, callback=_progress_bar("denoising"),
+            args.prompt, negative_prompt=args.negative, num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
+            num_images_per_prompt=request.batch, seed=request.seed, scheduler=settings.scheduler,
+            callback=Progress("denoising", args.quiet),
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(result.images, _output_paths(output, len(result.images)), strict=True):
+    for index, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
         image.save(path)
-        print(f"wrote {path}")
-    _print_timings(result.timings)
+        print(f"wrote {path} (seed {result.seed + index})")
+    print(_timings_line(result.timings, settings.num_inference_steps))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    output = Path(args.output)
-    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise DiffrtError(f"-o {output}: use a .png, .jpg or .webp file name")
-    _generate(args, Path(args.out), output)
+    from diffrt.runtime.request import check_count
+
+    outputs = _output_paths(Path(args.output), check_count("num_images_per_prompt (-n)", args.n))
+    _check_outputs(outputs, args.overwrite)
+    _generate(args, Path(args.out), outputs)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from diffrt.runtime.pipeline import Pipeline
 
-    height, width = args.size if args.size else (None, None)
+    from diffrt.runtime.request import check_count
+
+    args.prompt = "a photo of an astronaut riding a horse"
+    check_count("--runs", args.runs)
+    request = _prepare_request(args, Path(args.out), batch=check_count("--batch", args.batch))
+    settings = request.settings
     with Pipeline.load(args.out, backend=args.backend, verify=not args.no_verify) as pipe:
-        settings = pipe.resolve(args.preset, args.scheduler, args.steps, args.cfg, height, width)
         call = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                     height=settings.height, width=settings.width, scheduler=settings.scheduler,
-                    num_images_per_prompt=args.batch, seed=0, output_type="np")
+                    num_images_per_prompt=args.batch, seed=request.seed, output_type="np")
         pipe("warm-up", **call)
         runs = []
         for i in range(args.runs):
-            t = pipe("a photo of an astronaut riding a horse", **call).timings
+            t = pipe(args.prompt, **call).timings
             runs.append(t)
-            print(f"run {i + 1}/{args.runs}: {t['total']:.3f}s", file=sys.stderr)
+            if not args.quiet:
+                print(f"run {i + 1}/{args.runs}: {t['total']:.3f}s", file=sys.stderr)
+        backend = pipe.backend.describe()
     median = {k: statistics.median(r[k] for r in runs) for k in ("text_encoder", "denoiser", "vae_decoder", "total")}
-    median["denoiser_per_step"] = statistics.median(s for r in runs for s in r["denoiser_steps"])
-    report = {"artifact": str(args.out), "backend": pipe.backend.describe(), "batch": args.batch,
-              "settings": settings.__dict__, "runs": args.runs, "median_seconds": median}
+    median["denoiser_per_call"] = statistics.median(s for r in runs for s in r["denoiser_calls"])
+    report = {"artifact": str(args.out), "backend": backend, "batch": args.batch, "settings": settings.__dict__,
+              "denoiser_calls": len(runs[0]["denoiser_calls"]), "runs": args.runs, "median_seconds": median}
     print(json.dumps(report, indent=2))
     print("\n| stage | median s |\n|---|---|")
     for key, value in median.items():
@@ -125,10 +222,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from diffrt.artifacts import read_manifest
+    from diffrt.artifacts import file_problem, read_manifest
 
-    manifest = read_manifest(args.out)
-    print(f"{args.out}: {manifest.pipeline_class} (family {manifest.family}), {manifest.precision}, opset {manifest.opset}")
+    folder = Path(args.out)
+    manifest = read_manifest(folder)
+    print(f"{folder}: {manifest.pipeline_class} (family {manifest.family}), {manifest.precision}, opset {manifest.opset}")
     print(f"source: {manifest.source.get('id')} sha256 {manifest.source.get('sha256', '')[:16]}")
     for name, stage in manifest.stages.items():
         size = sum(f.size for f in stage.files) / 2**20
@@ -137,93 +235,142 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"  {name}: {size:.1f} MB, err {stage.max_abs_error:.1e}; in: {ins}; out: {outs}")
     print(f"defaults: {json.dumps(manifest.defaults)}")
     print(f"versions: {json.dumps(manifest.versions)}")
+    records = manifest.all_files()
+    problems = [p for p in (file_problem(folder, r, check_hash=args.verify) for r in records) if p]
+    checked = "sizes and sha256" if args.verify else "sizes (add --verify to hash them)"
+    if problems:
+        for problem in problems:
+            print(f"  problem: {problem}")
+        raise DiffrtError(f"{folder}: {len(problems)} of {len(records)} files do not match the manifest "
+                          f"(first: {problems[0]})")
+    print(f"files: {len(records)} checked ({checked}): ok")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    _require_export_extra("demo")
+    outputs = [Path(args.output)]
+    _check_outputs(outputs, args.overwrite)
+    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="diffrt-demo-"))
+    args.prompt, args.size = DEMO_PROMPT, None
     from diffrt.export import export
     from diffrt.export.tiny import make_tiny_sd
 
-    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="diffrt-demo-"))
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
     t0 = time.perf_counter()
-    print(f"1/3 building a tiny random-weight {args.kind} checkpoint in {checkpoint}", file=sys.stderr)
+    _say(args, f"1/3 building a tiny random-weight {args.kind} checkpoint in {checkpoint}")
     make_tiny_sd(checkpoint, kind=args.kind, sample_size=64)
-    print(f"2/3 exporting it to {artifact}", file=sys.stderr)
+    _say(args, f"2/3 exporting it to {artifact}")
     export(checkpoint, artifact, overwrite=True)
-    print("3/3 generating", file=sys.stderr)
-    args.out, args.size, args.n = artifact, None, 1
-    _generate(args, artifact, Path(args.output))
+    _say(args, "3/3 generating")
+    _generate(args, artifact, outputs)
     print(f"demo finished in {time.perf_counter() - t0:.1f}s (random weights: the image is noise-like by design)")
+    print(f"the checkpoint and the artifact are kept in {workdir} (delete it when done)")
+    print(f'next: diffrt generate {artifact} "a prompt" -o my.png')
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+# -- the parser -----------------------------------------------------------------------
+
+def _common_options() -> argparse.ArgumentParser:
+    """-q/--verbose, accepted before or after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress output (results and errors still print)")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logs, and the warnings and progress bars of torch/diffusers/transformers")
+    return common
 
 
 def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -> None:
+    from diffrt.runtime.backends import backend_names
+    from diffrt.runtime.schedulers import SCHEDULER_NAMES
+
+    available, planned = backend_names()
     if with_prompt:
-        p.add_argument("prompt")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: preset/checkpoint)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance_scale (<= 1 disables CFG)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--scheduler", default=None, help="ddim, pndm, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_karras, lcm")
-    p.add_argument("--preset", default=None, help="full-30step, lcm-4step")
-    p.add_argument("--backend", default="ort")
+        p.add_argument("prompt", help="what to draw")
+    p.add_argument("--negative", default=None, help="negative prompt (what to avoid; used with CFG)")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: preset / checkpoint)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance_scale (<= 1 disables classifier-free guidance)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the first image (image i uses seed+i); default: random, printed")
+    p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULER_NAMES)} (default: the checkpoint's)")
+    p.add_argument("--preset", default=None, help="a named recipe: full-30step, lcm-4step")
+    p.add_argument("--backend", default="ort",
+                   help=f"inference backend: {', '.join(available)} (planned: {', '.join(planned)}); default ort")
     p.add_argument("--no-verify", action="store_true",
                    help="check file sizes only, not sha256 (faster start for large models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffrt", description=__doc__.splitlines()[0])
+    common = _common_options()
+    parser = argparse.ArgumentParser(prog="diffrt", description=__doc__.splitlines()[0], parents=[common])
     parser.add_argument("--version", action="version", version=f"diffrt {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("export", help="export a diffusers checkpoint to ONNX")
-    p.add_argument("src", help="local diffusers folder or hub id")
-    p.add_argument("out", help="artifact folder to write")
-    p.add_argument("--family", default="auto")
+    p = sub.add_parser("export", parents=[common], help="export a diffusers checkpoint to an artifact folder")
+    p.add_argument("src", help="local diffusers folder (with model_index.json) or hub id 'org/name'")
+    p.add_argument("out", help="artifact folder to write (appears only when complete)")
+    p.add_argument("--family", default="auto", help="model family; auto: from model_index.json (sd)")
     p.add_argument("--precision", default="fp32", help="fp32 (fp16/bf16: not yet)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is done)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="generate images from an artifact folder")
-    p.add_argument("out", help="artifact folder")
+    p = sub.add_parser("generate", parents=[common], help="generate images from an artifact folder")
+    p.add_argument("out", help="artifact folder written by `diffrt export`")
     _add_generation_args(p)
-    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8")
-    p.add_argument("-n", type=int, default=1, help="images per prompt")
-    p.add_argument("-o", "--output", default="out.png")
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the checkpoint's)")
+    p.add_argument("-n", type=int, default=1, help="images per prompt; -o x.png then writes x-0.png, x-1.png, ...")
+    p.add_argument("-o", "--output", default="out.png", help="image file to write (default out.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="time the pipeline stages (JSON + table)")
-    p.add_argument("out", help="artifact folder")
+    p = sub.add_parser("bench", parents=[common], help="time the pipeline stages (JSON + table)")
+    p.add_argument("out", help="artifact folder written by `diffrt export`")
     _add_generation_args(p, with_prompt=False)
-    p.add_argument("--size", type=_size, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the checkpoint's)")
+    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up run (default 3)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("inspect", help="describe an artifact folder")
-    p.add_argument("out")
+    p = sub.add_parser("inspect", parents=[common], help="describe an artifact folder and check its files")
+    p.add_argument("out", help="artifact folder")
+    p.add_argument("--verify", action="store_true", help="also hash every file against the manifest (slower)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="tiny random checkpoint -> export -> image, offline")
-    p.add_argument("--dir", default=None, help="work folder (default: a new temp folder)")
-    p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm"))
-    p.add_argument("-o", "--output", default="demo.png")
+    p = sub.add_parser("demo", parents=[common], help="tiny random checkpoint -> export -> image, offline")
+    p.add_argument("--dir", default=None, help="work folder, kept afterwards (default: a new temp folder)")
+    p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm"), help="which tiny model (default sd15)")
+    p.add_argument("-o", "--output", default="demo.png", help="image file to write (default demo.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     _add_generation_args(p, with_prompt=False)
-    p.set_defaults(func=cmd_demo, prompt="a photo of an astronaut riding a horse on mars")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args.quiet = getattr(args, "quiet", False)
+    args.verbose = getattr(args, "verbose", False)
+    _configure_output(args)
     try:
         args.func(args)
+        sys.stdout.flush()
     except DiffrtError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory; use a smaller --size or fewer images (-n/--batch)", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`diffrt inspect OUT | head`): not an error. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

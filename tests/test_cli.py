@@ -22,8 +22,13 @@ def test_demo_runs_the_whole_path_offline(tmp_path):
     assert image.size == (128, 128)
     assert "timings: text_encoder" in result.stdout and "vae_decoder" in result.stdout
     assert "[2/4] unet: exporting to ONNX" in result.stderr  # export progress is shown
-    assert "denoising [" in result.stderr and "4/4" in result.stderr  # generation progress
-    assert (tmp_path / "work" / "artifact" / "manifest.json").is_file()
+    assert "denoising: 4/4 steps" in result.stderr  # generation progress (plain lines: stderr is a pipe)
+    assert "\r" not in result.stderr
+    artifact = tmp_path / "work" / "artifact"
+    assert (artifact / "manifest.json").is_file()
+    # it says where it left its files and what to try next
+    assert f"kept in {tmp_path / 'work'}" in result.stdout
+    assert f'next: diffrt generate {artifact} "a prompt"' in result.stdout
 
 
 def test_generate_inspect_bench(exported, tmp_path):
@@ -34,9 +39,10 @@ def test_generate_inspect_bench(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for i in range(2):
         assert Image.open(tmp_path / f"cat-{i}.png").size == (80, 48)
-    assert "euler, 3 steps, guidance 6" in result.stderr
+    assert "euler, 3 steps, guidance 6, seed 1" in result.stderr
+    assert f"wrote {tmp_path / 'cat-1.png'} (seed 2)" in result.stdout
 
-    result = cli("generate", folder, "a cat", "--preset", "lcm-4step", "--seed", "1", "-o", str(out))
+    result = cli("generate", folder, "a cat", "--preset", "lcm-4step", "--seed", "1", "-o", str(out), "--overwrite")
     assert result.returncode == 0 and "lcm, 4 steps, guidance 1" in result.stderr, result.stderr[-3000:]
 
     result = cli("inspect", folder)
@@ -46,4 +52,5 @@ def test_generate_inspect_bench(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout[: result.stdout.index("\n| stage")])
     assert report["runs"] == 2 and report["settings"]["num_inference_steps"] == 2
+    assert report["denoiser_calls"] == 2 and report["median_seconds"]["denoiser_per_call"] > 0
     assert report["median_seconds"]["total"] > 0

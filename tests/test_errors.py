@@ -141,7 +141,7 @@ def test_cli_generate_bad_size(exported, tmp_path):
         (["--steps", "0"], ["num_inference_steps must be an integer >= 1"]),
         (["--scheduler", "heun"], ["unknown scheduler 'heun'"]),
         (["--preset", "turbo"], ["unknown preset 'turbo'"]),
-        (["--backend", "openvino"], ["backend 'openvino' is not available"]),
+        (["--backend", "tensorrt"], ["backend 'tensorrt' is not available"]),
     ],
 )
 def test_cli_generate_bad_options(exported, tmp_path, args, fragments):

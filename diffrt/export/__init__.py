@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from diffrt import __version__
-from diffrt.artifacts import Manifest, StageSpec, file_record, folder_records, write_manifest
+from diffrt.artifacts import Manifest, StageSpec, file_mode, file_record, folder_records, write_manifest
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import checkpoint_hash, read_json, read_model_index, resolve_source
 from diffrt.families import family_for_pipeline_class, get_family
@@ -103,6 +103,7 @@ def export(
             versions=_versions(),
         )
         write_manifest(staging, manifest)
+        _apply_umask_modes(staging)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -163,6 +164,19 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int) -> tuple[dict, 
             ", external data" if len(files) > 1 else "", error,
         )
     return model, stages
+
+
+def _apply_umask_modes(folder: Path) -> None:
+    """Give every file and folder of the artifact the mode the umask gives new ones.
+
+    Copies (copytree keeps the source's modes) and temp files (0600) would otherwise
+    leave parts of an artifact readable only by the account that exported it, and a
+    serving account could not load it."""
+    files = file_mode()
+    folders = files | ((files & 0o444) >> 2)  # x wherever r: 0o644 -> 0o755, 0o600 -> 0o700
+    folder.chmod(folders)
+    for path in folder.rglob("*"):
+        path.chmod(folders if path.is_dir() else files)
 
 
 def _publish(staging: Path, out: Path) -> None:

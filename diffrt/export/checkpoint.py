@@ -64,6 +64,16 @@ def read_model_index(folder: Path) -> dict[str, Any]:
     return data
 
 
+def quiet_library_progress() -> None:
+    """diffrt's own log lines say what is loading and saving; the libraries' progress
+    bars ("Loading pipeline components", "Writing model shards") only add noise."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

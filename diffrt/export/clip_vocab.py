@@ -186,7 +186,7 @@ def _write_tokenizer_folder(folder: Path, vocab: dict[str, int], merges: list[tu
         with open(folder / name, "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, ensure_ascii=False)
             f.write("\n")
-    logger.info("wrote a %d-token CLIP tokenizer to %s (pad_token=%r)", len(vocab), folder, pad_token)
+    logger.debug("wrote a %d-token CLIP tokenizer to %s (pad_token=%r)", len(vocab), folder, pad_token)
 
 
 def write_real_clip_tokenizer(folder: Path, bpe_gz_path: Path, pad_token: str = EOS_TOKEN) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from diffrt.errors import DiffrtError
-from diffrt.export.checkpoint import read_json
+from diffrt.export.checkpoint import quiet_library_progress, read_json
 from diffrt.families import sd
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,7 @@ def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    # Our own progress lines say what is loading; the libraries' bars only add noise.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_library_progress()
     loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
     modules = {}
     for name, cls in loaders.items():
@@ -106,6 +101,7 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
     if not isinstance(max_length, int) or max_length > text_config.max_position_embeddings:
         max_length = int(text_config.max_position_embeddings)
     vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    level, heads = _first_attention_level(unet_config)
     return {
         "text_max_length": max_length,
         "text_hidden_size": int(text_config.hidden_size),
@@ -118,7 +114,24 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
         # image sizes must be multiples of this (diffusers checks multiples of 8)
         "size_multiple": max(8, vae_scale_factor),
         "num_upsamplers": len(unet_config.block_out_channels) - 1,
+        # for the runtime's up-front memory check (families.sd.min_activation_bytes)
+        "vae_decoder_channels": int(vae_config.block_out_channels[0]),
+        "vae_mid_attention": bool(getattr(vae_config, "mid_block_add_attention", True)),
+        "unet_first_attention_level": level,
+        "unet_first_attention_heads": heads,
     }
+
+
+def _first_attention_level(unet_config) -> tuple[int | None, int | None]:
+    """(resolution level, heads) of the UNet's first down block with attention.
+
+    diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads
+    when `num_attention_heads` is unset (a historical naming quirk it keeps for SD1.x)."""
+    heads = unet_config.num_attention_heads or unet_config.attention_head_dim
+    for level, block in enumerate(unet_config.down_block_types):
+        if "Attn" in block:
+            return level, int(heads[level] if isinstance(heads, (list, tuple)) else heads)
+    return None, None
 
 
 def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:

@@ -45,11 +45,13 @@ def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_s
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from diffrt.export.checkpoint import quiet_library_progress
     from diffrt.export.clip_vocab import write_tiny_clip_tokenizer
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {', '.join(KINDS)}")
     folder = Path(folder)
+    quiet_library_progress()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_clip_tokenizer(Path(tmp), pad_token="!" if kind == "sd2" else "<|endoftext|>")

@@ -46,6 +46,10 @@ PRESETS = {
 }
 
 
+# The stages a generation loads (the VAE encoder is for img2img).
+RUNTIME_STAGES = (TEXT_ENCODER, DENOISER, VAE_DECODER)
+
+
 def default_preset(pipeline_class: str) -> str:
     return "lcm-4step" if pipeline_class == LCM_PIPELINE_CLASS else "full-30step"
 
@@ -89,6 +93,34 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
             (TensorSpec("latent_parameters", "float32", ("batch", 2 * channels, "latent_height", "latent_width")),),
         ),
     }
+
+
+def min_activation_bytes(
+    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool
+) -> tuple[int, str]:
+    """A lower bound on the activation memory one generation needs (beyond the weights),
+    and what dominates it, for refusing impossible sizes up front.
+
+    Counts only tensors that certainly exist at once: the VAE decoder's full-resolution
+    activation and its output image, the VAE mid-block's attention scores (one head
+    over every latent pixel), and the UNet's attention scores at its highest-resolution
+    attention level (a score tensor is batch x heads x tokens^2 floats, which is what
+    makes large sizes explode in an unfused graph). Facts missing from an older
+    manifest are left out, which keeps the bound a lower bound.
+    """
+    f4 = 4  # float32 activations
+    factor = int(model["vae_scale_factor"])
+    tokens = (height // factor) * (width // factor)
+    vae = batch * (int(model.get("vae_decoder_channels", 0)) + 3) * height * width * f4
+    if model.get("vae_mid_attention"):
+        vae += batch * tokens * tokens * f4
+    unet = 0
+    level, heads = model.get("unet_first_attention_level"), model.get("unet_first_attention_heads")
+    if level is not None and heads:
+        level_tokens = tokens // (4 ** int(level))
+        unet = (2 * batch if do_cfg else batch) * int(heads) * level_tokens * level_tokens * f4
+    what = "UNet attention scores" if unet > vae else "VAE decoder activations"
+    return max(unet, vae), what
 
 
 def guidance_scale_embedding(w: np.ndarray, embedding_dim: int) -> np.ndarray:

@@ -174,7 +174,29 @@ class CLIPTokenizer:
         if not prompts:
             return np.zeros((0, self.model_max_length), dtype=np.int64)
         encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=True)
+        for prompt, encoding in zip(prompts, encodings, strict=True):
+            if encoding.overflowing:
+                self._warn_truncated(prompt)
         return np.array([e.ids for e in encodings], dtype=np.int64)
+
+    def _warn_truncated(self, prompt: str) -> None:
+        """Say how much of a too-long prompt the text encoder never sees (CLIP takes 77
+        tokens, bos and eos included; diffusers truncates the same way, with a warning)."""
+        counter = Tokenizer.from_str(self._tokenizer.to_str())
+        counter.no_truncation()
+        counter.no_padding()
+        total = len(counter.encode(prompt, add_special_tokens=True).ids)
+        dropped = total - self.model_max_length
+        logger.warning(
+            "prompt truncated: the text encoder takes %d tokens, the prompt has %d; the last %d were dropped (%r)",
+            self.model_max_length, total, dropped, _tail(counter, prompt, dropped),
+        )
+
+
+def _tail(counter: Tokenizer, prompt: str, dropped: int) -> str:
+    """The dropped text, as transformers shows it: the decoded overflowing tokens."""
+    ids = counter.encode(prompt, add_special_tokens=False).ids
+    return counter.decode(ids[len(ids) - dropped:])
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any] | None:

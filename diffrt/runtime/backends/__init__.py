@@ -11,7 +11,7 @@ import importlib
 from diffrt.errors import DiffrtError
 from diffrt.runtime.backends.base import Backend, Session
 
-# name -> module; the module defines `BACKEND`, an object following base.Backend.
+# name -> module; the module defines `make_backend(**options)`, returning a base.Backend.
 _MODULES = {"ort": "diffrt.runtime.backends.ort"}
 # Designed for (see DESIGN.md), not built yet: named so the error can say so.
 _PLANNED = ("openvino", "tensorrt", "torch")
@@ -26,4 +26,9 @@ def get_backend(name: str, **options) -> Backend:
     return module.make_backend(**options)
 
 
-__all__ = ["Backend", "Session", "get_backend"]
+def backend_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(backends this version has, backends designed for but not built yet)."""
+    return tuple(_MODULES), tuple(_PLANNED)
+
+
+__all__ = ["Backend", "Session", "backend_names", "get_backend"]

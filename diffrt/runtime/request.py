@@ -1,0 +1,218 @@
+"""One generation request, validated before any work: settings, prompts, seed, memory.
+
+Everything here needs only the artifact's manifest.json and scheduler config, not the
+loaded model: the CLI (and later the server) checks a request before it spends the
+seconds a real-size load takes, and `Pipeline.__call__` runs the same checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffrt.artifacts import Manifest
+from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.families import get_family
+from diffrt.runtime.memory import available_memory_bytes, format_gib
+from diffrt.runtime.schedulers import make_scheduler
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np")
+# numpy seeds any non-negative int; image i of a request uses seed + i, so keep room.
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One generation's resolved settings (explicit args > preset > checkpoint defaults)."""
+
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated generation request. Image i of the batch (prompt-major order) draws
+    its noise from `np.random.default_rng(seed + i)`, so an image depends only on its
+    own seed, never on its position in a batch: rerun it alone with `seed + i`."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    num_images_per_prompt: int
+    settings: Settings
+    seed: int
+    output_type: str
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+
+def read_scheduler_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} cannot be read ({exc}); re-export the model") from None
+
+
+def check_scheduler(name: str, scheduler_config: Mapping[str, Any]):
+    """The configured scheduler, or a one-line error naming the allowed names."""
+    try:
+        return make_scheduler(name, scheduler_config)
+    except ValueError as exc:
+        raise DiffrtError(f"scheduler: {exc}") from None
+
+
+def resolve_settings(
+    manifest: Manifest,
+    scheduler_config: Mapping[str, Any],
+    preset: str | None = None,
+    scheduler: str | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> Settings:
+    """Explicit arguments win over the preset, the preset over the checkpoint's defaults."""
+    family = get_family(manifest.family)
+    defaults = manifest.defaults
+    if preset is not None:
+        if preset not in family.PRESETS:
+            raise DiffrtError(f"unknown preset {preset!r}; choose one of: {', '.join(family.PRESETS)}")
+        recipe = family.PRESETS[preset]
+        base_scheduler = recipe.scheduler or defaults["scheduler"]
+        base_steps = recipe.num_inference_steps
+        base_guidance = family.preset_guidance(recipe, manifest.model)
+    else:
+        base_scheduler = defaults["scheduler"]
+        base_steps = defaults["num_inference_steps"]
+        base_guidance = defaults["guidance_scale"]
+    steps = base_steps if num_inference_steps is None else num_inference_steps
+    if not _is_int(steps) or steps < 1:
+        raise DiffrtError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    guidance = base_guidance if guidance_scale is None else guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(guidance) or guidance < 0:
+        raise DiffrtError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    multiple = int(manifest.model["size_multiple"])
+    sizes = {"height": defaults["height"] if height is None else height,
+             "width": defaults["width"] if width is None else width}
+    for name, value in sizes.items():
+        if not _is_int(value) or value <= 0 or value % multiple:
+            raise DiffrtError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+    name = base_scheduler if scheduler is None else scheduler
+    check_scheduler(name, scheduler_config)  # validates the name now, before any work
+    return Settings(name, int(steps), float(guidance), int(sizes["height"]), int(sizes["width"]))
+
+
+def check_seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise DiffrtError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+def new_seed() -> int:
+    """A fresh random seed for a request that gave none (reported back, so the image can be remade)."""
+    return secrets.randbelow(2**32)
+
+
+def check_count(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 1:
+        raise DiffrtError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def prompt_lists(prompt: Any, negative_prompt: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, Sequence) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise DiffrtError("prompt must be a string or a non-empty list of strings")
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt) if isinstance(negative_prompt, Sequence) else []
+    if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+        raise DiffrtError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt)")
+    return tuple(prompts), tuple(negatives)
+
+
+def make_request(
+    manifest: Manifest,
+    scheduler_config: Mapping[str, Any],
+    prompt: Any,
+    negative_prompt: Any = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images_per_prompt: int = 1,
+    seed: int | None = None,
+    scheduler: str | None = None,
+    preset: str | None = None,
+    output_type: str = "pil",
+) -> Request:
+    """Validate every argument of a generation (one-line DiffrtError on the first bad
+    one). A missing seed is drawn here. Callers then `check_memory`."""
+    settings = resolve_settings(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
+                                height, width)
+    prompts, negatives = prompt_lists(prompt, negative_prompt)
+    count = check_count("num_images_per_prompt", num_images_per_prompt)
+    seed = check_seed(seed)
+    if output_type not in OUTPUT_TYPES:
+        raise DiffrtError(f"output_type={output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
+    return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type)
+
+
+def check_memory(manifest: Manifest, request: Request, weights_loaded: bool) -> None:
+    """Refuse a request whose weights plus largest activations exceed the memory available,
+    before any work: otherwise it dies minutes later in an allocation deep in a backend.
+    The estimate is a lower bound (see the family's `min_activation_bytes`), so a
+    request that fits is never refused. `weights_loaded`: the model is already in
+    memory (a loaded pipeline), so only activations are counted against what is left."""
+    family = get_family(manifest.family)
+    settings = request.settings
+    activations, what = family.min_activation_bytes(manifest.model, settings.height, settings.width, request.batch,
+                                                    family.uses_cfg(manifest.model, settings.guidance_scale))
+    weights = 0 if weights_loaded else sum(f.size for n in family.RUNTIME_STAGES for f in manifest.stage(n).files)
+    needed = weights + activations
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise DiffrtError(
+            f"{settings.width}x{settings.height} with {request.batch} image(s) needs at least {format_gib(needed)} "
+            f"of memory ({what}), and {format_gib(available)} is available; use a smaller size or fewer images"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+__all__ = [
+    "OUTPUT_TYPES",
+    "Request",
+    "Settings",
+    "check_count",
+    "check_memory",
+    "check_scheduler",
+    "check_seed",
+    "make_request",
+    "new_seed",
+    "prompt_lists",
+    "read_scheduler_config",
+    "resolve_settings",
+]
