@@ -15,20 +15,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from diffrt.errors import ArtifactError
+from diffrt.errors import ArtifactError, DiffrtError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 FORMAT_NAME = "diffrt"
 
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64")
-PRECISIONS = ("fp32",)  # fp16 / bf16 arrive with the GPU and OpenVINO backends
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,29 @@ class FileRecord:
         return cls(path=data["path"], size=int(data["size"]), sha256=data["sha256"])
 
 
+# Where an exported stage's max_abs_error was measured: against the torch module
+# ("torch"), or against another stage of the artifact (the fp32 graph a pass started from).
+TORCH_REFERENCE = "torch"
+DEFAULT_VARIANT = "default"
+
+
 @dataclass(frozen=True)
 class StageSpec:
-    """One exported stage: its graph file(s) and IO contract.
+    """One exported graph of the artifact: its files, IO contract and provenance.
+
+    `name` is the stage's key in the manifest and its folder (e.g. "unet",
+    "unet-fused"); `role` is what it does in the pipeline ("text_encoder", "unet",
+    "vae_decoder", ...). Several stages may share a role: an fp16 UNet beside the fp32
+    one, a fused-attention graph beside the portable one, a tiny VAE decoder beside the
+    full one. `variant` names what differs ("default", "fused-attention", "tiny");
+    `precision` is the graph's weight/compute precision (its IO stays float32 unless
+    the TensorSpecs say otherwise); `passes` lists the graph passes applied after the
+    torch export, in order; `facts` holds what the runtime needs to know about this
+    stage alone (e.g. a decoder's scaling factor).
 
     `files[0]` is the ONNX graph; any further files are its external data.
-    `max_abs_error` is the largest difference measured against torch at export.
+    `max_abs_error` is the largest output difference measured at export against
+    `reference`: "torch" for a direct export, or the name of the stage a pass started from.
     """
 
     name: str
@@ -86,11 +108,23 @@ class StageSpec:
     outputs: tuple[TensorSpec, ...]
     files: tuple[FileRecord, ...] = ()
     max_abs_error: float | None = None
+    role: str = ""
+    variant: str = DEFAULT_VARIANT
+    precision: str = "fp32"
+    passes: tuple[str, ...] = ()
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    reference: str = TORCH_REFERENCE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
         object.__setattr__(self, "files", tuple(self.files))
+        object.__setattr__(self, "passes", tuple(self.passes))
+        object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
+        if not self.role:
+            object.__setattr__(self, "role", self.name)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"StageSpec {self.name!r}: precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         names = [t.name for t in self.inputs + self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"StageSpec {self.name!r}: input/output names must be unique, got {names}")
@@ -102,22 +136,39 @@ class StageSpec:
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
+    def describe(self) -> str:
+        """e.g. 'unet-fused (unet, fused-attention, fp32)'."""
+        return f"{self.name} ({self.role}, {self.variant}, {self.precision})"
+
     def to_json(self) -> dict[str, Any]:
         return {
+            "role": self.role,
+            "variant": self.variant,
+            "precision": self.precision,
+            "passes": list(self.passes),
+            "facts": dict(self.facts),
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "files": [f.to_json() for f in self.files],
             "max_abs_error": self.max_abs_error,
+            "reference": self.reference,
         }
 
     @classmethod
-    def from_json(cls, name: str, data: dict[str, Any]) -> StageSpec:
+    def from_json(cls, name: str, data: dict[str, Any], precision: str = "fp32") -> StageSpec:
+        """`precision`: the default for a version-1 manifest, whose stages do not say."""
         return cls(
             name=name,
             inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
             outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
             files=tuple(FileRecord.from_json(f) for f in data["files"]),
             max_abs_error=data.get("max_abs_error"),
+            role=data.get("role", name),
+            variant=data.get("variant", DEFAULT_VARIANT),
+            precision=data.get("precision", precision),
+            passes=tuple(data.get("passes", ())),
+            facts=data.get("facts", {}),
+            reference=data.get("reference", TORCH_REFERENCE),
         )
 
 
@@ -129,12 +180,16 @@ class Manifest:
     vae_scale_factor, vae_scaling_factor, latent_channels, time_cond_proj_dim);
     `defaults` the generation defaults (num_inference_steps, guidance_scale,
     height, width, scheduler); `components` the copied non-graph folders
-    (tokenizer/, scheduler/) with their files.
+    (tokenizer/, scheduler/) with their files; `precisions` the graph precisions the
+    export produced (stages say their own).
+
+    Version 2 (this one) added role/variant/precision/passes/facts per stage and
+    `precisions`; version-1 manifests (one stage per role, one `precision`) still load.
     """
 
     family: str
     pipeline_class: str
-    precision: str
+    precisions: tuple[str, ...]
     opset: int
     stages: dict[str, StageSpec]
     components: dict[str, tuple[FileRecord, ...]]
@@ -145,20 +200,49 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"Manifest.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        object.__setattr__(self, "precisions", tuple(self.precisions))
+        for precision in self.precisions:
+            if precision not in PRECISIONS:
+                raise ValueError(f"Manifest.precisions has {precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not self.stages:
             raise ValueError("Manifest.stages must not be empty")
+
+    @property
+    def precision(self) -> str:
+        """The first precision exported (for display)."""
+        return self.precisions[0]
 
     def stage(self, name: str) -> StageSpec:
         if name not in self.stages:
             raise ArtifactError(f"this artifact has no stage {name!r} (it has: {', '.join(self.stages)})")
         return self.stages[name]
 
+    def variants(self, role: str) -> list[StageSpec]:
+        return [s for s in self.stages.values() if s.role == role]
+
+    def select(self, role: str, variant: str = DEFAULT_VARIANT, precision: str | Sequence[str] | None = None) -> StageSpec:
+        """The stage for `role` with `variant`, in `precision` (or the first of several
+        precisions, in order of preference; None: the first the artifact exported)."""
+        wanted = list(self.precisions) if precision is None else [precision] if isinstance(precision, str) else list(precision)
+        for p in wanted:
+            for spec in self.stages.values():
+                if spec.role == role and spec.variant == variant and spec.precision == p:
+                    return spec
+        have = ", ".join(f"{s.variant}/{s.precision}" for s in self.variants(role)) or "none"
+        raise ArtifactError(
+            f"this artifact has no {role} stage of variant {variant!r} in {' or '.join(wanted)} "
+            f"(its {role} stages: {have}); re-export with the option that adds it"
+        )
+
     def all_files(self) -> list[FileRecord]:
-        files = [f for s in self.stages.values() for f in s.files]
+        return self.files_for(self.stages)
+
+    def files_for(self, stage_names: Iterable[str]) -> list[FileRecord]:
+        """The files of these stages plus every component (tokenizer, scheduler); a
+        file two stages share (external data) is listed once."""
+        files = [f for name in stage_names for f in self.stage(name).files]
         files += [f for group in self.components.values() for f in group]
-        return files
+        return list({f.path: f for f in files}.values())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,7 +250,7 @@ class Manifest:
             "manifest_version": self.manifest_version,
             "family": self.family,
             "pipeline_class": self.pipeline_class,
-            "precision": self.precision,
+            "precisions": list(self.precisions),
             "opset": self.opset,
             "stages": {name: s.to_json() for name, s in self.stages.items()},
             "components": {name: [f.to_json() for f in fs] for name, fs in self.components.items()},
@@ -178,19 +262,20 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
+        version = int(data["manifest_version"])
+        precisions = tuple(data["precisions"]) if version >= 2 else (data["precision"],)
         return cls(
             family=data["family"],
             pipeline_class=data["pipeline_class"],
-            precision=data["precision"],
+            precisions=precisions,
             opset=int(data["opset"]),
-            stages={n: StageSpec.from_json(n, s) for n, s in data["stages"].items()},
+            stages={n: StageSpec.from_json(n, s, precisions[0]) for n, s in data["stages"].items()},
             components={n: tuple(FileRecord.from_json(f) for f in fs) for n, fs in data["components"].items()},
             model=dict(data["model"]),
             defaults=dict(data["defaults"]),
             source=dict(data["source"]),
             versions=dict(data["versions"]),
-            manifest_version=int(data["manifest_version"]),
-        )
+        )  # a version-1 manifest is read into this version's model (manifest_version 2)
 
 
 # --- hashing -------------------------------------------------------------------
@@ -317,29 +402,106 @@ def file_problem(folder: Path, record: FileRecord, check_hash: bool = True) -> s
     return None
 
 
-def verify_files(folder: Path, manifest: Manifest, check_hashes: bool = True) -> None:
-    """Refuse a folder whose files do not match the manifest: missing, resized, unreadable
-    or (if `check_hashes`) changed content. Sizes are always checked; hashing reads every byte."""
-    for record in manifest.all_files():
-        problem = file_problem(folder, record, check_hashes)
+VERIFY_MODES = ("stamp", "full", "size")
+STAMPS_NAME = "verified.json"
+
+
+def _stat_stamp(path: Path) -> list[int]:
+    """What changes when a file is rewritten, replaced or swapped: size, mtime, ctime
+    (which `touch` cannot set back), inode and device."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+class VerifiedStamps:
+    """A record of files already hashed: relative path -> (stat stamp, sha256).
+
+    A file whose stamp and manifest hash both match what is recorded was verified
+    before and has not been written, replaced or swapped since, so it need not be read
+    again. Kept in the cache folder (default OUT/engines/verified.json); when that is
+    not writable (an artifact owned by another account), nothing is remembered and
+    every load hashes, as before."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.changed = False
+        if path is not None:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.entries = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def trusted(self, folder: Path, record: FileRecord) -> bool:
+        entry = self.entries.get(record.path)
+        if not entry or entry.get("sha256") != record.sha256:
+            return False
+        try:
+            return entry.get("stat") == _stat_stamp(folder / record.path)
+        except OSError:
+            return False  # missing: file_problem says so
+
+    def remember(self, folder: Path, record: FileRecord) -> None:
+        self.entries[record.path] = {"stat": _stat_stamp(folder / record.path), "sha256": record.sha256}
+        self.changed = True
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        try:
+            atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
+        except OSError as exc:
+            logger.info("cannot record verified files in %s (%s); the next load hashes them again", self.path, exc)
+
+
+def verify_files(folder: Path, manifest: Manifest, check_hashes: bool | str = "stamp",
+                 stages: Iterable[str] | None = None, stamps_path: Path | None = None) -> None:
+    """Refuse a folder whose files do not match the manifest: missing, resized,
+    unreadable or changed content, with a one-line ArtifactError naming the file.
+
+    `check_hashes`: "full" (or True) hashes every byte; "stamp" hashes only files not
+    recorded in `stamps_path` as verified with their current size/mtime/ctime/inode,
+    then records them; "size" (or False) checks existence and sizes only.
+    `stages`: check only these stages' files (and the components); default all.
+    """
+    mode = ("full" if check_hashes else "size") if isinstance(check_hashes, bool) else check_hashes
+    if mode not in VERIFY_MODES:
+        raise DiffrtError(f"verify={check_hashes!r}; choose one of: {', '.join(VERIFY_MODES)} (or True/False)")
+    stamps = VerifiedStamps(stamps_path if mode == "stamp" else None)
+    records = manifest.all_files() if stages is None else manifest.files_for(stages)
+    hashed = 0
+    for record in records:
+        skip_hash = mode == "size" or (mode == "stamp" and stamps.trusted(folder, record))
+        problem = file_problem(folder, record, check_hash=not skip_hash)
         if problem:
             raise ArtifactError(problem)
+        if not skip_hash:
+            hashed += record.size
+            stamps.remember(folder, record)
+    stamps.save()
+    if hashed:
+        logger.info("verified %.0f MB of %s against its manifest", hashed / 2**20, folder)
 
 
-def load_artifact(folder: str | Path, check_hashes: bool = True) -> Manifest:
+def load_artifact(folder: str | Path, check_hashes: bool | str = True, stages: Iterable[str] | None = None,
+                  stamps_path: Path | None = None) -> Manifest:
     folder = Path(folder)
     manifest = read_manifest(folder)
-    verify_files(folder, manifest, check_hashes=check_hashes)
+    verify_files(folder, manifest, check_hashes=check_hashes, stages=stages, stamps_path=stamps_path)
     return manifest
 
 
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "STAMPS_NAME",
+    "VERIFY_MODES",
     "FileRecord",
     "Manifest",
     "StageSpec",
     "TensorSpec",
+    "VerifiedStamps",
     "atomic_write_text",
     "file_mode",
     "file_problem",

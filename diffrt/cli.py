@@ -165,7 +165,7 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
 
     request = _prepare_request(args, folder, batch=len(outputs))
     settings = request.settings
-    with Pipeline.load(folder, backend=args.backend, verify=not args.no_verify) as pipe:
+    with Pipeline.load(folder, backend=args.backend, verify=args.verify) as pipe:
         if not args.quiet:
             print(f"generating {request.batch} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, seed {request.seed}, "
@@ -199,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     check_count("--runs", args.runs)
     request = _prepare_request(args, Path(args.out), batch=check_count("--batch", args.batch))
     settings = request.settings
-    with Pipeline.load(args.out, backend=args.backend, verify=not args.no_verify) as pipe:
+    with Pipeline.load(args.out, backend=args.backend, verify=args.verify) as pipe:
         call = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                     height=settings.height, width=settings.width, scheduler=settings.scheduler,
                     num_images_per_prompt=args.batch, seed=request.seed, output_type="np")
@@ -226,13 +226,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     folder = Path(args.out)
     manifest = read_manifest(folder)
-    print(f"{folder}: {manifest.pipeline_class} (family {manifest.family}), {manifest.precision}, opset {manifest.opset}")
+    print(f"{folder}: {manifest.pipeline_class} (family {manifest.family}), {'/'.join(manifest.precisions)}, "
+          f"opset {manifest.opset}")
     print(f"source: {manifest.source.get('id')} sha256 {manifest.source.get('sha256', '')[:16]}")
     for name, stage in manifest.stages.items():
         size = sum(f.size for f in stage.files) / 2**20
         ins = ", ".join(f"{t.name}{list(t.shape)}" for t in stage.inputs)
         outs = ", ".join(f"{t.name}{list(t.shape)}" for t in stage.outputs)
-        print(f"  {name}: {size:.1f} MB, err {stage.max_abs_error:.1e}; in: {ins}; out: {outs}")
+        passes = f", passes {'+'.join(stage.passes)}" if stage.passes else ""
+        print(f"  {name} [{stage.role}, {stage.variant}, {stage.precision}{passes}]: {size:.1f} MB, "
+              f"err {stage.max_abs_error:.1e} vs {stage.reference}; in: {ins}; out: {outs}")
     print(f"defaults: {json.dumps(manifest.defaults)}")
     print(f"versions: {json.dumps(manifest.versions)}")
     records = manifest.all_files()
@@ -301,8 +304,11 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("--preset", default=None, help="a named recipe: full-30step, lcm-4step")
     p.add_argument("--backend", default="ort",
                    help=f"inference backend: {', '.join(available)} (planned: {', '.join(planned)}); default ort")
-    p.add_argument("--no-verify", action="store_true",
-                   help="check file sizes only, not sha256 (faster start for large models)")
+    p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
+                   help="check file sizes only, not sha256 (by default files are hashed once, then again "
+                        "only when they change)")
+    p.add_argument("--verify-full", action="store_const", const="full", dest="verify",
+                   help="hash every file of the stages loaded, even those verified before")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,7 +86,7 @@ def export(
         manifest = Manifest(
             family=fam.NAME,
             pipeline_class=pipeline_class,
-            precision=precision,
+            precisions=(precision,),
             opset=opset,
             stages=stages,
             components=components,
@@ -157,7 +157,8 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int) -> tuple[dict, 
         if not error <= CHECK_TOLERANCE * max(1.0, scale):
             raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
         records = tuple(file_record(staging, p) for p in files)
-        stages[name] = StageSpec(name=name, inputs=inputs, outputs=outputs, files=records, max_abs_error=error)
+        stages[name] = StageSpec(name=name, inputs=inputs, outputs=outputs, files=records, max_abs_error=error,
+                                 role=name, precision="fp32")
         logger.info(
             "[%d/%d] %s: done in %.1fs (%.0f MB%s), max abs error vs torch %.2e",
             index, count, name, time.perf_counter() - t0, sum(r.size for r in records) / 2**20,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import Manifest, load_artifact
+from diffrt.artifacts import STAMPS_NAME, Manifest, read_manifest, verify_files
 from diffrt.errors import DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.runtime.backends import Session, get_backend
@@ -36,6 +36,10 @@ from diffrt.runtime.schedulers import Scheduler
 from diffrt.runtime.tokenizers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
+
+# The cache folder inside an artifact: built engines (engines/<backend>/<key>/) and
+# the record of verified files. Not part of the manifest: deleting it loses nothing.
+ENGINES_DIR = "engines"
 
 
 @dataclass
@@ -79,19 +83,31 @@ class Pipeline:
         self._schedulers: dict[str, Scheduler] = {}
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "ort", verify: bool = True, **backend_options: Any) -> Pipeline:
-        """Open an artifact folder. `verify` hashes every file against the manifest
-        (sizes are always checked); `backend_options` go to the backend (e.g. providers)."""
+    def load(cls, folder: str | Path, backend: str = "ort", verify: bool | str = True, cache_dir: str | Path | None = None,
+             **backend_options: Any) -> Pipeline:
+        """Open an artifact folder.
+
+        `verify`: True/"stamp" (default) hashes the files of the stages it opens unless a
+        stamp in the cache folder says they were verified before and have not been
+        written, replaced or swapped since; "full" hashes them all; False/"size" checks
+        sizes only. `cache_dir`: where engines and stamps go (default OUT/engines).
+        `backend_options` go to the backend (e.g. providers, precision).
+        """
         folder = Path(folder)
-        manifest = load_artifact(folder, check_hashes=verify)
+        cache_root = Path(cache_dir) if cache_dir is not None else folder / ENGINES_DIR
+        manifest = read_manifest(folder)
         family = get_family(manifest.family)
+        specs = {role: manifest.select(role) for role in family.RUNTIME_STAGES}
+        mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
+        verify_files(folder, manifest, mode, stages=[s.name for s in specs.values()],
+                     stamps_path=cache_root / STAMPS_NAME)
         engine = get_backend(backend, **backend_options)
         sessions = {}
         try:
-            for name in family.RUNTIME_STAGES:
+            for role, spec in specs.items():
                 t0 = time.perf_counter()
-                sessions[name] = engine.open(folder, manifest.stage(name))
-                logger.info("loaded %s in %.2fs", name, time.perf_counter() - t0)
+                sessions[role] = engine.open(folder, spec)
+                logger.info("loaded %s in %.2fs", spec.describe(), time.perf_counter() - t0)
             return cls(folder, manifest, engine, sessions)
         except BaseException:
             for session in sessions.values():

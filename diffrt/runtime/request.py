@@ -188,7 +188,7 @@ def check_memory(manifest: Manifest, request: Request, weights_loaded: bool) -> 
     settings = request.settings
     activations, what = family.min_activation_bytes(manifest.model, settings.height, settings.width, request.batch,
                                                     family.uses_cfg(manifest.model, settings.guidance_scale))
-    weights = 0 if weights_loaded else sum(f.size for n in family.RUNTIME_STAGES for f in manifest.stage(n).files)
+    weights = 0 if weights_loaded else sum(f.size for n in family.RUNTIME_STAGES for f in manifest.select(n).files)
     needed = weights + activations
     available = available_memory_bytes()
     if available is not None and needed > available:
