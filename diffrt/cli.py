@@ -141,7 +141,7 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
         num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
-        num_images_per_prompt=batch, seed=args.seed, scheduler=args.scheduler, preset=args.preset,
+        num_images_per_prompt=batch, seed=args.seed, scheduler=args.scheduler, preset=args.preset, vae=args.vae,
     )
     check_memory(manifest, request, weights_loaded=False)
     return request
@@ -155,7 +155,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     manifest = export(args.src, args.out, family=args.family, precision=args.precision, opset=args.opset,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, tiny_vae=args.tiny_vae)
     size = sum(f.size for f in manifest.all_files()) / 2**20
     print(f"wrote {args.out} ({len(manifest.stages)} stages, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s")
 
@@ -173,7 +173,7 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
         result = pipe(
             args.prompt, negative_prompt=args.negative, num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-            num_images_per_prompt=request.batch, seed=request.seed, scheduler=settings.scheduler,
+            num_images_per_prompt=request.batch, seed=request.seed, scheduler=settings.scheduler, vae=request.vae,
             callback=Progress("denoising", args.quiet),
         )
     for index, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
@@ -202,7 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     with Pipeline.load(args.out, backend=args.backend, verify=args.verify) as pipe:
         call = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                     height=settings.height, width=settings.width, scheduler=settings.scheduler,
-                    num_images_per_prompt=args.batch, seed=request.seed, output_type="np")
+                    num_images_per_prompt=args.batch, seed=request.seed, output_type="np", vae=request.vae)
         pipe("warm-up", **call)
         runs = []
         for i in range(args.runs):
@@ -304,6 +304,8 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("--preset", default=None, help="a named recipe: full-30step, lcm-4step")
     p.add_argument("--backend", default="ort",
                    help=f"inference backend: {', '.join(available)} (planned: {', '.join(planned)}); default ort")
+    p.add_argument("--vae", default=None,
+                   help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
     p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
                    help="check file sizes only, not sha256 (by default files are hashed once, then again "
                         "only when they change)")
@@ -324,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", help="fp32 (fp16/bf16: not yet)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is done)")
+    p.add_argument("--tiny-vae", default=None, metavar="PATH",
+                   help="also export this AutoencoderTiny (TAESD) folder as a fast decoder, chosen with --vae tiny")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", parents=[common], help="generate images from an artifact folder")

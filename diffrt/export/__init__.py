@@ -9,6 +9,7 @@ when every stage is exported, checked against torch, and the manifest is written
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -18,7 +19,16 @@ from importlib import metadata
 from pathlib import Path
 
 from diffrt import __version__
-from diffrt.artifacts import Manifest, StageSpec, file_mode, file_record, folder_records, write_manifest
+from diffrt.artifacts import (
+    DEFAULT_VARIANT,
+    TORCH_REFERENCE,
+    Manifest,
+    StageSpec,
+    file_mode,
+    file_record,
+    folder_records,
+    write_manifest,
+)
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import checkpoint_hash, read_json, read_model_index, resolve_source
 from diffrt.families import family_for_pipeline_class, get_family
@@ -48,8 +58,12 @@ def export(
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    tiny_vae: str | os.PathLike | None = None,
 ) -> Manifest:
-    """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`."""
+    """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`.
+
+    `tiny_vae`: a diffusers AutoencoderTiny folder (e.g. a saved madebyollin/taesd),
+    exported as an alternative VAE decoder that generation can choose per call."""
     started = time.perf_counter()
     out = Path(out)
     if precision != "fp32":
@@ -74,7 +88,7 @@ def export(
     staging.mkdir()
     try:
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
-        model, stages = _export_stages(fam, folder, staging, opset)
+        model, stages = _export_stages(fam, folder, staging, opset, tiny_vae)
         components = {}
         for component in (*fam.TOKENIZERS, "scheduler"):
             if not (folder / component).is_dir():
@@ -130,41 +144,54 @@ def _default_scheduler(folder: Path) -> str:
     return name
 
 
-def _export_stages(fam, folder: Path, staging: Path, opset: int) -> tuple[dict, dict[str, StageSpec]]:
-    """Export and check every stage of the family; returns (model facts, stage specs)."""
+def _export_stages(fam, folder: Path, staging: Path, opset: int,
+                   tiny_vae: str | os.PathLike | None = None) -> tuple[dict, dict[str, StageSpec]]:
+    """Export and check every stage of the family (and the opt-in tiny VAE decoder);
+    returns (model facts, stage specs)."""
     from diffrt.export import sd as torch_side  # the only family so far
-    from diffrt.export.onnx_graph import check_graph, export_graph, reference_outputs
 
     modules = torch_side.load_modules(folder)
     model = torch_side.model_facts(folder, modules)
     io = fam.stage_io(model)
     stage_modules = torch_side.stage_modules(modules, model)
     del modules
-    stages, count = {}, len(fam.STAGES)
-    for index, name in enumerate(fam.STAGES, start=1):
-        t0 = time.perf_counter()
-        inputs, outputs = io[name]
-        spec = StageSpec(name=name, inputs=inputs, outputs=outputs)
-        stage = stage_modules.pop(name)
-        logger.info("[%d/%d] %s: exporting to ONNX (opset %d) ...", index, count, name, opset)
-        files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
-        logger.info("[%d/%d] %s: checking against torch ...", index, count, name)
-        feeds = {k: v.numpy() for k, v in stage.check_inputs.items()}
-        reference = reference_outputs(stage.module, stage.check_inputs, spec)
-        del stage  # free the torch weights before onnxruntime loads its own copy
-        gc.collect()
-        error, scale = check_graph(files[0], feeds, reference, spec)
-        if not error <= CHECK_TOLERANCE * max(1.0, scale):
-            raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
-        records = tuple(file_record(staging, p) for p in files)
-        stages[name] = StageSpec(name=name, inputs=inputs, outputs=outputs, files=records, max_abs_error=error,
-                                 role=name, precision="fp32")
-        logger.info(
-            "[%d/%d] %s: done in %.1fs (%.0f MB%s), max abs error vs torch %.2e",
-            index, count, name, time.perf_counter() - t0, sum(r.size for r in records) / 2**20,
-            ", external data" if len(files) > 1 else "", error,
-        )
+    jobs = [(name, name, DEFAULT_VARIANT, {}) for name in fam.STAGES]
+    jobs[fam.STAGES.index(fam.VAE_DECODER)][3]["scaling_factor"] = model["vae_scaling_factor"]
+    if tiny_vae is not None:
+        vae = torch_side.load_tiny_vae(Path(tiny_vae), model)  # checked before the long part starts
+        stage_modules[fam.TINY_VAE_DECODER] = torch_side.tiny_vae_stage(vae, model)
+        jobs.append((fam.TINY_VAE_DECODER, fam.VAE_DECODER, fam.TINY_VARIANT, torch_side.tiny_vae_facts(vae)))
+        del vae
+    stages = {}
+    for index, (name, role, variant, facts) in enumerate(jobs, start=1):
+        inputs, outputs = io[role]
+        spec = StageSpec(name=name, inputs=inputs, outputs=outputs, role=role, variant=variant, facts=facts)
+        stages[name] = _export_torch_stage(spec, stage_modules.pop(name), staging, opset, f"[{index}/{len(jobs)}]")
     return model, stages
+
+
+def _export_torch_stage(spec: StageSpec, stage, staging: Path, opset: int, progress: str) -> StageSpec:
+    """torch module -> staging/<name>/model.onnx, checked against torch at another shape."""
+    from diffrt.export.onnx_graph import check_graph, export_graph, reference_outputs
+
+    t0, name = time.perf_counter(), spec.name
+    logger.info("%s %s: exporting to ONNX (opset %d) ...", progress, name, opset)
+    files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
+    logger.info("%s %s: checking against torch ...", progress, name)
+    feeds = {k: v.numpy() for k, v in stage.check_inputs.items()}
+    reference = reference_outputs(stage.module, stage.check_inputs, spec)
+    del stage  # free the torch weights before onnxruntime loads its own copy
+    gc.collect()
+    error, scale = check_graph(files[0], feeds, reference, spec)
+    if not error <= CHECK_TOLERANCE * max(1.0, scale):
+        raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
+    records = tuple(file_record(staging, p) for p in files)
+    logger.info(
+        "%s %s: done in %.1fs (%.0f MB%s), max abs error vs torch %.2e",
+        progress, name, time.perf_counter() - t0, sum(r.size for r in records) / 2**20,
+        ", external data" if len(files) > 1 else "", error,
+    )
+    return dataclasses.replace(spec, files=records, max_abs_error=error, reference=TORCH_REFERENCE)
 
 
 def _apply_umask_modes(folder: Path) -> None:

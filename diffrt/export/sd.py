@@ -57,6 +57,18 @@ class VaeDecoderStage(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class TinyVaeDecoderStage(torch.nn.Module):
+    """AutoencoderTiny (the TAESD format) decoding the same scaled latents as the full
+    VAE; its output is in [-1, 1] like AutoencoderKL's, so postprocessing is shared."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
 class VaeEncoderStage(torch.nn.Module):
     """Outputs the diagonal Gaussian's parameters (mean and logvar stacked on channels),
     so img2img can sample or take the mode in numpy."""
@@ -87,6 +99,43 @@ def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
             raise DiffrtError(f"cannot load {folder / name} as {cls.__name__}: {first}") from None
         modules[name] = module.eval().requires_grad_(False)
     return modules
+
+
+def load_tiny_vae(path: Path, model: dict[str, Any]) -> torch.nn.Module:
+    """An AutoencoderTiny (diffusers folder with config.json + weights, e.g. a saved
+    madebyollin/taesd) that can decode this checkpoint's latents, or a one-line error."""
+    from diffusers import AutoencoderTiny
+
+    quiet_library_progress()
+    try:
+        vae = AutoencoderTiny.from_pretrained(path, torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffrtError(f"--tiny-vae {path}: cannot load it as an AutoencoderTiny ({first})") from None
+    config = vae.config
+    factor = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
+    if config.latent_channels != model["latent_channels"] or factor != model["vae_scale_factor"]:
+        raise DiffrtError(
+            f"--tiny-vae {path}: it decodes {config.latent_channels}-channel latents upscaled {factor}x, this "
+            f"checkpoint has {model['latent_channels']} channels and a {model['vae_scale_factor']}x VAE; "
+            "use the tiny VAE made for this model family (taesd for SD 1.x/2.x)"
+        )
+    return vae.eval().requires_grad_(False)
+
+
+def tiny_vae_facts(vae: torch.nn.Module) -> dict[str, Any]:
+    """The decoder's own latent scaling: diffusers divides latents by the decoding
+    VAE's scaling_factor (1.0 for TAESD, which decodes the scaled latents directly)."""
+    return {"scaling_factor": float(vae.config.scaling_factor), "shift_factor": float(vae.config.shift_factor or 0.0),
+            # for the runtime's memory estimate (families.sd.DECODER_MEMORY_FACTS): no attention
+            "vae_decoder_channels": int(vae.config.decoder_block_out_channels[-1]), "vae_mid_attention": False}
+
+
+def tiny_vae_stage(vae: torch.nn.Module, model: dict[str, Any]) -> StageModule:
+    gen = torch.Generator().manual_seed(1)
+    channels = model["latent_channels"]
+    return StageModule(TinyVaeDecoderStage(vae), (torch.randn(2, channels, 5, 7, generator=gen),),
+                       {"latent_sample": torch.randn(1, channels, 8, 6, generator=gen)})
 
 
 def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:

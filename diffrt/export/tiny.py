@@ -18,6 +18,21 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("sd15", "sd2", "lcm")
 
+
+def make_tiny_taesd(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny random-weight AutoencoderTiny (the TAESD architecture) that decodes the
+    tiny SD checkpoints' 4-channel latents with the same 2x upscale."""
+    from diffusers import AutoencoderTiny
+
+    from diffrt.export.checkpoint import quiet_library_progress
+
+    quiet_library_progress()
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                          num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    vae.save_pretrained(folder)
+    return Path(folder)
+
 _SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 _SCHEDULERS = {
     # runwayml/stable-diffusion-v1-5's scheduler_config.json

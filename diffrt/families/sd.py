@@ -23,6 +23,9 @@ DENOISER = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 STAGES = (TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER)
+# The opt-in fast decoder (AutoencoderTiny / TAESD): a second vae_decoder stage.
+TINY_VARIANT = "tiny"
+TINY_VAE_DECODER = "vae_decoder-tiny"
 TOKENIZERS = ("tokenizer",)
 
 # diffusers' LatentConsistencyModelPipeline default guidance_scale.
@@ -45,6 +48,9 @@ PRESETS = {
     ),
 }
 
+
+# Facts a vae_decoder stage may carry that replace the model's in min_activation_bytes.
+DECODER_MEMORY_FACTS = ("vae_decoder_channels", "vae_mid_attention")
 
 # The stages a generation loads (the VAE encoder is for img2img).
 RUNTIME_STAGES = (TEXT_ENCODER, DENOISER, VAE_DECODER)
@@ -106,7 +112,8 @@ def min_activation_bytes(
     over every latent pixel), and the UNet's attention scores at its highest-resolution
     attention level (a score tensor is batch x heads x tokens^2 floats, which is what
     makes large sizes explode in an unfused graph). Facts missing from an older
-    manifest are left out, which keeps the bound a lower bound.
+    manifest are left out, which keeps the bound a lower bound. A decoder stage's own
+    facts (DECODER_MEMORY_FACTS, e.g. the tiny VAE's) replace the model's.
     """
     f4 = 4  # float32 activations
     factor = int(model["vae_scale_factor"])

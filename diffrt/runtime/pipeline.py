@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import STAMPS_NAME, Manifest, read_manifest, verify_files
+from diffrt.artifacts import DEFAULT_VARIANT, STAMPS_NAME, Manifest, StageSpec, read_manifest, verify_files
 from diffrt.errors import DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.runtime.backends import Session, get_backend
@@ -97,16 +97,16 @@ class Pipeline:
         cache_root = Path(cache_dir) if cache_dir is not None else folder / ENGINES_DIR
         manifest = read_manifest(folder)
         family = get_family(manifest.family)
-        specs = {role: manifest.select(role) for role in family.RUNTIME_STAGES}
+        specs = _select_stages(manifest, family)
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
         verify_files(folder, manifest, mode, stages=[s.name for s in specs.values()],
                      stamps_path=cache_root / STAMPS_NAME)
         engine = get_backend(backend, **backend_options)
         sessions = {}
         try:
-            for role, spec in specs.items():
+            for key, spec in specs.items():
                 t0 = time.perf_counter()
-                sessions[role] = engine.open(folder, spec)
+                sessions[key] = engine.open(folder, spec)
                 logger.info("loaded %s in %.2fs", spec.describe(), time.perf_counter() - t0)
             return cls(folder, manifest, engine, sessions)
         except BaseException:
@@ -148,6 +148,7 @@ class Pipeline:
         output_type: str = "pil",
         callback: Callable[[int, int], None] | None = None,
         generator: np.random.Generator | None = None,
+        vae: str | None = None,
     ) -> PipelineOutput:
         """Generate images.
 
@@ -157,12 +158,14 @@ class Pipeline:
         and LCM samplers inject): image i of the batch draws from its own
         `np.random.default_rng(seed + i)`; a missing seed is drawn at random and returned
         in `result.seed`. A `generator` replaces all of that with one shared stream.
+        `vae`: the decoder variant, "default" (the checkpoint's VAE) or "tiny" when the
+        artifact was exported with a tiny VAE (AutoencoderTiny / TAESD).
         """
         started = time.perf_counter()
         # 1. Check every input before doing any work.
         request = make_request(
             self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps, guidance_scale,
-            height, width, num_images_per_prompt, seed, scheduler, preset, output_type,
+            height, width, num_images_per_prompt, seed, scheduler, preset, output_type, vae,
         )
         check_memory(self.manifest, request, weights_loaded=True)
         settings = request.settings
@@ -195,8 +198,11 @@ class Pipeline:
 
         # 5. Decode.
         t0 = time.perf_counter()
-        decoder = self._sessions[self.family.VAE_DECODER]
-        decoded = decoder.run({"latent_sample": sample / np.float32(model["vae_scaling_factor"])})["sample"]
+        decoder = self._sessions[_decoder_key(self.family, request.vae)]
+        facts = decoder.spec.facts
+        scaling = np.float32(facts.get("scaling_factor", model["vae_scaling_factor"]))
+        latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
+        decoded = decoder.run({"latent_sample": latent})["sample"]
         images = postprocess(np.asarray(decoded))
         timings["vae_decoder"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
@@ -243,3 +249,17 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _decoder_key(family, variant: str) -> str:
+    return family.VAE_DECODER if variant == DEFAULT_VARIANT else f"{family.VAE_DECODER}:{variant}"
+
+
+def _select_stages(manifest: Manifest, family) -> dict[str, StageSpec]:
+    """The stages a generation opens: one per runtime role, plus every other VAE
+    decoder variant the artifact holds (chosen per call with `vae=`)."""
+    specs = {role: manifest.select(role) for role in family.RUNTIME_STAGES}
+    for spec in manifest.variants(family.VAE_DECODER):
+        if spec.variant != DEFAULT_VARIANT and spec.precision == specs[family.VAE_DECODER].precision:
+            specs[_decoder_key(family, spec.variant)] = spec
+    return specs

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import Manifest
+from diffrt.artifacts import DEFAULT_VARIANT, Manifest
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import get_family
 from diffrt.runtime.memory import available_memory_bytes, format_gib
@@ -53,6 +53,7 @@ class Request:
     settings: Settings
     seed: int
     output_type: str
+    vae: str = DEFAULT_VARIANT
 
     @property
     def batch(self) -> int:
@@ -165,6 +166,7 @@ def make_request(
     scheduler: str | None = None,
     preset: str | None = None,
     output_type: str = "pil",
+    vae: str | None = None,
 ) -> Request:
     """Validate every argument of a generation (one-line DiffrtError on the first bad
     one). A missing seed is drawn here. Callers then `check_memory`."""
@@ -175,7 +177,20 @@ def make_request(
     seed = check_seed(seed)
     if output_type not in OUTPUT_TYPES:
         raise DiffrtError(f"output_type={output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
-    return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type)
+    vae = check_vae(manifest, vae)
+    return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, vae)
+
+
+def check_vae(manifest: Manifest, vae: str | None) -> str:
+    """The VAE decoder variant to decode with: "default" (the checkpoint's own VAE) or
+    another the artifact holds, e.g. "tiny" (exported with --tiny-vae)."""
+    family = get_family(manifest.family)
+    have = sorted({s.variant for s in manifest.variants(family.VAE_DECODER)})
+    vae = DEFAULT_VARIANT if vae is None else vae
+    if vae not in have:
+        hint = "; export with --tiny-vae PATH to add the tiny decoder" if vae == family.TINY_VARIANT else ""
+        raise DiffrtError(f"vae={vae!r}: this artifact has VAE decoders {', '.join(have)}{hint}")
+    return vae
 
 
 def check_memory(manifest: Manifest, request: Request, weights_loaded: bool) -> None:
@@ -186,9 +201,12 @@ def check_memory(manifest: Manifest, request: Request, weights_loaded: bool) -> 
     memory (a loaded pipeline), so only activations are counted against what is left."""
     family = get_family(manifest.family)
     settings = request.settings
-    activations, what = family.min_activation_bytes(manifest.model, settings.height, settings.width, request.batch,
+    decoder = manifest.select(family.VAE_DECODER, request.vae)
+    model = {**manifest.model, **{k: v for k, v in decoder.facts.items() if k in family.DECODER_MEMORY_FACTS}}
+    activations, what = family.min_activation_bytes(model, settings.height, settings.width, request.batch,
                                                     family.uses_cfg(manifest.model, settings.guidance_scale))
-    weights = 0 if weights_loaded else sum(f.size for n in family.RUNTIME_STAGES for f in manifest.select(n).files)
+    stages = [manifest.select(role) for role in family.RUNTIME_STAGES if role != family.VAE_DECODER] + [decoder]
+    weights = 0 if weights_loaded else sum(f.size for spec in stages for f in spec.files)
     needed = weights + activations
     available = available_memory_bytes()
     if available is not None and needed > available:
@@ -210,6 +228,7 @@ __all__ = [
     "check_memory",
     "check_scheduler",
     "check_seed",
+    "check_vae",
     "make_request",
     "new_seed",
     "prompt_lists",
