@@ -147,6 +147,29 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     return request
 
 
+def _prepare(request) -> dict:
+    """The request's shape, so that static-shape backends compile it at load."""
+    s = request.settings
+    return {"height": s.height, "width": s.width, "num_images": request.batch, "guidance_scale": s.guidance_scale}
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    """-O KEY=VALUE pairs -> keyword options for the backend (ints and floats parsed)."""
+    options = {}
+    for item in args.backend_option or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise DiffrtError(f"-O {item!r}: use KEY=VALUE, e.g. -O precision=fp32 or -O num_threads=2")
+        for parse in (int, float):
+            try:
+                value = parse(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return options
+
+
 # -- commands -------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -165,7 +188,8 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
 
     request = _prepare_request(args, folder, batch=len(outputs))
     settings = request.settings
-    with Pipeline.load(folder, backend=args.backend, verify=args.verify) as pipe:
+    with Pipeline.load(folder, backend=args.backend, verify=args.verify, prepare=_prepare(request),
+                       **_backend_options(args)) as pipe:
         if not args.quiet:
             print(f"generating {request.batch} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
                   f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, seed {request.seed}, "
@@ -199,7 +223,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     check_count("--runs", args.runs)
     request = _prepare_request(args, Path(args.out), batch=check_count("--batch", args.batch))
     settings = request.settings
-    with Pipeline.load(args.out, backend=args.backend, verify=args.verify) as pipe:
+    with Pipeline.load(args.out, backend=args.backend, verify=args.verify, prepare=_prepare(request),
+                       **_backend_options(args)) as pipe:
         call = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                     height=settings.height, width=settings.width, scheduler=settings.scheduler,
                     num_images_per_prompt=args.batch, seed=request.seed, output_type="np", vae=request.vae)
@@ -304,6 +329,9 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("--preset", default=None, help="a named recipe: full-30step, lcm-4step")
     p.add_argument("--backend", default="ort",
                    help=f"inference backend: {', '.join(available)} (planned: {', '.join(planned)}); default ort")
+    p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE",
+                   help="a backend option, repeatable: ort: intra_op_num_threads; openvino: precision=fp32|bf16|fp16, "
+                        "num_threads, num_streams, performance_hint=latency|throughput")
     p.add_argument("--vae", default=None,
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
     p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",

@@ -130,6 +130,22 @@ def min_activation_bytes(
     return max(unet, vae), what
 
 
+def stage_profiles(
+    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, prompts: int = 1
+) -> dict[str, dict[str, int]]:
+    """The named dims each runtime stage sees for one request shape: `batch` images
+    from `prompts` prompts, CFG doubling the text encoder's and the UNet's batch (one
+    call each: uncond + cond), so backends that compile static shapes can compile at load."""
+    factor = int(model["vae_scale_factor"])
+    latent = {"latent_height": height // factor, "latent_width": width // factor}
+    cfg = 2 if do_cfg else 1
+    return {
+        TEXT_ENCODER: {"batch": cfg * prompts},
+        DENOISER: {"batch": cfg * batch, **latent},
+        VAE_DECODER: {"batch": batch, **latent},
+    }
+
+
 def guidance_scale_embedding(w: np.ndarray, embedding_dim: int) -> np.ndarray:
     """LCM's guidance embedding (diffusers `get_guidance_scale_embedding`), float32."""
     w = np.asarray(w, dtype=np.float32) * np.float32(1000.0)

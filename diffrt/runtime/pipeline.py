@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,11 @@ from diffrt.runtime.backends import Session, get_backend
 from diffrt.runtime.images import postprocess, to_pil
 from diffrt.runtime.request import (
     Settings,
+    check_count,
+    check_guidance,
     check_memory,
     check_scheduler,
+    check_size,
     make_request,
     read_scheduler_config,
     resolve_settings,
@@ -83,15 +86,26 @@ class Pipeline:
         self._schedulers: dict[str, Scheduler] = {}
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "ort", verify: bool | str = True, cache_dir: str | Path | None = None,
-             **backend_options: Any) -> Pipeline:
+    def load(
+        cls,
+        folder: str | Path,
+        backend: str = "ort",
+        verify: bool | str = True,
+        cache_dir: str | Path | None = None,
+        prepare: Mapping[str, Any] | None = None,
+        **backend_options: Any,
+    ) -> Pipeline:
         """Open an artifact folder.
 
         `verify`: True/"stamp" (default) hashes the files of the stages it opens unless a
         stamp in the cache folder says they were verified before and have not been
         written, replaced or swapped since; "full" hashes them all; False/"size" checks
-        sizes only. `cache_dir`: where engines and stamps go (default OUT/engines).
-        `backend_options` go to the backend (e.g. providers, precision).
+        sizes only. `cache_dir`: where built engines and stamps go (default OUT/engines).
+        `prepare`: the request shape to get ready for at load, a dict with any of
+        height, width, num_images (default: the checkpoint's size, one image) and
+        guidance_scale (default: the checkpoint's), so that backends compiling static
+        shapes (OpenVINO) do it now, not in the first request; other shapes still work.
+        `backend_options` go to the backend (e.g. providers, precision, num_threads).
         """
         folder = Path(folder)
         cache_root = Path(cache_dir) if cache_dir is not None else folder / ENGINES_DIR
@@ -101,12 +115,13 @@ class Pipeline:
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
         verify_files(folder, manifest, mode, stages=[s.name for s in specs.values()],
                      stamps_path=cache_root / STAMPS_NAME)
-        engine = get_backend(backend, **backend_options)
+        profiles = _profiles(manifest, family, prepare or {})
+        engine = get_backend(backend, cache_dir=cache_root, **backend_options)
         sessions = {}
         try:
             for key, spec in specs.items():
                 t0 = time.perf_counter()
-                sessions[key] = engine.open(folder, spec)
+                sessions[key] = engine.open(folder, spec, profile=profiles.get(spec.role))
                 logger.info("loaded %s in %.2fs", spec.describe(), time.perf_counter() - t0)
             return cls(folder, manifest, engine, sessions)
         except BaseException:
@@ -263,3 +278,14 @@ def _select_stages(manifest: Manifest, family) -> dict[str, StageSpec]:
         if spec.variant != DEFAULT_VARIANT and spec.precision == specs[family.VAE_DECODER].precision:
             specs[_decoder_key(family, spec.variant)] = spec
     return specs
+
+
+def _profiles(manifest: Manifest, family, prepare: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    unknown = set(prepare) - {"height", "width", "num_images", "guidance_scale"}
+    if unknown:
+        raise DiffrtError(f"prepare: unknown key(s) {', '.join(sorted(unknown))}; use height, width, num_images, "
+                          "guidance_scale")
+    height, width = check_size(manifest, prepare.get("height"), prepare.get("width"))
+    guidance = check_guidance(prepare.get("guidance_scale", manifest.defaults["guidance_scale"]))
+    batch = check_count("prepare num_images", prepare.get("num_images", 1))
+    return family.stage_profiles(manifest.model, height, width, batch, family.uses_cfg(manifest.model, guidance))

@@ -103,19 +103,30 @@ def resolve_settings(
     steps = base_steps if num_inference_steps is None else num_inference_steps
     if not _is_int(steps) or steps < 1:
         raise DiffrtError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-    guidance = base_guidance if guidance_scale is None else guidance_scale
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(guidance) or guidance < 0:
-        raise DiffrtError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    guidance = check_guidance(base_guidance if guidance_scale is None else guidance_scale)
+    height, width = check_size(manifest, height, width)
+    name = base_scheduler if scheduler is None else scheduler
+    check_scheduler(name, scheduler_config)  # validates the name now, before any work
+    return Settings(name, int(steps), guidance, height, width)
+
+
+def check_guidance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value < 0:
+        raise DiffrtError(f"guidance_scale must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_size(manifest: Manifest, height: Any = None, width: Any = None) -> tuple[int, int]:
+    """(height, width), the checkpoint's default where None, each a positive multiple of
+    the family's size factor."""
     multiple = int(manifest.model["size_multiple"])
-    sizes = {"height": defaults["height"] if height is None else height,
-             "width": defaults["width"] if width is None else width}
+    sizes = {"height": manifest.defaults["height"] if height is None else height,
+             "width": manifest.defaults["width"] if width is None else width}
     for name, value in sizes.items():
         if not _is_int(value) or value <= 0 or value % multiple:
             raise DiffrtError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
-    name = base_scheduler if scheduler is None else scheduler
-    check_scheduler(name, scheduler_config)  # validates the name now, before any work
-    return Settings(name, int(steps), float(guidance), int(sizes["height"]), int(sizes["width"]))
+    return int(sizes["height"]), int(sizes["width"])
 
 
 def check_seed(seed: Any) -> int | None:
@@ -225,9 +236,11 @@ __all__ = [
     "Request",
     "Settings",
     "check_count",
+    "check_guidance",
     "check_memory",
     "check_scheduler",
     "check_seed",
+    "check_size",
     "check_vae",
     "make_request",
     "new_seed",

@@ -12,9 +12,9 @@ from diffrt.errors import DiffrtError
 from diffrt.runtime.backends.base import Backend, Session
 
 # name -> module; the module defines `make_backend(**options)`, returning a base.Backend.
-_MODULES = {"ort": "diffrt.runtime.backends.ort"}
+_MODULES = {"ort": "diffrt.runtime.backends.ort", "openvino": "diffrt.runtime.backends.openvino"}
 # Designed for (see DESIGN.md), not built yet: named so the error can say so.
-_PLANNED = ("openvino", "tensorrt", "torch")
+_PLANNED = ("tensorrt", "torch")
 
 
 def get_backend(name: str, **options) -> Backend:
@@ -23,7 +23,13 @@ def get_backend(name: str, **options) -> Backend:
             raise DiffrtError(f"backend {name!r} is not available in this version yet; use one of: {', '.join(_MODULES)}")
         raise DiffrtError(f"unknown backend {name!r}; choose one of: {', '.join(_MODULES)}")
     module = importlib.import_module(_MODULES[name])
-    return module.make_backend(**options)
+    try:
+        return module.make_backend(**options)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        bad = str(exc).split("argument")[-1].strip()
+        raise DiffrtError(f"backend {name!r} has no option {bad}; see `diffrt generate --help` (-O KEY=VALUE)") from None
 
 
 def backend_names() -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -72,13 +72,15 @@ def _use_shared_cpu_arena(options: ort.SessionOptions) -> None:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, providers: Sequence[str] | None = None, intra_op_num_threads: int = 0):
+    def __init__(self, providers: Sequence[str] | None = None, intra_op_num_threads: int = 0,
+                 cache_dir: str | Path | None = None):
         available = ort.get_available_providers()
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         missing = [p for p in self.providers if p not in available]
         if missing:
             raise DiffrtError(f"onnxruntime has no {', '.join(missing)} here; available: {', '.join(available)}")
         self.intra_op_num_threads = intra_op_num_threads
+        self.cache_dir = cache_dir
 
     def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OrtSession:
         # ORT runs every shape of the dynamic graph; it needs no profile.
