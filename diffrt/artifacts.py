@@ -82,6 +82,9 @@ class FileRecord:
 # ("torch"), or against another stage of the artifact (the fp32 graph a pass started from).
 TORCH_REFERENCE = "torch"
 DEFAULT_VARIANT = "default"
+# A stage graph whose attention blocks are one fused op each (ORT's MultiHeadAttention)
+# instead of the portable MatMul-Softmax-MatMul that TensorRT and OpenVINO fuse themselves.
+FUSED_VARIANT = "fused-attention"
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ class Manifest:
     source: dict[str, Any]
     versions: dict[str, str]
     manifest_version: int = MANIFEST_VERSION
+    checks: dict[str, Any] = field(default_factory=dict)
+    """End-to-end checks made at export, e.g. {"fp16": {"image_psnr_db": 41.2, ...}}."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", tuple(self.precisions))
@@ -258,6 +263,7 @@ class Manifest:
             "defaults": self.defaults,
             "source": self.source,
             "versions": self.versions,
+            "checks": self.checks,
         }
 
     @classmethod
@@ -275,6 +281,7 @@ class Manifest:
             defaults=dict(data["defaults"]),
             source=dict(data["source"]),
             versions=dict(data["versions"]),
+            checks=dict(data.get("checks", {})),
         )  # a version-1 manifest is read into this version's model (manifest_version 2)
 
 

@@ -154,8 +154,9 @@ def _prepare(request) -> dict:
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
-    """-O KEY=VALUE pairs -> keyword options for the backend (ints and floats parsed)."""
-    options = {}
+    """-O KEY=VALUE pairs -> keyword options for the backend (ints and floats parsed),
+    plus the graph choices Pipeline.load takes."""
+    options = {"graph_precision": args.graph_precision, "attention": args.attention}
     for item in args.backend_option or ():
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
@@ -178,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     manifest = export(args.src, args.out, family=args.family, precision=args.precision, opset=args.opset,
-                      overwrite=args.overwrite, tiny_vae=args.tiny_vae)
+                      overwrite=args.overwrite, tiny_vae=args.tiny_vae, fused_attention=args.fused_attention)
     size = sum(f.size for f in manifest.all_files()) / 2**20
     print(f"wrote {args.out} ({len(manifest.stages)} stages, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s")
 
@@ -332,6 +333,10 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE",
                    help="a backend option, repeatable: ort: intra_op_num_threads; openvino: precision=fp32|bf16|fp16, "
                         "num_threads, num_streams, performance_hint=latency|throughput")
+    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="which of the artifact's graphs to run (default: the backend's choice; ort: fp32 on a CPU)")
+    p.add_argument("--attention", default=None, choices=("fused", "portable"),
+                   help="fused or portable attention graphs (default: ort fused, openvino portable)")
     p.add_argument("--vae", default=None,
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
     p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
@@ -351,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="local diffusers folder (with model_index.json) or hub id 'org/name'")
     p.add_argument("out", help="artifact folder to write (appears only when complete)")
     p.add_argument("--family", default="auto", help="model family; auto: from model_index.json (sd)")
-    p.add_argument("--precision", default="fp32", help="fp32 (fp16/bf16: not yet)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (default), or fp16, bf16, fp16,bf16: half-precision graphs beside the fp32 ones, "
+                        "checked against them (fp32 is always exported)")
+    p.add_argument("--no-fused-attention", dest="fused_attention", action="store_false",
+                   help="do not add the fused-attention UNet/VAE graphs (what the ort backend runs by default)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is done)")
     p.add_argument("--tiny-vae", default=None, metavar="PATH",

@@ -4,6 +4,7 @@ once per test session (seconds each)."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,20 @@ def exported(tiny_checkpoint, tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    """A private copy of a shared test artifact, without the engines/ cache folder that
+    loads write into it (stamps, compiled engines), so a test starts from a clean export."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("engines"))
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def _run_in_a_temp_folder(tmp_path, monkeypatch):
+    """The CLI writes out.png / demo.png into the working folder by default: run every
+    test (and the subprocesses it starts) in its own temp folder, never the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(autouse=True)

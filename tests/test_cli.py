@@ -46,7 +46,8 @@ def test_generate_inspect_bench(exported, tmp_path):
     assert result.returncode == 0 and "lcm, 4 steps, guidance 1" in result.stderr, result.stderr[-3000:]
 
     result = cli("inspect", folder)
-    assert result.returncode == 0 and "StableDiffusionPipeline" in result.stdout and "unet:" in result.stdout
+    assert result.returncode == 0 and "StableDiffusionPipeline" in result.stdout
+    assert "unet-fused [unet, fused-attention, fp32, passes fuse_attention]" in result.stdout
 
     result = cli("bench", folder, "--steps", "2", "--runs", "2", "--scheduler", "ddim", "--no-verify")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import copy_artifact
 
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.runtime.pipeline import Pipeline
@@ -31,7 +32,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 @pytest.fixture()
 def artifact_copy(exported, tmp_path):
     folder = tmp_path / "copy"
-    shutil.copytree(exported("sd15"), folder)
+    copy_artifact(exported("sd15"), folder)
     return folder
 
 
@@ -79,17 +80,17 @@ def test_unknown_backend(exported):
 # -- artifact folders -------------------------------------------------------------
 
 def test_missing_stage_file(artifact_copy):
-    (artifact_copy / "unet" / "model.onnx").unlink()
-    with pytest.raises(ArtifactError, match=r"unet/model.onnx is missing.*re-export"):
+    (artifact_copy / "unet-fused" / "model.onnx").unlink()  # the UNet graph the ort backend opens
+    with pytest.raises(ArtifactError, match=r"unet-fused/model.onnx is missing.*re-export"):
         Pipeline.load(artifact_copy)
 
 
 def test_corrupted_stage_file_same_size(artifact_copy):
-    path = artifact_copy / "vae_decoder" / "model.onnx"
+    path = artifact_copy / "vae_decoder-fused" / "model.onnx"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"vae_decoder/model.onnx does not match its sha256"):
+    with pytest.raises(ArtifactError, match=r"vae_decoder-fused/model.onnx does not match its sha256"):
         Pipeline.load(artifact_copy)
 
 
@@ -150,12 +151,14 @@ def test_cli_generate_bad_options(exported, tmp_path, args, fragments):
 
 
 def test_cli_generate_missing_folder(tmp_path):
-    assert_one_line_error(cli("generate", str(tmp_path / "nope"), "a cat"), "no such folder", "diffrt export")
+    result = cli("generate", str(tmp_path / "nope"), "a cat", "-o", str(tmp_path / "x.png"))
+    assert_one_line_error(result, "no such folder", "diffrt export")
 
 
 def test_cli_corrupted_artifact(artifact_copy):
-    (artifact_copy / "unet" / "model.onnx").write_bytes(b"garbage")
-    assert_one_line_error(cli("generate", str(artifact_copy), "a cat"), "unet/model.onnx has 7 bytes")
+    (artifact_copy / "unet-fused" / "model.onnx").write_bytes(b"garbage")
+    result = cli("generate", str(artifact_copy), "a cat", "-o", str(artifact_copy / "x.png"))
+    assert_one_line_error(result, "unet-fused/model.onnx has 7 bytes")
 
 
 def test_cli_export_unsupported_pipeline(tmp_path):
@@ -187,8 +190,8 @@ def test_cli_export_existing_out(exported, tiny_checkpoint):
 
 
 def test_cli_export_bad_precision(tiny_checkpoint, tmp_path):
-    result = cli("export", str(tiny_checkpoint("sd15")), str(tmp_path / "o"), "--precision", "fp16")
-    assert_one_line_error(result, "--precision fp16 is not supported yet")
+    result = cli("export", str(tiny_checkpoint("sd15")), str(tmp_path / "o"), "--precision", "fp8")
+    assert_one_line_error(result, "--precision fp8: use fp32, fp16, bf16")
 
 
 def test_cli_bad_size_syntax(exported):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
+from conftest import copy_artifact
 
 from diffrt.artifacts import (
     MANIFEST_VERSION,
@@ -70,7 +70,7 @@ def test_stage_spec_round_trips_and_validates():
 def test_version_1_manifests_still_load(exported, tmp_path):
     """An artifact written before manifest v2 (one stage per role, one `precision`)."""
     folder = tmp_path / "v1"
-    shutil.copytree(exported("sd15"), folder)
+    copy_artifact(exported("sd15"), folder)
     data = json.loads((folder / "manifest.json").read_text())
     assert data["manifest_version"] == MANIFEST_VERSION == 2
     data["manifest_version"] = 1
@@ -92,9 +92,7 @@ def test_version_1_manifests_still_load(exported, tmp_path):
 
 @pytest.fixture()
 def artifact(exported, tmp_path):
-    folder = tmp_path / "art"
-    shutil.copytree(exported("sd15"), folder)
-    return folder
+    return copy_artifact(exported("sd15"), tmp_path / "art")
 
 
 def _count_hashes(monkeypatch):
@@ -148,7 +146,8 @@ def test_pipeline_load_records_stamps_and_verifies_only_opened_stages(artifact, 
     assert "model.onnx" in hashed and (artifact / "engines" / STAMPS_NAME).is_file()
     # the VAE encoder is not opened by a text-to-image pipeline, so it is not read
     entries = json.loads((artifact / "engines" / STAMPS_NAME).read_text())
-    assert "vae_encoder/model.onnx" not in entries and "unet/model.onnx" in entries
+    assert "vae_encoder/model.onnx" not in entries and "unet-fused/model.onnx" in entries
+    assert "unet/model.onnx" not in entries  # ort runs the fused UNet; the portable one stays unread
     hashed.clear()
     Pipeline.load(artifact).close()
     assert hashed == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import copy_artifact
 
 pytest.importorskip("openvino")
 
@@ -81,7 +81,7 @@ def artifact(exported, tmp_path_factory):
     def get(kind):
         if kind not in cache:
             cache[kind] = tmp_path_factory.mktemp(f"ov-{kind}") / "artifact"
-            shutil.copytree(exported(kind), cache[kind])
+            copy_artifact(exported(kind), cache[kind])
         return cache[kind]
 
     return get
@@ -366,8 +366,7 @@ def test_second_start_imports_instead_of_compiling(exported, tmp_path, monkeypat
 
 
 def test_default_cache_is_in_the_artifact(exported, tmp_path):
-    folder = tmp_path / "artifact"
-    shutil.copytree(exported("sd15"), folder)
+    folder = copy_artifact(exported("sd15"), tmp_path / "artifact")
     spec = read_manifest(folder).stage("unet")
     get_backend("openvino", precision="fp32").open(folder, spec, profile=UNET_PROFILE)
     entries = list((folder / "engines" / "openvino").iterdir())
@@ -460,7 +459,7 @@ def test_pipeline_load_passes_the_error_through(exported):
 @pytest.mark.parametrize("at_open", [True, False])
 def test_corrupt_graph_is_a_one_line_error(exported, tmp_path, content, at_open):
     folder = tmp_path / "artifact"
-    shutil.copytree(exported("sd15"), folder)
+    copy_artifact(exported("sd15"), folder)
     spec = read_manifest(folder).stage("unet")
     graph = folder / spec.graph_path
     graph.write_bytes(content if content is not None else graph.read_bytes()[:100_000])  # garbage / truncated
@@ -504,7 +503,7 @@ def test_bad_profile_value(exported):
 
 def test_generating_on_openvino_is_torch_free(exported, tmp_path):
     folder = tmp_path / "artifact"
-    shutil.copytree(exported("sd15"), folder)
+    copy_artifact(exported("sd15"), folder)
     code = f"""
         import sys
         from diffrt import Pipeline

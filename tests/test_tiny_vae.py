@@ -83,7 +83,8 @@ def test_cli_vae_tiny(artifact, tmp_path):
                              "--vae", "tiny", "--seed", "1", "-o", str(out)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and out.is_file(), result.stderr[-2000:]
-    result = subprocess.run([sys.executable, "-m", "diffrt.cli", "generate", str(artifact), "a cat", "--vae", "big"],
+    result = subprocess.run([sys.executable, "-m", "diffrt.cli", "generate", str(artifact), "a cat", "--vae", "big",
+                             "-o", str(tmp_path / "y.png")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "vae='big': this artifact has VAE decoders default, tiny" in result.stderr
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import copy_artifact
 from PIL import Image
 
 from diffrt.artifacts import current_umask, file_mode, read_manifest
@@ -45,7 +45,7 @@ def corrupted_unet(exported, tmp_path):
     loading it fails at hashing, so an error about anything else proves the setting
     was checked before the model was loaded."""
     folder = tmp_path / "corrupt"
-    shutil.copytree(exported("sd15"), folder)
+    copy_artifact(exported("sd15"), folder)
     path = folder / "unet" / "model.onnx"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -98,7 +98,7 @@ def test_unreadable_manifest_says_permission_denied(exported, monkeypatch):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_stage_file_says_permission_denied(exported, tmp_path):
     folder = tmp_path / "copy"
-    shutil.copytree(exported("sd15"), folder)
+    copy_artifact(exported("sd15"), folder)
     (folder / "unet" / "model.onnx").chmod(0o000)
     with pytest.raises(ArtifactError, match="unet/model.onnx: permission denied"):
         Pipeline.load(folder)
@@ -194,7 +194,7 @@ def test_inspect_checks_sizes_and_hashes(exported, tmp_path):
     assert healthy.returncode == 0 and "checked (sizes and sha256): ok" in healthy.stdout, healthy.stderr
 
     folder = tmp_path / "copy"
-    shutil.copytree(exported("sd15"), folder)
+    copy_artifact(exported("sd15"), folder)
     graph = folder / "vae_decoder" / "model.onnx"
     data = bytearray(graph.read_bytes())
     data[100] ^= 0xFF
@@ -247,7 +247,7 @@ def test_export_output_is_not_noisy(tiny_checkpoint, tmp_path):
     for noise in ("accelerate", "torchvision", "Writing model shards", "Warning", "\r"):
         assert noise not in result.stderr, (noise, result.stderr)
     assert result.stderr.count("[2/4] unet: done") == 1
-    assert result.stdout.startswith(f"wrote {tmp_path / 'out'} (4 stages") and "unet" not in result.stdout
+    assert result.stdout.startswith(f"wrote {tmp_path / 'out'} (6 stages") and "unet" not in result.stdout
     quiet = cli("export", "-q", str(tiny_checkpoint("lcm")), str(tmp_path / "out2"))
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 

@@ -31,6 +31,7 @@ from diffrt.artifacts import (
 )
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import checkpoint_hash, read_json, read_model_index, resolve_source
+from diffrt.export.variants import derive_stages, image_checks, parse_precisions
 from diffrt.families import family_for_pipeline_class, get_family
 
 logger = logging.getLogger(__name__)
@@ -59,17 +60,21 @@ def export(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     tiny_vae: str | os.PathLike | None = None,
+    fused_attention: bool = True,
 ) -> Manifest:
     """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`.
 
+    `precision`: "fp32" (default), or "fp16", "bf16", "fp16,bf16": half-precision
+    graphs of every stage beside the fp32 ones (which are always exported: they are
+    the reference the half graphs are checked against, and what CPU backends run).
     `tiny_vae`: a diffusers AutoencoderTiny folder (e.g. a saved madebyollin/taesd),
-    exported as an alternative VAE decoder that generation can choose per call."""
+    exported as an alternative VAE decoder that generation can choose per call.
+    `fused_attention`: also write the UNet and VAE decoder with each attention block as
+    one MultiHeadAttention op (what ONNX Runtime runs best; the portable graph stays
+    for OpenVINO and TensorRT, which fuse attention themselves)."""
     started = time.perf_counter()
     out = Path(out)
-    if precision != "fp32":
-        raise DiffrtError(
-            f"--precision {precision} is not supported yet; use fp32 (fp16/bf16 arrive with the GPU and OpenVINO backends)"
-        )
+    precisions = parse_precisions(precision)
     if not 14 <= opset <= 20:
         raise DiffrtError(f"--opset {opset} is out of range; use 14..20 (default {DEFAULT_OPSET})")
     if out.exists() and not overwrite:
@@ -88,7 +93,8 @@ def export(
     staging.mkdir()
     try:
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
-        model, stages = _export_stages(fam, folder, staging, opset, tiny_vae)
+        model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae)
+        stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
         components = {}
         for component in (*fam.TOKENIZERS, "scheduler"):
             if not (folder / component).is_dir():
@@ -100,7 +106,7 @@ def export(
         manifest = Manifest(
             family=fam.NAME,
             pipeline_class=pipeline_class,
-            precisions=(precision,),
+            precisions=precisions,
             opset=opset,
             stages=stages,
             components=components,
@@ -117,6 +123,10 @@ def export(
             versions=_versions(),
         )
         write_manifest(staging, manifest)
+        if len(precisions) > 1:
+            manifest = dataclasses.replace(manifest, checks=image_checks(staging, manifest, fam))
+            shutil.rmtree(staging / "engines", ignore_errors=True)
+            write_manifest(staging, manifest)
         _apply_umask_modes(staging)
         _publish(staging, out)
     except BaseException:
@@ -144,10 +154,9 @@ def _default_scheduler(folder: Path) -> str:
     return name
 
 
-def _export_stages(fam, folder: Path, staging: Path, opset: int,
-                   tiny_vae: str | os.PathLike | None = None) -> tuple[dict, dict[str, StageSpec]]:
+def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None):
     """Export and check every stage of the family (and the opt-in tiny VAE decoder);
-    returns (model facts, stage specs)."""
+    returns (model facts, stage specs, each stage's check inputs as numpy)."""
     from diffrt.export import sd as torch_side  # the only family so far
 
     modules = torch_side.load_modules(folder)
@@ -162,16 +171,19 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int,
         stage_modules[fam.TINY_VAE_DECODER] = torch_side.tiny_vae_stage(vae, model)
         jobs.append((fam.TINY_VAE_DECODER, fam.VAE_DECODER, fam.TINY_VARIANT, torch_side.tiny_vae_facts(vae)))
         del vae
-    stages = {}
+    stages, feeds = {}, {}
     for index, (name, role, variant, facts) in enumerate(jobs, start=1):
         inputs, outputs = io[role]
         spec = StageSpec(name=name, inputs=inputs, outputs=outputs, role=role, variant=variant, facts=facts)
-        stages[name] = _export_torch_stage(spec, stage_modules.pop(name), staging, opset, f"[{index}/{len(jobs)}]")
-    return model, stages
+        # popped, not kept: the torch weights are freed inside, before ORT loads the graph
+        stages[name], feeds[name] = _export_torch_stage(spec, stage_modules.pop(name), staging, opset,
+                                                        f"[{index}/{len(jobs)}]")
+    return model, stages, feeds
 
 
-def _export_torch_stage(spec: StageSpec, stage, staging: Path, opset: int, progress: str) -> StageSpec:
-    """torch module -> staging/<name>/model.onnx, checked against torch at another shape."""
+def _export_torch_stage(spec: StageSpec, stage, staging: Path, opset: int, progress: str):
+    """torch module -> staging/<name>/model.onnx, checked against torch at another shape.
+    Returns the stage's spec and the (numpy) check inputs, for checking derived graphs."""
     from diffrt.export.onnx_graph import check_graph, export_graph, reference_outputs
 
     t0, name = time.perf_counter(), spec.name
@@ -191,7 +203,7 @@ def _export_torch_stage(spec: StageSpec, stage, staging: Path, opset: int, progr
         progress, name, time.perf_counter() - t0, sum(r.size for r in records) / 2**20,
         ", external data" if len(files) > 1 else "", error,
     )
-    return dataclasses.replace(spec, files=records, max_abs_error=error, reference=TORCH_REFERENCE)
+    return dataclasses.replace(spec, files=records, max_abs_error=error, reference=TORCH_REFERENCE), feeds
 
 
 def _apply_umask_modes(folder: Path) -> None:

@@ -15,13 +15,16 @@ import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
 from onnx.external_data_helper import uses_external_data
 
 from diffrt.artifacts import StageSpec
+
+if TYPE_CHECKING:  # torch is imported where it is used: the graph passes share this module
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ def export_graph(module: torch.nn.Module, sample: Sequence[torch.Tensor], spec: 
 
     Returns the written files, graph first.
     """
+    import torch
+
     stage_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=stage_dir, prefix=".export-") as tmp:
         raw = Path(tmp) / GRAPH_NAME
@@ -136,6 +141,8 @@ def _copy_stream(source, sink, length: int | None, chunk: int = 1 << 24) -> int:
 
 def reference_outputs(module: torch.nn.Module, sample: Mapping[str, torch.Tensor], spec: StageSpec) -> list[np.ndarray]:
     """torch's outputs for `sample`, as float32 numpy arrays in spec.outputs order."""
+    import torch
+
     with torch.no_grad():
         outputs = module(*[sample[t.name] for t in spec.inputs])
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)

@@ -163,6 +163,8 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
         # image sizes must be multiples of this (diffusers checks multiples of 8)
         "size_multiple": max(8, vae_scale_factor),
         "num_upsamplers": len(unet_config.block_out_channels) - 1,
+        # SD2.x computes attention scores in fp32 (the half-precision pass keeps them so)
+        "upcast_attention": bool(unet_config.upcast_attention),
         # for the runtime's up-front memory check (families.sd.min_activation_bytes)
         "vae_decoder_channels": int(vae_config.block_out_channels[0]),
         "vae_mid_attention": bool(getattr(vae_config, "mid_block_add_attention", True)),

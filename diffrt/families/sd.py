@@ -23,6 +23,8 @@ DENOISER = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 STAGES = (TEXT_ENCODER, DENOISER, VAE_DECODER, VAE_ENCODER)
+# Stages with attention blocks, exported also with fused attention (not the tiny VAE: none).
+ATTENTION_ROLES = (DENOISER, VAE_DECODER)
 # The opt-in fast decoder (AutoencoderTiny / TAESD): a second vae_decoder stage.
 TINY_VARIANT = "tiny"
 TINY_VAE_DECODER = "vae_decoder-tiny"

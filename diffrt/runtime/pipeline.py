@@ -19,8 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import DEFAULT_VARIANT, STAMPS_NAME, Manifest, StageSpec, read_manifest, verify_files
-from diffrt.errors import DiffrtError
+from diffrt.artifacts import (
+    DEFAULT_VARIANT,
+    FUSED_VARIANT,
+    PRECISIONS,
+    STAMPS_NAME,
+    Manifest,
+    StageSpec,
+    read_manifest,
+    verify_files,
+)
+from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.runtime.backends import Session, get_backend
 from diffrt.runtime.images import postprocess, to_pil
@@ -43,6 +52,7 @@ logger = logging.getLogger(__name__)
 # The cache folder inside an artifact: built engines (engines/<backend>/<key>/) and
 # the record of verified files. Not part of the manifest: deleting it loses nothing.
 ENGINES_DIR = "engines"
+ATTENTION_FORMS = ("fused", "portable")
 
 
 @dataclass
@@ -93,6 +103,8 @@ class Pipeline:
         verify: bool | str = True,
         cache_dir: str | Path | None = None,
         prepare: Mapping[str, Any] | None = None,
+        graph_precision: str | None = None,
+        attention: str | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder.
@@ -105,18 +117,22 @@ class Pipeline:
         height, width, num_images (default: the checkpoint's size, one image) and
         guidance_scale (default: the checkpoint's), so that backends compiling static
         shapes (OpenVINO) do it now, not in the first request; other shapes still work.
+        `graph_precision`: which of the artifact's graphs to run, "fp32", "fp16" or
+        "bf16" (default: the backend's preference among those exported).
+        `attention`: "fused" or "portable" graphs where the artifact has both (default:
+        the backend's preference: ORT fused, OpenVINO portable).
         `backend_options` go to the backend (e.g. providers, precision, num_threads).
         """
         folder = Path(folder)
         cache_root = Path(cache_dir) if cache_dir is not None else folder / ENGINES_DIR
         manifest = read_manifest(folder)
         family = get_family(manifest.family)
-        specs = _select_stages(manifest, family)
+        profiles = _profiles(manifest, family, prepare or {})
+        engine = get_backend(backend, cache_dir=cache_root, **backend_options)
+        specs = _select_stages(manifest, family, engine, graph_precision, attention)
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
         verify_files(folder, manifest, mode, stages=[s.name for s in specs.values()],
                      stamps_path=cache_root / STAMPS_NAME)
-        profiles = _profiles(manifest, family, prepare or {})
-        engine = get_backend(backend, cache_dir=cache_root, **backend_options)
         sessions = {}
         try:
             for key, spec in specs.items():
@@ -270,12 +286,32 @@ def _decoder_key(family, variant: str) -> str:
     return family.VAE_DECODER if variant == DEFAULT_VARIANT else f"{family.VAE_DECODER}:{variant}"
 
 
-def _select_stages(manifest: Manifest, family) -> dict[str, StageSpec]:
-    """The stages a generation opens: one per runtime role, plus every other VAE
-    decoder variant the artifact holds (chosen per call with `vae=`)."""
-    specs = {role: manifest.select(role) for role in family.RUNTIME_STAGES}
+def _select_stages(manifest: Manifest, family, backend, graph_precision: str | None,
+                   attention: str | None) -> dict[str, StageSpec]:
+    """The stages a generation opens: one per runtime role in the backend's preferred
+    graph precision and attention form (or as asked), plus every other VAE decoder
+    variant the artifact holds in that precision (chosen per call with `vae=`)."""
+    if attention not in (None, *ATTENTION_FORMS):
+        raise DiffrtError(f"attention={attention!r}; choose one of: {', '.join(ATTENTION_FORMS)}")
+    if graph_precision is not None:
+        if graph_precision not in PRECISIONS:
+            raise DiffrtError(f"graph_precision={graph_precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if graph_precision not in getattr(backend, "graph_precisions", PRECISIONS):
+            raise DiffrtError(f"backend {backend.name!r} cannot run {graph_precision} graphs; it runs: "
+                              f"{', '.join(backend.graph_precisions)}")
+    precisions = [graph_precision] if graph_precision else list(getattr(backend, "graph_precisions", PRECISIONS))
+    precisions = [p for p in precisions if p in manifest.precisions] or precisions
+    fused = attention == "fused" or (attention is None and getattr(backend, "fused_attention", False))
+    specs = {}
+    for role in family.RUNTIME_STAGES:
+        has_fused = any(s.variant == FUSED_VARIANT for s in manifest.variants(role))
+        if attention == "fused" and role in family.ATTENTION_ROLES and not has_fused:
+            raise ArtifactError(f"this artifact has no fused-attention {role} graph; export it with a diffrt that "
+                                "fuses attention (the default), or use attention='portable'")
+        variant = FUSED_VARIANT if fused and has_fused else DEFAULT_VARIANT
+        specs[role] = manifest.select(role, variant, precisions)
     for spec in manifest.variants(family.VAE_DECODER):
-        if spec.variant != DEFAULT_VARIANT and spec.precision == specs[family.VAE_DECODER].precision:
+        if spec.variant not in (DEFAULT_VARIANT, FUSED_VARIANT) and spec.precision == specs[family.VAE_DECODER].precision:
             specs[_decoder_key(family, spec.variant)] = spec
     return specs
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import DEFAULT_VARIANT, Manifest
+from diffrt.artifacts import DEFAULT_VARIANT, FUSED_VARIANT, Manifest
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import get_family
 from diffrt.runtime.memory import available_memory_bytes, format_gib
@@ -196,7 +196,8 @@ def check_vae(manifest: Manifest, vae: str | None) -> str:
     """The VAE decoder variant to decode with: "default" (the checkpoint's own VAE) or
     another the artifact holds, e.g. "tiny" (exported with --tiny-vae)."""
     family = get_family(manifest.family)
-    have = sorted({s.variant for s in manifest.variants(family.VAE_DECODER)})
+    # the fused-attention graph is another form of the default decoder, not a choice here
+    have = sorted({s.variant for s in manifest.variants(family.VAE_DECODER)} - {FUSED_VARIANT})
     vae = DEFAULT_VARIANT if vae is None else vae
     if vae not in have:
         hint = "; export with --tiny-vae PATH to add the tiny decoder" if vae == family.TINY_VARIANT else ""

@@ -35,6 +35,12 @@ class Session(Protocol):
 
 class Backend(Protocol):
     name: str
+    graph_precisions: tuple[str, ...]
+    """The graph precisions this backend runs, preferred first (an artifact may hold
+    fp32, fp16 and bf16 graphs of a stage)."""
+    fused_attention: bool
+    """Whether it prefers a stage's fused-attention graph variant (ORT's
+    MultiHeadAttention) over the portable MatMul-Softmax-MatMul one, when there is one."""
 
     def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> Session:
         """Load the stage's graph (or a built engine for it) from the artifact folder."""

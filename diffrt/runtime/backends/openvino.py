@@ -283,7 +283,14 @@ class OpenVinoSession:
 
 
 class OpenVinoBackend:
+    """`graph_precisions`: OpenVINO reads every graph precision and computes in its own
+    inference precision (bf16/fp32 above), so the fp32 graph, the exact source, comes
+    first. It takes the portable attention graph: its CPU plugin fuses
+    MatMul-Softmax-MatMul itself (attention_ops() counts the fused nodes)."""
+
     name = "openvino"
+    graph_precisions = ("fp32", "fp16", "bf16")
+    fused_attention = False
 
     def __init__(
         self,

@@ -70,7 +70,14 @@ def _use_shared_cpu_arena(options: ort.SessionOptions) -> None:
 
 
 class OrtBackend:
+    """`graph_precisions`: fp32 first on the CPU (its EP has fp16 kernels only for data
+    movement: fp16 graphs run, but through inserted Casts around fp32 kernels), fp16
+    first with a GPU provider; never bf16 (no kernels). It prefers the fused-attention
+    graph: one MultiHeadAttention kernel instead of materialized score tensors
+    (benchmarks/attention_fusion.py measures the memory and speed)."""
+
     name = "ort"
+    fused_attention = True
 
     def __init__(self, providers: Sequence[str] | None = None, intra_op_num_threads: int = 0,
                  cache_dir: str | Path | None = None):
@@ -81,6 +88,8 @@ class OrtBackend:
             raise DiffrtError(f"onnxruntime has no {', '.join(missing)} here; available: {', '.join(available)}")
         self.intra_op_num_threads = intra_op_num_threads
         self.cache_dir = cache_dir
+        on_gpu = any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+        self.graph_precisions = ("fp16", "fp32") if on_gpu else ("fp32", "fp16")
 
     def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OrtSession:
         # ORT runs every shape of the dynamic graph; it needs no profile.
