@@ -92,6 +92,14 @@ TEXT_ENCODER_CONFIG = dict(  # CLIP ViT-L/14's text tower; token ids come from t
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
 )
+# madebyollin/taesd's config.json: the tiny decoder (AutoencoderTiny) for SD 1.x/2.x latents.
+# Random weights here (no hub): its speed and memory are real, its images are not.
+TAESD_CONFIG = dict(
+    in_channels=3, out_channels=3, encoder_block_out_channels=(64, 64, 64, 64),
+    decoder_block_out_channels=(64, 64, 64, 64), act_fn="relu", upsample_fn="nearest", latent_channels=4,
+    upsampling_scaling_factor=2, num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1),
+    latent_magnitude=3, latent_shift=0.5, scaling_factor=1.0,
+)
 # runwayml/stable-diffusion-v1-5's scheduler_config.json (as in diffrt/export/tiny.py)
 SCHEDULER_CLASS = "PNDMScheduler"
 SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -279,13 +287,16 @@ def build_checkpoint(folder: Path, seed: int, tracker: StepTracker) -> dict[str,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     info["checkpoint_bytes"] = folder_size(folder)
+    tracker.start("tiny VAE (TAESD architecture), random weights")
+    diffusers.AutoencoderTiny(**TAESD_CONFIG).save_pretrained(folder.parent / "taesd")
     return info
 
 
 def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = args.workdir / "checkpoint"
-    if checkpoint.exists():
-        shutil.rmtree(checkpoint)  # ours: the work folder carries this script's marker
+    for folder in (checkpoint, args.workdir / "taesd"):
+        if folder.exists():
+            shutil.rmtree(folder)  # ours: the work folder carries this script's marker
     tracker = StepTracker()
     tracker.start("imports")
     t0 = time.perf_counter()
@@ -306,7 +317,10 @@ def phase_export(args: argparse.Namespace) -> dict[str, Any]:
     tracker.start("import torch + diffusers, load checkpoint")
     t0 = time.perf_counter()
     try:
-        manifest = diffrt.export.export(checkpoint, artifact, overwrite=True)  # artifact/ is ours (marker)
+        # artifact/ is ours (marker); the taesd/ beside checkpoint/ becomes the opt-in tiny decoder
+        taesd = args.workdir / "taesd"
+        manifest = diffrt.export.export(checkpoint, artifact, overwrite=True,
+                                        tiny_vae=taesd if taesd.is_dir() else None)
     finally:
         logging.getLogger("diffrt").removeHandler(watcher)
     seconds = time.perf_counter() - t0

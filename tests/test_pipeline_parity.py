@@ -1,6 +1,6 @@
 """End to end against diffusers: same tiny weights, same prompt, same `latents`.
 
-DESIGN.md's bar is max abs difference <= 2e-3 on the [0, 1] image scale. We assert
+The project's bar is max abs difference <= 2e-3 on the [0, 1] image scale. We assert
 1e-4: on these tiny models two different but related samplers (DDIM and Euler
 discretize the same ODE) give images only ~1e-3 apart, so 2e-3 could not tell them
 apart. Measured differences are 0.6e-6..3.5e-6 (ONNX Runtime vs torch kernels, numpy

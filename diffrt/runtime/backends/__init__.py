@@ -13,7 +13,7 @@ from diffrt.runtime.backends.base import Backend, Session
 
 # name -> module; the module defines `make_backend(**options)`, returning a base.Backend.
 _MODULES = {"ort": "diffrt.runtime.backends.ort", "openvino": "diffrt.runtime.backends.openvino"}
-# Designed for (see DESIGN.md), not built yet: named so the error can say so.
+# Designed for, not built yet: named so the error can say so.
 _PLANNED = ("tensorrt", "torch")
 
 

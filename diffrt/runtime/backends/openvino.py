@@ -300,7 +300,7 @@ class OpenVinoBackend:
         performance_hint: str = "latency",
         cache_dir: str | Path | None = None,
         disk_cache: bool = True,
-        max_shapes: int = 4,
+        max_shapes: int = 2,
     ):
         """`cache_dir`: the engine cache root (default: the artifact's engines/);
         `max_shapes`: compiled shapes kept in memory per stage (each holds its own copy

@@ -1,0 +1,178 @@
+"""One-time preparation in the work folder, reused by later runs when complete:
+
+- the checkpoint and diffrt's export of it: SD1.5 size through
+  benchmarks/real_size_sd15.py's build and export phases (~30 s + ~2 min, 8 GiB of disk),
+  or a tiny random-weight one for --tiny (`python harness/prepare.py tiny DIR`);
+- a copy of the checkpoint for the peers, readable by their older transformers: its
+  tokenizer/ also has vocab.json and merges.txt (transformers 5 saves tokenizer.json
+  only; transformers 4.x's slow CLIPTokenizer needs the two files), and its text
+  encoder's weights carry the "text_model." prefix that transformers 5.24 no longer
+  writes (transformers 4.57 and 5.5 load such a file as a randomly initialised text
+  encoder, with only a warning);
+- each peer's own conversion (optimum's ONNX / OpenVINO export), made by its runner
+  script's --prepare under the peer's venv;
+- the initial latents, one .npy per (size, batch), the same for every runner.
+
+Every step runs in a subprocess, so the harness process itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = Path(__file__).resolve().parent.parent
+COMPLETE = ".complete"
+# Bump when make_peer_checkpoint changes: peer checkpoints and peer exports made from an
+# older one are rebuilt.
+PEER_CHECKPOINT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Models:
+    checkpoint: Path
+    artifact: Path
+    peer_checkpoint: Path
+    vae_scale_factor: int
+    latent_channels: int
+    prepare_seconds: float
+    """Seconds spent building/exporting in this run (0 when reused)."""
+
+
+def prepare_models(workdir: Path, tiny: bool, log) -> Models:
+    folder = workdir / ("tiny" if tiny else "sd15")
+    checkpoint, artifact = folder / "checkpoint", folder / "artifact"
+    started = time.perf_counter()
+    if not ((artifact / "manifest.json").is_file() and (checkpoint / "model_index.json").is_file()):
+        if tiny:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "tiny", str(folder)]
+        else:  # the real-size build + export, with its own report beside the models
+            cmd = [sys.executable, str(BENCHMARKS / "real_size_sd15.py"), "--phases", "build,export",
+                   "--workdir", str(folder), "--results", str(folder / "build-export.json")]
+        log(f"preparing the {'tiny' if tiny else 'SD1.5-size'} checkpoint and its diffrt export: {' '.join(cmd)}")
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+    peer_checkpoint = folder / "peer-checkpoint"
+    if _read_json(peer_checkpoint / COMPLETE).get("version") != PEER_CHECKPOINT_VERSION:
+        make_peer_checkpoint(checkpoint, peer_checkpoint)
+    model = json.loads((artifact / "manifest.json").read_text())["model"]
+    return Models(checkpoint, artifact, peer_checkpoint, int(model["vae_scale_factor"]), int(model["latent_channels"]),
+                  round(time.perf_counter() - started, 3))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def make_peer_checkpoint(checkpoint: Path, out: Path) -> None:
+    """`out`: the checkpoint's folders as symlinks (the same weight files), except
+    tokenizer/ (copied, plus vocab.json and merges.txt from tokenizer.json) and
+    text_encoder/ (the same tensors, keys prefixed "text_model." where they are not)."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for entry in checkpoint.iterdir():
+        if entry.name == "tokenizer":
+            shutil.copytree(entry, out / entry.name)
+            write_slow_tokenizer_files(out / entry.name)
+        elif entry.name == "text_encoder":
+            write_prefixed_text_encoder(entry, out / entry.name)
+        elif entry.is_dir():
+            (out / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+        else:
+            shutil.copy2(entry, out / entry.name)
+    (out / COMPLETE).write_text(json.dumps({"version": PEER_CHECKPOINT_VERSION}))
+
+
+def write_prefixed_text_encoder(src: Path, out: Path, prefix: str = "text_model.") -> None:
+    """Copy a CLIPTextModel folder, renaming weights "embeddings..." -> "text_model.embeddings..."
+    (the layout every transformers before 5.24 reads). Tensors are copied bit for bit."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    renamed: dict[str, str] = {}
+    for weights in sorted(src.glob("*.safetensors")):
+        tensors = load_file(weights)
+        names = {k: k if k.startswith(prefix) else prefix + k for k in tensors}
+        renamed.update(names)
+        save_file({names[k]: v for k, v in tensors.items()}, out / weights.name, metadata={"format": "pt"})
+        del tensors
+    index = out / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint: its weight map names the tensors too
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed.get(k, k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def write_slow_tokenizer_files(folder: Path) -> None:
+    """vocab.json + merges.txt (the BPE files CLIP's slow tokenizer reads) from the
+    fast tokenizer's tokenizer.json, unless they are there already."""
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return
+    model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+
+
+def prepare_peer(python: Path, script: Path, peer_checkpoint: Path, out: Path, log_path: Path,
+                 timeout: float) -> dict[str, Any]:
+    """Run `script --prepare` once (skipped when `out` is complete). Returns
+    {"seconds", "peak_rss_gib", "reused"} or raises RuntimeError with one line."""
+    done = _read_json(out / COMPLETE)
+    if done.get("peer_checkpoint_version") == PEER_CHECKPOINT_VERSION:
+        return {"reused": True, **done}
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        try:
+            proc = subprocess.run([str(python), str(script), "--prepare", str(peer_checkpoint), str(out)],
+                                  stdout=subprocess.PIPE, stderr=log, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"prepare: no result within {timeout:.0f}s (log {log_path})") from None
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"prepare: {script.name} --prepare exited with status {proc.returncode} (log {log_path})")
+    result = json.loads(lines[-1])
+    record = {"seconds": round(result["seconds"], 3), "peak_rss_gib": round(result["peak_rss_gib"], 3),
+              "peer_checkpoint_version": PEER_CHECKPOINT_VERSION}
+    (out / COMPLETE).write_text(json.dumps(record))
+    return {"reused": False, **record}
+
+
+def write_latents(folder: Path, channels: int, height: int, width: int, batch: int, seed: int) -> Path:
+    """Standard-normal initial latents for (size, batch); every runner scales them by its
+    scheduler's initial sigma, as diffusers does with `latents=`."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"latents-{width}x{height}-b{batch}-seed{seed}.npy"
+    if not path.is_file():
+        rng = np.random.default_rng(seed)
+        np.save(path, rng.standard_normal((batch, channels, height, width), dtype=np.float32))
+    return path
+
+
+def _make_tiny(folder: Path) -> None:
+    """Child process: a tiny random-weight SD1.x checkpoint and its diffrt export."""
+    from diffrt.export import export
+    from diffrt.export.tiny import make_tiny_sd, make_tiny_taesd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = make_tiny_sd(folder / "checkpoint", kind="sd15")
+    export(checkpoint, folder / "artifact", overwrite=True, tiny_vae=make_tiny_taesd(folder / "taesd"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "tiny":
+        raise SystemExit("usage: python benchmarks/harness/prepare.py tiny DIR")
+    _make_tiny(Path(sys.argv[2]))

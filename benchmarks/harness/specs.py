@@ -1,0 +1,147 @@
+"""What benchmarks/compare.py runs: the workloads and the runner table.
+
+Adding a diffrt configuration is one line in RUNNERS: a name, Pipeline.load kwargs and
+extra pipe(...) kwargs. A configuration this diffrt cannot run yet (backend not built or
+not installed, an option the pipeline does not take) is reported "not available: <the
+error's one line>", never as a number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = Path(__file__).resolve().parent.parent
+PEERS = BENCHMARKS / "peers"
+PROMPT = "a photo of an astronaut riding a horse on mars"
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One generation recipe, the same for every runner."""
+
+    name: str
+    scheduler: str
+    """diffrt's scheduler name; peers map it to the diffusers class (peers/diffusers_api.py)."""
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    batches: tuple[int, ...]
+    """num_images_per_prompt values to time (one call each)."""
+    deterministic: bool
+    """The scheduler injects no noise, so all runners' images must agree (checked)."""
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def denoiser_batch(self, batch: int) -> int:
+        """Rows in each denoiser call: uncond + cond when CFG is on."""
+        return batch * (2 if self.cfg else 1)
+
+    def describe(self) -> str:
+        cfg = f"CFG {self.guidance_scale:g}" if self.cfg else "no CFG"
+        return f"{self.scheduler}, {self.steps} steps, {cfg}, {self.width}x{self.height}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "scheduler": self.scheduler, "steps": self.steps,
+                "guidance_scale": self.guidance_scale, "height": self.height, "width": self.width,
+                "batches": list(self.batches), "deterministic": self.deterministic, "cfg": self.cfg}
+
+
+# W1: distilled (LCM, 4 steps, no CFG); W2: full-step (DPM++ 2M, 20 steps, CFG 7.5).
+WORKLOADS = {
+    "W1-256": Workload("W1-256", "lcm", 4, 1.0, 256, 256, (1, 4), deterministic=False),
+    "W1-512": Workload("W1-512", "lcm", 4, 1.0, 512, 512, (1,), deterministic=False),
+    "W2-256": Workload("W2-256", "dpmpp_2m", 20, 7.5, 256, 256, (1,), deterministic=True),
+}
+QUICK_WORKLOADS = ("W1-256",)
+TINY_SIZE_DIVISOR = 8  # --tiny: 32x32 and 64x64 images on the tiny checkpoint (VAE factor 2)
+
+
+def tiny_workload(workload: Workload) -> Workload:
+    return replace(workload, height=workload.height // TINY_SIZE_DIVISOR, width=workload.width // TINY_SIZE_DIVISOR)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a family of runners is started: its script, its venv (None: the main venv's
+    python, sys.executable) and which model folder it loads."""
+
+    script: str
+    venv: str | None
+    model: str
+    """"artifact" (diffrt's export), "checkpoint" (the diffusers folder) or "peer" (the
+    runner's own conversion, made once by `SCRIPT --prepare`)."""
+
+
+KINDS = {
+    "diffrt": Kind("run_diffrt.py", None, "artifact"),
+    "diffusers": Kind("run_diffusers.py", None, "checkpoint"),
+    "optimum-onnx": Kind("run_optimum_onnx.py", "optimum-onnx", "peer"),
+    "optimum-intel": Kind("run_optimum_intel.py", "optimum-intel", "peer"),
+}
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    name: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    """Given to the runner's load(); for diffrt {"load": Pipeline.load kwargs, "call": pipe kwargs}."""
+    description: str = ""
+    requires_bf16: bool = False
+    """Runs only where the CPU has bf16 instructions (cpu_info().has_bf16)."""
+    cache_option: str | None = None
+    """Where in `options` the harness puts the runner's engine-cache folder ("load.cache_dir"
+    = options["load"]["cache_dir"]); None: the runner has no engine cache, so a start with a
+    warm cache is not measured separately."""
+    memory_gib: float = 6.0
+    """Peak RSS to expect at SD1.5 size, 256x256 (fp32 weights are 4 GiB); another runner
+    process starts only while this much (plus room for the live ones to grow) is free."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"runner {self.name!r}: kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+
+    def options_with_cache(self, cache_dir: Path) -> dict[str, Any]:
+        options = {k: dict(v) if isinstance(v, dict) else v for k, v in self.options.items()}
+        if self.cache_option:
+            *parents, key = self.cache_option.split(".")
+            target = options
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[key] = str(cache_dir)
+        return options
+
+
+def diffrt(name: str, description: str, load: dict[str, Any], call: dict[str, Any] | None = None,
+           cache_option: str | None = None, memory_gib: float = 6.0, warmup_new_shapes: bool = False) -> RunnerSpec:
+    """A diffrt configuration. `warmup_new_shapes`: the backend compiles per shape, so
+    each new shape gets one untimed 1-step call first (reported as setup time)."""
+    options = {"load": load, "call": call or {}, "warmup_new_shapes": warmup_new_shapes}
+    return RunnerSpec(name, "diffrt", options, description, cache_option=cache_option, memory_gib=memory_gib)
+
+
+RUNNERS = {r.name: r for r in (
+    # diffrt configurations: one line each.
+    diffrt("diffrt-ort", "diffrt, onnxruntime CPU, fp32", {"backend": "ort"}),
+    # OpenVINO: 17.0 GiB peak measured at SD1.5 size, 256x256 (15.6 starting from a warm cache).
+    diffrt("diffrt-openvino", "diffrt, OpenVINO, default precision (bf16 where the CPU has it)",
+           {"backend": "openvino"}, cache_option="load.cache_dir", memory_gib=17.0, warmup_new_shapes=True),
+    diffrt("diffrt-openvino-tiny-vae", "diffrt, OpenVINO, tiny VAE decoder", {"backend": "openvino"},
+           {"vae": "tiny"}, cache_option="load.cache_dir", memory_gib=17.0, warmup_new_shapes=True),
+    # What users would pick instead.
+    RunnerSpec("diffusers-fp32", "diffusers", {"dtype": "fp32"}, "diffusers + torch CPU, fp32"),
+    RunnerSpec("diffusers-bf16", "diffusers", {"dtype": "bf16"}, "diffusers + torch CPU, bf16", requires_bf16=True),
+    RunnerSpec("optimum-onnx", "optimum-onnx", {}, "optimum-onnx ORTStableDiffusionPipeline (onnxruntime CPU)"),
+    # Measured at SD1.5 size, 256x256, on the AVX2 machine: 8.2-8.7 GiB (12.4 starting from a warm cache).
+    RunnerSpec("optimum-intel", "optimum-intel", {}, "optimum-intel OVStableDiffusionPipeline, dynamic shapes",
+               cache_option="cache_dir", memory_gib=9.0),
+    RunnerSpec("optimum-intel-static", "optimum-intel", {"static": True},
+               "optimum-intel OVStableDiffusionPipeline, reshaped to static shapes + compile()",
+               cache_option="cache_dir", memory_gib=9.0),
+)}

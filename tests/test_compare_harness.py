@@ -1,0 +1,165 @@
+"""benchmarks/compare.py end to end on the tiny checkpoint, with no peer venv installed.
+
+The harness must: give diffrt-ort numbers for every cell, report every peer as "not
+installed", report diffrt configurations this diffrt cannot run as "not available: ...",
+alternate the runners round-robin, feed every runner the same work (checked: on the
+deterministic DPM++ 2M workload diffrt-ort's image equals diffusers' within 1e-4), and
+write JSON + markdown (+ PNG when matplotlib is installed). Also checks that the FLOP
+counts (on meta tensors) equal a count of the real modules run on CPU with attention
+forced through the math path, which FlopCounterMode can see.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffrt.runtime.cpu import cpu_info
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+RUNNERS = ("diffrt-ort", "diffrt-openvino-tiny-vae", "diffusers-fp32", "diffusers-bf16", "optimum-onnx",
+           "optimum-intel", "optimum-intel-static")
+CELLS = {"W1-256/b1": (1, 4), "W1-256/b4": (4, 4), "W2-256/b1": (1, 20)}  # batch, denoiser calls
+NOT_INSTALLED = "not installed (run bash benchmarks/peers/setup.sh)"
+
+
+@pytest.fixture(scope="module")
+def report(tiny_checkpoint, exported, tmp_path_factory):
+    """One --tiny run of the harness, reusing the session's tiny sd15 checkpoint and export."""
+    tmp = tmp_path_factory.mktemp("compare")
+    models = tmp / "work" / "tiny"
+    models.mkdir(parents=True)
+    (models / "checkpoint").symlink_to(tiny_checkpoint("sd15"), target_is_directory=True)
+    (models / "artifact").symlink_to(exported("sd15"), target_is_directory=True)
+    (tmp / "venvs").mkdir()  # empty: no peer is installed
+    results = tmp / "results"
+    cmd = [sys.executable, str(BENCHMARKS / "compare.py"), "--tiny", "--workdir", str(tmp / "work"),
+           "--results", str(results), "--venv-root", str(tmp / "venvs"), "--runners", ",".join(RUNNERS),
+           "--workloads", "W1-256,W2-256", "--runs", "2", "--tag", "test"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((results / "compare-test.json").read_text())
+    return data, results, proc
+
+
+def test_statuses(report):
+    data, _, _ = report
+    runners = data["runners"]
+    assert list(runners) == list(RUNNERS)
+    assert runners["diffrt-ort"]["status"] == "ok"
+    assert runners["diffusers-fp32"]["status"] == "ok"
+    for peer in ("optimum-onnx", "optimum-intel", "optimum-intel-static"):
+        assert runners[peer]["status"] == NOT_INSTALLED
+        assert runners[peer]["summary"] == {}
+    tiny_vae = runners["diffrt-openvino-tiny-vae"]["status"]
+    assert tiny_vae.startswith("not available: ") and len(tiny_vae.splitlines()) == 1
+    assert runners["diffrt-openvino-tiny-vae"]["summary"] == {}
+    if cpu_info().has_bf16:
+        assert runners["diffusers-bf16"]["status"] == "ok"
+    else:
+        assert runners["diffusers-bf16"]["status"] == "not available: CPU has no bf16 instructions"
+
+
+def test_diffrt_numbers(report):
+    data, _, _ = report
+    ort = data["runners"]["diffrt-ort"]
+    assert set(ort["summary"]) == set(CELLS)
+    for key, (batch, calls) in CELLS.items():
+        s = ort["summary"][key]
+        assert s["runs_done"] >= 1 and s["runs_done"] + len(ort["cells"][key]["skipped"]) == data["settings"]["runs"]
+        assert s["errors"] == []
+        assert s["e2e_median_seconds"] > 0
+        assert s["images_per_second"] == pytest.approx(batch / s["e2e_median_seconds"], rel=1e-3)
+        assert s["denoiser_calls_per_image_run"] == calls
+        assert s["text_encoder_median_seconds"] > 0 and s["vae_decoder_median_seconds"] > 0
+        assert s["denoiser_call_flops"] > 0 and s["vae_decoder_flops"] > 0
+        assert s["denoiser_gflops_per_second"] > 0 and s["vae_gflops_per_second"] > 0
+        assert s["denoiser_pct_of_fp32_gemm"] > 0
+        for run in ort["cells"][key]["runs"]:
+            stages = run["text_encoder_seconds"] + sum(run["denoiser_step_seconds"]) + run["vae_decoder_seconds"]
+            assert stages <= run["seconds"] * 1.001 + 1e-4  # the stages happen inside the timed call
+            assert 0 <= run["others_cpu_share"] and run["peak_rss_gib"] > 0
+    cold = ort["cold_start"]["empty_cache"]
+    assert cold["total_seconds"] >= cold["spawn_to_ready_seconds"] + cold["first_image_seconds"] - 1e-3
+    assert cold["spawn_to_ready_seconds"] >= cold["load_seconds"] > 0
+    assert ort["cold_start"]["warm_cache"] == "n/a: no engine cache"
+    assert ort["peak_rss_gib"] > 0 and ort["processes"][0]["role"] == "main"
+    assert ort["info"]["backend"].startswith("onnxruntime")
+
+
+def test_round_robin_and_same_work(report):
+    data, _, _ = report
+    # diffrt-ort and diffusers-fp32 are alive together (tiny: no memory limit) and alternate run by run.
+    assert any({"diffrt-ort", "diffusers-fp32"} <= set(group) for group in data["groups"])
+    runs = [(name, run) for name, cell, run in data["sequence"] if cell == "W1-256/b1"]
+    by_run = {run: [name for name, r in runs if r == run] for _, run in runs}
+    assert {"diffrt-ort", "diffusers-fp32"} <= set(by_run[1]) and {"diffrt-ort", "diffusers-fp32"} <= set(by_run[2])
+    positions = {run: [i for i, (_, r) in enumerate(runs) if r == run] for run in by_run}
+    assert max(positions[1]) < min(positions[2])  # run 1 of every runner before any run 2
+    # DPM++ 2M injects no noise: same latents, same weights -> the same image (design bar 2e-3).
+    agreement = data["image_agreement"]["W2-256/b1"]
+    assert agreement["reference"] == "diffusers-fp32"
+    assert agreement["max_abs_diff"]["diffrt-ort"] <= 1e-4
+    assert "W1-256/b1" not in data["image_agreement"]  # LCM: each runner's own RNG
+
+
+def test_machine_and_flops_fields(report):
+    data, _, _ = report
+    cpu = data["machine"]["cpu"]
+    assert cpu["model"] and isinstance(cpu["flags"], list) and cpu["has_bf16"] == cpu_info().has_bf16
+    gemm = data["gemm"]
+    assert gemm["numpy_fp32_gflops"] > 0 and gemm["torch_fp32_gflops"] > 0
+    if cpu_info().has_bf16:
+        assert gemm["torch_bf16_gflops"] > 0
+    else:
+        assert gemm["torch_bf16_gflops"] == "not available: CPU has no bf16 instructions"
+    assert data["flops"]["unet"] and data["flops"]["vae_decoder"]
+    assert data["wall_seconds"]["total"] >= data["wall_seconds"]["measure"] > 0
+
+
+def test_outputs_written(report):
+    data, results, proc = report
+    md = (results / "compare-test.md").read_text()
+    assert "## W1-256" in md and "## W2-256" in md and "## W1-512" not in md and "## Cold start and memory" in md
+    assert NOT_INSTALLED in md and "not available: " in md
+    assert md in proc.stdout  # the table is printed too
+    png = results / "compare-test.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not png.exists() and data["chart"].startswith("not drawn")
+    else:
+        assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_match_a_cpu_count(tiny_checkpoint):
+    """Meta-tensor counts == the real tiny modules run on CPU with attention on the math
+    path (the fused CPU attention kernel would count 0)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import flops
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    checkpoint = tiny_checkpoint("sd15")
+    counted = flops.count(checkpoint, [(2, 32, 48)], [(1, 32, 48)])
+    unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    vae = AutoencoderKL.from_pretrained(checkpoint / "vae")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    sample = torch.randn(2, 4, 32 // factor, 48 // factor)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        with FlopCounterMode(display=False) as unet_counter:
+            unet(sample, torch.tensor([500.0, 500.0]), text)
+        with FlopCounterMode(display=False) as vae_counter:
+            vae.decode(sample[:1])
+    assert counted["unet"]["b2-48x32"] == unet_counter.get_total_flops() > 0
+    assert counted["vae_decoder"]["b1-48x32"] == vae_counter.get_total_flops() > 0
