@@ -134,6 +134,19 @@ def test_impossible_size_names_the_estimate(exported, tmp_path):
     assert "GiB of memory (VAE decoder activations)" in line and "available; use a smaller size" in line
 
 
+def test_memory_bound_counts_attention_scores_only_where_they_exist():
+    """SD1.5's facts at 1024x1024 with CFG: an unfused graph on ONNX Runtime holds
+    2 x 8 heads x 16384^2 float scores (16 GiB) at once; a fused one never does."""
+    from diffrt.families import sd
+
+    model = {"vae_scale_factor": 8, "vae_decoder_channels": 128, "vae_mid_attention": True,
+             "unet_first_attention_level": 0, "unet_first_attention_heads": 8}
+    portable, what = sd.min_activation_bytes(model, 1024, 1024, 1, do_cfg=True, attention_scores=True)
+    fused, fused_what = sd.min_activation_bytes(model, 1024, 1024, 1, do_cfg=True, attention_scores=False)
+    assert portable == 2 * 8 * 16384**2 * 4 and what == "UNet attention scores"
+    assert fused == (128 + 3) * 1024 * 1024 * 4 and fused_what == "VAE decoder activations"
+
+
 def test_api_rejects_bad_seeds(pipe):
     for seed in (-1, 1.5, "a", True, 2**63):
         with pytest.raises(DiffrtError, match="seed must be an integer from 0 to") as info:

@@ -104,7 +104,7 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
 
 
 def min_activation_bytes(
-    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool
+    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, attention_scores: bool
 ) -> tuple[int, str]:
     """A lower bound on the activation memory one generation needs (beyond the weights),
     and what dominates it, for refusing impossible sizes up front.
@@ -113,19 +113,21 @@ def min_activation_bytes(
     activation and its output image, the VAE mid-block's attention scores (one head
     over every latent pixel), and the UNet's attention scores at its highest-resolution
     attention level (a score tensor is batch x heads x tokens^2 floats, which is what
-    makes large sizes explode in an unfused graph). Facts missing from an older
-    manifest are left out, which keeps the bound a lower bound. A decoder stage's own
-    facts (DECODER_MEMORY_FACTS, e.g. the tiny VAE's) replace the model's.
+    makes large sizes explode in an unfused graph) when `attention_scores`: the graphs
+    run materialize them (portable graphs on ONNX Runtime; not fused-attention graphs,
+    nor OpenVINO, which fuses attention itself). Facts missing from an older manifest
+    are left out, which keeps the bound a lower bound. A decoder stage's own facts
+    (DECODER_MEMORY_FACTS, e.g. the tiny VAE's) replace the model's.
     """
     f4 = 4  # float32 activations
     factor = int(model["vae_scale_factor"])
     tokens = (height // factor) * (width // factor)
     vae = batch * (int(model.get("vae_decoder_channels", 0)) + 3) * height * width * f4
-    if model.get("vae_mid_attention"):
+    if model.get("vae_mid_attention") and attention_scores:
         vae += batch * tokens * tokens * f4
     unet = 0
     level, heads = model.get("unet_first_attention_level"), model.get("unet_first_attention_heads")
-    if level is not None and heads:
+    if level is not None and heads and attention_scores:
         level_tokens = tokens // (4 ** int(level))
         unet = (2 * batch if do_cfg else batch) * int(heads) * level_tokens * level_tokens * f4
     what = "UNet attention scores" if unet > vae else "VAE decoder activations"

@@ -198,7 +198,7 @@ class Pipeline:
             self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps, guidance_scale,
             height, width, num_images_per_prompt, seed, scheduler, preset, output_type, vae,
         )
-        check_memory(self.manifest, request, weights_loaded=True)
+        check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         settings = request.settings
         model = self.manifest.model
         factor = int(model["vae_scale_factor"])
@@ -241,6 +241,12 @@ class Pipeline:
             images=to_pil(images) if output_type == "pil" else images, timings=timings,
             seed=None if generator is not None else request.seed, settings=settings,
         )
+
+    def _materializes_attention(self) -> bool:
+        """Whether the UNet graph running here builds full attention score tensors: a
+        portable graph on a backend that does not fuse attention itself (ONNX Runtime)."""
+        spec = self._sessions[self.family.DENOISER].spec
+        return spec.variant != FUSED_VARIANT and not getattr(self.backend, "fuses_attention_itself", False)
 
     def _encode_text(self, texts: list[str]) -> np.ndarray:
         ids = self.tokenizer(texts)

@@ -205,18 +205,21 @@ def check_vae(manifest: Manifest, vae: str | None) -> str:
     return vae
 
 
-def check_memory(manifest: Manifest, request: Request, weights_loaded: bool) -> None:
+def check_memory(manifest: Manifest, request: Request, weights_loaded: bool, attention_scores: bool = False) -> None:
     """Refuse a request whose weights plus largest activations exceed the memory available,
     before any work: otherwise it dies minutes later in an allocation deep in a backend.
     The estimate is a lower bound (see the family's `min_activation_bytes`), so a
     request that fits is never refused. `weights_loaded`: the model is already in
-    memory (a loaded pipeline), so only activations are counted against what is left."""
+    memory (a loaded pipeline), so only activations are counted against what is left.
+    `attention_scores`: the graphs that will run materialize attention score tensors
+    (known once loaded; before, the bound leaves them out)."""
     family = get_family(manifest.family)
     settings = request.settings
     decoder = manifest.select(family.VAE_DECODER, request.vae)
     model = {**manifest.model, **{k: v for k, v in decoder.facts.items() if k in family.DECODER_MEMORY_FACTS}}
     activations, what = family.min_activation_bytes(model, settings.height, settings.width, request.batch,
-                                                    family.uses_cfg(manifest.model, settings.guidance_scale))
+                                                    family.uses_cfg(manifest.model, settings.guidance_scale),
+                                                    attention_scores)
     stages = [manifest.select(role) for role in family.RUNTIME_STAGES if role != family.VAE_DECODER] + [decoder]
     weights = 0 if weights_loaded else sum(f.size for spec in stages for f in spec.files)
     needed = weights + activations

@@ -41,6 +41,9 @@ class Backend(Protocol):
     fused_attention: bool
     """Whether it prefers a stage's fused-attention graph variant (ORT's
     MultiHeadAttention) over the portable MatMul-Softmax-MatMul one, when there is one."""
+    fuses_attention_itself: bool
+    """Whether it fuses a portable graph's attention itself (OpenVINO, TensorRT): the
+    up-front memory estimate, a lower bound, then leaves the score tensors out."""
 
     def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> Session:
         """Load the stage's graph (or a built engine for it) from the artifact folder."""

@@ -291,6 +291,7 @@ class OpenVinoBackend:
     name = "openvino"
     graph_precisions = ("fp32", "fp16", "bf16")
     fused_attention = False
+    fuses_attention_itself = True  # its CPU plugin's SDPA fusion (attention_ops() counts it)
 
     def __init__(
         self,

@@ -94,6 +94,7 @@ class OrtBackend:
 
     name = "ort"
     fused_attention = True
+    fuses_attention_itself = False
 
     def __init__(self, providers: Sequence[str] | None = None, intra_op_num_threads: int = 0,
                  cache_dir: str | Path | None = None, disk_cache: bool = True):
