@@ -207,11 +207,15 @@ class StepTracker:
 class ExportLogWatcher(logging.Handler):
     """Turns the exporter's progress log lines into StepTracker steps.
 
-    Parses the messages of diffrt/export/__init__.py: "[i/n] NAME: exporting to ONNX",
-    "[i/n] NAME: checking against torch", "[i/n] NAME: done in ...", "export finished".
+    Parses the messages of diffrt/export/__init__.py and variants.py: "[i/n] NAME:
+    exporting to ONNX", "[i/n] NAME: checking against torch", "[i/n] NAME: done in ...",
+    "NAME: N attention blocks fused in ...", "NAME: fp16 in ...", "export finished".
+    Each step is named by what starts it; after the last torch stage come the derived
+    graphs (fused attention, half precision), then copying, hashing and the manifest.
     """
 
-    _STAGE = re.compile(r"^\[\d+/\d+\] (\w+): (exporting to ONNX|checking against torch|done in)")
+    _STAGE = re.compile(r"^\[\d+/\d+\] ([\w-]+): (exporting to ONNX|checking against torch|done in)")
+    _DERIVED = re.compile(r"^([\w-]+): (\d+ attention blocks fused|fp16|bf16) in")
 
     def __init__(self, tracker: StepTracker):
         super().__init__(level=logging.INFO)
@@ -223,6 +227,7 @@ class ExportLogWatcher(logging.Handler):
         message = record.getMessage()
         self.messages.append((now, message))
         match = self._STAGE.match(message)
+        derived = self._DERIVED.match(message)
         if match:
             name, what = match.groups()
             if what.startswith("exporting"):
@@ -230,7 +235,10 @@ class ExportLogWatcher(logging.Handler):
             elif what.startswith("checking"):
                 self.tracker.start(f"{name}: check vs torch (onnxruntime)", now)
             else:
-                self.tracker.start("copy tokenizer + scheduler, hash checkpoint, write manifest", now)
+                self.tracker.start(f"after {name}: next graph pass, or copy tokenizer + scheduler, hash, manifest",
+                                   now)
+        elif derived:
+            self.tracker.start(f"after {derived.group(1)} (pass + check): next pass, or copy, hash, manifest", now)
         elif message.startswith("export finished"):
             self.tracker.end(now)
 
