@@ -163,3 +163,54 @@ def test_flops_match_a_cpu_count(tiny_checkpoint):
             vae.decode(sample[:1])
     assert counted["unet"]["b2-48x32"] == unet_counter.get_total_flops() > 0
     assert counted["vae_decoder"]["b1-48x32"] == vae_counter.get_total_flops() > 0
+
+
+def test_a_worker_that_dies_keeps_the_cells_it_finished(report, tmp_path):
+    """A runner killed mid-run (the OOM killer) loses that cell and the ones after it,
+    said as such; the cells it finished stay in the report."""
+    import copy
+    import time
+    import types
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from harness import report as report_mod
+        from harness import schedule
+        from harness.specs import RUNNERS as SPECS
+        from harness.specs import WORKLOADS
+        from harness.workers import WorkerError
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    class DyingWorker:
+        started, peak_rss_gib, cpu_seconds = time.perf_counter(), 1.0, 1.0
+        proc = types.SimpleNamespace(returncode=-9)
+
+        def request(self, request, timeout):
+            raise WorkerError("the worker exited with status -9 (SIGKILL: out of memory?)")
+
+        def cpu_seconds_now(self):
+            return 0.0
+
+        def close(self):
+            pass
+
+    cell = schedule.Cell(WORKLOADS["W2-256"], 1)
+    plan = schedule.Plan(cells=[cell], runs=2, cell_budget_s=60, deadline=time.perf_counter() + 60, run_timeout_s=60,
+                         memory_gib=None, growth_gib=0, workdir=tmp_path, venv_root=tmp_path, model_dirs={},
+                         latents={(256, 256, 1): tmp_path / "latents.npy"}, vae_scale_factor=8, log=lambda _: None)
+    state = schedule.RunnerState(SPECS["diffrt-ort"], {"status": "ok", "processes": []}, worker=DyingWorker())
+    schedule.run_group(plan, [state])
+    assert state.worker is None and state.result["status"] == "ok"
+    assert state.result["died"].startswith("W2-256/b1 run 1: the worker exited with status -9")
+    assert state.cells["W2-256/b1"]["runs"] == [] and state.cells["W2-256/b1"]["errors"][0]["kind"] == "worker died"
+    assert state.result["processes"][0]["exit_status"] == -9
+
+    data = copy.deepcopy(report[0])
+    ort = data["runners"]["diffrt-ort"]
+    ort["died"] = state.result["died"]
+    del ort["summary"]["W2-256/b1"]
+    md = report_mod.markdown(data)
+    assert "| diffrt-ort | diffrt, onnxruntime CPU, fp32 | partial: the worker died at W2-256/b1 run 1" in md
+    assert "| diffrt-ort | 1 | 0 | not run: the worker died at W2-256/b1 run 1" in md
+    assert md.count("| diffrt-ort | 1 | 3/") + md.count("| diffrt-ort | 1 | 2/") >= 1  # W1-256/b1 is still there

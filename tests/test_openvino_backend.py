@@ -144,11 +144,11 @@ def test_lcm_matches_diffusers(pipes, steps):
 
 
 def test_alternating_sizes_compile_once_per_shape(pipes, artifact, monkeypatch):
-    """64x64, then 80x48, then both again: one compile (or cache load) per new
-    (stage, shape), none when a size comes back; every image equal to diffusers'.
+    """With max_shapes=2: 64x64, then 80x48, then both again: one compile (or cache
+    load) per new (stage, shape), none when a size comes back; every image equal to diffusers'.
     Pipeline.load prepares the checkpoint's default shape (64x64, CFG) already."""
     _, ref = pipes("sd15")
-    ours = Pipeline.load(artifact("sd15"), backend="openvino", precision="fp32")
+    ours = Pipeline.load(artifact("sd15"), backend="openvino", precision="fp32", max_shapes=2)
     loads = []
     real = ours.backend.load_compiled
     monkeypatch.setattr(ours.backend, "load_compiled",
@@ -296,15 +296,21 @@ def test_max_shapes_drops_the_least_recently_used(exported, monkeypatch):
     folder = exported("sd15")
     spec = read_manifest(folder).stage("unet")
     backend = get_backend("openvino", precision="fp32", disk_cache=False, max_shapes=2)
-    loads = []
+    loads, held = [], []
     real = backend.load_compiled
-    monkeypatch.setattr(backend, "load_compiled",
-                        lambda f, s, shapes: loads.append(shapes["sample"]) or real(f, s, shapes))
+
+    def load_compiled(f, s, shapes):
+        loads.append(shapes["sample"])
+        held.append(len(session.compiled_models()))  # the memory a compile adds comes on top of these
+        return real(f, s, shapes)
+
+    monkeypatch.setattr(backend, "load_compiled", load_compiled)
     session = backend.open(folder, spec)
     first = session.run(_unet_feeds(size=16))["out_sample"]
     for size in (24, 16, 32, 16):  # 32 evicts 24 (16 was used more recently)
         session.run(_unet_feeds(size=size))
     assert [s[2] for s in loads] == [16, 24, 32]
+    assert held == [0, 1, 1]  # 24 was dropped before 32 compiled, not after
     assert [k[0][2] for k in session.compiled_models()] == [32, 16]
     np.testing.assert_array_equal(session.run(_unet_feeds(size=16))["out_sample"], first)
 

@@ -135,7 +135,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"- Round-robin groups (alive at once, alternating run by run): {report['groups']}", ""]
     lines += ["| runner | what | status |", "|---|---|---|"]
     for name, r in report["runners"].items():
-        lines.append(f"| {name} | {r['description']} | {r['status']} |")
+        status = f"partial: the worker died at {r['died']}" if r["status"] == "ok" and r.get("died") else r["status"]
+        lines.append(f"| {name} | {r['description']} | {status} |")
     for workload in report["workloads"]:
         w = WORKLOADS.get(workload["name"])
         title = f"{workload['name']}: {workload['scheduler']}, {workload['steps']} steps, " \
@@ -153,6 +154,9 @@ def markdown(report: dict[str, Any]) -> str:
                 key = f"{workload['name']}/b{batch}"
                 s = r.get("summary", {}).get(key)
                 if s is None:
+                    if r.get("died"):
+                        lines.append(f"| {name} | {batch} | 0 | not run: the worker died at {r['died']} "
+                                     "| | | | | | | | |")
                     continue
                 diff = report["image_agreement"].get(key, {}).get("max_abs_diff", {}).get(name)
                 runs = f"{s['runs_done']}/{s['runs_planned']}"

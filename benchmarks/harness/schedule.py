@@ -8,7 +8,8 @@ cell by cell, round-robin: run 1 of a cell on every runner, then run 2, ..., wit
 runner order rotated each round, so machine drift hits all of them alike (and no runner
 switches shapes between the runs of a cell). Groups follow one another
 when memory is short. A runner with an engine cache then starts once more, with the
-cache its first process left behind (cold start with a warm cache).
+cache its first process left behind (cold start with a warm cache); then that cache is
+deleted (disk: a few GB per compiled shape).
 
 Budgets keep the whole thing inside the time the caller gives: a cell (runner x
 workload x batch) gets runs after its first only while its runs so far plus one more
@@ -197,8 +198,10 @@ def measure(plan: Plan, state: RunnerState, cell: Cell, run_index: int) -> None:
     worker0, self0 = worker.cpu_seconds_now(), self_cpu_seconds()
     try:
         reply = worker.request(request_for(plan, cell, image), plan.run_timeout_s)
-    except WorkerError as exc:
-        state.result["status"] = f"failed: {cell.key} run {run_index + 1}: {exc}"
+    except WorkerError as exc:  # the process is gone: keep the cells it finished, skip the rest
+        record["errors"].append({"run": run_index + 1, "kind": "worker died", "error": str(exc)})
+        state.result["died"] = f"{cell.key} run {run_index + 1}: {exc}"
+        plan.log(f"  {state.spec.name} {cell.key} run {run_index + 1}: {exc}")
         stop(state, "main")
         return
     wall = time.perf_counter() - t0
@@ -269,6 +272,9 @@ def run_all(plan: Plan, states: list[RunnerState]) -> list[list[str]]:
         for state in group:
             if state.spec.cache_option and state.result["status"] == "ok":
                 warm_start(plan, state)
+            # A compiled SD1.5 UNet is ~3.4 GB per shape: drop each runner's engines once
+            # it is done, so the disk holds only the live group's.
+            shutil.rmtree(plan.workdir / "engine-cache" / state.spec.name, ignore_errors=True)
     return groups
 
 
