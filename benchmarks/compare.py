@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "for the live ones to grow is free")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one request may take (default 1800)")
     parser.add_argument("--tag", help="output name: compare-TAG.* (default: tiny, quick, full or custom)")
+    parser.add_argument("--report-from", type=Path, metavar="JSON",
+                        help="measure nothing: summarize an earlier run's JSON again with this report code "
+                             "(its raw runs unchanged; images read from its workdir) and rewrite its .json/.md/.png")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
@@ -132,6 +135,7 @@ def initial_state(name: str, venv_root: Path) -> schedule.RunnerState:
     elif runner_python(spec, venv_root) is None:
         status = NOT_INSTALLED
     result = {"name": name, "kind": spec.kind, "description": spec.description, "options": spec.options,
+              "decoder": spec.decoder,
               "status": status, "info": {}, "processes": [], "cells": {},
               "cold_start": {"empty_cache": None,
                              "warm_cache": None if spec.cache_option else "n/a: no engine cache"}}
@@ -224,8 +228,30 @@ def machine_info() -> dict[str, Any]:
 # --- main -----------------------------------------------------------------------------
 
 
+def summarize(result: dict[str, Any], workloads: dict[str, Any]) -> None:
+    """Per-cell summaries and image agreement from the raw runs in `result`."""
+    for r in result["runners"].values():
+        r["summary"] = {key: report.summarize_cell(cell, workloads[cell["workload"]], result["flops"], result["gemm"],
+                                                   result["settings"]["runs"], decoder=r.get("decoder", "full"))
+                        for key, cell in r["cells"].items()}
+    result["image_agreement"] = report.image_agreement(result["runners"], REFERENCE_ORDER)
+
+
+def report_again(path: Path, folder: Path) -> int:
+    result = json.loads(path.read_text())
+    tiny = result["model"]["description"].startswith("tiny")
+    for name, r in result["runners"].items():
+        r.setdefault("decoder", RUNNERS[name].decoder if name in RUNNERS else "full")  # runs before it was recorded
+    summarize(result, {name: tiny_workload(w) if tiny else w for name, w in WORKLOADS.items()})
+    result["reported_again"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_outputs(result, folder)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_from:
+        return report_again(args.report_from, args.results)
     started = time.perf_counter()
     date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cells = cells_for(args)
@@ -265,9 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         r = state.result
         peaks = [p["peak_rss_gib"] for p in r["processes"] if p["peak_rss_gib"] is not None]
         r["peak_rss_gib"] = max(peaks) if peaks else None
-        r["summary"] = {key: report.summarize_cell(cell, next(w for w in workloads if w.name == cell["workload"]),
-                                                   flops_data, gemm, args.runs)
-                        for key, cell in r["cells"].items()}
         runners[state.spec.name] = r
     result = {
         "benchmark": "compare",
@@ -292,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                          "total": round(time.perf_counter() - started, 1)},
         "runners": runners,
     }
-    result["image_agreement"] = report.image_agreement(runners, REFERENCE_ORDER)
+    summarize(result, {w.name: w for w in workloads})
     write_outputs(result, args.results)
     return 0
 

@@ -215,3 +215,18 @@ def test_a_worker_that_dies_keeps_the_cells_it_finished(report, tmp_path):
     assert "| diffrt-ort | diffrt, onnxruntime CPU, fp32 | partial: the worker died at W2-256/b1 run 1" in md
     assert "| diffrt-ort | 1 | 0 | not run: the worker died at W2-256/b1 run 1" in md
     assert md.count("| diffrt-ort | 1 | 3/") + md.count("| diffrt-ort | 1 | 2/") >= 1  # W1-256/b1 is still there
+
+
+def test_report_from_an_earlier_json_gives_the_same_summary(report, tmp_path):
+    data, results, _ = report
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "compare.py"), "--report-from",
+                           str(results / "compare-test.json"), "--results", str(again)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    redone = json.loads((again / "compare-test.json").read_text())
+    for name, r in data["runners"].items():
+        assert redone["runners"][name]["summary"] == r["summary"]
+        assert redone["runners"][name]["decoder"] == ("tiny" if name == "diffrt-openvino-tiny-vae" else "full")
+    assert redone["image_agreement"] == data["image_agreement"] and redone["reported_again"]
+    assert "summarized again on" in (again / "compare-test.md").read_text()

@@ -27,9 +27,10 @@ def _pct(gflops: float | None, peak: Any) -> float | None:
 
 
 def summarize_cell(cell: dict[str, Any], workload: Workload, flops: dict[str, Any], gemm: dict[str, Any],
-                   runs_planned: int) -> dict[str, Any]:
+                   runs_planned: int, decoder: str = "full") -> dict[str, Any]:
     """Medians over the runs (the denoiser: over every step of every run), throughput and
-    achieved FLOP/s against the machine's GEMM peaks."""
+    achieved FLOP/s against the machine's GEMM peaks. The VAE's FLOP counts are the
+    checkpoint's decoder's: a runner with another `decoder` gets no VAE FLOP/s."""
     runs = cell["runs"]
     batch = cell["batch"]
     e2e = _median([r["seconds"] for r in runs])
@@ -37,7 +38,7 @@ def summarize_cell(cell: dict[str, Any], workload: Workload, flops: dict[str, An
     vae = _median([r["vae_decoder_seconds"] for r in runs])
     key = f"-{workload.width}x{workload.height}"
     unet_flops = flops.get("unet", {}).get(f"b{workload.denoiser_batch(batch)}{key}")
-    vae_flops = flops.get("vae_decoder", {}).get(f"b{batch}{key}")
+    vae_flops = flops.get("vae_decoder", {}).get(f"b{batch}{key}") if decoder == "full" else None
     fp32_peak = max((v for v in (gemm.get("numpy_fp32_gflops"), gemm.get("torch_fp32_gflops"))
                      if isinstance(v, (int, float))), default=None)
     bf16_peak = gemm.get("torch_bf16_gflops")
@@ -81,7 +82,7 @@ def image_agreement(runners: dict[str, dict[str, Any]], reference_order: tuple[s
         if workload not in WORKLOADS or not WORKLOADS[workload].deterministic:
             continue
         images = {name: r["cells"][cell_key].get("image") for name, r in runners.items()
-                  if r.get("cells", {}).get(cell_key, {}).get("runs")}
+                  if r.get("cells", {}).get(cell_key, {}).get("runs") and r.get("decoder", "full") == "full"}
         images = {n: p for n, p in images.items() if p and Path(p).is_file()}
         reference = next((n for n in reference_order if n in images), None)
         if reference is None:
@@ -119,7 +120,10 @@ def markdown(report: dict[str, Any]) -> str:
     machine, gemm = report["machine"], report["gemm"]
     gemm_others = ", ".join(f"{100 * m.get('others_cpu_share', 0):.0f}%" for m in gemm.get("measurements", []))
     lines = [f"# diffrt vs peers, side by side ({report['mode']})", ""]
-    lines += [f"- Date (UTC): {report['date_utc']}; command: `{report['command']}`",
+    again = (f" (summarized again on {report['reported_again']} from the same runs: "
+             f"`python benchmarks/compare.py --report-from compare-{report['mode']}.json`)"
+             if report.get("reported_again") else "")
+    lines += [f"- Date (UTC): {report['date_utc']}; command: `{report['command']}`{again}",
               f"- Machine: {machine['cpu']['describe']}; {machine['memory_gib']} GiB RAM; load average at start "
               f"{machine['loadavg_at_start']}",
               f"- Dense GEMM (n={gemm.get('n')}, best of the measurements before and after the runners; others' CPU "
@@ -166,6 +170,8 @@ def markdown(report: dict[str, Any]) -> str:
                 denoiser = _flops_cell(s["denoiser_gflops_per_second"], s["denoiser_pct_of_fp32_gemm"],
                                        s["denoiser_pct_of_bf16_gemm"])
                 vae = _flops_cell(s["vae_gflops_per_second"], s["vae_pct_of_fp32_gemm"], s["vae_pct_of_bf16_gemm"])
+                if r.get("decoder", "full") != "full":  # another decoder: not the counted FLOPs, not the same image
+                    vae = diff = f"n/a: {r['decoder']} decoder"
                 others = None if s["others_cpu_share_max"] is None else 100 * s["others_cpu_share_max"]
                 lines.append(
                     f"| {name} | {batch} | {runs} | {_fmt(s['e2e_median_seconds'])} | {_fmt(s['images_per_second'], 3)} | "

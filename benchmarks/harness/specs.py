@@ -99,6 +99,9 @@ class RunnerSpec:
     """Where in `options` the harness puts the runner's engine-cache folder ("load.cache_dir"
     = options["load"]["cache_dir"]); None: the runner has no engine cache, so a start with a
     warm cache is not measured separately."""
+    decoder: str = "full"
+    """"full": the checkpoint's VAE decoder, like every peer; "tiny": TAESD, a different
+    decoder (other FLOPs, another image), so its VAE FLOP/s and image are not compared."""
     memory_gib: float = 6.0
     """Peak RSS to expect at SD1.5 size, 256x256 (fp32 weights are 4 GiB); another runner
     process starts only while this much (plus room for the live ones to grow) is free."""
@@ -119,11 +122,13 @@ class RunnerSpec:
 
 
 def diffrt(name: str, description: str, load: dict[str, Any], call: dict[str, Any] | None = None,
-           cache_option: str | None = None, memory_gib: float = 6.0, warmup_new_shapes: bool = False) -> RunnerSpec:
+           cache_option: str | None = None, memory_gib: float = 6.0, warmup_new_shapes: bool = False,
+           decoder: str = "full") -> RunnerSpec:
     """A diffrt configuration. `warmup_new_shapes`: the backend compiles per shape, so
     each new shape gets one untimed 1-step call first (reported as setup time)."""
     options = {"load": load, "call": call or {}, "warmup_new_shapes": warmup_new_shapes}
-    return RunnerSpec(name, "diffrt", options, description, cache_option=cache_option, memory_gib=memory_gib)
+    return RunnerSpec(name, "diffrt", options, description, cache_option=cache_option, memory_gib=memory_gib,
+                      decoder=decoder)
 
 
 RUNNERS = {r.name: r for r in (
@@ -134,7 +139,7 @@ RUNNERS = {r.name: r for r in (
     diffrt("diffrt-openvino", "diffrt, OpenVINO, default precision (bf16 where the CPU has it)",
            {"backend": "openvino"}, cache_option="load.cache_dir", memory_gib=11.0, warmup_new_shapes=True),
     diffrt("diffrt-openvino-tiny-vae", "diffrt, OpenVINO, tiny VAE decoder", {"backend": "openvino"},
-           {"vae": "tiny"}, cache_option="load.cache_dir", memory_gib=11.0, warmup_new_shapes=True),
+           {"vae": "tiny"}, cache_option="load.cache_dir", memory_gib=11.0, warmup_new_shapes=True, decoder="tiny"),
     # What users would pick instead.
     RunnerSpec("diffusers-fp32", "diffusers", {"dtype": "fp32"}, "diffusers + torch CPU, fp32"),
     RunnerSpec("diffusers-bf16", "diffusers", {"dtype": "bf16"}, "diffusers + torch CPU, bf16", requires_bf16=True),
