@@ -306,3 +306,35 @@ def test_attention_fusion_benchmark_end_to_end(exported, tmp_path):
         for variant in ("unfused", "fused"):
             assert len(row[variant]["calls"]) == 2 and row[variant]["peak_rss_gib"] > 0
             assert 0.0 < row[variant]["profile"]["attention_share"] < 1.0
+
+
+def test_attention_fusion_benchmark_reports_a_killed_variant(tmp_path, monkeypatch):
+    """The unfused graph running out of memory (it did at 768x768, CFG batch 2, on 24 GiB)
+    is a result: that variant is reported as failed, the fused one still measured."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "attention_fusion.py"
+    module_spec = importlib.util.spec_from_file_location("attention_fusion_bench", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+
+    def spawn(child, workdir, graph, out=None, **options):
+        if child == "time" and Path(graph).name == "unet":  # the unfused graph
+            raise bench.ChildFailed("time child failed with status -9 (killed by SIGKILL: out of memory?)", "cmd")
+        if child == "time":
+            np.save(out, np.zeros(3, dtype=np.float32))
+            return {"call_seconds": [1.0], "peak_rss_gib": 2.0, "others_cpu_share": 0.0, "load_seconds": 0.5}
+        return {"kernel_seconds": 1.0, "attention_share": 0.2, "projection_share": 0.1}
+
+    monkeypatch.setattr(bench, "spawn", spawn)
+    args = types.SimpleNamespace(artifact=tmp_path / "artifact", workdir=tmp_path, vae_scale_factor=8, threads=0,
+                                 rounds=2, calls=1, profile=True)
+    row = bench.measure_config(args, "unet", 96, 96, 2, tmp_path / "names.json")
+    assert row["unfused"]["failed"] == "failed with status -9 (killed by SIGKILL: out of memory?)"
+    assert row["unfused"]["calls"] == [] and "profile" not in row["unfused"]
+    assert row["fused"]["calls"] == [1.0, 1.0] and row["fused"]["median_call_seconds"] == 1.0
+    assert row["max_abs_difference"] is None
+    text = bench.table({"configs": [row], "fuse": {}})
+    assert "| unet | 96x96 | 2 | failed with status -9" in text and "| 1.000 |" in text and "20.0%" in text
