@@ -261,7 +261,7 @@ def measure_config(args, stage: str, height: int, width: int, batch: int, names:
                 result = spawn("time", args.workdir, graph=graphs[variant], out=out, calls=args.calls, **common)
             except ChildFailed as exc:  # e.g. the unfused graph's score tensors do not fit: that is a result
                 print(f"warning: {exc.args[0]}: {exc.args[1]}", file=sys.stderr, flush=True)
-                row["failed"] = exc.args[0].removeprefix("time child ")
+                row["failed"] = "killed (out of memory?)" if "SIGKILL" in exc.args[0] else exc.args[0]
                 continue
             row["calls"] += result["call_seconds"]
             row["peak_rss_gib"] = max(row["peak_rss_gib"], result["peak_rss_gib"])
