@@ -371,6 +371,32 @@ def test_second_start_imports_instead_of_compiling(exported, tmp_path, monkeypat
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
 
 
+def test_blob_is_written_by_openvino_and_older_entries_still_import(exported, tmp_path, monkeypatch):
+    """A miss compiles with OpenVINO's CACHE_DIR inside the entry being built, so the blob
+    is written by OpenVINO (header line + exported model), never held in Python memory;
+    the entry gets the umask's file mode, and keeps no scratch folder. A blob without the
+    header (what export_model() gives, as earlier diffrt versions stored) imports too."""
+    from diffrt.artifacts import file_mode
+
+    folder = exported("sd15")
+    first = _open_unet(folder, tmp_path)
+    expected = first.run(_unet_feeds())["out_sample"]
+    entry = next((tmp_path / "openvino").iterdir())
+    blob = entry / "model.blob"
+    assert sorted(p.name for p in entry.iterdir()) == ["attention.json", "meta.json", "model.blob"]
+    assert blob.read_bytes()[:5] == b"<?xml" and ovb.blob_header_size(blob) > 0
+    assert blob.stat().st_mode & 0o777 == file_mode()
+
+    compiled = next(iter(first.compiled_models().values()))
+    headerless = tmp_path / "headerless.blob"
+    headerless.write_bytes(compiled.export_model().getbuffer())
+    assert ovb.blob_header_size(headerless) == 0
+    assert blob.read_bytes()[ovb.blob_header_size(blob):] == headerless.read_bytes()
+    imported = ovb.import_blob(ovb.ov.Core(), headerless, {})
+    out = imported.create_infer_request().infer(_unet_feeds())
+    np.testing.assert_array_equal(out[imported.output(0)], expected)
+
+
 def test_default_cache_is_in_the_artifact(exported, tmp_path):
     folder = copy_artifact(exported("sd15"), tmp_path / "artifact")
     spec = read_manifest(folder).stage("unet")

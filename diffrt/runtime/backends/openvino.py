@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import StageSpec
+from diffrt.artifacts import StageSpec, file_mode
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.runtime.cpu import CpuInfo, cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
@@ -166,10 +166,18 @@ def attention_ops(compiled: ov.CompiledModel, op_types: Mapping[str, str] | None
     return AttentionOps(fused, unfused)
 
 
-def compile_graph(core: ov.Core, path: Path, shapes: Shapes, config: Mapping[str, Any]) -> ov.CompiledModel:
+def compile_graph(core: ov.Core, path: Path, shapes: Shapes, config: Mapping[str, Any],
+                  blob_folder: Path | None = None) -> ov.CompiledModel:
     """Read the ONNX graph (weights in model.onnx.data are memory-mapped), fix every
     input shape, compile. The model is not kept: a later shape reads it again, which
-    costs far less than the compile it precedes."""
+    costs far less than the compile it precedes.
+
+    `blob_folder`: an empty folder where OpenVINO writes the compiled blob itself while
+    compiling (its CACHE_DIR: one `<hash>.blob`, a one-line XML header and then what
+    `export_model()` returns). Measured on the SD1.5 UNet (256x256, fp32, 2 cores):
+    compile + blob 13.6 s and no extra memory, against 27.5 s and +3.4 GB peak RSS for
+    compile, then `export_model()` (which hands Python the whole blob in memory) and a
+    write."""
     try:
         model = core.read_model(str(path))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises untyped RuntimeErrors
@@ -180,7 +188,8 @@ def compile_graph(core: ov.Core, path: Path, shapes: Shapes, config: Mapping[str
         raise ArtifactError(
             f"{path} does not take the input shapes {dict(shapes)} ({_message(exc)}); re-export the model"
         ) from None
-    compiled = core.compile_model(model, DEVICE, dict(config))
+    options = dict(config) if blob_folder is None else {**config, "CACHE_DIR": str(blob_folder)}
+    compiled = core.compile_model(model, DEVICE, options)
     op_types = {op.get_friendly_name(): op.get_type_name() for op in model.get_ordered_ops()}
     compiled._diffrt_attention = attention_ops(compiled, op_types)
     return compiled
@@ -193,7 +202,8 @@ def import_blob(core: ov.Core, blob: Path, config: Mapping[str, Any]) -> ov.Comp
     read: the pages the plugin does not keep stay file-backed (reclaimable page cache)
     instead of a second resident copy of every weight (measured: a 537 MB blob costs
     1.07 GB resident when read into an OpenVINO tensor, 0.54 GB + map when mapped)."""
-    data = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written
+    # copy-on-write: the file is never written; past OpenVINO's cache header, if any
+    data = np.memmap(blob, dtype=np.uint8, mode="c", offset=blob_header_size(blob))
     tensor = ov.Tensor(data, shared_memory=True)
     compiled = core.import_model(tensor, DEVICE, dict(config))
     compiled._diffrt_blob = (data, tensor)  # released with the compiled model, never before
@@ -205,12 +215,29 @@ def import_blob(core: ov.Core, blob: Path, config: Mapping[str, Any]) -> ov.Comp
     return compiled
 
 
-def export_blob(compiled: ov.CompiledModel, folder: Path) -> None:
-    """Write an engine cache entry's files into `folder`."""
-    stream = compiled.export_model()  # an io.BytesIO: the Python API offers no file target
-    with open(folder / BLOB_NAME, "wb") as f:
-        f.write(stream.getbuffer())
-    del stream
+def blob_header_size(blob: Path) -> int:
+    """Bytes before the exported model in a blob: 0 for what export_model() wrote, the
+    `<?xml ...<compiled_blob .../>` line plus its newline for a blob OpenVINO wrote to
+    its CACHE_DIR (header_size_alignment 0: nothing else comes between)."""
+    with open(blob, "rb") as f:
+        head = f.read(4096)
+    if not head.startswith(b"<?xml"):
+        return 0
+    end = head.find(b"/>\n")
+    if end < 0 or b"<compiled_blob" not in head[:end]:
+        raise ValueError(f"{blob}: an OpenVINO cache header this version cannot read")
+    return end + 3
+
+
+def adopt_blob(blob_folder: Path, compiled: ov.CompiledModel, folder: Path) -> None:
+    """Write an engine cache entry's files into `folder`, moving the blob OpenVINO wrote
+    into `blob_folder` while compiling (a rename: no copy, no serialization)."""
+    blobs = sorted(blob_folder.glob("*.blob"))
+    if len(blobs) != 1:
+        raise RuntimeError(f"OpenVINO wrote {len(blobs)} blobs to {blob_folder}, expected 1")
+    target = folder / BLOB_NAME
+    blobs[0].replace(target)
+    target.chmod(file_mode())  # OpenVINO writes 0440; cache entries get the umask's mode like other files
     (folder / ATTENTION_NAME).write_text(json.dumps(attention_ops(compiled).to_json()) + "\n", encoding="utf-8")
 
 
@@ -356,13 +383,31 @@ class OpenVinoBackend:
                 logger.info("openvino: loaded %s %s from %s in %.2fs", spec.name, _shape_text(spec, shapes),
                             entry, time.perf_counter() - started)
                 return compiled
-        compiled = self._compile(folder, spec, shapes, config)
-        cache.publish(key, fields, lambda tmp: export_blob(compiled, tmp))
-        return compiled
+        # Compile inside the entry being built, OpenVINO writing the blob as it goes.
+        built: dict[str, Any] = {}
 
-    def _compile(self, folder: Path, spec: StageSpec, shapes: Shapes, config: Mapping[str, Any]) -> ov.CompiledModel:
+        def write(tmp: Path) -> None:
+            blob_folder = tmp / "openvino-cache-dir"
+            blob_folder.mkdir()
+            try:
+                built["compiled"] = self._compile(folder, spec, shapes, config, blob_folder)
+            except Exception as exc:
+                built["error"] = exc
+                raise
+            adopt_blob(blob_folder, built["compiled"], tmp)
+            blob_folder.rmdir()
+
+        cache.publish(key, fields, write)
+        if "error" in built:
+            raise built["error"]
+        if "compiled" in built:
+            return built["compiled"]
+        return self._compile(folder, spec, shapes, config)  # the cache root is not writable
+
+    def _compile(self, folder: Path, spec: StageSpec, shapes: Shapes, config: Mapping[str, Any],
+                 blob_folder: Path | None = None) -> ov.CompiledModel:
         started = time.perf_counter()
-        compiled = compile_graph(self.core, folder / spec.graph_path, shapes, config)
+        compiled = compile_graph(self.core, folder / spec.graph_path, shapes, config, blob_folder)
         logger.info("openvino: compiled %s %s (%s) in %.2fs", spec.name, _shape_text(spec, shapes),
                     self.precision, time.perf_counter() - started)
         return compiled
