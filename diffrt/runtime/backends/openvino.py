@@ -339,8 +339,9 @@ class OpenVinoBackend:
         default, 1, is chosen by measurement (SD1.5 size, fp32, 2 cores): one shape per
         stage holds 4.8 GB of anonymous memory; with 2 the process reached 10.7 GB and
         a peak RSS of 26 GB while a third shape compiled. Another shape then costs an
-        import from the engine cache (UNet: ~10 s) or a compile (~7-16 s + ~15 s to
-        store the blob); raise it where memory allows and requests switch sizes often."""
+        import from the engine cache (a few seconds) or a compile (UNet: 10-15 s, the
+        blob written as it compiles); raise it where memory allows and requests switch
+        sizes often."""
         self.core = ov.Core()
         chosen = choose_precision(precision, cpu_info(), device_capabilities(self.core))
         self.settings = CompileSettings(chosen, num_threads, num_streams, performance_hint)
