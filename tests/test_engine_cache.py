@@ -171,3 +171,29 @@ def test_readable_but_unwritable_root_still_serves_hits(tmp_path, monkeypatch):
     other = cache_key({**FIELDS, "precision": "bf16"})
     assert cache.publish(other, FIELDS, _write_engine()) is None and not cache.writable
     assert cache.lookup(key, FIELDS) == entry
+
+
+def test_publish_removes_orphaned_temporary_folders(tmp_path):
+    """A build killed midway leaves `.<key>.<pid>.<token>.tmp`; the next publish removes
+    it once its process is gone and it is old, and leaves a live or recent one alone."""
+    import subprocess
+    import sys
+    import time
+
+    cache = EngineCache(tmp_path, "openvino")
+    cache.folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    hour_ago = time.time() - 2 * 3600
+    orphan = cache.folder / f".{'a' * 32}.{dead_pid}.0123abcd.tmp"
+    recent = cache.folder / f".{'b' * 32}.{dead_pid}.0123abcd.tmp"  # dead but recent: maybe another machine's
+    live = cache.folder / f".{'c' * 32}.{os.getpid()}.0123abcd.tmp"  # old but its process runs
+    for folder in (orphan, recent, live):
+        folder.mkdir()
+        (folder / "model.blob").write_bytes(b"half a blob")
+    for folder in (orphan, live):
+        os.utime(folder, (hour_ago, hour_ago))
+    key = cache_key(FIELDS)
+    assert cache.publish(key, FIELDS, _write_engine()) == cache.folder / key
+    assert not orphan.exists() and recent.is_dir() and live.is_dir()

@@ -8,7 +8,9 @@ trusting its name.
 
 Entries are published atomically: the backend writes into a temporary folder beside
 the entries, meta.json is written last, and the folder is renamed into place, so a
-reader sees a complete entry or none. A damaged entry costs a rebuild, never an error,
+reader sees a complete entry or none. A temporary folder left by a process that died
+mid-build (its pid gone, the folder an hour old) is removed by the next publish on
+this machine. A damaged entry costs a rebuild, never an error,
 and a root this process cannot write (an artifact owned by another user, a read-only
 mount) is still read from; only publishing is switched off, with one warning.
 """
@@ -21,6 +23,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 META_NAME = "meta.json"
 CACHE_FORMAT = 1
 _KEY_CHARS = 32  # 128 bits of sha256; meta.json's fields are compared on lookup as well
+STALE_AFTER_S = 3600.0  # a temporary folder this old, whose process is gone, is an orphan
 
 
 def cache_key(fields: Mapping[str, Any]) -> str:
@@ -76,6 +80,7 @@ class EngineCache:
         or None when the root is not writable (the caller runs without a disk cache)."""
         if not self.writable:
             return None
+        self._sweep_orphans()
         try:
             tmp = self._temp_folder(key)
         except OSError as exc:
@@ -97,6 +102,26 @@ class EngineCache:
             return None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
+
+    def _sweep_orphans(self) -> None:
+        """Remove temporary folders (`.<key>.<pid>.<token>.tmp`) whose process is gone
+        and that are older than STALE_AFTER_S: a build killed midway (a compiled UNet
+        blob is GBs). The age guard spares a live build of another machine sharing the
+        folder, whose pid means nothing here."""
+        try:
+            candidates = list(self.folder.glob(".*.tmp"))
+        except OSError:
+            return
+        now = time.time()
+        for tmp in candidates:
+            try:
+                pid = int(tmp.name.split(".")[2])
+                old = now - tmp.stat().st_mtime > STALE_AFTER_S
+            except (IndexError, ValueError, OSError):
+                continue
+            if old and not _pid_alive(pid):
+                logger.info("%s engine cache: removing %s, left by process %d that is gone", self.backend, tmp, pid)
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _temp_folder(self, key: str) -> Path:
         """A new folder beside the entries (same file system, so the rename is atomic).
@@ -134,6 +159,16 @@ class EngineCache:
         self.writable = False
         logger.warning("%s engine cache %s cannot be written (%s); running without a disk cache",
                        self.backend, self.folder, exc)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
 
 
 def _check_entry(entry: Path, key: str, fields: Mapping[str, Any]) -> str:
