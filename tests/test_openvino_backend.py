@@ -11,6 +11,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -296,13 +297,17 @@ def test_max_shapes_drops_the_least_recently_used(exported, monkeypatch):
     folder = exported("sd15")
     spec = read_manifest(folder).stage("unet")
     backend = get_backend("openvino", precision="fp32", disk_cache=False, max_shapes=2)
-    loads, held = [], []
+    loads, held, refs = [], [], []
     real = backend.load_compiled
 
     def load_compiled(f, s, shapes):
         loads.append(shapes["sample"])
         held.append(len(session.compiled_models()))  # the memory a compile adds comes on top of these
-        return real(f, s, shapes)
+        # ... and nothing else keeps a dropped model alive (a weight copy each): all freed by now.
+        held.append(sum(ref() is not None for ref in refs) - len(session.compiled_models()))
+        compiled = real(f, s, shapes)
+        refs.append(weakref.ref(compiled))
+        return compiled
 
     monkeypatch.setattr(backend, "load_compiled", load_compiled)
     session = backend.open(folder, spec)
@@ -310,7 +315,7 @@ def test_max_shapes_drops_the_least_recently_used(exported, monkeypatch):
     for size in (24, 16, 32, 16):  # 32 evicts 24 (16 was used more recently)
         session.run(_unet_feeds(size=size))
     assert [s[2] for s in loads] == [16, 24, 32]
-    assert held == [0, 1, 1]  # 24 was dropped before 32 compiled, not after
+    assert held == [0, 0, 1, 0, 1, 0]  # 24 was dropped, and freed, before 32 compiled
     assert [k[0][2] for k in session.compiled_models()] == [32, 16]
     np.testing.assert_array_equal(session.run(_unet_feeds(size=16))["out_sample"], first)
 

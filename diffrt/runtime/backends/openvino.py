@@ -280,7 +280,7 @@ class OpenVinoSession:
         # shape holds its own copy of the weights, and a compile needs about one more
         # while it runs, so dropping afterwards would hold max_shapes + 2 copies at once.
         while len(self._models) >= self._backend.max_shapes:
-            evicted, _ = self._models.popitem(last=False)
+            evicted = self._models.popitem(last=False)[0]  # no name may keep the dropped model alive
             logger.info("openvino: %s keeps %d shapes in memory; dropped %s", self.spec.name,
                         self._backend.max_shapes, evicted)
         compiled = self._backend.load_compiled(self._folder, self.spec, shapes)
