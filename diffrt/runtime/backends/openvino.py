@@ -335,13 +335,12 @@ class OpenVinoBackend:
     ):
         """`cache_dir`: the engine cache root (default: the artifact's engines/);
         `max_shapes`: compiled shapes kept in memory per stage (each holds its own copy
-        of the weights in OpenVINO's layout), least recently used dropped first. The
-        default, 1, is chosen by measurement (SD1.5 size, fp32, 2 cores): one shape per
-        stage holds 4.8 GB of anonymous memory; with 2 the process reached 10.7 GB and
-        a peak RSS of 26 GB while a third shape compiled. Another shape then costs an
-        import from the engine cache (a few seconds) or a compile (UNet: 10-15 s, the
-        blob written as it compiles); raise it where memory allows and requests switch
-        sizes often."""
+        of the weights in OpenVINO's layout), least recently used dropped (and freed)
+        before a new one compiles. The default, 1, keeps one weight copy per stage
+        (SD1.5 size, fp32: 4.8 GB of anonymous memory in all, each more UNet shape
+        ~3.4 GB). Another shape then costs an import from the engine cache (a few
+        seconds) or a compile (UNet: 10-15 s, the blob written as it compiles); raise it
+        where memory allows and requests switch sizes often."""
         self.core = ov.Core()
         chosen = choose_precision(precision, cpu_info(), device_capabilities(self.core))
         self.settings = CompileSettings(chosen, num_threads, num_streams, performance_hint)
