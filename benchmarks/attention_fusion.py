@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -288,14 +287,9 @@ def measure_config(args, stage: str, height: int, width: int, batch: int, names:
 
 
 def machine() -> dict[str, Any]:
-    from diffrt.runtime.cpu import cpu_info
+    from diffrt.runtime.cpu import cpu_info, installed_versions
 
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
+    versions = installed_versions(PACKAGES)
     return {"cpu": cpu_info().to_json(), "describe": cpu_info().describe(),
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
             "versions": versions}

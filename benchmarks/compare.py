@@ -26,7 +26,6 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from harness import prepare, report, schedule  # noqa: E402
 from harness.specs import KINDS, PROMPT, QUICK_WORKLOADS, RUNNERS, SEED, WORKLOADS, tiny_workload  # noqa: E402
 from harness.workers import NOT_INSTALLED, mem_available_gib, runner_python, runner_script  # noqa: E402
 
-from diffrt.runtime.cpu import cpu_info  # noqa: E402
+from diffrt.runtime.cpu import cpu_info, installed_versions  # noqa: E402
 
 DEFAULT_WORKDIR = Path("/tmp/diffrt-compare")
 DEFAULT_RESULTS = HERE / "results"
@@ -213,12 +212,7 @@ def machine_info() -> dict[str, Any]:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             mem_total = round(int(line.split()[1]) / 2**20, 1)
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
+    versions = installed_versions(PACKAGES)
     return {"cpu": {**cpu.to_json(), "describe": cpu.describe()}, "memory_gib": mem_total,
             "memory_available_gib_at_start": round(mem_available_gib(), 1),
             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),

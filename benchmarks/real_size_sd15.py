@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +481,8 @@ def gemm_fp32_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def machine_info() -> dict[str, Any]:
+    from diffrt.runtime.cpu import installed_versions
+
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -497,12 +498,7 @@ def machine_info() -> dict[str, Any]:
                 mem_total = round(int(line.split()[1]) * 1024 / GIB, 1)
     except OSError:
         pass
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
+    versions = installed_versions(PACKAGES)
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import time
-from importlib import metadata
 from pathlib import Path
 
 from diffrt import __version__
@@ -33,6 +32,7 @@ from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import checkpoint_hash, read_json, read_model_index, resolve_source
 from diffrt.export.variants import derive_stages, image_checks, parse_precisions
 from diffrt.families import family_for_pipeline_class, get_family
+from diffrt.runtime.cpu import installed_versions
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,7 @@ CHECK_TOLERANCE = 1e-3
 
 
 def _versions() -> dict[str, str]:
-    versions = {"diffrt": __version__}
-    for package in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return {"diffrt": __version__, **installed_versions(("torch", "diffusers", "transformers", "onnx", "onnxruntime"))}
 
 
 def export(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
 
 # The flags that decide kernel choice for diffusion models on x86 (as /proc/cpuinfo names them).
 RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
@@ -75,4 +77,16 @@ def cpu_info() -> CpuInfo:
                    machine=platform.machine())
 
 
-__all__ = ["RELEVANT_FLAGS", "CpuInfo", "cpu_info"]
+def installed_versions(packages: Iterable[str]) -> dict[str, str]:
+    """The installed version of each package that is installed (the others left out):
+    what goes beside a measurement or into a manifest."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+__all__ = ["RELEVANT_FLAGS", "CpuInfo", "cpu_info", "installed_versions"]
