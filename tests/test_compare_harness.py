@@ -86,7 +86,8 @@ def test_diffrt_numbers(report):
             assert stages <= run["seconds"] * 1.001 + 1e-4  # the stages happen inside the timed call
             assert 0 <= run["others_cpu_share"] and run["peak_rss_gib"] > 0
     cold = ort["cold_start"]["empty_cache"]
-    assert cold["total_seconds"] >= cold["spawn_to_ready_seconds"] + cold["first_image_seconds"] - 1e-3
+    # Each of the three is rounded to the millisecond on its own: the sum may be off by up to 1.5 ms.
+    assert cold["total_seconds"] >= cold["spawn_to_ready_seconds"] + cold["first_image_seconds"] - 2e-3
     assert cold["spawn_to_ready_seconds"] >= cold["load_seconds"] > 0
     warm = ort["cold_start"]["warm_cache"]  # ORT's optimized graphs, in the harness's cache folder
     assert isinstance(warm, dict) and warm["engine_cache"] == "warm" and warm["total_seconds"] > 0
