@@ -83,7 +83,9 @@ def test_diffrt_numbers(report):
         assert s["denoiser_pct_of_fp32_gemm"] > 0
         for run in ort["cells"][key]["runs"]:
             stages = run["text_encoder_seconds"] + sum(run["denoiser_step_seconds"]) + run["vae_decoder_seconds"]
-            assert stages <= run["seconds"] * 1.001 + 1e-4  # the stages happen inside the timed call
+            # The stages happen inside the timed call; each value is rounded to 0.1 ms on its own.
+            rounding = 0.5e-4 * (len(run["denoiser_step_seconds"]) + 3)
+            assert stages <= run["seconds"] * 1.001 + rounding
             assert 0 <= run["others_cpu_share"] and run["peak_rss_gib"] > 0
     cold = ort["cold_start"]["empty_cache"]
     # Each of the three is rounded to the millisecond on its own: the sum may be off by up to 1.5 ms.
