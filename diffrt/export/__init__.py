@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 import logging
 import os
 import shutil
@@ -90,7 +91,7 @@ def export(
         model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae)
         stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
         components = {}
-        for component in (*fam.TOKENIZERS, "scheduler"):
+        for component in (*fam.tokenizers(model), "scheduler"):
             if not (folder / component).is_dir():
                 raise DiffrtError(f"{folder / component} is missing; the checkpoint is incomplete")
             shutil.copytree(folder / component, staging / component)
@@ -151,15 +152,16 @@ def _default_scheduler(folder: Path) -> str:
 def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None):
     """Export and check every stage of the family (and the opt-in tiny VAE decoder);
     returns (model facts, stage specs, each stage's check inputs as numpy)."""
-    from diffrt.export import sd as torch_side  # the only family so far
+    torch_side = importlib.import_module(fam.EXPORT_MODULE)
 
     modules = torch_side.load_modules(folder)
     model = torch_side.model_facts(folder, modules)
     io = fam.stage_io(model)
     stage_modules = torch_side.stage_modules(modules, model)
     del modules
-    jobs = [(name, name, DEFAULT_VARIANT, {}) for name in fam.STAGES]
-    jobs[fam.STAGES.index(fam.VAE_DECODER)][3]["scaling_factor"] = model["vae_scaling_factor"]
+    names = fam.stages(model)
+    jobs = [(name, name, DEFAULT_VARIANT, {}) for name in names]
+    jobs[names.index(fam.VAE_DECODER)][3]["scaling_factor"] = model["vae_scaling_factor"]
     if tiny_vae is not None:
         vae = torch_side.load_tiny_vae(Path(tiny_vae), model)  # checked before the long part starts
         stage_modules[fam.TINY_VAE_DECODER] = torch_side.tiny_vae_stage(vae, model)

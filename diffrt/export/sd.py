@@ -118,7 +118,7 @@ def load_tiny_vae(path: Path, model: dict[str, Any]) -> torch.nn.Module:
         raise DiffrtError(
             f"--tiny-vae {path}: it decodes {config.latent_channels}-channel latents upscaled {factor}x, this "
             f"checkpoint has {model['latent_channels']} channels and a {model['vae_scale_factor']}x VAE; "
-            "use the tiny VAE made for this model family (taesd for SD 1.x/2.x)"
+            "use the tiny VAE made for this model family (taesd for SD 1.x/2.x, taesdxl for SDXL)"
         )
     return vae.eval().requires_grad_(False)
 
@@ -150,7 +150,7 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
     if not isinstance(max_length, int) or max_length > text_config.max_position_embeddings:
         max_length = int(text_config.max_position_embeddings)
     vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    level, heads = _first_attention_level(unet_config)
+    level, heads = first_attention_level(unet_config)
     return {
         "text_max_length": max_length,
         "text_hidden_size": int(text_config.hidden_size),
@@ -168,12 +168,12 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
         # for the runtime's up-front memory check (families.sd.min_activation_bytes)
         "vae_decoder_channels": int(vae_config.block_out_channels[0]),
         "vae_mid_attention": bool(getattr(vae_config, "mid_block_add_attention", True)),
-        "unet_first_attention_level": level,
+        "unetfirst_attention_level": level,
         "unet_first_attention_heads": heads,
     }
 
 
-def _first_attention_level(unet_config) -> tuple[int | None, int | None]:
+def first_attention_level(unet_config) -> tuple[int | None, int | None]:
     """(resolution level, heads) of the UNet's first down block with attention.
 
     diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads

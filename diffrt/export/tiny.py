@@ -121,3 +121,95 @@ def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_s
     pipe.save_pretrained(folder)
     logger.info("wrote a tiny random-weight %s checkpoint to %s", kind, folder)
     return folder
+
+
+SDXL_KINDS = ("sdxl", "sdxl-lcm", "sdxl-refiner")
+# stabilityai/stable-diffusion-xl-base-1.0's (and the refiner's) scheduler_config.json
+_SDXL_SCHEDULER = {**_SD_BETAS, "interpolation_type": "linear", "prediction_type": "epsilon", "sample_max_value": 1.0,
+                   "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+                   "trained_betas": None, "use_karras_sigmas": False, "clip_sample": False}
+
+
+def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny random-weight SDXL pipeline of `kind` to `folder` with save_pretrained.
+
+    sdxl:         StableDiffusionXLPipeline: CLIP text encoder (quick_gelu, pad
+                  "<|endoftext|>") + a bigG-like CLIPTextModelWithProjection (gelu, pad
+                  "!"), a UNet with text_time added conditions (6 time ids), SDXL's
+                  Euler scheduler config, a VAE with SDXL's scaling factor and force_upcast.
+    sdxl-lcm:     the same with an LCM-distilled UNet (time_cond_proj_dim), as
+                  latent-consistency/lcm-sdxl is used.
+    sdxl-refiner: StableDiffusionXLImg2ImgPipeline: the second encoder only, a UNet on
+                  its hidden states with aesthetic-score time ids (5), no zeroed negatives.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from diffrt.export.checkpoint import quiet_library_progress
+    from diffrt.export.clip_vocab import write_tiny_clip_tokenizer
+
+    if kind not in SDXL_KINDS:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(SDXL_KINDS)}")
+    folder = Path(folder)
+    quiet_library_progress()
+    torch.manual_seed(seed)
+    tokenizers = {}
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tiny_clip_tokenizer(Path(tmp), pad_token=pad)
+            tokenizers[name] = CLIPTokenizer.from_pretrained(tmp)
+
+    def text_config(tokenizer, act: str, hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37,
+                              num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=77,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, hidden_act=act, projection_dim=16)
+
+    refiner = kind == "sdxl-refiner"
+    text_encoder = None if refiner else CLIPTextModel(text_config(tokenizers["tokenizer"], "quick_gelu", 32))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizers["tokenizer_2"], "gelu", 24))
+    time_ids = 5 if refiner else 6
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=time_ids * 8 + 16,
+        cross_attention_dim=24 if refiner else 32 + 24,
+        norm_num_groups=32,
+        time_cond_proj_dim=32 if kind == "sdxl-lcm" else None,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(_SDXL_SCHEDULER)
+    parts = dict(vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=tokenizers["tokenizer_2"], unet=unet,
+                 scheduler=scheduler)
+    if refiner:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**parts, text_encoder=None, tokenizer=None,
+                                                          requires_aesthetics_score=True,
+                                                          force_zeros_for_empty_prompt=False)
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline(**parts, text_encoder=text_encoder,
+                                                   tokenizer=tokenizers["tokenizer"])
+    pipe.save_pretrained(folder)
+    logger.info("wrote a tiny random-weight %s checkpoint to %s", kind, folder)
+    return folder

@@ -89,6 +89,9 @@ def derive_stages(
     fp32_stages = {**stages, **derived}
     for precision in (p for p in precisions if p in HALF_PRECISIONS):
         for source in fp32_stages.values():
+            if fam.keeps_fp32(model, source):
+                logger.info("%s: kept in fp32 only (%s)", source.name, fam.keeps_fp32(model, source))
+                continue
             name = f"{source.name}-{precision}"
             t0 = time.perf_counter()
             upcast = bool(model.get("upcast_attention")) and source.role == fam.DENOISER
@@ -138,6 +141,10 @@ def image_checks(staging: Path, manifest: Manifest, fam) -> dict[str, Any]:
     seed: image PSNR in dB (higher is closer; inf = identical)."""
     from diffrt.export.passes import psnr
     from diffrt.runtime.pipeline import Pipeline
+
+    if fam.takes_image(manifest.model):
+        logger.info("no image check: a refiner generates only from a base model's latents")
+        return {}
 
     height, width = (min(int(manifest.defaults[k]), 256) // int(manifest.model["size_multiple"])
                      * int(manifest.model["size_multiple"]) for k in ("height", "width"))

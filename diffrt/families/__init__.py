@@ -8,10 +8,10 @@ the runtime's denoising loop asks the family for its conditioning and latent lay
 from __future__ import annotations
 
 from diffrt.errors import DiffrtError
-from diffrt.families import sd
+from diffrt.families import sd, sdxl
 from diffrt.families.presets import Preset
 
-FAMILIES = {sd.NAME: sd}
+FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl}
 
 
 def family_for_pipeline_class(class_name: str):

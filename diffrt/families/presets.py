@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -11,6 +12,11 @@ class Preset:
 
     `guidance_scale=None` lets the family decide (e.g. LCM: the distilled guidance
     embedding's scale when the denoiser has one, else 1.0 = no CFG).
+    `scheduler_config`: (key, value) pairs the recipe sets on the checkpoint's scheduler
+    config, as diffusers' `Scheduler.from_config(config, key=value)` (e.g. SDXL-Turbo's
+    `timestep_spacing="trailing"`); they apply to whichever scheduler runs.
+    `height`/`width`: the size the recipe was distilled at, if not the checkpoint's.
+    `source`: where the recipe comes from (the model card or docs it follows).
     """
 
     name: str
@@ -18,6 +24,10 @@ class Preset:
     num_inference_steps: int
     scheduler: str | None = None
     guidance_scale: float | None = None
+    scheduler_config: tuple[tuple[str, Any], ...] = ()
+    height: int | None = None
+    width: int | None = None
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:

@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 
 from diffrt.artifacts import TensorSpec
+from diffrt.errors import DiffrtError
 from diffrt.families.presets import Preset
 
 NAME = "sd"
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
 LCM_PIPELINE_CLASS = "LatentConsistencyModelPipeline"
+EXPORT_MODULE = "diffrt.export.sd"
 
 TEXT_ENCODER = "text_encoder"
 DENOISER = "unet"
@@ -28,7 +30,9 @@ ATTENTION_ROLES = (DENOISER, VAE_DECODER)
 # The opt-in fast decoder (AutoencoderTiny / TAESD): a second vae_decoder stage.
 TINY_VARIANT = "tiny"
 TINY_VAE_DECODER = "vae_decoder-tiny"
-TOKENIZERS = ("tokenizer",)
+TOKENIZER_OF = {TEXT_ENCODER: "tokenizer"}
+# Request options only other families take (SDXL's size conditioning).
+CONDITIONING_OPTIONS: tuple[str, ...] = ()
 
 # diffusers' LatentConsistencyModelPipeline default guidance_scale.
 LCM_GUIDANCE_SCALE = 8.5
@@ -54,8 +58,36 @@ PRESETS = {
 # Facts a vae_decoder stage may carry that replace the model's in min_activation_bytes.
 DECODER_MEMORY_FACTS = ("vae_decoder_channels", "vae_mid_attention")
 
-# The stages a generation loads (the VAE encoder is for img2img).
-RUNTIME_STAGES = (TEXT_ENCODER, DENOISER, VAE_DECODER)
+
+
+def stages(model: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every stage the checkpoint exports."""
+    return STAGES
+
+
+def runtime_roles(model: Mapping[str, Any]) -> tuple[str, ...]:
+    """The stages a generation loads (the VAE encoder is for img2img)."""
+    return (TEXT_ENCODER, DENOISER, VAE_DECODER)
+
+
+def tokenizers(model: Mapping[str, Any]) -> tuple[str, ...]:
+    return (TOKENIZER_OF[TEXT_ENCODER],)
+
+
+def takes_image(model: Mapping[str, Any]) -> bool:
+    return False
+
+
+def keeps_fp32(model: Mapping[str, Any], spec) -> str:
+    """Why a stage is exported in fp32 only ("" = it gets half-precision graphs too)."""
+    return ""
+
+
+def check_options(model: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    given = [key for key, value in options.items() if value is not None]
+    if given:
+        raise DiffrtError(f"{', '.join(given)}: only SDXL checkpoints take this; this artifact is Stable Diffusion 1.x/2.x")
+    return {}
 
 
 def default_preset(pipeline_class: str) -> str:
@@ -170,25 +202,22 @@ def uses_cfg(model: Mapping[str, Any], guidance_scale: float) -> bool:
 
 
 def denoiser_conditioning(
-    encode_text: Callable[[list[str]], np.ndarray],
-    model: Mapping[str, Any],
-    prompts: list[str],
-    negative_prompts: list[str],
-    num_images_per_prompt: int,
-    guidance_scale: float,
+    encode: Callable[[str, list[str]], Mapping[str, np.ndarray]], model: Mapping[str, Any], request
 ) -> dict[str, np.ndarray]:
     """The denoiser inputs other than sample/timestep, for one batched call per step.
 
     With CFG the batch is [uncond..., cond...] (diffusers' order), each prompt repeated
-    `num_images_per_prompt` times. `encode_text` maps prompts to last_hidden_state.
+    `num_images_per_prompt` times. `encode(role, texts)` runs a text encoder.
     """
+    guidance_scale = request.settings.guidance_scale
+    prompts, negatives = list(request.prompts), list(request.negative_prompts)
     do_cfg = uses_cfg(model, guidance_scale)
-    texts = (negative_prompts + prompts) if do_cfg else prompts
-    embeds = np.repeat(encode_text(texts), num_images_per_prompt, axis=0)
+    texts = (negatives + prompts) if do_cfg else prompts
+    embeds = np.repeat(encode(TEXT_ENCODER, texts)["last_hidden_state"], request.num_images_per_prompt, axis=0)
     feeds = {"encoder_hidden_states": embeds}
     dim = model.get("time_cond_proj_dim")
     if dim:
-        batch = len(prompts) * num_images_per_prompt
+        batch = len(prompts) * request.num_images_per_prompt
         w = np.full((batch,), guidance_scale - 1.0, dtype=np.float32)
         feeds["timestep_cond"] = guidance_scale_embedding(w, int(dim))
     return feeds

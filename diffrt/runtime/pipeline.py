@@ -44,7 +44,7 @@ from diffrt.runtime.request import (
     read_scheduler_config,
     resolve_settings,
 )
-from diffrt.runtime.schedulers import Scheduler
+from diffrt.runtime.schedulers import Scheduler, plan_window
 from diffrt.runtime.tokenizers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,10 @@ class Pipeline:
         self.backend = backend
         self.family = get_family(manifest.family)
         self._sessions = sessions
-        self.tokenizer = CLIPTokenizer.from_dir(folder / "tokenizer")
+        roles = [r for r in self.family.runtime_roles(manifest.model) if r in self.family.TOKENIZER_OF]
+        self.tokenizers = {role: CLIPTokenizer.from_dir(folder / self.family.TOKENIZER_OF[role]) for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
-        self._schedulers: dict[str, Scheduler] = {}
+        self._schedulers: dict[tuple[str, tuple], Scheduler] = {}
 
     @classmethod
     def load(
@@ -151,10 +152,11 @@ class Pipeline:
     def presets(self) -> dict[str, Preset]:
         return self.family.PRESETS
 
-    def _scheduler(self, name: str) -> Scheduler:
-        if name not in self._schedulers:
-            self._schedulers[name] = check_scheduler(name, self.scheduler_config)
-        return self._schedulers[name]
+    def _scheduler(self, name: str, overrides: tuple[tuple[str, Any], ...] = ()) -> Scheduler:
+        key = (name, overrides)
+        if key not in self._schedulers:
+            self._schedulers[key] = check_scheduler(name, self.scheduler_config, dict(overrides))
+        return self._schedulers[key]
 
     def resolve(self, preset=None, scheduler=None, num_inference_steps=None, guidance_scale=None, height=None, width=None) -> Settings:
         """Explicit arguments win over the preset, the preset over the checkpoint's defaults."""
@@ -180,6 +182,22 @@ class Pipeline:
         callback: Callable[[int, int], None] | None = None,
         generator: np.random.Generator | None = None,
         vae: str | None = None,
+        *,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        image: np.ndarray | None = None,
+        refiner: Pipeline | None = None,
+        high_noise_frac: float | None = None,
     ) -> PipelineOutput:
         """Generate images.
 
@@ -191,56 +209,143 @@ class Pipeline:
         in `result.seed`. A `generator` replaces all of that with one shared stream.
         `vae`: the decoder variant, "default" (the checkpoint's VAE) or "tiny" when the
         artifact was exported with a tiny VAE (AutoencoderTiny / TAESD).
+        `output_type="latent"` returns the latents undecoded (to hand to a refiner).
+
+        SDXL (diffusers' names and defaults): `prompt_2`/`negative_prompt_2` for the
+        second text encoder, the size/crop micro-conditioning, and for a refiner
+        artifact `aesthetic_score`/`negative_aesthetic_score`. `denoising_end` stops a
+        base model part-way (with output_type="latent"); a refiner continues those
+        latents (`image=`) from `denoising_start`. Or in one call: `refiner=` a loaded
+        refiner Pipeline and `high_noise_frac` (default 0.8): the base denoises the first
+        80% of the schedule, the refiner the rest, in latent space, and decodes.
         """
         started = time.perf_counter()
+        latents = None if latents is None else np.asarray(latents, dtype=np.float32)
+        options = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                       target_size=target_size, negative_original_size=negative_original_size,
+                       negative_crops_coords_top_left=negative_crops_coords_top_left,
+                       negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                       negative_aesthetic_score=negative_aesthetic_score)
+        takes_image = self.family.takes_image(self.manifest.model)
+        if takes_image:
+            image, height, width = self._check_image(image, denoising_start, height, width)
+        elif image is not None:
+            raise DiffrtError("image= is for a refiner artifact (it continues a base model's latents); "
+                              "this artifact generates from noise")
+        if refiner is not None:
+            if not isinstance(refiner, Pipeline) or not refiner.family.takes_image(refiner.manifest.model):
+                raise DiffrtError("refiner= must be a loaded refiner Pipeline (an exported "
+                                  "StableDiffusionXLImg2ImgPipeline checkpoint)")
+            if denoising_end is not None:
+                raise DiffrtError("with refiner=, give high_noise_frac (where the refiner takes over), "
+                                  "not denoising_end")
+            denoising_end = 0.8 if high_noise_frac is None else high_noise_frac
+        elif high_noise_frac is not None:
+            raise DiffrtError("high_noise_frac is where a refiner takes over; pass refiner= too")
         # 1. Check every input before doing any work.
         request = make_request(
             self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps, guidance_scale,
-            height, width, num_images_per_prompt, seed, scheduler, preset, output_type, vae,
+            height, width, num_images_per_prompt, seed, scheduler, preset,
+            "latent" if refiner is not None else output_type, vae, prompt_2=prompt_2,
+            negative_prompt_2=negative_prompt_2, options=options, denoising_start=denoising_start,
+            denoising_end=denoising_end,
         )
+        if refiner is not None:  # the refiner's own checks, before the base spends any time
+            # the same steps and guidance as the base; its own scheduler unless one was named
+            refiner_args = dict(prompt=prompt, negative_prompt=negative_prompt,
+                                num_inference_steps=request.settings.num_inference_steps,
+                                guidance_scale=request.settings.guidance_scale,
+                                num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
+                                output_type=output_type, vae=vae, prompt_2=prompt_2,
+                                negative_prompt_2=negative_prompt_2, denoising_start=request.denoising_end)
+            make_request(refiner.manifest, refiner.scheduler_config, height=request.settings.height,
+                         width=request.settings.width, **refiner_args)
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         settings = request.settings
         model = self.manifest.model
         factor = int(model["vae_scale_factor"])
         shape = (request.batch, int(model["latent_channels"]), settings.height // factor, settings.width // factor)
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise DiffrtError(f"latents must have shape {shape} for this batch and size, got {latents.shape}")
-        timings: dict[str, Any] = {}
+        for name, array in (("latents", latents), ("image", image)):
+            if array is not None and array.shape != shape:
+                raise DiffrtError(f"{name} must have shape {shape} for this batch and size, got {array.shape}")
         rng = generator if generator is not None else PerImageNoise(request.seed, request.batch)
 
+        if refiner is not None:
+            sample, timings = self._denoise_request(request, latents, None, rng, callback, "latent")
+            refined = refiner(image=sample, generator=rng, callback=callback, **refiner_args)
+            timings["refiner"] = refined.timings
+            timings["vae_decoder"] = refined.timings.get("vae_decoder", 0.0)
+            timings["total"] = time.perf_counter() - started
+            return PipelineOutput(images=refined.images, timings=timings,
+                                  seed=None if generator is not None else request.seed, settings=settings)
+        sample, timings = self._denoise_request(request, latents, image, rng, callback, output_type)
+
+        # 5. Decode (or hand the latents on).
+        if output_type == "latent":
+            images = sample
+        else:
+            t0 = time.perf_counter()
+            decoder = self._sessions[_decoder_key(self.family, request.vae)]
+            facts = decoder.spec.facts
+            scaling = np.float32(facts.get("scaling_factor", model["vae_scaling_factor"]))
+            latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
+            decoded = decoder.run({"latent_sample": latent})["sample"]
+            images = postprocess(np.asarray(decoded))
+            timings["vae_decoder"] = time.perf_counter() - t0
+            if output_type == "pil":
+                images = to_pil(images)
+        timings["total"] = time.perf_counter() - started
+        return PipelineOutput(images=images, timings=timings,
+                              seed=None if generator is not None else request.seed, settings=settings)
+
+    def _check_image(self, image, denoising_start, height, width) -> tuple[np.ndarray, int, int]:
+        """A refiner's input: latents from a base model (output_type="latent") and the
+        fraction of the schedule the base ran; the size follows from the latents."""
+        if image is None or denoising_start is None:
+            raise DiffrtError("a refiner continues a base model's latents: pass image=<the base's latents, "
+                              "output_type='latent'> and denoising_start=<the base's denoising_end, e.g. 0.8> "
+                              "(or call the base with refiner=this pipeline)")
+        image = np.asarray(image, dtype=np.float32)
+        channels = int(self.manifest.model["latent_channels"])
+        if image.ndim != 4 or image.shape[1] != channels:
+            raise DiffrtError(f"image must be latents of shape (batch, {channels}, height/8, width/8) from a base "
+                              f"model's output_type='latent', got shape {image.shape}")
+        factor = int(self.manifest.model["vae_scale_factor"])
+        size = (image.shape[2] * factor, image.shape[3] * factor)
+        if (height, width) not in ((None, None), size):
+            raise DiffrtError(f"height/width {height}x{width} disagree with the image latents' size {size[0]}x{size[1]}; "
+                              "leave them out")
+        return image, size[0], size[1]
+
+    def _denoise_request(self, request, latents, image, rng, callback, output_type) -> tuple[np.ndarray, dict[str, Any]]:
+        """Conditioning, initial latents and the denoising loop of one request; returns
+        the denoised latents (still scaled by the VAE's factor) and the timings so far."""
+        settings = request.settings
+        timings: dict[str, Any] = {}
         # 2. Conditioning: text embeddings (uncond + cond in one batch when using CFG).
         t0 = time.perf_counter()
-        cond = self.family.denoiser_conditioning(
-            self._encode_text, model, list(request.prompts), list(request.negative_prompts),
-            request.num_images_per_prompt, settings.guidance_scale,
-        )
+        cond = self.family.denoiser_conditioning(self._encode, self.manifest.model, request)
         timings["text_encoder"] = time.perf_counter() - t0
 
-        # 3. Initial latents, scaled by the scheduler's initial sigma (as diffusers does).
-        run = self._scheduler(settings.scheduler).plan(settings.num_inference_steps)
-        noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)
-        sample = (noise * np.float32(run.init_noise_sigma)).astype(np.float32)
+        # 3. Initial latents: noise scaled by the scheduler's initial sigma (as diffusers
+        # does), or a base model's latents that a refiner continues as they are.
+        scheduler = self._scheduler(settings.scheduler, settings.scheduler_config)
+        try:
+            run = plan_window(scheduler, settings.num_inference_steps, request.denoising_start, request.denoising_end)
+        except ValueError as exc:
+            raise DiffrtError(str(exc)) from None
+        if image is not None:
+            sample = image
+        else:
+            shape = (request.batch, int(self.manifest.model["latent_channels"]),
+                     *(size // int(self.manifest.model["vae_scale_factor"]) for size in (settings.height, settings.width)))
+            noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)
+            sample = (noise * np.float32(run.init_noise_sigma)).astype(np.float32)
 
         # 4. Denoising loop: one batched denoiser call per step.
-        sample, timings["denoiser_calls"] = self._denoise(sample, cond, run, settings, rng, callback)
+        sample, timings["denoiser_calls"] = self._denoise(sample, cond, run, request, rng, callback)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
-
-        # 5. Decode.
-        t0 = time.perf_counter()
-        decoder = self._sessions[_decoder_key(self.family, request.vae)]
-        facts = decoder.spec.facts
-        scaling = np.float32(facts.get("scaling_factor", model["vae_scaling_factor"]))
-        latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
-        decoded = decoder.run({"latent_sample": latent})["sample"]
-        images = postprocess(np.asarray(decoded))
-        timings["vae_decoder"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - started
-        return PipelineOutput(
-            images=to_pil(images) if output_type == "pil" else images, timings=timings,
-            seed=None if generator is not None else request.seed, settings=settings,
-        )
+        return sample, timings
 
     def _materializes_attention(self) -> bool:
         """Whether the UNet graph running here builds full attention score tensors: a
@@ -248,19 +353,24 @@ class Pipeline:
         spec = self._sessions[self.family.DENOISER].spec
         return spec.variant != FUSED_VARIANT and not getattr(self.backend, "fuses_attention_itself", False)
 
-    def _encode_text(self, texts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(texts)
-        return self._sessions[self.family.TEXT_ENCODER].run({"input_ids": ids})["last_hidden_state"]
+    def _encode(self, role: str, texts: list[str]) -> dict[str, np.ndarray]:
+        """Tokenize with the role's tokenizer and run that text encoder: its outputs by name."""
+        ids = self.tokenizers[role](texts)
+        return self._sessions[role].run({"input_ids": ids})
 
-    def _denoise(self, sample, cond, run, settings: Settings, rng, callback) -> tuple[np.ndarray, list[float]]:
+    def _denoise(self, sample, cond, run, request, rng, callback) -> tuple[np.ndarray, list[float]]:
+        settings = request.settings
         unet = self._sessions[self.family.DENOISER]
         do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
         guidance = np.float32(settings.guidance_scale)
         call_times = []
+        # Progress counts requested steps. Schedulers that make more calls than steps make
+        # the extra ones first (PNDM's warm-up), so after call k, max(0, k - extra) of them
+        # are done. A base/refiner hand-off counts across both: the base's calls first.
+        windowed = request.denoising_start is not None or request.denoising_end is not None
         steps = settings.num_inference_steps
-        # Schedulers that make more calls than steps make the extra ones first (PNDM's
-        # warm-up), so after call k, max(0, k - extra) of the requested steps are done.
-        extra = len(run.timesteps) - steps
+        extra = 0 if windowed else len(run.timesteps) - steps
+        done = steps - len(run.timesteps) if request.denoising_start is not None else 0
         for i, t in enumerate(run.timesteps):
             t0 = time.perf_counter()
             model_input = np.concatenate([sample, sample]) if do_cfg else sample
@@ -273,7 +383,7 @@ class Pipeline:
             sample = run.step(out, i, sample, rng)
             call_times.append(time.perf_counter() - t0)
             if callback is not None:
-                callback(max(0, i + 1 - extra), steps)
+                callback(max(0, done + i + 1 - extra), steps)
         return sample, call_times
 
     def close(self) -> None:
@@ -309,13 +419,14 @@ def _select_stages(manifest: Manifest, family, backend, graph_precision: str | N
     precisions = [p for p in precisions if p in manifest.precisions] or precisions
     fused = attention == "fused" or (attention is None and getattr(backend, "fused_attention", False))
     specs = {}
-    for role in family.RUNTIME_STAGES:
+    for role in family.runtime_roles(manifest.model):
         has_fused = any(s.variant == FUSED_VARIANT for s in manifest.variants(role))
         if attention == "fused" and role in family.ATTENTION_ROLES and not has_fused:
             raise ArtifactError(f"this artifact has no fused-attention {role} graph; export it with a diffrt that "
                                 "fuses attention (the default), or use attention='portable'")
         variant = FUSED_VARIANT if fused and has_fused else DEFAULT_VARIANT
-        specs[role] = manifest.select(role, variant, precisions)
+        kept_fp32 = family.keeps_fp32(manifest.model, manifest.select(role, variant))  # e.g. SDXL's VAE
+        specs[role] = manifest.select(role, variant, [*precisions, "fp32"] if kept_fp32 else precisions)
     for spec in manifest.variants(family.VAE_DECODER):
         if spec.variant not in (DEFAULT_VARIANT, FUSED_VARIANT) and spec.precision == specs[family.VAE_DECODER].precision:
             specs[_decoder_key(family, spec.variant)] = spec

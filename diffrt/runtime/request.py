@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,13 @@ from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import get_family
 from diffrt.runtime.memory import available_memory_bytes, format_gib
 from diffrt.runtime.schedulers import make_scheduler
+from diffrt.runtime.schedulers.window import CANNOT_START_LATE, check_fraction
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np")
+# "latent": the denoised latents, not decoded (diffusers' output_type="latent"), e.g.
+# to hand them to an SDXL refiner.
+OUTPUT_TYPES = ("pil", "np", "latent")
 # numpy seeds any non-negative int; image i of a request uses seed + i, so keep room.
 MAX_SEED = 2**63 - 1
 
@@ -39,13 +42,21 @@ class Settings:
     guidance_scale: float
     height: int
     width: int
+    # (key, value) pairs a preset sets on the scheduler config (e.g. trailing spacing)
+    scheduler_config: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
 class Request:
     """A validated generation request. Image i of the batch (prompt-major order) draws
     its noise from `np.random.default_rng(seed + i)`, so an image depends only on its
-    own seed, never on its position in a batch: rerun it alone with `seed + i`."""
+    own seed, never on its position in a batch: rerun it alone with `seed + i`.
+
+    `prompts_2`/`negative_prompts_2`: SDXL's second text encoder's prompts (None: the
+    first's); `negative_given`: whether a negative prompt was given at all (SDXL zeroes
+    the negative embeddings when not); `options`: the family's conditioning options
+    (SDXL's original_size, crops_coords_top_left, ...); `denoising_start`/`_end`: the
+    part of the schedule to run (a base/refiner hand-off)."""
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
@@ -54,6 +65,12 @@ class Request:
     seed: int
     output_type: str
     vae: str = DEFAULT_VARIANT
+    prompts_2: tuple[str, ...] | None = None
+    negative_prompts_2: tuple[str, ...] | None = None
+    negative_given: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    denoising_start: float | None = None
+    denoising_end: float | None = None
 
     @property
     def batch(self) -> int:
@@ -68,10 +85,10 @@ def read_scheduler_config(folder: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} cannot be read ({exc}); re-export the model") from None
 
 
-def check_scheduler(name: str, scheduler_config: Mapping[str, Any]):
+def check_scheduler(name: str, scheduler_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None):
     """The configured scheduler, or a one-line error naming the allowed names."""
     try:
-        return make_scheduler(name, scheduler_config)
+        return make_scheduler(name, scheduler_config, overrides)
     except ValueError as exc:
         raise DiffrtError(f"scheduler: {exc}") from None
 
@@ -96,18 +113,22 @@ def resolve_settings(
         base_scheduler = recipe.scheduler or defaults["scheduler"]
         base_steps = recipe.num_inference_steps
         base_guidance = family.preset_guidance(recipe, manifest.model)
+        overrides = recipe.scheduler_config
+        height = recipe.height if height is None else height
+        width = recipe.width if width is None else width
     else:
         base_scheduler = defaults["scheduler"]
         base_steps = defaults["num_inference_steps"]
         base_guidance = defaults["guidance_scale"]
+        overrides = ()
     steps = base_steps if num_inference_steps is None else num_inference_steps
     if not _is_int(steps) or steps < 1:
         raise DiffrtError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
     guidance = check_guidance(base_guidance if guidance_scale is None else guidance_scale)
     height, width = check_size(manifest, height, width)
     name = base_scheduler if scheduler is None else scheduler
-    check_scheduler(name, scheduler_config)  # validates the name now, before any work
-    return Settings(name, int(steps), guidance, height, width)
+    check_scheduler(name, scheduler_config, dict(overrides))  # validates the name now, before any work
+    return Settings(name, int(steps), guidance, height, width, tuple(overrides))
 
 
 def check_guidance(value: Any) -> float:
@@ -178,18 +199,54 @@ def make_request(
     preset: str | None = None,
     output_type: str = "pil",
     vae: str | None = None,
+    prompt_2: Any = None,
+    negative_prompt_2: Any = None,
+    options: Mapping[str, Any] | None = None,
+    denoising_start: float | None = None,
+    denoising_end: float | None = None,
 ) -> Request:
     """Validate every argument of a generation (one-line DiffrtError on the first bad
     one). A missing seed is drawn here. Callers then `check_memory`."""
+    family = get_family(manifest.family)
     settings = resolve_settings(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
                                 height, width)
     prompts, negatives = prompt_lists(prompt, negative_prompt)
+    prompts_2 = second_prompts("prompt_2", prompt_2, len(prompts))
+    negatives_2 = second_prompts("negative_prompt_2", negative_prompt_2, len(prompts))
+    if (prompts_2 is not None or negatives_2 is not None) and "text_encoder_2" not in family.TOKENIZER_OF:
+        raise DiffrtError("prompt_2 / negative_prompt_2 are for SDXL checkpoints (two text encoders); "
+                          f"this artifact is {manifest.family}")
+    checked_options = family.check_options(manifest.model, dict(options or {}))
     count = check_count("num_images_per_prompt", num_images_per_prompt)
     seed = check_seed(seed)
     if output_type not in OUTPUT_TYPES:
         raise DiffrtError(f"output_type={output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
     vae = check_vae(manifest, vae)
-    return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, vae)
+    try:
+        start, end = check_fraction("denoising_start", denoising_start), check_fraction("denoising_end", denoising_end)
+    except ValueError as exc:
+        raise DiffrtError(str(exc)) from None
+    if start is not None and end is not None and start >= end:
+        raise DiffrtError(f"denoising_start={start} must be below denoising_end={end}")
+    if start is not None and settings.scheduler in CANNOT_START_LATE:
+        raise DiffrtError(f"the {settings.scheduler} sampler cannot start part-way through a schedule "
+                          "(denoising_start); choose euler, euler_ancestral, ddim, dpmpp_2m or lcm")
+    return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, vae,
+                   prompts_2=prompts_2, negative_prompts_2=negatives_2, negative_given=negative_prompt is not None,
+                   options=checked_options, denoising_start=start, denoising_end=end)
+
+
+def second_prompts(name: str, value: Any, count: int) -> tuple[str, ...] | None:
+    """SDXL's prompt_2 / negative_prompt_2: None, "" or [] mean "the same as the first"
+    (diffusers' `prompt_2 or prompt`); a string applies to every prompt."""
+    if not value:
+        return None
+    if isinstance(value, str):
+        return (value,) * count
+    items = list(value) if isinstance(value, Sequence) else None
+    if items is None or len(items) != count or not all(isinstance(v, str) for v in items):
+        raise DiffrtError(f"{name} must be a string or a list of {count} strings (one per prompt)")
+    return tuple(items)
 
 
 def check_vae(manifest: Manifest, vae: str | None) -> str:
@@ -220,7 +277,8 @@ def check_memory(manifest: Manifest, request: Request, weights_loaded: bool, att
     activations, what = family.min_activation_bytes(model, settings.height, settings.width, request.batch,
                                                     family.uses_cfg(manifest.model, settings.guidance_scale),
                                                     attention_scores)
-    stages = [manifest.select(role) for role in family.RUNTIME_STAGES if role != family.VAE_DECODER] + [decoder]
+    roles = family.runtime_roles(manifest.model)
+    stages = [manifest.select(role) for role in roles if role != family.VAE_DECODER] + [decoder]
     weights = 0 if weights_loaded else sum(f.size for spec in stages for f in spec.files)
     needed = weights + activations
     available = available_memory_bytes()
@@ -251,4 +309,5 @@ __all__ = [
     "prompt_lists",
     "read_scheduler_config",
     "resolve_settings",
+    "second_prompts",
 ]

@@ -14,12 +14,14 @@ keys the class does not take are ignored, missing keys take that class's default
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 from . import ddim, dpmpp_2m, euler, euler_ancestral, lcm, pndm
 from .config import resolve_config
 from .protocol import NoiseSource, Scheduler, SchedulerRun
+from .window import plan_window
 
 __all__ = [
     "SCHEDULER_NAMES",
@@ -27,21 +29,22 @@ __all__ = [
     "Scheduler",
     "SchedulerRun",
     "make_scheduler",
+    "plan_window",
     "scheduler_name_for",
 ]
 
-# name -> (diffusers class, factory, from_config overrides the name implies)
-_REGISTRY: dict[str, tuple[str, Callable[..., Scheduler], Mapping[str, Any]]] = {
-    "ddim": (ddim.CLASS_NAME, ddim.from_config, {}),
-    "pndm": (pndm.CLASS_NAME, pndm.from_config, {}),
-    "euler": (euler.CLASS_NAME, euler.from_config, {}),
-    "euler_ancestral": (euler_ancestral.CLASS_NAME, euler_ancestral.from_config, {}),
-    "dpmpp_2m": (dpmpp_2m.CLASS_NAME, dpmpp_2m.from_config, {"use_karras_sigmas": False}),
-    "dpmpp_2m_karras": (dpmpp_2m.CLASS_NAME, dpmpp_2m.from_config, {"use_karras_sigmas": True}),
-    "lcm": (lcm.CLASS_NAME, lcm.from_config, {}),
+# name -> (the module of its diffusers class, from_config overrides the name implies)
+_REGISTRY: dict[str, tuple[ModuleType, Mapping[str, Any]]] = {
+    "ddim": (ddim, {}),
+    "pndm": (pndm, {}),
+    "euler": (euler, {}),
+    "euler_ancestral": (euler_ancestral, {}),
+    "dpmpp_2m": (dpmpp_2m, {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": (dpmpp_2m, {"use_karras_sigmas": True}),
+    "lcm": (lcm, {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
-_SUPPORTED_CLASSES: tuple[str, ...] = tuple(dict.fromkeys(entry[0] for entry in _REGISTRY.values()))
+_SUPPORTED_CLASSES: tuple[str, ...] = tuple(dict.fromkeys(entry[0].CLASS_NAME for entry in _REGISTRY.values()))
 
 
 def scheduler_name_for(class_name: str, config: Mapping[str, Any]) -> str:
@@ -49,15 +52,19 @@ def scheduler_name_for(class_name: str, config: Mapping[str, Any]) -> str:
     if class_name == dpmpp_2m.CLASS_NAME:
         use_karras = resolve_config(dpmpp_2m.DEFAULTS, config)["use_karras_sigmas"]
         return "dpmpp_2m_karras" if use_karras else "dpmpp_2m"
-    for name, (cls, _, _) in _REGISTRY.items():
-        if cls == class_name:
+    for name, (module, _) in _REGISTRY.items():
+        if module.CLASS_NAME == class_name:
             return name
     raise ValueError(f"scheduler class {class_name!r} is not supported; choose one of: {', '.join(_SUPPORTED_CLASSES)}")
 
 
-def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
-    """The scheduler `name` configured from a scheduler_config.json dict (any class's)."""
+def make_scheduler(name: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Scheduler:
+    """The scheduler `name` configured from a scheduler_config.json dict (any class's),
+    as diffusers' `Class.from_config(config, **overrides)`. `overrides` keys the class
+    does not take are ignored (a recipe's `timestep_spacing` means nothing to LCM);
+    the ones the name implies (dpmpp_2m_karras: use_karras_sigmas) win."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
-    _, factory, overrides = _REGISTRY[name]
-    return factory(config, **overrides)
+    module, implied = _REGISTRY[name]
+    taken = {k: v for k, v in (overrides or {}).items() if k in module.DEFAULTS}
+    return module.from_config(config, **{**taken, **implied})

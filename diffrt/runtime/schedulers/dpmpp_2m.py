@@ -174,7 +174,9 @@ class DPMSolverMultistepRun:
         self._first_order_final = (
             cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
         )
-        self._next = 0
+        # the first step may be any index (a run that starts part-way, like diffusers'
+        # set_begin_index: the first step is first order); then steps run in order
+        self._next: int | None = None
         self._prev_denoised: np.ndarray | None = None
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
@@ -186,7 +188,7 @@ class DPMSolverMultistepRun:
     ) -> np.ndarray:
         n = len(self.timesteps)
         check_index(i, n)
-        if i != self._next:
+        if self._next is not None and i != self._next:
             raise ValueError(f"step index i={i} is not supported here; allowed: {self._next} (steps run in order)")
         model_output, sample = as_float32(model_output), as_float32(sample)
         sigma_s, sigma_t = self.sigmas[i], self.sigmas[i + 1]
@@ -199,7 +201,7 @@ class DPMSolverMultistepRun:
                 denoised, self._prev_denoised, sample, self.sigmas[i - 1], sigma_s, sigma_t
             )
         self._prev_denoised = denoised
-        self._next += 1
+        self._next = i + 1
         return prev_sample
 
 

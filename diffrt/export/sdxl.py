@@ -1,0 +1,196 @@
+"""The torch side of the SDXL family: load the modules, wrap each stage for export,
+make trace and check inputs. IO names and shapes come from diffrt.families.sdxl; the
+VAE and tiny-VAE stages are SD's (export/sd.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffrt.errors import DiffrtError
+from diffrt.export.checkpoint import quiet_library_progress, read_json, read_model_index
+from diffrt.export.sd import (  # noqa: F401 - load_tiny_vae and friends are this module's too
+    StageModule,
+    VaeDecoderStage,
+    VaeEncoderStage,
+    first_attention_level,
+    load_tiny_vae,
+    tiny_vae_facts,
+    tiny_vae_stage,
+)
+from diffrt.families import sdxl
+
+logger = logging.getLogger(__name__)
+
+
+class TextEncoderStage(torch.nn.Module):
+    """Penultimate hidden states (SDXL's conditioning; no final layer norm), and for the
+    bigG encoder (CLIPTextModelWithProjection) the projected pooled `text_embeds`."""
+
+    def __init__(self, text_encoder: torch.nn.Module, with_projection: bool):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.with_projection = with_projection
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        if self.with_projection:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
+class UNetStage(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond=None):
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False,
+        )[0]
+
+
+def _components(folder: Path) -> dict[str, str]:
+    """component -> class name, for the components model_index.json says exist (a
+    refiner lists text_encoder and tokenizer as [null, null])."""
+    index = read_model_index(folder)
+    return {k: v[1] for k, v in index.items()
+            if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None and v[1] is not None}
+
+
+def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    quiet_library_progress()
+    present = _components(folder)
+    loaders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
+               "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    required = ("text_encoder_2", "unet", "vae")
+    modules = {}
+    for name, cls in loaders.items():
+        if name not in present and name not in required:
+            continue
+        if not (folder / name).is_dir():
+            raise DiffrtError(f"{folder / name} is missing; an SDXL checkpoint needs text_encoder_2/, unet/ and vae/ "
+                              "(and text_encoder/ unless it is a refiner)")
+        logger.info("loading %s (%s)", name, cls.__name__)
+        try:
+            module = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DiffrtError(f"cannot load {folder / name} as {cls.__name__}: {first}") from None
+        modules[name] = module.eval().requires_grad_(False)
+    return modules
+
+
+def _max_length(folder: Path, tokenizer: str, text_config) -> int:
+    path = folder / tokenizer / "tokenizer_config.json"
+    length = read_json(path).get("model_max_length") if path.is_file() else None
+    if not isinstance(length, int) or length > text_config.max_position_embeddings:
+        length = int(text_config.max_position_embeddings)
+    return length
+
+
+def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """What the runtime needs to know about the checkpoint, in plain JSON types."""
+    index = read_model_index(folder)
+    encoders = tuple(r for r in (sdxl.TEXT_ENCODER, sdxl.TEXT_ENCODER_2) if r in modules)
+    lengths = {_max_length(folder, sdxl.TOKENIZER_OF[r], modules[r].config) for r in encoders}
+    if len(lengths) != 1:
+        raise DiffrtError(f"{folder}: the tokenizers pad to different lengths {sorted(lengths)}; SDXL concatenates "
+                          "both encoders' hidden states, which needs one length")
+    unet, vae = modules["unet"], modules["vae"]
+    unet_config, vae_config = unet.config, vae.config
+    text_2 = modules[sdxl.TEXT_ENCODER_2].config
+    projection = int(text_2.projection_dim)
+    if unet_config.addition_embed_type != "text_time":
+        raise DiffrtError(f"{folder / 'unet'}: addition_embed_type={unet_config.addition_embed_type!r}; an SDXL UNet "
+                          "conditions on 'text_time'")
+    time_ids, rest = divmod(unet.add_embedding.linear_1.in_features - projection, unet_config.addition_time_embed_dim)
+    pipeline = "img2img" if index["_class_name"] == sdxl.REFINER_CLASS else "text2img"
+    aesthetic = bool(index.get("requires_aesthetics_score", False))
+    if rest or time_ids != (5 if aesthetic else 6):
+        raise DiffrtError(f"{folder / 'unet'}: its added-condition embedding takes {time_ids} time ids "
+                          f"(requires_aesthetics_score={aesthetic} means {5 if aesthetic else 6}); "
+                          "model_index.json and the UNet disagree")
+    vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    level, heads = first_attention_level(unet_config)
+    facts = {
+        "text_encoders": list(encoders),
+        "text_max_length": lengths.pop(),
+        "text_hidden_size_2": int(text_2.hidden_size),
+        "projection_dim": projection,
+        "cross_attention_dim": int(unet_config.cross_attention_dim),
+        "time_ids": int(time_ids),
+        "pipeline": pipeline,
+        "requires_aesthetics_score": aesthetic,
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", pipeline == "text2img")),
+        "latent_channels": int(unet_config.in_channels),
+        "time_cond_proj_dim": unet_config.time_cond_proj_dim,
+        "sample_size": int(unet_config.sample_size),
+        "vae_scale_factor": vae_scale_factor,
+        "vae_scaling_factor": float(vae_config.scaling_factor),
+        # SDXL's VAE overflows in fp16: diffusers runs it in fp32 (force_upcast); so do we
+        "vae_force_upcast": bool(getattr(vae_config, "force_upcast", True)),
+        "size_multiple": max(8, vae_scale_factor),
+        "num_upsamplers": len(unet_config.block_out_channels) - 1,
+        "upcast_attention": bool(unet_config.upcast_attention),
+        "vae_decoder_channels": int(vae_config.block_out_channels[0]),
+        "vae_mid_attention": bool(getattr(vae_config, "mid_block_add_attention", True)),
+        "unet_first_attention_level": level,
+        "unet_first_attention_heads": heads,
+    }
+    if sdxl.TEXT_ENCODER in modules:
+        facts["text_hidden_size"] = int(modules[sdxl.TEXT_ENCODER].config.hidden_size)
+    return facts
+
+
+def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
+    """Each stage's wrapper with trace inputs and check inputs of a different shape (the
+    UNet traced at latent sizes that are not multiples of 2**num_upsamplers, as for SD)."""
+    gen = torch.Generator().manual_seed(0)
+    seq, channels = model["text_max_length"], model["latent_channels"]
+    up = 2 ** model["num_upsamplers"]
+    f = model["vae_scale_factor"]
+
+    def ids(vocab: int, batch: int) -> torch.Tensor:
+        x = torch.randint(0, vocab - 1, (batch, seq), generator=gen)
+        x[:, -1] = vocab - 1  # an end-of-text token, so pooling is well defined
+        return x
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    def unet_inputs(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
+        # original size, crop top-left, then the target size or (refiner) an aesthetic score
+        time_ids = [h * f, w * f, 0, 0] + ([6.0] if model["requires_aesthetics_score"] else [h * f, w * f])
+        feeds = {
+            "sample": randn(batch, channels, h, w),
+            "timestep": torch.full((batch,), 501.0),
+            "encoder_hidden_states": randn(batch, seq, model["cross_attention_dim"]),
+            "text_embeds": randn(batch, model["projection_dim"]),
+            "time_ids": torch.tensor([time_ids] * batch, dtype=torch.float32),
+        }
+        if model.get("time_cond_proj_dim"):
+            feeds["timestep_cond"] = randn(batch, model["time_cond_proj_dim"])
+        return feeds
+
+    stages = {}
+    for role in model["text_encoders"]:
+        encoder = modules[role]
+        vocab = encoder.config.vocab_size
+        stages[role] = StageModule(TextEncoderStage(encoder, role == sdxl.TEXT_ENCODER_2), (ids(vocab, 2),),
+                                   {"input_ids": ids(vocab, 1)})
+    unet_trace = unet_inputs(2, up + 1, 2 * up + 1)
+    stages[sdxl.DENOISER] = StageModule(UNetStage(modules["unet"]), tuple(unet_trace.values()),
+                                        unet_inputs(1, 2 * up, 3 * up))
+    stages[sdxl.VAE_DECODER] = StageModule(VaeDecoderStage(modules["vae"]), (randn(2, channels, 5, 7),),
+                                           {"latent_sample": randn(1, channels, 8, 6)})
+    stages[sdxl.VAE_ENCODER] = StageModule(VaeEncoderStage(modules["vae"]), (randn(2, 3, 5 * f, 7 * f),),
+                                           {"sample": randn(1, 3, 8 * f, 6 * f)})
+    return stages
