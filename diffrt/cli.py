@@ -8,6 +8,7 @@ checked before the model is loaded, and output paths before any compute is spent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -72,8 +73,16 @@ def _timings_line(timings: dict, steps: int) -> str:
     calls = timings.get("denoiser_calls", [])
     per_call = statistics.median(calls) if calls else 0.0
     what = f"{steps} steps" if len(calls) == steps else f"{steps} steps, {len(calls)} denoiser calls"
-    return (f"timings: text_encoder {timings['text_encoder']:.3f}s | denoiser {timings['denoiser']:.3f}s "
-            f"({what}, {per_call:.3f}s/call) | vae_decoder {timings['vae_decoder']:.3f}s | total {timings['total']:.3f}s")
+    refiner = timings.get("refiner")
+    if refiner:  # a base + refiner hand-off: the steps are split between the two
+        what = (f"{steps} steps: base {len(calls)} calls, {per_call:.3f}s/call, refiner "
+                f"{len(refiner['denoiser_calls'])} calls, {statistics.median(refiner['denoiser_calls'] or [0]):.3f}s/call")
+        text = timings["text_encoder"] + refiner["text_encoder"]
+        denoiser = timings["denoiser"] + refiner["denoiser"]
+    else:
+        what, text, denoiser = f"{what}, {per_call:.3f}s/call", timings["text_encoder"], timings["denoiser"]
+    return (f"timings: text_encoder {text:.3f}s | denoiser {denoiser:.3f}s "
+            f"({what}) | vae_decoder {timings['vae_decoder']:.3f}s | total {timings['total']:.3f}s")
 
 
 def _configure_output(args: argparse.Namespace) -> None:
@@ -138,12 +147,31 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
 
     manifest = read_manifest(folder)
     height, width = args.size if args.size else (None, None)
+    refiner = getattr(args, "refiner", None)
+    frac = getattr(args, "high_noise_frac", None)
+    if frac is not None and refiner is None:
+        raise DiffrtError("--high-noise-frac is where a refiner takes over; give --refiner OUT2 too")
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
         num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
         num_images_per_prompt=batch, seed=args.seed, scheduler=args.scheduler, preset=args.preset, vae=args.vae,
+        prompt_2=getattr(args, "prompt_2", None), negative_prompt_2=getattr(args, "negative_2", None),
+        denoising_end=(0.8 if frac is None else frac) if refiner else None,
     )
     check_memory(manifest, request, weights_loaded=False)
+    if refiner is not None:
+        from diffrt.families import get_family
+
+        other = read_manifest(Path(refiner))
+        if not get_family(other.family).takes_image(other.model):
+            raise DiffrtError(f"--refiner {refiner}: it holds a {other.pipeline_class}, not a refiner "
+                              "(an exported StableDiffusionXLImg2ImgPipeline checkpoint)")
+        s = request.settings
+        make_request(other, read_scheduler_config(Path(refiner)), args.prompt, negative_prompt=args.negative,
+                     num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, height=s.height,
+                     width=s.width, num_images_per_prompt=batch, scheduler=args.scheduler, vae=args.vae,
+                     denoising_start=request.denoising_end)
+        check_memory(other, request, weights_loaded=False)
     return request
 
 
@@ -189,16 +217,26 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
 
     request = _prepare_request(args, folder, batch=len(outputs))
     settings = request.settings
-    with Pipeline.load(folder, backend=args.backend, verify=args.verify, prepare=_prepare(request),
-                       **_backend_options(args)) as pipe:
+    refiner_folder = getattr(args, "refiner", None)
+    with contextlib.ExitStack() as stack:
+        pipe = stack.enter_context(Pipeline.load(folder, backend=args.backend, verify=args.verify,
+                                                 prepare=_prepare(request), **_backend_options(args)))
+        refiner = None
+        if refiner_folder is not None:
+            refiner = stack.enter_context(Pipeline.load(refiner_folder, backend=args.backend, verify=args.verify,
+                                                        prepare=_prepare(request), **_backend_options(args)))
         if not args.quiet:
+            handoff = f", refiner from {request.denoising_end:g}" if refiner is not None else ""
             print(f"generating {request.batch} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
-                  f"{settings.num_inference_steps} steps, guidance {settings.guidance_scale:g}, seed {request.seed}, "
-                  f"backend {pipe.backend.describe()}", file=sys.stderr)
+                  f"{settings.num_inference_steps} steps{handoff}, guidance {settings.guidance_scale:g}, "
+                  f"seed {request.seed}, backend {pipe.backend.describe()}", file=sys.stderr)
         result = pipe(
             args.prompt, negative_prompt=args.negative, num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
             num_images_per_prompt=request.batch, seed=request.seed, scheduler=settings.scheduler, vae=request.vae,
+            preset=args.preset, prompt_2=getattr(args, "prompt_2", None),
+            negative_prompt_2=getattr(args, "negative_2", None), refiner=refiner,
+            high_noise_frac=request.denoising_end if refiner is not None else None,
             callback=Progress("denoising", args.quiet),
         )
     for index, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
@@ -228,7 +266,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                        **_backend_options(args)) as pipe:
         call = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                     height=settings.height, width=settings.width, scheduler=settings.scheduler,
-                    num_images_per_prompt=args.batch, seed=request.seed, output_type="np", vae=request.vae)
+                    num_images_per_prompt=args.batch, seed=request.seed, output_type="np", vae=request.vae,
+                    preset=args.preset)
         pipe("warm-up", **call)
         runs = []
         for i in range(args.runs):
@@ -327,7 +366,9 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the first image (image i uses seed+i); default: random, printed")
     p.add_argument("--scheduler", default=None, help=f"one of: {', '.join(SCHEDULER_NAMES)} (default: the checkpoint's)")
-    p.add_argument("--preset", default=None, help="a named recipe: full-30step, lcm-4step")
+    p.add_argument("--preset", default=None,
+                   help="a named recipe: SD full-30step, lcm-4step; SDXL full-30step, sdxl-turbo, "
+                        "sdxl-lightning-4step, lcm-sdxl-4step")
     p.add_argument("--backend", default="ort",
                    help=f"inference backend: {', '.join(available)} (planned: {', '.join(planned)}); default ort")
     p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE",
@@ -374,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=1, help="images per prompt; -o x.png then writes x-0.png, x-1.png, ...")
     p.add_argument("-o", "--output", default="out.png", help="image file to write (default out.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
+    p.add_argument("--negative-2", default=None,
+                   help="SDXL: the second text encoder's negative prompt (default: --negative)")
+    p.add_argument("--refiner", default=None, metavar="OUT2",
+                   help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
+    p.add_argument("--high-noise-frac", type=float, default=None,
+                   help="with --refiner: the fraction of the schedule the base denoises (default 0.8)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", parents=[common], help="time the pipeline stages (JSON + table)")

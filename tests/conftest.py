@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pytest
 
-KINDS = ("sd15", "sd2", "lcm")
+KINDS = ("sd15", "sd2", "lcm")  # and diffrt.export.tiny.SDXL_KINDS
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(kind) -> folder of a saved diffusers pipeline (cached per kind)."""
-    from diffrt.export.tiny import make_tiny_sd
+    from diffrt.export.tiny import SDXL_KINDS, make_tiny_sd, make_tiny_sdxl
 
     cache: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
         if kind not in cache:
-            cache[kind] = make_tiny_sd(tmp_path_factory.mktemp(f"ckpt-{kind}") / "checkpoint", kind=kind)
+            make = make_tiny_sdxl if kind in SDXL_KINDS else make_tiny_sd
+            cache[kind] = make(tmp_path_factory.mktemp(f"ckpt-{kind}") / "checkpoint", kind=kind)
         return cache[kind]
 
     return get

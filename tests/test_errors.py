@@ -162,11 +162,12 @@ def test_cli_corrupted_artifact(artifact_copy):
 
 
 def test_cli_export_unsupported_pipeline(tmp_path):
-    src = tmp_path / "sdxl"
+    src = tmp_path / "sd3"
     src.mkdir()
-    (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     result = cli("export", str(src), str(tmp_path / "out"))
-    assert_one_line_error(result, "'StableDiffusionXLPipeline' is not supported", "StableDiffusionPipeline")
+    assert_one_line_error(result, "'StableDiffusion3Pipeline' is not supported", "StableDiffusionPipeline",
+                          "StableDiffusionXLPipeline")
     assert not (tmp_path / "out").exists()
 
 

@@ -333,7 +333,7 @@ class _Rewriter:
                     if name == output.name:
                         node.output[i] = inner
             self.graph.node.append(
-                onnx.helper.make_node("Cast", [inner], [output.name], name=f"{output.name}/Cast_to_fp32",
+                onnx.helper.make_node("Cast", [inner], [output.name], name=f"{output.name}/Cast_output_to_fp32",
                                       to=TensorProto.FLOAT))
             self.casts_added += 1
 
