@@ -430,11 +430,12 @@ def run_phase_here(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_phase_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Parent side: run `name` in a fresh interpreter; its own ru_maxrss is its phase peak."""
+def run_phase_subprocess(name: str, args: argparse.Namespace, script: Path | None = None) -> dict[str, Any]:
+    """Parent side: run `name` in a fresh interpreter (of `script`, default this one);
+    its own ru_maxrss is its phase peak."""
     result_json = args.workdir / f"phase-{name}.json"
     result_json.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--workdir", str(args.workdir),
+    cmd = [sys.executable, str(Path(script or __file__).resolve()), "--phase", name, "--workdir", str(args.workdir),
            "--steps", str(args.steps), "--size", f"{args.size[1]}x{args.size[0]}", "--seed", str(args.seed),
            "--result-json", str(result_json)]
     print(f"\n=== phase {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)

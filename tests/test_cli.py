@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 from PIL import Image
 
 
@@ -55,3 +56,41 @@ def test_generate_inspect_bench(exported, tmp_path):
     assert report["runs"] == 2 and report["settings"]["num_inference_steps"] == 2
     assert report["denoiser_calls"] == 2 and report["median_seconds"]["denoiser_per_call"] > 0
     assert report["median_seconds"]["total"] > 0
+
+
+def test_sdxl_presets_and_refiner_from_the_cli(exported, tmp_path):
+    base, refiner = str(exported("sdxl")), str(exported("sdxl-refiner"))
+    out = tmp_path / "turbo.png"
+    result = cli("generate", base, "a cat", "--preset", "sdxl-turbo", "--size", "64x48", "--seed", "3", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out).size == (64, 48)
+    assert "euler_ancestral, 1 steps, guidance 0" in result.stderr
+    # the same image from the API: the preset's trailing spacing reached the sampler
+    from diffrt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(base) as pipe:
+        api = pipe("a cat", preset="sdxl-turbo", height=48, width=64, seed=3).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api))
+
+    out = tmp_path / "refined.png"
+    result = cli("generate", base, "a cat", "--prompt-2", "oil painting", "--steps", "5", "--seed", "1",
+                 "--refiner", refiner, "--high-noise-frac", "0.6", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refiner from 0.6" in result.stderr
+    assert "5 steps: base 3 calls" in result.stdout and "refiner 2 calls" in result.stdout
+    assert Image.open(out).size == (64, 64)
+
+
+def test_sdxl_cli_errors(exported, tmp_path):
+    base, refiner = str(exported("sdxl")), str(exported("sdxl-refiner"))
+    for args, fragment in (
+        (("--high-noise-frac", "0.5"), "give --refiner OUT2 too"),
+        (("--refiner", base), "not a refiner"),
+        (("--refiner", refiner, "--high-noise-frac", "1.2"), "between 0 and 1"),
+        (("--refiner", refiner, "--scheduler", "pndm"), "cannot start part-way"),
+    ):
+        result = cli("generate", base, "a cat", *args, "-o", str(tmp_path / "x.png"))
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "x.png").exists()

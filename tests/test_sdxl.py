@@ -275,3 +275,23 @@ def test_half_precision_keeps_the_sdxl_vae_fp32(tiny_checkpoint, tmp_path):
         image = pipe("a cat", num_inference_steps=2, seed=0, output_type="np").images
         assert np.isfinite(image).all()
     assert read_manifest(tmp_path / "fp16").model["vae_force_upcast"] is True
+
+
+def test_openvino_runs_sdxl_and_the_refiner_like_ort(exported, tmp_path):
+    """The OpenVINO backend (static shapes per request) on the SDXL stages: the same
+    images as ONNX Runtime, base alone and base + refiner."""
+    pytest.importorskip("openvino")
+    loads = []
+    for backend, options in (("ort", {}), ("openvino", {"precision": "fp32"})):
+        loads.append([Pipeline.load(exported(kind), backend=backend, cache_dir=tmp_path / backend / kind, **options)
+                      for kind in ("sdxl", "sdxl-refiner")])
+    (ort_base, ort_refiner), (ov_base, ov_refiner) = loads
+    for kw in (dict(num_inference_steps=3, negative_prompt="x"), dict(preset="sdxl-lightning-4step", height=64,
+                                                                       width=48)):
+        _compare(ov_base("a cat", seed=1, output_type="np", **kw).images,
+                 ort_base("a cat", seed=1, output_type="np", **kw).images, f"openvino/{kw}")
+    _compare(ov_base("a cat", seed=2, output_type="np", num_inference_steps=5, refiner=ov_refiner).images,
+             ort_base("a cat", seed=2, output_type="np", num_inference_steps=5, refiner=ort_refiner).images,
+             "openvino/refiner")
+    for pipe in (*loads[0], *loads[1]):
+        pipe.close()

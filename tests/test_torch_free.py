@@ -38,3 +38,21 @@ def test_generating_on_ort_is_torch_free(exported, tmp_path):
     """)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     assert (tmp_path / "x.png").stat().st_size > 0
+
+
+def test_sdxl_base_and_refiner_on_ort_are_torch_free(exported, tmp_path):
+    base, refiner = exported("sdxl"), exported("sdxl-refiner")
+    result = _run(f"""
+        import sys
+        from diffrt import Pipeline
+        base, refiner = Pipeline.load({str(base)!r}), Pipeline.load({str(refiner)!r})
+        for preset in ("sdxl-turbo", "sdxl-lightning-4step", "lcm-sdxl-4step"):
+            base("a cat", preset=preset, height=64, width=64, seed=0)
+        out = base("a cat", num_inference_steps=4, seed=0, refiner=refiner)
+        out.images[0].save({str(tmp_path / "x.png")!r})
+        heavy = [m for m in {HEAVY!r} if m in sys.modules]
+        assert not heavy, heavy
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert (tmp_path / "x.png").stat().st_size > 0
