@@ -321,12 +321,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="diffrt-demo-"))
     args.prompt, args.size = DEMO_PROMPT, None
     from diffrt.export import export
-    from diffrt.export.tiny import make_tiny_sd
+    from diffrt.export.tiny import SDXL_KINDS, make_tiny_sd, make_tiny_sdxl
 
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
     t0 = time.perf_counter()
     _say(args, f"1/3 building a tiny random-weight {args.kind} checkpoint in {checkpoint}")
-    make_tiny_sd(checkpoint, kind=args.kind, sample_size=64)
+    if args.kind in SDXL_KINDS:
+        make_tiny_sdxl(checkpoint, kind=args.kind, sample_size=64)
+    else:
+        make_tiny_sd(checkpoint, kind=args.kind, sample_size=64)
     _say(args, f"2/3 exporting it to {artifact}")
     export(checkpoint, artifact, overwrite=True)
     _say(args, "3/3 generating")
@@ -439,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="tiny random checkpoint -> export -> image, offline")
     p.add_argument("--dir", default=None, help="work folder, kept afterwards (default: a new temp folder)")
-    p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm"), help="which tiny model (default sd15)")
+    p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm", "sdxl"),
+                   help="which tiny model (default sd15)")
     p.add_argument("-o", "--output", default="demo.png", help="image file to write (default demo.png)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     _add_generation_args(p, with_prompt=False)

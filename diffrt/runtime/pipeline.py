@@ -258,8 +258,10 @@ class Pipeline:
                                 num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
                                 output_type=output_type, vae=vae, prompt_2=prompt_2,
                                 negative_prompt_2=negative_prompt_2, denoising_start=request.denoising_end)
-            make_request(refiner.manifest, refiner.scheduler_config, height=request.settings.height,
-                         width=request.settings.width, **refiner_args)
+            refiner_request = make_request(refiner.manifest, refiner.scheduler_config, height=request.settings.height,
+                                           width=request.settings.width, **refiner_args)
+            check_memory(refiner.manifest, refiner_request, weights_loaded=True,
+                         attention_scores=refiner._materializes_attention())
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         settings = request.settings
         model = self.manifest.model
@@ -271,14 +273,14 @@ class Pipeline:
         rng = generator if generator is not None else PerImageNoise(request.seed, request.batch)
 
         if refiner is not None:
-            sample, timings = self._denoise_request(request, latents, None, rng, callback, "latent")
+            sample, timings = self._denoise_request(request, latents, None, rng, callback)
             refined = refiner(image=sample, generator=rng, callback=callback, **refiner_args)
             timings["refiner"] = refined.timings
             timings["vae_decoder"] = refined.timings.get("vae_decoder", 0.0)
             timings["total"] = time.perf_counter() - started
             return PipelineOutput(images=refined.images, timings=timings,
                                   seed=None if generator is not None else request.seed, settings=settings)
-        sample, timings = self._denoise_request(request, latents, image, rng, callback, output_type)
+        sample, timings = self._denoise_request(request, latents, image, rng, callback)
 
         # 5. Decode (or hand the latents on).
         if output_type == "latent":
@@ -317,7 +319,7 @@ class Pipeline:
                               "leave them out")
         return image, size[0], size[1]
 
-    def _denoise_request(self, request, latents, image, rng, callback, output_type) -> tuple[np.ndarray, dict[str, Any]]:
+    def _denoise_request(self, request, latents, image, rng, callback) -> tuple[np.ndarray, dict[str, Any]]:
         """Conditioning, initial latents and the denoising loop of one request; returns
         the denoised latents (still scaled by the VAE's factor) and the timings so far."""
         settings = request.settings
