@@ -5,16 +5,18 @@
 
 Every runner gets the same SD1.5-size random-weight checkpoint (built and exported by
 benchmarks/real_size_sd15.py, once, in --workdir), the same prompt, initial latents,
-steps and size. Runners: diffrt configurations (harness/specs.py: one line each),
-diffusers + torch (fp32; bf16 where the CPU has bf16 instructions), optimum-onnx and
-optimum-intel (default and statically reshaped), the optimum ones in their own venvs
-(`bash benchmarks/peers/setup.sh`). Each runner is its own process, speaking JSON lines
-(peers/worker.py), so its peak RSS is its own. Runs alternate round-robin between the
-runners alive at once (harness/schedule.py).
+steps and size. `--workloads W3-512` runs the SDXL workload instead, on an SDXL-size one
+(benchmarks/real_size_sdxl.py; fp32 weights 13.9 GB, so its runners go one at a time on
+a 24 GiB machine); one run measures one model. Runners: diffrt configurations
+(harness/specs.py: one line each), diffusers + torch (fp32; bf16 where the CPU has bf16
+instructions), optimum-onnx and optimum-intel (default and statically reshaped), the
+optimum ones in their own venvs (`bash benchmarks/peers/setup.sh`). Each runner is its
+own process, speaking JSON lines (peers/worker.py), so its peak RSS is its own. Runs
+alternate round-robin between the runners alive at once (harness/schedule.py).
 
 Writes benchmarks/results/compare-<tag>.json (everything), .md (tables) and .png (chart),
-and benchmarks/results/flops_sd15.json (FLOPs, counted once). --tiny runs the whole
-harness on a tiny random-weight checkpoint in seconds (for tests).
+and benchmarks/results/flops_sd15.json or flops_sdxl.json (FLOPs, counted once). --tiny
+runs the whole harness on a tiny random-weight checkpoint in seconds (for tests).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import prepare, report, schedule  # noqa: E402
-from harness.specs import KINDS, PROMPT, QUICK_WORKLOADS, RUNNERS, SEED, WORKLOADS, tiny_workload  # noqa: E402
+from harness.specs import (DEFAULT_WORKLOADS, KINDS, MODELS, PROMPT, QUICK_WORKLOADS, RUNNERS, SEED,  # noqa: E402
+                           WORKLOADS, tiny_workload)
 from harness.workers import NOT_INSTALLED, mem_available_gib, runner_python, runner_script  # noqa: E402
 
 from diffrt.runtime.cpu import cpu_info, installed_versions  # noqa: E402
@@ -55,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_WORKLOADS)} at batch 1 "
                         "(default budget 10 min)")
     parser.add_argument("--runners", help=f"comma-separated, from: {', '.join(RUNNERS)} (default: all)")
-    parser.add_argument("--workloads", help=f"comma-separated, from: {', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--workloads", help=f"comma-separated, from: {', '.join(WORKLOADS)}, all on one model "
+                        f"(default: the SD1.5 ones, {', '.join(DEFAULT_WORKLOADS)})")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell after the warm-up (default 3)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help=f"models, peer exports, caches, logs (default {DEFAULT_WORKDIR}; reused)")
@@ -72,7 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "harness/specs.py; 0.5 with --tiny); another starts only while that much plus room "
                              "for the live ones to grow is free")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one request may take (default 1800)")
-    parser.add_argument("--tag", help="output name: compare-TAG.* (default: tiny, quick, full or custom)")
+    parser.add_argument("--tag", help="output name: compare-TAG.* (default: tiny, quick, full or custom; "
+                        "for SDXL tiny-sdxl, sdxl or sdxl-custom)")
     parser.add_argument("--report-from", type=Path, metavar="JSON",
                         help="measure nothing: summarize an earlier run's JSON again with this report code "
                              "(its raw runs unchanged; images read from its workdir) and rewrite its .json/.md/.png")
@@ -81,22 +86,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--runs must be >= 1")
     args.runner_names = _selection(parser, "--runners", args.runners, RUNNERS)
     names = list(QUICK_WORKLOADS) if args.quick and not args.workloads else None
-    args.workload_names = names or _selection(parser, "--workloads", args.workloads, WORKLOADS)
+    args.workload_names = names or _selection(parser, "--workloads", args.workloads, WORKLOADS, DEFAULT_WORKLOADS)
+    models = {name: WORKLOADS[name].model for name in args.workload_names}
+    if len(set(models.values())) > 1:
+        parser.error(f"--workloads: one model per run, got {', '.join(f'{n} ({m})' for n, m in models.items())}")
+    args.model = next(iter(models.values()))
     if args.budget_min is None:
         args.budget_min = 10.0 if args.quick else 30.0
     if args.worker_gib is None and args.tiny:
         args.worker_gib = 0.5
     if args.tag is None:
-        custom = args.runners or args.workloads or args.runs != 3
-        args.tag = "tiny" if args.tiny else ("custom" if custom else ("quick" if args.quick else "full"))
+        if args.model == "sd15":
+            custom = args.runners or args.workloads or args.runs != 3
+            args.tag = "tiny" if args.tiny else ("custom" if custom else ("quick" if args.quick else "full"))
+        else:  # its own names: an SDXL run never overwrites the SD1.5 results (--workloads is always given)
+            custom = args.runners or args.runs != 3 or args.quick
+            args.tag = f"tiny-{args.model}" if args.tiny else (f"{args.model}-custom" if custom else args.model)
     args.workdir = args.workdir.expanduser().resolve()
     args.results = args.results.expanduser().resolve()
     return args
 
 
-def _selection(parser: argparse.ArgumentParser, flag: str, text: str | None, table: dict) -> list[str]:
+def _selection(parser: argparse.ArgumentParser, flag: str, text: str | None, table: dict,
+               default: tuple[str, ...] | None = None) -> list[str]:
     if not text:
-        return list(table)
+        return list(table if default is None else default)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -107,7 +121,12 @@ def _selection(parser: argparse.ArgumentParser, flag: str, text: str | None, tab
 def growth_gib(args: argparse.Namespace, cells: list[schedule.Cell]) -> float:
     """Room each live runner needs beyond its 256x256 estimate: activations grow with
     pixels x batch (ORT's arena keeps its peak), about 0.5 GiB per 256x256 image at SD1.5
-    size (diffrt-ort: 8.45 GiB at 512x512 with CFG vs ~4.3 GiB at 256x256)."""
+    size (diffrt-ort: 8.45 GiB at 512x512 with CFG vs ~4.3 GiB at 256x256).
+
+    Calibrated for SD1.5, and safe as it is for SDXL: the SDXL estimates
+    (RunnerSpec.sdxl_memory_gib) are already for W3-512's 512x512, so this only adds
+    margin (2 GiB per live runner at 512x512, batch 1), and a second SDXL runner (16+
+    GiB next to one holding 14 GB of weights) never starts on a 24 GiB machine anyway."""
     if args.tiny:
         return 0.0
     largest = max(c.workload.height * c.workload.width * c.workload.denoiser_batch(c.batch) for c in cells)
@@ -150,7 +169,7 @@ def prepare_peers(states: list[schedule.RunnerState], models: prepare.Models, ar
         if state.result["status"] != "ok" or KINDS[kind].model != "peer":
             continue
         if kind not in done:
-            out = args.workdir / ("tiny" if args.tiny else "sd15") / "peer-models" / kind
+            out = models.folder / "peer-models" / kind  # per model: WORKDIR/sd15, sdxl, tiny, tiny-sdxl
             log(f"{kind}: its own export of the checkpoint (made once, then reused): {out}")
             try:
                 done[kind] = prepare.prepare_peer(runner_python(state.spec, args.venv_root), runner_script(state.spec),
@@ -189,12 +208,13 @@ def count_flops(args, models: prepare.Models, cells: list[schedule.Cell]) -> dic
 
     unet = {(c.workload.denoiser_batch(c.batch), c.workload.height, c.workload.width) for c in cells}
     vae = {(c.batch, c.workload.height, c.workload.width) for c in cells}
+    sdxl = models.model == "sdxl"
     if args.tiny:
-        out = args.workdir / "flops_tiny.json"
-    else:  # the SD1.5 table the benchmark README quotes: batch 1 and 2 at 256 and 512
-        out = args.results / "flops_sd15.json"
-        unet |= {flops.parse_shape(s) for s in flops.DEFAULT_UNET}
-        vae |= {flops.parse_shape(s) for s in flops.DEFAULT_VAE}
+        out = args.workdir / ("flops_tiny_sdxl.json" if sdxl else "flops_tiny.json")
+    else:  # the SD1.5 table the benchmark README quotes (batch 1 and 2 at 256 and 512); SDXL's at 512 and 1024
+        out = args.results / f"flops_{models.model}.json"
+        unet |= {flops.parse_shape(s) for s in (flops.DEFAULT_UNET_SDXL if sdxl else flops.DEFAULT_UNET)}
+        vae |= {flops.parse_shape(s) for s in (flops.DEFAULT_VAE_SDXL if sdxl else flops.DEFAULT_VAE)}
     data = flops.read_flops(out, models.checkpoint)
     if flops.missing(data, sorted(unet), sorted(vae)):
         log(f"counting FLOPs -> {out}")
@@ -234,6 +254,7 @@ def summarize(result: dict[str, Any], workloads: dict[str, Any]) -> None:
 def report_again(path: Path, folder: Path) -> int:
     result = json.loads(path.read_text())
     tiny = result["model"]["description"].startswith("tiny")
+    result["model"].setdefault("name", "sd15")  # runs from before SDXL was measured
     for name, r in result["runners"].items():
         r.setdefault("decoder", RUNNERS[name].decoder if name in RUNNERS else "full")  # runs before it was recorded
     summarize(result, {name: tiny_workload(w) if tiny else w for name, w in WORKLOADS.items()})
@@ -252,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     states = [initial_state(name, args.venv_root) for name in args.runner_names]
 
-    models = prepare.prepare_models(args.workdir, args.tiny, log)
+    models = prepare.prepare_models(args.workdir, args.tiny, log, model=args.model)
     model_dirs = {"artifact": models.artifact, "checkpoint": models.checkpoint,
                   **prepare_peers(states, models, args)}
     latents = {}
@@ -294,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "gemm": gemm,
         "flops": flops_data,
-        "model": {"description": "tiny random-weight SD1.x (diffrt.export.tiny)" if args.tiny else
-                  "SD1.5-size random weights (benchmarks/real_size_sd15.py)",
+        "model": {"name": args.model, "description": MODELS[args.model][1 if args.tiny else 0],
                   "checkpoint": str(models.checkpoint), "artifact": str(models.artifact)},
         "settings": {"prompt": PROMPT, "seed": SEED, "runs": args.runs, "budget_minutes": args.budget_min,
                      "cell_budget_seconds": args.cell_budget, "worker_gib": args.worker_gib,

@@ -4,6 +4,11 @@ torch.utils.flop_counter.FlopCounterMode and stored as JSON for benchmarks/compa
     python benchmarks/flops.py --checkpoint DIR --out benchmarks/results/flops_sd15.json \
         [--unet 1x256x256,2x256x256,...] [--vae 1x256x256,...]
 
+SD1.x/2.x and SDXL checkpoints (the defaults follow the checkpoint: SDXL's are 512 and
+1024). SDXL's UNet also takes its added conditions, the pooled text embedding
+(text_encoder_2's projection_dim) and the time ids; a UNet whose added conditions this
+script does not know is stored as null with the reason ("unet_error"), never guessed.
+
 Each entry is BATCHxHEIGHTxWIDTH in image pixels. The modules are built from the
 checkpoint's unet/config.json and vae/config.json on the meta device: no weights, no
 arithmetic, seconds per entry. That also makes the count include attention: on CPU
@@ -27,6 +32,8 @@ from typing import Any
 
 DEFAULT_UNET = ("1x256x256", "2x256x256", "1x512x512", "2x512x512")
 DEFAULT_VAE = ("1x256x256", "1x512x512")
+DEFAULT_UNET_SDXL = ("1x512x512", "2x512x512", "1x1024x1024", "2x1024x1024")
+DEFAULT_VAE_SDXL = ("1x512x512", "1x1024x1024")
 _IGNORED_CONFIG_KEYS = ("_name_or_path", "_diffusers_version", "_class_name", "_use_default_values")
 
 
@@ -65,6 +72,32 @@ def missing(data: dict[str, Any] | None, unet: list[tuple[int, int, int]], vae: 
             or any(shape_key(*s) not in data["vae_decoder"] for s in vae))
 
 
+def is_sdxl(checkpoint: Path) -> bool:
+    """An SDXL checkpoint: its UNet takes text_time added conditions."""
+    config = json.loads((checkpoint / "unet" / "config.json").read_text())
+    return config.get("addition_embed_type") == "text_time"
+
+
+def added_conditions(checkpoint: Path, unet_config: dict[str, Any]) -> tuple[int, int] | None:
+    """(pooled text embedding width, number of time ids) of an SDXL UNet (None: no added
+    conditions). Raises ValueError, one line, when the shapes cannot be told for sure."""
+    kind = unet_config.get("addition_embed_type")
+    if kind is None:
+        return None
+    if kind != "text_time":
+        raise ValueError(f"UNet addition_embed_type {kind!r}: only SDXL's 'text_time' is counted")
+    encoder = checkpoint / "text_encoder_2" / "config.json"
+    if not encoder.is_file():
+        raise ValueError(f"no {encoder}: the pooled text embedding's width is unknown")
+    text_embeds = int(json.loads(encoder.read_text())["projection_dim"])
+    rest = int(unet_config["projection_class_embeddings_input_dim"]) - text_embeds
+    per_id = int(unet_config["addition_time_embed_dim"])
+    if rest <= 0 or rest % per_id:
+        raise ValueError(f"projection_class_embeddings_input_dim - projection_dim = {rest}, not a multiple of "
+                         f"addition_time_embed_dim {per_id}")
+    return text_embeds, rest // per_id
+
+
 def count(checkpoint: Path, unet_shapes: list[tuple[int, int, int]], vae_shapes: list[tuple[int, int, int]],
           previous: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
@@ -94,13 +127,24 @@ def count(checkpoint: Path, unet_shapes: list[tuple[int, int, int]], vae_shapes:
         return int(counter.get_total_flops())
 
     text_dim = unet.config.cross_attention_dim
+    try:
+        added = added_conditions(checkpoint, unet_config)
+    except ValueError as exc:
+        added, data["unet_error"] = None, str(exc)
     for batch, height, width in unet_shapes:
         key = shape_key(batch, height, width)
         if key not in data["unet"]:
+            if data.get("unet_error"):  # not counted rather than counted wrong
+                data["unet"][key] = None
+                continue
             sample = torch.empty(batch, unet.config.in_channels, height // factor, width // factor, device="meta")
             timestep = torch.full((batch,), 500.0, device="meta")
             text = torch.empty(batch, 77, text_dim, device="meta")
-            data["unet"][key] = flops_of(lambda: unet(sample, timestep, text))
+            kwargs = {}
+            if added is not None:  # SDXL: pooled embedding of the second encoder + size/crop time ids
+                kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, added[0], device="meta"),
+                                               "time_ids": torch.empty(batch, added[1], device="meta")}
+            data["unet"][key] = flops_of(lambda: unet(sample, timestep, text, **kwargs))
     for batch, height, width in vae_shapes:
         key = shape_key(batch, height, width)
         if key not in data["vae_decoder"]:
@@ -111,11 +155,19 @@ def count(checkpoint: Path, unet_shapes: list[tuple[int, int, int]], vae_shapes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a diffusers SD folder (unet/, vae/)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a diffusers SD or SDXL folder (unet/, vae/; SDXL: text_encoder_2/ too)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--unet", default=",".join(DEFAULT_UNET), help="BATCHxHEIGHTxWIDTH,...")
-    parser.add_argument("--vae", default=",".join(DEFAULT_VAE), help="BATCHxHEIGHTxWIDTH,...")
+    parser.add_argument("--unet", help="BATCHxHEIGHTxWIDTH,... (default: SD "
+                        f"{','.join(DEFAULT_UNET)}; SDXL {','.join(DEFAULT_UNET_SDXL)})")
+    parser.add_argument("--vae", help=f"BATCHxHEIGHTxWIDTH,... (default: SD {','.join(DEFAULT_VAE)}; "
+                        f"SDXL {','.join(DEFAULT_VAE_SDXL)})")
     args = parser.parse_args(argv)
+    sdxl = is_sdxl(args.checkpoint)
+    if args.unet is None:
+        args.unet = ",".join(DEFAULT_UNET_SDXL if sdxl else DEFAULT_UNET)
+    if args.vae is None:
+        args.vae = ",".join(DEFAULT_VAE_SDXL if sdxl else DEFAULT_VAE)
     unet = [parse_shape(s) for s in args.unet.split(",") if s]
     vae = [parse_shape(s) for s in args.vae.split(",") if s]
     previous = read_flops(args.out, args.checkpoint)

@@ -119,6 +119,17 @@ def current_rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
+def current_anon_rss_gib() -> float:
+    """The anonymous part of the RSS (RssAnon): memory only this process holds. The rest
+    of the RSS is file-backed pages of memory-mapped files (weights read in place from
+    model.onnx.data or a compiled blob), which the kernel can drop and re-read."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024 / GIB
+    return 0.0
+
+
 def self_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -167,10 +178,11 @@ class StepTracker:
 
     def _sample(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            rss = current_rss_gib()
+            rss, anon = current_rss_gib(), current_anon_rss_gib()
             with self._lock:
                 if self._current is not None:
                     self._current["sampled_max_rss_gib"] = max(self._current["sampled_max_rss_gib"], rss)
+                    self._current["sampled_max_anon_gib"] = max(self._current["sampled_max_anon_gib"], anon)
 
     def start(self, name: str, at: float | None = None) -> None:
         at = time.perf_counter() if at is None else at
@@ -178,7 +190,7 @@ class StepTracker:
         rss = current_rss_gib()
         with self._lock:
             self._current = {"name": name, "t0": at, "peak_before_gib": peak_rss_gib(), "sampled_max_rss_gib": rss,
-                             "cpu": CpuWindow()}
+                             "sampled_max_anon_gib": current_anon_rss_gib(), "cpu": CpuWindow()}
 
     def end(self, at: float | None = None) -> None:
         at = time.perf_counter() if at is None else at
@@ -193,6 +205,7 @@ class StepTracker:
             "peak_rss_after_gib": round(peak, 3),
             "set_new_peak": peak > step.pop("peak_before_gib") + 0.01,
             "sampled_max_rss_gib": round(max(step["sampled_max_rss_gib"], current_rss_gib()), 3),
+            "sampled_max_anon_gib": round(max(step["sampled_max_anon_gib"], current_anon_rss_gib()), 3),
             "others_cpu_share": step["cpu"].others_share(),
         })
 

@@ -259,12 +259,19 @@ def print_table(report: dict[str, Any]) -> None:
         if name.startswith("generate"):
             weights = sum(phase["stage_weight_bytes"].values()) / 2**30
             rows.append((f"  (weights of the stages loaded: {weights:.2f} GiB)", "", "", ""))
+    anon = {}
+    for name, phase in report["phases"].items():
+        for s in phase["steps"]:
+            anon[f"  {s['name']}"] = s.get("sampled_max_anon_gib")
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'what':<{width}}  {'seconds':>8}  {'peak RSS GiB':>12}  {'others CPU':>10}")
-    print("-" * (width + 38))
+    print(f"\n{'what':<{width}}  {'seconds':>8}  {'peak RSS GiB':>12}  {'anon GiB':>8}  {'others CPU':>10}")
+    print("-" * (width + 48))
     for label, seconds, rss, others in rows:
-        print(f"{label:<{width}}  {seconds:>8}  {rss:>12}  {others:>10}")
+        value = anon.get(label)
+        print(f"{label:<{width}}  {seconds:>8}  {rss:>12}  {'' if value is None else f'{value:.2f}':>8}  {others:>10}")
     print("peak RSS: the (sub-)phase's RSS high-water mark at its end; * = this sub-step raised it.")
+    print("anon: the largest anonymous RSS sampled during the sub-step (RSS minus file-backed pages of mapped "
+          "weight files, which the kernel can drop and re-read).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,25 @@
-"""benchmarks/compare.py end to end on the tiny checkpoint, with no peer venv installed.
+"""benchmarks/compare.py end to end on the tiny checkpoints.
 
-The harness must: give diffrt-ort numbers for every cell, report every peer as "not
-installed", report diffrt configurations this diffrt cannot run as "not available: ...",
-alternate the runners round-robin, feed every runner the same work (checked: on the
-deterministic DPM++ 2M workload diffrt-ort's image equals diffusers' within 1e-4), and
-write JSON + markdown (+ PNG when matplotlib is installed). Also checks that the FLOP
+On the SD1.5 one, with no peer venv installed, the harness must: give diffrt-ort numbers
+for every cell, report every peer as "not installed", report diffrt configurations this
+diffrt cannot run as "not available: ...", alternate the runners round-robin, feed every
+runner the same work (checked: on the deterministic DPM++ 2M workload diffrt-ort's image
+equals diffusers' within 1e-4), and write JSON + markdown (+ PNG when matplotlib is
+installed). Also checks that the FLOP
 counts (on meta tensors) equal a count of the real modules run on CPU with attention
 forced through the math path, which FlopCounterMode can see.
+
+The SDXL workload (W3-512, the sdxl-lightning-4step recipe) runs on the tiny SDXL
+checkpoint with diffrt-ort and diffusers-fp32, plus optimum-onnx and optimum-intel where
+their venvs exist (`bash benchmarks/peers/setup.sh`; CI has none): every runner's image
+must equal diffusers' within the same 1e-4.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +34,23 @@ RUNNERS = ("diffrt-ort", "diffrt-openvino-tiny-vae", "diffusers-fp32", "diffuser
            "optimum-intel", "optimum-intel-static")
 CELLS = {"W1-256/b1": (1, 4), "W1-256/b4": (4, 4), "W2-256/b1": (1, 20)}  # batch, denoiser calls
 NOT_INSTALLED = "not installed (run bash benchmarks/peers/setup.sh)"
+VENVS = Path(os.environ.get("DIFFRT_BENCH_VENVS", Path.home() / ".cache" / "diffrt-bench" / "venvs"))
+# The peers' SDXL pipelines, where their venvs are installed. Each first makes its own export
+# (optimum-intel's: about a minute on 2 cores), so optimum-intel-static, which would add its
+# own load and warm start, is left to the real benchmark.
+SDXL_PEERS = tuple(peer for peer in ("optimum-onnx", "optimum-intel") if (VENVS / peer / "bin" / "python").exists())
+SDXL_RUNNERS = ("diffrt-ort", "diffusers-fp32", *SDXL_PEERS)
+PIPELINES = {"diffusers-fp32": "StableDiffusionXLPipeline", "optimum-onnx": "ORTStableDiffusionXLPipeline",
+             "optimum-intel": "OVStableDiffusionXLPipeline"}
+
+
+def _benchmarks_import(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:  # compare.py puts benchmarks/ on the path itself too
+        while str(BENCHMARKS) in sys.path:
+            sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +257,177 @@ def test_report_from_an_earlier_json_gives_the_same_summary(report, tmp_path):
         assert redone["runners"][name]["decoder"] == ("tiny" if name == "diffrt-openvino-tiny-vae" else "full")
     assert redone["image_agreement"] == data["image_agreement"] and redone["reported_again"]
     assert "summarized again on" in (again / "compare-test.md").read_text()
+
+
+def test_report_from_a_json_from_before_sdxl(report, tmp_path):
+    """Reports written before the SDXL workload have no model name and no preset or
+    scheduler_config in their workloads: they are summarized again as SD1.5 runs."""
+    data, _, _ = report
+    old = json.loads(json.dumps(data))
+    del old["model"]["name"]
+    for workload in old["workloads"]:
+        for key in ("model", "preset", "scheduler_config"):
+            del workload[key]
+    path = tmp_path / "compare-old.json"
+    old["mode"] = "old"
+    path.write_text(json.dumps(old))
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "compare.py"), "--report-from", str(path),
+                           "--results", str(tmp_path / "again")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    redone = json.loads((tmp_path / "again" / "compare-old.json").read_text())
+    assert redone["model"]["name"] == "sd15"
+    for name, r in data["runners"].items():
+        assert redone["runners"][name]["summary"] == r["summary"]
+    md = (tmp_path / "again" / "compare-old.md").read_text()
+    assert "## W2-256: dpmpp_2m, 20 steps, CFG 7.5, 32x32" in md and "preset" not in md
+
+
+# --- SDXL --------------------------------------------------------------------------------
+
+
+def test_one_model_per_run_and_its_own_tag():
+    compare = _benchmarks_import("compare")
+    args = compare.parse_args([])
+    assert args.model == "sd15" and args.workload_names == ["W1-256", "W1-512", "W2-256"] and args.tag == "full"
+    args = compare.parse_args(["--workloads", "W3-512"])
+    assert args.model == "sdxl" and args.workload_names == ["W3-512"] and args.tag == "sdxl"
+    assert compare.parse_args(["--workloads", "W3-512", "--tiny"]).tag == "tiny-sdxl"
+    assert compare.parse_args(["--workloads", "W3-512", "--runners", "diffrt-ort"]).tag == "sdxl-custom"
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--workloads", "W1-256,W3-512"])
+
+
+def test_sdxl_runners_start_one_at_a_time(tmp_path, monkeypatch):
+    """The scheduler takes each runner's estimate for the model of the cells: on a 24 GiB
+    machine two SD1.5 runners share a group, two SDXL runners (14 GB of weights each) do not."""
+    import time
+
+    schedule = _benchmarks_import("harness.schedule")
+    specs = _benchmarks_import("harness.specs")
+    held = {"sd15": 4.5, "sdxl": 14.0}  # what a live runner holds: its fp32 weights and a little more
+    live: list = []
+
+    def fake_start(plan, state, cache):
+        state.worker = object()
+        live.append(state)
+        return {"total_seconds": 1.0}
+
+    def fake_stop(state, role):
+        live.remove(state)
+        state.worker = None
+
+    monkeypatch.setattr(schedule, "start", fake_start)
+    monkeypatch.setattr(schedule, "stop", fake_stop)
+    monkeypatch.setattr(schedule, "run_group", lambda plan, group: None)
+    monkeypatch.setattr(schedule, "warm_start", lambda plan, state: None)
+    groups = {}
+    for model, workload in (("sd15", "W1-512"), ("sdxl", "W3-512")):
+        monkeypatch.setattr(schedule, "mem_available_gib", lambda model=model: 23.0 - held[model] * len(live))
+        plan = schedule.Plan(cells=[schedule.Cell(specs.WORKLOADS[workload], 1)], runs=1, cell_budget_s=60,
+                             deadline=time.perf_counter() + 60, run_timeout_s=60, memory_gib=None, growth_gib=2.0,
+                             workdir=tmp_path, venv_root=tmp_path, model_dirs={}, latents={}, vae_scale_factor=8,
+                             log=lambda _: None)
+        states = [schedule.RunnerState(specs.RUNNERS[name], {"status": "ok", "cold_start": {}, "processes": []})
+                  for name in ("diffrt-ort", "diffusers-fp32", "optimum-onnx")]
+        groups[model] = schedule.run_all(plan, states)
+        assert all(s.result["status"] == "ok" for s in states)
+    assert groups["sd15"] == [["diffrt-ort", "diffusers-fp32", "optimum-onnx"]]
+    assert groups["sdxl"] == [["diffrt-ort"], ["diffusers-fp32"], ["optimum-onnx"]]
+
+
+def test_peer_checkpoint_of_sdxl(tiny_checkpoint, tmp_path):
+    """Both tokenizers get the slow tokenizer's files; both text encoders get the key
+    layout transformers 4.x reads: "text_model.*" for everything but SDXL's
+    "text_projection.weight" (prefixed, transformers would not find it and would
+    initialise the projection at random)."""
+    from safetensors.numpy import load_file
+
+    prepare = _benchmarks_import("harness.prepare")
+    checkpoint = tiny_checkpoint("sdxl")
+    out = tmp_path / "peer-checkpoint"
+    prepare.make_peer_checkpoint(checkpoint, out)
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        vocab = json.loads((out / tokenizer / "vocab.json").read_text())
+        fast = json.loads((checkpoint / tokenizer / "tokenizer.json").read_text())["model"]
+        assert vocab == fast["vocab"] and (out / tokenizer / "merges.txt").read_text().startswith("#version")
+    for encoder in ("text_encoder", "text_encoder_2"):
+        original, copied = (load_file(folder / encoder / "model.safetensors") for folder in (checkpoint, out))
+        assert len(copied) == len(original) and all(k.startswith(("text_model.", "text_projection.")) for k in copied)
+        for key, tensor in original.items():
+            name = key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+            assert (copied[name] == tensor).all()
+    assert "text_projection.weight" in load_file(out / "text_encoder_2" / "model.safetensors")
+    assert (out / "unet").is_symlink() and (out / "unet").resolve() == (checkpoint / "unet").resolve()
+
+
+def test_sdxl_flops_match_a_cpu_count(tiny_checkpoint):
+    """The SDXL UNet's count, with its added conditions, equals the real tiny module run on
+    CPU with attention on the math path."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = _benchmarks_import("flops")
+    checkpoint = tiny_checkpoint("sdxl")
+    assert flops.is_sdxl(checkpoint) and not flops.is_sdxl(tiny_checkpoint("sd15"))
+    counted = flops.count(checkpoint, [(1, 64, 64)], [])
+    unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    projection = json.loads((checkpoint / "text_encoder_2" / "config.json").read_text())["projection_dim"]
+    added = {"text_embeds": torch.randn(1, projection), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.randn(1, 4, 32, 32), torch.tensor([500.0]), torch.randn(1, 77, unet.config.cross_attention_dim),
+             added_cond_kwargs=added)
+    assert counted["unet"]["b1-64x64"] == counter.get_total_flops() > 0
+    assert "unet_error" not in counted
+
+
+@pytest.fixture(scope="module")
+def sdxl_report(tiny_checkpoint, exported, tmp_path_factory):
+    """One --tiny --workloads W3-512 run, reusing the session's tiny SDXL checkpoint and
+    export, with the peers whose venvs are installed."""
+    tmp = tmp_path_factory.mktemp("compare-sdxl")
+    models = tmp / "work" / "tiny-sdxl"
+    models.mkdir(parents=True)
+    (models / "checkpoint").symlink_to(tiny_checkpoint("sdxl"), target_is_directory=True)
+    (models / "artifact").symlink_to(exported("sdxl"), target_is_directory=True)
+    results = tmp / "results"
+    cmd = [sys.executable, str(BENCHMARKS / "compare.py"), "--tiny", "--workdir", str(tmp / "work"),
+           "--results", str(results), "--venv-root", str(VENVS), "--runners", ",".join(SDXL_RUNNERS),
+           "--workloads", "W3-512", "--runs", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((results / "compare-tiny-sdxl.json").read_text())  # the default tag of a tiny SDXL run
+    return data, results, tmp / "work"
+
+
+def test_sdxl_workload(sdxl_report):
+    data, results, work = sdxl_report
+    assert data["mode"] == "tiny-sdxl" and data["model"]["name"] == "sdxl" and "SDXL" in data["model"]["description"]
+    assert data["model"]["checkpoint"] == str(work / "tiny-sdxl" / "checkpoint")
+    (workload,) = data["workloads"]
+    assert workload["preset"] == "sdxl-lightning-4step" and workload["scheduler"] == "euler"
+    assert workload["scheduler_config"] == {"timestep_spacing": "trailing"} and workload["steps"] == 4
+    assert list(data["runners"]) == list(SDXL_RUNNERS)
+    for name, r in data["runners"].items():
+        assert r["status"] == "ok", (name, r["status"])
+        s = r["summary"]["W3-512/b1"]
+        assert s["runs_done"] == 1 and s["errors"] == [] and s["e2e_median_seconds"] > 0
+        assert s["denoiser_calls_per_image_run"] == 4
+        assert s["text_encoder_median_seconds"] > 0 and s["vae_decoder_median_seconds"] > 0
+        assert s["denoiser_call_flops"] > 0 and s["vae_decoder_flops"] > 0 and s["denoiser_gflops_per_second"] > 0
+        if name in PIPELINES:
+            assert r["info"]["pipeline"] == PIPELINES[name]
+    for peer in SDXL_PEERS:  # their own exports, beside the SDXL checkpoint (not the SD1.5 one's)
+        kind = data["runners"][peer]["kind"]
+        assert (work / "tiny-sdxl" / "peer-models" / kind / "model_index.json").is_file()
+    # Euler injects no noise: same latents, same weights, same trailing timesteps -> the same image.
+    agreement = data["image_agreement"]["W3-512/b1"]
+    assert agreement["reference"] == "diffusers-fp32" and set(agreement["max_abs_diff"]) == set(SDXL_RUNNERS)
+    for name, diff in agreement["max_abs_diff"].items():
+        assert diff <= 1e-4, (name, diff)
+    md = (results / "compare-tiny-sdxl.md").read_text()
+    assert "## W3-512: sdxl-lightning-4step preset (euler, timestep_spacing=trailing, 4 steps, no CFG, 64x64)" in md
+    assert "tiny random-weight SDXL" in md
+    flops_file = Path(data["flops"]["file"])
+    assert flops_file == work / "flops_tiny_sdxl.json" and "b1-64x64" in data["flops"]["unet"]

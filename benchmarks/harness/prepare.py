@@ -1,14 +1,18 @@
 """One-time preparation in the work folder, reused by later runs when complete:
 
-- the checkpoint and diffrt's export of it: SD1.5 size through
-  benchmarks/real_size_sd15.py's build and export phases (~30 s + ~2 min, 8 GiB of disk),
-  or a tiny random-weight one for --tiny (`python harness/prepare.py tiny DIR`);
+- the checkpoint and diffrt's export of it, in WORKDIR/sd15 (SD1.5 size, through
+  benchmarks/real_size_sd15.py's build and export phases: ~30 s + ~2 min, 8 GiB of disk),
+  WORKDIR/sdxl (SDXL size, through benchmarks/real_size_sdxl.py's: ~15 min, 15 GiB of
+  memory, 28 GB of disk), or WORKDIR/tiny and WORKDIR/tiny-sdxl for --tiny (`python
+  harness/prepare.py tiny DIR [sd15|sdxl]`);
 - a copy of the checkpoint for the peers, readable by their older transformers: its
-  tokenizer/ also has vocab.json and merges.txt (transformers 5 saves tokenizer.json
-  only; transformers 4.x's slow CLIPTokenizer needs the two files), and its text
-  encoder's weights carry the "text_model." prefix that transformers 5.24 no longer
-  writes (transformers 4.57 and 5.5 load such a file as a randomly initialised text
-  encoder, with only a warning);
+  tokenizer/ and tokenizer_2/ also have vocab.json and merges.txt (transformers 5 saves
+  tokenizer.json only; transformers 4.x's slow CLIPTokenizer needs the two files), and
+  its text encoders' weights carry the "text_model." prefix that transformers 5.24 no
+  longer writes for a CLIPTextModel (transformers 4.57 and 5.5 load such a file as a
+  randomly initialised text encoder, with only a warning). SDXL's text_encoder_2, a
+  CLIPTextModelWithProjection, is saved with the prefix already, and its
+  "text_projection.weight" sits beside "text_model.*", so it keeps its name;
 - each peer's own conversion (optimum's ONNX / OpenVINO export), made by its runner
   script's --prepare under the peer's venv;
 - the initial latents, one .npy per (size, batch), the same for every runner.
@@ -29,13 +33,29 @@ from typing import Any
 
 BENCHMARKS = Path(__file__).resolve().parent.parent
 COMPLETE = ".complete"
+REAL_SIZE_SCRIPTS = {"sd15": "real_size_sd15.py", "sdxl": "real_size_sdxl.py"}  # in benchmarks/
 # Bump when make_peer_checkpoint changes: peer checkpoints and peer exports made from an
-# older one are rebuilt.
-PEER_CHECKPOINT_VERSION = 2
+# older one are rebuilt. 3: tokenizer_2/ and text_encoder_2/ (SDXL).
+PEER_CHECKPOINT_VERSION = 3
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# Keys a CLIPTextModel(WithProjection) state dict has at its top level in the layout every
+# transformers before 5.24 reads; any other key belongs under "text_model.".
+TOP_LEVEL_KEYS = ("text_model.", "text_projection.")
+
+
+def model_folder(model: str, tiny: bool) -> str:
+    """The work folder's subfolder for a model: its checkpoint, exports, peer exports."""
+    if tiny:
+        return "tiny" if model == "sd15" else f"tiny-{model}"
+    return model
 
 
 @dataclass(frozen=True)
 class Models:
+    model: str
+    """"sd15" or "sdxl" (harness/specs.py MODELS)."""
+    folder: Path
     checkpoint: Path
     artifact: Path
     peer_checkpoint: Path
@@ -45,24 +65,27 @@ class Models:
     """Seconds spent building/exporting in this run (0 when reused)."""
 
 
-def prepare_models(workdir: Path, tiny: bool, log) -> Models:
-    folder = workdir / ("tiny" if tiny else "sd15")
+def prepare_models(workdir: Path, tiny: bool, log, model: str = "sd15") -> Models:
+    if model not in REAL_SIZE_SCRIPTS:
+        raise ValueError(f"model {model!r}; choose one of {', '.join(REAL_SIZE_SCRIPTS)}")
+    folder = workdir / model_folder(model, tiny)
     checkpoint, artifact = folder / "checkpoint", folder / "artifact"
     started = time.perf_counter()
     if not ((artifact / "manifest.json").is_file() and (checkpoint / "model_index.json").is_file()):
         if tiny:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "tiny", str(folder)]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "tiny", str(folder), model]
         else:  # the real-size build + export, with its own report beside the models
-            cmd = [sys.executable, str(BENCHMARKS / "real_size_sd15.py"), "--phases", "build,export",
+            cmd = [sys.executable, str(BENCHMARKS / REAL_SIZE_SCRIPTS[model]), "--phases", "build,export",
                    "--workdir", str(folder), "--results", str(folder / "build-export.json")]
-        log(f"preparing the {'tiny' if tiny else 'SD1.5-size'} checkpoint and its diffrt export: {' '.join(cmd)}")
+        what = f"{'tiny' if tiny else 'real-size'} {model}"
+        log(f"preparing the {what} checkpoint and its diffrt export: {' '.join(cmd)}")
         subprocess.run(cmd, check=True, stdout=sys.stderr)
     peer_checkpoint = folder / "peer-checkpoint"
     if _read_json(peer_checkpoint / COMPLETE).get("version") != PEER_CHECKPOINT_VERSION:
         make_peer_checkpoint(checkpoint, peer_checkpoint)
-    model = json.loads((artifact / "manifest.json").read_text())["model"]
-    return Models(checkpoint, artifact, peer_checkpoint, int(model["vae_scale_factor"]), int(model["latent_channels"]),
-                  round(time.perf_counter() - started, 3))
+    facts = json.loads((artifact / "manifest.json").read_text())["model"]
+    return Models(model, folder, checkpoint, artifact, peer_checkpoint, int(facts["vae_scale_factor"]),
+                  int(facts["latent_channels"]), round(time.perf_counter() - started, 3))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -75,15 +98,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def make_peer_checkpoint(checkpoint: Path, out: Path) -> None:
     """`out`: the checkpoint's folders as symlinks (the same weight files), except
-    tokenizer/ (copied, plus vocab.json and merges.txt from tokenizer.json) and
-    text_encoder/ (the same tensors, keys prefixed "text_model." where they are not)."""
+    tokenizer/ and tokenizer_2/ (copied, plus vocab.json and merges.txt from
+    tokenizer.json) and text_encoder/ and text_encoder_2/ (the same tensors, keys
+    prefixed "text_model." where they are neither that nor "text_projection.")."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for entry in checkpoint.iterdir():
-        if entry.name == "tokenizer":
+        if entry.name in TOKENIZERS and entry.is_dir():
             shutil.copytree(entry, out / entry.name)
             write_slow_tokenizer_files(out / entry.name)
-        elif entry.name == "text_encoder":
+        elif entry.name in TEXT_ENCODERS and entry.is_dir():
             write_prefixed_text_encoder(entry, out / entry.name)
         elif entry.is_dir():
             (out / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
@@ -93,15 +117,17 @@ def make_peer_checkpoint(checkpoint: Path, out: Path) -> None:
 
 
 def write_prefixed_text_encoder(src: Path, out: Path, prefix: str = "text_model.") -> None:
-    """Copy a CLIPTextModel folder, renaming weights "embeddings..." -> "text_model.embeddings..."
-    (the layout every transformers before 5.24 reads). Tensors are copied bit for bit."""
+    """Copy a CLIPTextModel(WithProjection) folder, renaming weights "embeddings..." ->
+    "text_model.embeddings..." (the layout every transformers before 5.24 reads); keys
+    already in that layout (TOP_LEVEL_KEYS: "text_model.*", a projection's
+    "text_projection.weight") keep their names. Tensors are copied bit for bit."""
     from safetensors.numpy import load_file, save_file
 
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors"))
     renamed: dict[str, str] = {}
     for weights in sorted(src.glob("*.safetensors")):
         tensors = load_file(weights)
-        names = {k: k if k.startswith(prefix) else prefix + k for k in tensors}
+        names = {k: k if k.startswith(TOP_LEVEL_KEYS) else prefix + k for k in tensors}
         renamed.update(names)
         save_file({names[k]: v for k, v in tensors.items()}, out / weights.name, metadata={"format": "pt"})
         del tensors
@@ -162,17 +188,19 @@ def write_latents(folder: Path, channels: int, height: int, width: int, batch: i
     return path
 
 
-def _make_tiny(folder: Path) -> None:
-    """Child process: a tiny random-weight SD1.x checkpoint and its diffrt export."""
+def _make_tiny(folder: Path, model: str = "sd15") -> None:
+    """Child process: a tiny random-weight SD1.x or SDXL checkpoint and its diffrt export
+    (with a tiny VAE decoder too, for the tiny-VAE runner)."""
     from diffrt.export import export
-    from diffrt.export.tiny import make_tiny_sd, make_tiny_taesd
+    from diffrt.export.tiny import make_tiny_sd, make_tiny_sdxl, make_tiny_taesd
 
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint = make_tiny_sd(folder / "checkpoint", kind="sd15")
+    make = make_tiny_sdxl if model == "sdxl" else make_tiny_sd
+    checkpoint = make(folder / "checkpoint", kind=model)
     export(checkpoint, folder / "artifact", overwrite=True, tiny_vae=make_tiny_taesd(folder / "taesd"))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "tiny":
-        raise SystemExit("usage: python benchmarks/harness/prepare.py tiny DIR")
-    _make_tiny(Path(sys.argv[2]))
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "tiny" or sys.argv[3:] not in ([], ["sd15"], ["sdxl"]):
+        raise SystemExit("usage: python benchmarks/harness/prepare.py tiny DIR [sd15|sdxl]")
+    _make_tiny(Path(sys.argv[2]), *sys.argv[3:])

@@ -116,6 +116,16 @@ def _flops_cell(gflops: Any, pct: Any, pct_bf16: Any) -> str:
     return text + ")"
 
 
+def workload_title(workload: dict[str, Any]) -> str:
+    """"W3-512: sdxl-lightning-4step preset (euler, timestep_spacing=trailing, 4 steps, no
+    CFG, 512x512)" from a report's workload entry (reports from before presets have none)."""
+    overrides = "".join(f", {k}={v}" for k, v in (workload.get("scheduler_config") or {}).items())
+    text = f"{workload['scheduler']}{overrides}, {workload['steps']} steps, " \
+           f"{'CFG ' + format(workload['guidance_scale'], 'g') if workload['cfg'] else 'no CFG'}, " \
+           f"{workload['width']}x{workload['height']}"
+    return f"{workload['name']}: " + (f"{workload['preset']} preset ({text})" if workload.get("preset") else text)
+
+
 def markdown(report: dict[str, Any]) -> str:
     machine, gemm = report["machine"], report["gemm"]
     gemm_others = ", ".join(f"{100 * m.get('others_cpu_share', 0):.0f}%" for m in gemm.get("measurements", []))
@@ -143,10 +153,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['description']} | {status} |")
     for workload in report["workloads"]:
         w = WORKLOADS.get(workload["name"])
-        title = f"{workload['name']}: {workload['scheduler']}, {workload['steps']} steps, " \
-                f"{'CFG ' + format(workload['guidance_scale'], 'g') if workload['cfg'] else 'no CFG'}, " \
-                f"{workload['width']}x{workload['height']}"
-        lines += ["", f"## {title}", "",
+        lines += ["", f"## {workload_title(workload)}", "",
                   "| runner | batch | runs | e2e median s | images/s | text enc s | denoiser s/call | VAE s | "
                   "denoiser GFLOP/s (% of peak) | VAE GFLOP/s (% of peak) | others' CPU max | image max diff |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -52,7 +52,8 @@ class Plan:
     """time.perf_counter() after which no run starts."""
     run_timeout_s: float
     memory_gib: float | None
-    """Memory one runner process may reach (None: each runner's own estimate, spec.memory_gib)."""
+    """Memory one runner process may reach (None: each runner's own estimate for the
+    cells' model, spec.memory_gib_for)."""
     growth_gib: float
     """Room kept free for each live runner to grow into (larger sizes, batch 4)."""
     workdir: Path
@@ -65,6 +66,11 @@ class Plan:
     log: Callable[[str], None]
     sequence: list[tuple[str, str, int]] = field(default_factory=list)
     """(runner, cell, run) in the order the runs happened: the round-robin, for the record."""
+
+    @property
+    def model(self) -> str:
+        """The checkpoint every cell runs on (one model per run of the harness)."""
+        return self.cells[0].workload.model
 
 
 @dataclass
@@ -82,9 +88,10 @@ def model_dir(plan: Plan, spec: RunnerSpec) -> Path:
 
 def request_for(plan: Plan, cell: Cell, image_out: Path | None) -> dict[str, Any]:
     w = cell.workload
-    return {"cmd": "generate", "prompt": PROMPT, "scheduler": w.scheduler, "steps": w.steps,
-            "guidance_scale": w.guidance_scale, "height": w.height, "width": w.width, "batch": cell.batch,
-            "seed": SEED, "latents": str(plan.latents[(w.height, w.width, cell.batch)]),
+    return {"cmd": "generate", "prompt": PROMPT, "preset": w.preset, "scheduler": w.scheduler,
+            "scheduler_config": dict(w.scheduler_config), "steps": w.steps, "guidance_scale": w.guidance_scale,
+            "height": w.height, "width": w.width, "batch": cell.batch, "seed": SEED,
+            "latents": str(plan.latents[(w.height, w.width, cell.batch)]),
             "vae_scale_factor": plan.vae_scale_factor, "image_out": str(image_out) if image_out else None}
 
 
@@ -243,7 +250,7 @@ def run_all(plan: Plan, states: list[RunnerState]) -> list[list[str]]:
     while pending:
         group: list[RunnerState] = []
         while pending:
-            need = (plan.memory_gib or pending[0].spec.memory_gib) + plan.growth_gib * len(group)
+            need = (plan.memory_gib or pending[0].spec.memory_gib_for(plan.model)) + plan.growth_gib * len(group)
             if mem_available_gib() < need:
                 if group:
                     break

@@ -33,6 +33,14 @@ class Workload:
     """num_images_per_prompt values to time (one call each)."""
     deterministic: bool
     """The scheduler injects no noise, so all runners' images must agree (checked)."""
+    model: str = "sd15"
+    """The checkpoint it runs on, a key of MODELS; one run of the harness uses one model."""
+    preset: str | None = None
+    """The diffrt preset it is (passed as pipe(preset=...)); scheduler, steps and guidance
+    above equal the preset's, so the peers, which know no presets, get the same recipe."""
+    scheduler_config: tuple[tuple[str, Any], ...] = ()
+    """Overrides of the checkpoint's scheduler config (the preset's own, e.g. trailing
+    timestep spacing): peers apply them with SchedulerClass.from_config(config, **overrides)."""
 
     @property
     def cfg(self) -> bool:
@@ -44,20 +52,35 @@ class Workload:
 
     def describe(self) -> str:
         cfg = f"CFG {self.guidance_scale:g}" if self.cfg else "no CFG"
-        return f"{self.scheduler}, {self.steps} steps, {cfg}, {self.width}x{self.height}"
+        scheduler = self.scheduler + "".join(f", {k}={v}" for k, v in self.scheduler_config)
+        text = f"{scheduler}, {self.steps} steps, {cfg}, {self.width}x{self.height}"
+        return f"{self.preset} preset ({text})" if self.preset else text
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "scheduler": self.scheduler, "steps": self.steps,
+        return {"name": self.name, "model": self.model, "preset": self.preset, "scheduler": self.scheduler,
+                "scheduler_config": dict(self.scheduler_config), "steps": self.steps,
                 "guidance_scale": self.guidance_scale, "height": self.height, "width": self.width,
                 "batches": list(self.batches), "deterministic": self.deterministic, "cfg": self.cfg}
 
 
-# W1: distilled (LCM, 4 steps, no CFG); W2: full-step (DPM++ 2M, 20 steps, CFG 7.5).
+MODELS = {  # what a run's model is, as the report names it (real size, --tiny)
+    "sd15": ("SD1.5-size random weights (benchmarks/real_size_sd15.py)",
+             "tiny random-weight SD1.x (diffrt.export.tiny)"),
+    "sdxl": ("SDXL-size random weights (benchmarks/real_size_sdxl.py)",
+             "tiny random-weight SDXL (diffrt.export.tiny.make_tiny_sdxl)"),
+}
+
+# W1: distilled (LCM, 4 steps, no CFG); W2: full-step (DPM++ 2M, 20 steps, CFG 7.5), both
+# on SD1.5. W3: SDXL, the sdxl-lightning-4step recipe (Euler, trailing spacing, 4 steps,
+# no CFG; Euler injects no noise, so the images are compared).
 WORKLOADS = {
     "W1-256": Workload("W1-256", "lcm", 4, 1.0, 256, 256, (1, 4), deterministic=False),
     "W1-512": Workload("W1-512", "lcm", 4, 1.0, 512, 512, (1,), deterministic=False),
     "W2-256": Workload("W2-256", "dpmpp_2m", 20, 7.5, 256, 256, (1,), deterministic=True),
+    "W3-512": Workload("W3-512", "euler", 4, 0.0, 512, 512, (1,), deterministic=True, model="sdxl",
+                       preset="sdxl-lightning-4step", scheduler_config=(("timestep_spacing", "trailing"),)),
 }
+DEFAULT_WORKLOADS = tuple(name for name, w in WORKLOADS.items() if w.model == "sd15")
 QUICK_WORKLOADS = ("W1-256",)
 TINY_SIZE_DIVISOR = 8  # --tiny: 32x32 and 64x64 images on the tiny checkpoint (VAE factor 2)
 
@@ -105,10 +128,19 @@ class RunnerSpec:
     memory_gib: float = 6.0
     """Peak RSS to expect at SD1.5 size, 256x256 (fp32 weights are 4 GiB); another runner
     process starts only while this much (plus room for the live ones to grow) is free."""
+    sdxl_memory_gib: float = 16.0
+    """The same at SDXL size, 512x512 (W3-512): fp32 weights are 13.9 GB (UNet 10.3, the
+    bigG text encoder 2.8), so on a 24 GiB machine SDXL runners run one at a time.
+    diffrt-ort measured 13.8 GiB through its UNet calls at 1024x1024 (17.2 with the
+    1024x1024 VAE decode; benchmarks/results/real_size_sdxl.json); the other runners'
+    16 is an estimate (weights + activations)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"runner {self.name!r}: kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+
+    def memory_gib_for(self, model: str) -> float:
+        return self.sdxl_memory_gib if model == "sdxl" else self.memory_gib
 
     def options_with_cache(self, cache_dir: Path) -> dict[str, Any]:
         options = {k: dict(v) if isinstance(v, dict) else v for k, v in self.options.items()}
@@ -122,13 +154,13 @@ class RunnerSpec:
 
 
 def diffrt(name: str, description: str, load: dict[str, Any], call: dict[str, Any] | None = None,
-           cache_option: str | None = None, memory_gib: float = 6.0, warmup_new_shapes: bool = False,
-           decoder: str = "full") -> RunnerSpec:
+           cache_option: str | None = None, memory_gib: float = 6.0, sdxl_memory_gib: float = 16.0,
+           warmup_new_shapes: bool = False, decoder: str = "full") -> RunnerSpec:
     """A diffrt configuration. `warmup_new_shapes`: the backend compiles per shape, so
     each new shape gets one untimed 1-step call first (reported as setup time)."""
     options = {"load": load, "call": call or {}, "warmup_new_shapes": warmup_new_shapes}
     return RunnerSpec(name, "diffrt", options, description, cache_option=cache_option, memory_gib=memory_gib,
-                      decoder=decoder)
+                      sdxl_memory_gib=sdxl_memory_gib, decoder=decoder)
 
 
 RUNNERS = {r.name: r for r in (
@@ -136,18 +168,23 @@ RUNNERS = {r.name: r for r in (
     # Its engine cache: ORT's optimized graphs (engines/ort/<key>), so it starts twice too.
     diffrt("diffrt-ort", "diffrt, onnxruntime CPU, fp32", {"backend": "ort"}, cache_option="load.cache_dir"),
     # OpenVINO: 10.7 GiB peak measured at SD1.5 size, 256x256, compiling one shape (7.9 from a warm cache).
+    # SDXL size: 20.7 GiB at load (compiling), 22.3 after a 1024x1024 VAE decode, measured by
+    # benchmarks/real_size_sdxl.py (results/real_size_sdxl.json, AVX2 machine, fp32); the load peak stays at 512x512.
     diffrt("diffrt-openvino", "diffrt, OpenVINO, default precision (bf16 where the CPU has it)",
-           {"backend": "openvino"}, cache_option="load.cache_dir", memory_gib=11.0, warmup_new_shapes=True),
+           {"backend": "openvino"}, cache_option="load.cache_dir", memory_gib=11.0, sdxl_memory_gib=21.0,
+           warmup_new_shapes=True),
     diffrt("diffrt-openvino-tiny-vae", "diffrt, OpenVINO, tiny VAE decoder", {"backend": "openvino"},
-           {"vae": "tiny"}, cache_option="load.cache_dir", memory_gib=11.0, warmup_new_shapes=True, decoder="tiny"),
+           {"vae": "tiny"}, cache_option="load.cache_dir", memory_gib=11.0, sdxl_memory_gib=21.0,
+           warmup_new_shapes=True, decoder="tiny"),
     # What users would pick instead.
     RunnerSpec("diffusers-fp32", "diffusers", {"dtype": "fp32"}, "diffusers + torch CPU, fp32"),
     RunnerSpec("diffusers-bf16", "diffusers", {"dtype": "bf16"}, "diffusers + torch CPU, bf16", requires_bf16=True),
-    RunnerSpec("optimum-onnx", "optimum-onnx", {}, "optimum-onnx ORTStableDiffusionPipeline (onnxruntime CPU)"),
+    RunnerSpec("optimum-onnx", "optimum-onnx", {}, "optimum-onnx ORTStableDiffusion(XL)Pipeline (onnxruntime CPU)"),
     # Measured at SD1.5 size, 256x256, on the AVX2 machine: 8.2-8.7 GiB (12.4 starting from a warm cache).
-    RunnerSpec("optimum-intel", "optimum-intel", {}, "optimum-intel OVStableDiffusionPipeline, dynamic shapes",
-               cache_option="cache_dir", memory_gib=9.0),
+    # SDXL: estimated as diffrt-openvino's measured compile peak (not measured for optimum-intel).
+    RunnerSpec("optimum-intel", "optimum-intel", {}, "optimum-intel OVStableDiffusion(XL)Pipeline, dynamic shapes",
+               cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
     RunnerSpec("optimum-intel-static", "optimum-intel", {"static": True},
-               "optimum-intel OVStableDiffusionPipeline, reshaped to static shapes + compile()",
-               cache_option="cache_dir", memory_gib=9.0),
+               "optimum-intel OVStableDiffusion(XL)Pipeline, reshaped to static shapes + compile()",
+               cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
 )}

@@ -1,11 +1,14 @@
 """What the diffusers-API peers share: diffusers + torch, optimum-onnx's
-ORTStableDiffusionPipeline and optimum-intel's OVStableDiffusionPipeline are all
-subclasses of diffusers' StableDiffusionPipeline, so one call, one scheduler switch and
-one set of stage timers serve all three. Imported only inside a peer's own venv.
+ORTStableDiffusion(XL)Pipeline and optimum-intel's OVStableDiffusion(XL)Pipeline are all
+subclasses of diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL),
+so one call, one scheduler switch and one set of stage timers serve all three. Imported
+only inside a peer's own venv.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,16 +17,27 @@ import torch
 from worker import StageTimer, load_latents
 
 
-def scheduler_for(name: str, base_config: dict[str, Any]):
-    """The workload's scheduler, configured from the checkpoint's scheduler config (as
-    diffrt configures its own numpy schedulers from scheduler_config.json)."""
-    from diffusers import DPMSolverMultistepScheduler, LCMScheduler
+def is_sdxl(folder: str | Path) -> bool:
+    """Whether a saved pipeline folder (a diffusers checkpoint, or optimum's export of
+    one, which keeps its model_index.json) is an SDXL text-to-image pipeline."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return index.get("_class_name") == "StableDiffusionXLPipeline"
 
+
+def scheduler_for(name: str, base_config: dict[str, Any], overrides: dict[str, Any] | None = None):
+    """The workload's scheduler, configured from the checkpoint's scheduler config plus
+    the workload's overrides (as diffrt configures its own numpy schedulers from
+    scheduler_config.json and a preset's overrides)."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    overrides = dict(overrides or {})
     if name == "lcm":
-        return LCMScheduler.from_config(base_config)
+        return LCMScheduler.from_config(base_config, **overrides)
     if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(base_config, use_karras_sigmas=False)
-    raise ValueError(f"scheduler {name!r}: this runner knows lcm and dpmpp_2m")
+        return DPMSolverMultistepScheduler.from_config(base_config, **{"use_karras_sigmas": False, **overrides})
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(base_config, **overrides)
+    raise ValueError(f"scheduler {name!r}: this runner knows lcm, dpmpp_2m and euler")
 
 
 class DiffusersApiRunner:
@@ -33,25 +47,29 @@ class DiffusersApiRunner:
         self.pipe = pipe
         self.latents_dtype = latents_dtype
         self.base_scheduler_config = dict(pipe.scheduler.config)
-        self._schedulers: dict[str, Any] = {}
+        self._schedulers: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self.timer = StageTimer()
         self.wrap_stages()
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
 
     def wrap_stages(self) -> None:
-        # diffusers calls text_encoder(...) and unet(...) (-> forward) and vae.decode(...)
-        self.timer.wrap(self.pipe.text_encoder, "forward", "text_encoder")
+        # diffusers calls text_encoder(...) and unet(...) (-> forward) and vae.decode(...);
+        # SDXL's second encoder counts as text-encoder time too (StageTimer sums a stage's calls).
+        for encoder in ("text_encoder", "text_encoder_2"):
+            if getattr(self.pipe, encoder, None) is not None:
+                self.timer.wrap(getattr(self.pipe, encoder), "forward", "text_encoder")
         self.timer.wrap(self.pipe.unet, "forward", "denoiser_steps")
         self.timer.wrap(self.pipe.vae, "decode", "vae_decoder")
 
-    def set_scheduler(self, name: str) -> None:
-        if name not in self._schedulers:
-            self._schedulers[name] = scheduler_for(name, self.base_scheduler_config)
-        self.pipe.scheduler = self._schedulers[name]
+    def set_scheduler(self, name: str, overrides: dict[str, Any] | None = None) -> None:
+        key = (name, tuple(sorted((overrides or {}).items())))
+        if key not in self._schedulers:
+            self._schedulers[key] = scheduler_for(name, self.base_scheduler_config, overrides)
+        self.pipe.scheduler = self._schedulers[key]
 
     def generate(self, request: dict[str, Any]):
-        self.set_scheduler(request["scheduler"])
+        self.set_scheduler(request["scheduler"], request.get("scheduler_config"))
         latents = torch.from_numpy(load_latents(request)).to(self.latents_dtype)
         self.timer.reset()
         with torch.inference_mode():

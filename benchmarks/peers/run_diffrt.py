@@ -50,6 +50,9 @@ class DiffrtRunner:
         return result.images, stages
 
     def _call(self, request: dict[str, Any]):
+        # A preset (e.g. sdxl-lightning-4step) brings its scheduler config overrides; the
+        # explicit scheduler, steps and guidance equal the preset's.
+        preset = {"preset": request["preset"]} if request.get("preset") else {}
         try:
             return self.pipe(
                 request["prompt"],
@@ -62,6 +65,7 @@ class DiffrtRunner:
                 latents=load_latents(request),
                 seed=request["seed"],
                 output_type="np",
+                **preset,
                 **self.call_kwargs,
             )
         except TypeError as exc:

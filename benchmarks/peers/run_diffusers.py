@@ -1,5 +1,6 @@
-"""Runner: diffusers' StableDiffusionPipeline on torch (CPU), fp32 or bf16 (main venv).
-Options: {"dtype": "fp32" | "bf16"}. The checkpoint folder is loaded as saved."""
+"""Runner: diffusers' StableDiffusionPipeline, or StableDiffusionXLPipeline for an SDXL
+checkpoint, on torch (CPU), fp32 or bf16 (main venv). Options: {"dtype": "fp32" | "bf16"}.
+The checkpoint folder is loaded as saved."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from diffusers_api import DiffusersApiRunner  # noqa: E402
+from diffusers_api import DiffusersApiRunner, is_sdxl  # noqa: E402
 from worker import Unavailable, serve  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -18,16 +19,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def load(checkpoint: str, options: dict[str, Any]) -> DiffusersApiRunner:
     import diffusers
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = options.get("dtype", "fp32")
     if dtype not in DTYPES:
         raise Unavailable(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=DTYPES[dtype], safety_checker=None,
-                                                   requires_safety_checker=False)
+    if is_sdxl(checkpoint):  # no invisible watermark: it would change the image the others are compared with
+        pipe = StableDiffusionXLPipeline.from_pretrained(checkpoint, torch_dtype=DTYPES[dtype], add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=DTYPES[dtype], safety_checker=None,
+                                                       requires_safety_checker=False)
     runner = DiffusersApiRunner(pipe, latents_dtype=DTYPES[dtype])
     runner.info = {"diffusers": diffusers.__version__, "torch": torch.__version__, "dtype": dtype,
-                   "torch_threads": torch.get_num_threads()}
+                   "pipeline": type(pipe).__name__, "torch_threads": torch.get_num_threads()}
     return runner
 
 

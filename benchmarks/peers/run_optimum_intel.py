@@ -1,5 +1,5 @@
-"""Runner: optimum-intel's OVStableDiffusionPipeline (OpenVINO, CPU), in the
-optimum-intel venv (`bash benchmarks/peers/setup.sh`).
+"""Runner: optimum-intel's OVStableDiffusionPipeline, or OVStableDiffusionXLPipeline for an
+SDXL checkpoint (OpenVINO, CPU), in the optimum-intel venv (`bash benchmarks/peers/setup.sh`).
 
     --prepare CHECKPOINT OUT   optimum-intel's own OpenVINO IR export, weights kept fp32
                                (OVConfig(dtype="fp32"): no fp16 compression, no int8).
@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusers_api import DiffusersApiRunner  # noqa: E402
+from diffusers_api import DiffusersApiRunner, is_sdxl  # noqa: E402
 from worker import serve  # noqa: E402
 
 PROPERTIES = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
@@ -65,10 +65,11 @@ class OptimumIntelRunner(DiffusersApiRunner):
 
 
 def reshape_unet(pipe, unet_batch: int, height: int, width: int):
-    """optimum-intel's _reshape_unet with the batch given (no CFG doubling)."""
+    """optimum-intel's _reshape_unet with the batch given (no CFG doubling), SDXL's added
+    conditions (text_embeds, time_ids) included."""
     model = pipe.unet.model
     factor = pipe.vae_scale_factor
-    max_length = pipe.tokenizer.model_max_length
+    max_length = (pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2).model_max_length
     shapes = {}
     for tensor in model.inputs:
         shape = tensor.get_partial_shape()
@@ -78,6 +79,12 @@ def reshape_unet(pipe, unet_batch: int, height: int, width: int):
                 shape[0] = 1
         elif name == "sample":
             shape = [unet_batch, pipe.unet.config["in_channels"], height // factor, width // factor]
+        elif name == "text_embeds":
+            shape = [unet_batch, pipe.text_encoder_2.config["projection_dim"]]
+        elif name == "time_ids":
+            shape = [unet_batch, shape[1]]
+        elif name == "timestep_cond":
+            shape = [unet_batch, pipe.unet.config["time_cond_proj_dim"]]
         else:  # encoder_hidden_states
             shape[0] = unet_batch
             shape[1] = max_length
@@ -102,14 +109,19 @@ def compiled_properties(pipe) -> dict[str, Any]:
 def load(model: str, options: dict[str, Any]) -> OptimumIntelRunner:
     from importlib import metadata
 
-    from optimum.intel import OVStableDiffusionPipeline
+    from optimum.intel import OVStableDiffusionPipeline, OVStableDiffusionXLPipeline
 
     ov_config = {"CACHE_DIR": options["cache_dir"]} if options.get("cache_dir") else None
     static = bool(options.get("static"))
     # Dynamic: compile now, as from_pretrained does by default. Static: compile after reshape.
-    pipe = OVStableDiffusionPipeline.from_pretrained(model, ov_config=ov_config, compile=not static)
+    if is_sdxl(model):  # no invisible watermark: it would change the image the others are compared with
+        pipe = OVStableDiffusionXLPipeline.from_pretrained(model, ov_config=ov_config, compile=not static,
+                                                           add_watermarker=False)
+    else:
+        pipe = OVStableDiffusionPipeline.from_pretrained(model, ov_config=ov_config, compile=not static)
     runner = OptimumIntelRunner(pipe, static)
     runner.info = {name: metadata.version(name) for name in ("optimum-intel", "openvino", "diffusers", "transformers")}
+    runner.info["pipeline"] = type(pipe).__name__
     runner.info["static"] = static
     runner.info.update(compiled_properties(pipe))
     return runner

@@ -1,10 +1,12 @@
-"""Runner: optimum-onnx's ORTStableDiffusionPipeline (ONNX Runtime, CPU execution
-provider), in the optimum-onnx venv (`bash benchmarks/peers/setup.sh`).
+"""Runner: optimum-onnx's ORTStableDiffusionPipeline, or ORTStableDiffusionXLPipeline for
+an SDXL checkpoint (ONNX Runtime, CPU execution provider), in the optimum-onnx venv
+(`bash benchmarks/peers/setup.sh`).
 
     --prepare CHECKPOINT OUT   optimum's own ONNX export of the checkpoint (main_export,
-                               task text-to-image); the harness passes a copy of the
-                               checkpoint whose tokenizer has vocab.json + merges.txt,
-                               which transformers 4.x's slow CLIPTokenizer needs.
+                               task text-to-image, SD or SDXL); the harness passes a
+                               copy of the checkpoint whose tokenizers have vocab.json +
+                               merges.txt, which transformers 4.x's slow CLIPTokenizer
+                               needs.
 Options: none (optimum's defaults: CPUExecutionProvider, its own session options).
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusers_api import DiffusersApiRunner  # noqa: E402
+from diffusers_api import DiffusersApiRunner, is_sdxl  # noqa: E402
 from worker import serve  # noqa: E402
 
 
@@ -33,11 +35,16 @@ def prepare(checkpoint: str, out: str) -> dict[str, Any]:
 def load(model: str, options: dict[str, Any]) -> DiffusersApiRunner:
     from importlib import metadata
 
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
+    from optimum.onnxruntime import ORTStableDiffusionPipeline, ORTStableDiffusionXLPipeline
 
-    pipe = ORTStableDiffusionPipeline.from_pretrained(model, provider="CPUExecutionProvider")
+    if is_sdxl(model):  # no invisible watermark: it would change the image the others are compared with
+        pipe = ORTStableDiffusionXLPipeline.from_pretrained(model, provider="CPUExecutionProvider",
+                                                            add_watermarker=False)
+    else:
+        pipe = ORTStableDiffusionPipeline.from_pretrained(model, provider="CPUExecutionProvider")
     runner = DiffusersApiRunner(pipe)
     runner.info = {name: metadata.version(name) for name in ("optimum-onnx", "onnxruntime", "diffusers", "transformers")}
+    runner.info["pipeline"] = type(pipe).__name__
     return runner
 
 

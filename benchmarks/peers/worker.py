@@ -6,13 +6,15 @@ with JSON lines: one request on stdin, one reply on stdout.
 
     {"cmd": "load", "model": DIR, "options": {...}}
         -> {"ok": true, "seconds": s, "info": {...}}
-    {"cmd": "generate", "prompt": ..., "scheduler": "lcm"|"dpmpp_2m", "steps": n,
-     "guidance_scale": g, "height": h, "width": w, "batch": b, "seed": s,
-     "latents": PATH.npy, "image_out": PATH.npy | null}
+    {"cmd": "generate", "prompt": ..., "preset": NAME | null, "scheduler": "lcm"|"dpmpp_2m"|"euler",
+     "scheduler_config": {overrides}, "steps": n, "guidance_scale": g, "height": h, "width": w,
+     "batch": b, "seed": s, "latents": PATH.npy, "image_out": PATH.npy | null}
         -> {"ok": true, "seconds": s, "setup_seconds": s, "stages": {"text_encoder": s,
             "denoiser_steps": [...], "vae_decoder": s}, "info": {...}, "rss_gib": x, "peak_rss_gib": y}
         (setup_seconds: the runner's optional `prepare(request)`, e.g. a static reshape and
-        compile for a new shape, timed apart from the generation itself)
+        compile for a new shape, timed apart from the generation itself; preset: diffrt's
+        name for the recipe, whose scheduler, overrides, steps and guidance the request
+        spells out for the peers)
     {"cmd": "exit"}
 
 A failure replies {"ok": false, "kind": "unavailable" | "failed", "error": ONE line}:
