@@ -251,27 +251,27 @@ def run_phase_here(args: argparse.Namespace) -> int:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, float | None]] = []
     for name, phase in report["phases"].items():
-        rows.append(common._phase_row(f"{name} (total)", phase, phase.get("process_seconds_in_phase", 0.0)))
-        rows += [common._step_row(f"  {s['name']}", s) for s in phase["steps"]
+        rows.append((*common._phase_row(f"{name} (total)", phase, phase.get("process_seconds_in_phase", 0.0)), None))
+        rows += [(*common._step_row(f"  {s['name']}", s), s.get("sampled_max_anon_gib")) for s in phase["steps"]
                  if s["seconds"] >= 0.05 or s["set_new_peak"]]
         if name.startswith("generate"):
             weights = sum(phase["stage_weight_bytes"].values()) / 2**30
-            rows.append((f"  (weights of the stages loaded: {weights:.2f} GiB)", "", "", ""))
-    anon = {}
-    for name, phase in report["phases"].items():
-        for s in phase["steps"]:
-            anon[f"  {s['name']}"] = s.get("sampled_max_anon_gib")
+            rows.append((f"  (weights of the stages loaded: {weights:.2f} GiB)", "", "", "", None))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'what':<{width}}  {'seconds':>8}  {'peak RSS GiB':>12}  {'anon GiB':>8}  {'others CPU':>10}")
     print("-" * (width + 48))
-    for label, seconds, rss, others in rows:
-        value = anon.get(label)
+    for label, seconds, rss, others, value in rows:
         print(f"{label:<{width}}  {seconds:>8}  {rss:>12}  {'' if value is None else f'{value:.2f}':>8}  {others:>10}")
     print("peak RSS: the (sub-)phase's RSS high-water mark at its end; * = this sub-step raised it.")
     print("anon: the largest anonymous RSS sampled during the sub-step (RSS minus file-backed pages of mapped "
           "weight files, which the kernel can drop and re-read).")
+
+
+def print_report(path: Path) -> int:
+    print_table(json.loads(path.read_text()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,9 +285,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated phases (default {','.join(PHASES)}); e.g. 'generate-ort' reuses "
                              "the artifact already in --workdir")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help=f"JSON report (default {DEFAULT_RESULTS})")
+    parser.add_argument("--table-from", type=Path, metavar="JSON", help="print the table of an earlier report and exit")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table_from:
+        return print_report(args.table_from)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     args.workdir = args.workdir.expanduser().resolve()
