@@ -232,6 +232,8 @@ def test_sdxl_errors(sdxl, exported):
     refiner, _, _ = sdxl("sdxl-refiner")
     with pytest.raises(DiffrtError, match="continues a base model's latents"):
         refiner("a cat")
+    with pytest.raises(DiffrtError, match="pass them as image="):
+        refiner("a cat", latents=np.zeros((1, 4, 8, 8), np.float32), denoising_start=0.8)
     with pytest.raises(DiffrtError, match="image must be latents"):
         refiner("a cat", image=np.zeros((1, 3, 8, 8), np.float32), denoising_start=0.8)
     with pytest.raises(DiffrtError, match="cannot start part-way"):

@@ -228,6 +228,9 @@ class Pipeline:
                        negative_aesthetic_score=negative_aesthetic_score)
         takes_image = self.family.takes_image(self.manifest.model)
         if takes_image:
+            if latents is not None:
+                raise DiffrtError("latents= is initial noise; a refiner starts from a base model's latents: "
+                                  "pass them as image=")
             image, height, width = self._check_image(image, denoising_start, height, width)
         elif image is not None:
             raise DiffrtError("image= is for a refiner artifact (it continues a base model's latents); "
