@@ -145,7 +145,12 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     from diffrt.artifacts import read_manifest
     from diffrt.runtime.request import check_memory, make_request, read_scheduler_config
 
+    from diffrt.families import get_family
+
     manifest = read_manifest(folder)
+    if get_family(manifest.family).takes_image(manifest.model):
+        raise DiffrtError(f"{folder} is an SDXL refiner: it continues a base model's latents; run "
+                          f'diffrt generate BASE_ARTIFACT "prompt" --refiner {folder}')
     height, width = args.size if args.size else (None, None)
     refiner = getattr(args, "refiner", None)
     frac = getattr(args, "high_noise_frac", None)
@@ -160,8 +165,6 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     )
     check_memory(manifest, request, weights_loaded=False)
     if refiner is not None:
-        from diffrt.families import get_family
-
         other = read_manifest(Path(refiner))
         if not get_family(other.family).takes_image(other.model):
             raise DiffrtError(f"--refiner {refiner}: it holds a {other.pipeline_class}, not a refiner "

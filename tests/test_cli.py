@@ -93,4 +93,8 @@ def test_sdxl_cli_errors(exported, tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+    result = cli("generate", refiner, "a cat", "-o", str(tmp_path / "x.png"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and f"--refiner {refiner}" in errors[0], result.stderr[-2000:]
+    assert "generating" not in result.stderr  # refused before loading anything
     assert not (tmp_path / "x.png").exists()
