@@ -87,18 +87,22 @@ def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
 
     quiet_library_progress()
     loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
-    modules = {}
-    for name, cls in loaders.items():
-        if not (folder / name).is_dir():
-            raise DiffrtError(f"{folder / name} is missing; an SD checkpoint needs text_encoder/, unet/ and vae/")
-        logger.info("loading %s (%s)", name, cls.__name__)
-        try:
-            module = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DiffrtError(f"cannot load {folder / name} as {cls.__name__}: {first}") from None
-        modules[name] = module.eval().requires_grad_(False)
-    return modules
+    needs = "an SD checkpoint needs text_encoder/, unet/ and vae/"
+    return {name: load_module(folder, name, cls, needs) for name, cls in loaders.items()}
+
+
+def load_module(folder: Path, name: str, cls, needs: str) -> torch.nn.Module:
+    """folder/name loaded as `cls` in fp32, for inference; a one-line error when it is
+    missing (`needs` says what the family's checkpoints hold) or cannot be loaded."""
+    if not (folder / name).is_dir():
+        raise DiffrtError(f"{folder / name} is missing; {needs}")
+    logger.info("loading %s (%s)", name, cls.__name__)
+    try:
+        module = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffrtError(f"cannot load {folder / name} as {cls.__name__}: {first}") from None
+    return module.eval().requires_grad_(False)
 
 
 def load_tiny_vae(path: Path, model: dict[str, Any]) -> torch.nn.Module:

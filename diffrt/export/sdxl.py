@@ -17,6 +17,7 @@ from diffrt.export.sd import (  # noqa: F401 - load_tiny_vae and friends are thi
     VaeDecoderStage,
     VaeEncoderStage,
     first_attention_level,
+    load_module,
     load_tiny_vae,
     tiny_vae_facts,
     tiny_vae_stage,
@@ -71,21 +72,9 @@ def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
     loaders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
                "unet": UNet2DConditionModel, "vae": AutoencoderKL}
     required = ("text_encoder_2", "unet", "vae")
-    modules = {}
-    for name, cls in loaders.items():
-        if name not in present and name not in required:
-            continue
-        if not (folder / name).is_dir():
-            raise DiffrtError(f"{folder / name} is missing; an SDXL checkpoint needs text_encoder_2/, unet/ and vae/ "
-                              "(and text_encoder/ unless it is a refiner)")
-        logger.info("loading %s (%s)", name, cls.__name__)
-        try:
-            module = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch.float32)
-        except (OSError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DiffrtError(f"cannot load {folder / name} as {cls.__name__}: {first}") from None
-        modules[name] = module.eval().requires_grad_(False)
-    return modules
+    needs = "an SDXL checkpoint needs text_encoder_2/, unet/ and vae/ (and text_encoder/ unless it is a refiner)"
+    return {name: load_module(folder, name, cls, needs) for name, cls in loaders.items()
+            if name in present or name in required}
 
 
 def _max_length(folder: Path, tokenizer: str, text_config) -> int:

@@ -48,6 +48,17 @@ _SCHEDULERS = {
 }
 
 
+def _tiny_kl_vae(sample_size: int, **config):
+    """A tiny AutoencoderKL: 4 latent channels, downsampling by 2 (images are
+    sample_size * 2 pixels); `config` adds the family's own keys (scaling factor, ...)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                         norm_num_groups=32, sample_size=sample_size * 2, **config)
+
+
 def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_size: int = 32) -> Path:
     """Write a tiny random-weight pipeline of `kind` to `folder` with save_pretrained.
 
@@ -57,7 +68,7 @@ def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_s
     The default image is sample_size * 2 pixels square (the tiny VAE downsamples by 2).
     """
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from diffrt.export.checkpoint import quiet_library_progress
@@ -99,16 +110,7 @@ def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_s
         norm_num_groups=32,
         time_cond_proj_dim=32 if kind == "lcm" else None,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=sample_size * 2,
-    )
+    vae = _tiny_kl_vae(sample_size)
     class_name, config = _SCHEDULERS[kind]
     scheduler = getattr(diffusers, class_name).from_config(config)
     parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
@@ -143,7 +145,7 @@ def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample
                   its hidden states with aesthetic-score time ids (5), no zeroed negatives.
     """
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from diffrt.export.checkpoint import quiet_library_progress
@@ -188,18 +190,7 @@ def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample
         norm_num_groups=32,
         time_cond_proj_dim=32 if kind == "sdxl-lcm" else None,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=sample_size * 2,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = _tiny_kl_vae(sample_size, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE config
     scheduler = diffusers.EulerDiscreteScheduler.from_config(_SDXL_SCHEDULER)
     parts = dict(vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=tokenizers["tokenizer_2"], unet=unet,
                  scheduler=scheduler)

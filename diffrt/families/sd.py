@@ -94,11 +94,28 @@ def default_preset(pipeline_class: str) -> str:
     return "lcm-4step" if pipeline_class == LCM_PIPELINE_CLASS else "full-30step"
 
 
-def preset_guidance(preset: Preset, model: Mapping[str, Any]) -> float:
-    """The guidance scale a preset means for this checkpoint."""
+def preset_guidance(preset: Preset, model: Mapping[str, Any], lcm_guidance: float = LCM_GUIDANCE_SCALE) -> float:
+    """The guidance scale a preset means for this checkpoint: the preset's, else (LCM
+    presets) `lcm_guidance` as an embedding for an LCM-distilled UNet, 1.0 (no CFG) for others."""
     if preset.guidance_scale is not None:
         return preset.guidance_scale
-    return LCM_GUIDANCE_SCALE if model.get("time_cond_proj_dim") else 1.0
+    return lcm_guidance if model.get("time_cond_proj_dim") else 1.0
+
+
+def denoiser_inputs(model: Mapping[str, Any], added: tuple[TensorSpec, ...] = ()) -> tuple[TensorSpec, ...]:
+    """The UNet's inputs in the order its export wrapper takes them: sample, timestep,
+    encoder_hidden_states, the family's `added` conditions, then LCM's timestep_cond."""
+    seq = int(model["text_max_length"])
+    latent = ("batch", int(model["latent_channels"]), "latent_height", "latent_width")
+    inputs = [
+        TensorSpec("sample", "float32", latent),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", seq, int(model["cross_attention_dim"]))),
+        *added,
+    ]
+    if model.get("time_cond_proj_dim"):
+        inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(model["time_cond_proj_dim"]))))
+    return tuple(inputs)
 
 
 def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
@@ -108,13 +125,6 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
     channels = int(model["latent_channels"])
     latent = ("batch", channels, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
-    unet_inputs = [
-        TensorSpec("sample", "float32", latent),
-        TensorSpec("timestep", "float32", ("batch",)),
-        TensorSpec("encoder_hidden_states", "float32", ("batch", seq, int(model["cross_attention_dim"]))),
-    ]
-    if model.get("time_cond_proj_dim"):
-        unet_inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(model["time_cond_proj_dim"]))))
     return {
         TEXT_ENCODER: (
             (TensorSpec("input_ids", "int64", ("batch", seq)),),
@@ -123,7 +133,7 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
                 TensorSpec("pooler_output", "float32", ("batch", hidden)),
             ),
         ),
-        DENOISER: (tuple(unet_inputs), (TensorSpec("out_sample", "float32", latent),)),
+        DENOISER: (denoiser_inputs(model), (TensorSpec("out_sample", "float32", latent),)),
         VAE_DECODER: (
             (TensorSpec("latent_sample", "float32", latent),),
             (TensorSpec("sample", "float32", image),),

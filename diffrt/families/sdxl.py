@@ -125,9 +125,7 @@ def default_preset(pipeline_class: str) -> str:
 
 
 def preset_guidance(preset: Preset, model: Mapping[str, Any]) -> float:
-    if preset.guidance_scale is not None:
-        return preset.guidance_scale
-    return LCM_GUIDANCE_SCALE if model.get("time_cond_proj_dim") else 1.0
+    return sd.preset_guidance(preset, model, LCM_GUIDANCE_SCALE)
 
 
 def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
@@ -136,22 +134,17 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
     latent = ("batch", channels, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
     ids = (TensorSpec("input_ids", "int64", ("batch", seq)),)
-    unet_inputs = [
-        TensorSpec("sample", "float32", latent),
-        TensorSpec("timestep", "float32", ("batch",)),
-        TensorSpec("encoder_hidden_states", "float32", ("batch", seq, int(model["cross_attention_dim"]))),
+    unet_inputs = sd.denoiser_inputs(model, added=(
         TensorSpec("text_embeds", "float32", ("batch", int(model["projection_dim"]))),
         TensorSpec("time_ids", "float32", ("batch", int(model["time_ids"]))),
-    ]
-    if model.get("time_cond_proj_dim"):
-        unet_inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(model["time_cond_proj_dim"]))))
+    ))
     io = {
         # penultimate hidden states (SDXL conditions on the layer before the last)
         TEXT_ENCODER_2: (ids, (
             TensorSpec("hidden_states", "float32", ("batch", seq, int(model["text_hidden_size_2"]))),
             TensorSpec("text_embeds", "float32", ("batch", int(model["projection_dim"]))),
         )),
-        DENOISER: (tuple(unet_inputs), (TensorSpec("out_sample", "float32", latent),)),
+        DENOISER: (unet_inputs, (TensorSpec("out_sample", "float32", latent),)),
         VAE_DECODER: ((TensorSpec("latent_sample", "float32", latent),), (TensorSpec("sample", "float32", image),)),
         VAE_ENCODER: ((TensorSpec("sample", "float32", image),),
                       (TensorSpec("latent_parameters", "float32", ("batch", 2 * channels, "latent_height",
