@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="export a diffusers checkpoint to an artifact folder")
     p.add_argument("src", help="local diffusers folder (with model_index.json) or hub id 'org/name'")
     p.add_argument("out", help="artifact folder to write (appears only when complete)")
-    p.add_argument("--family", default="auto", help="model family; auto: from model_index.json (sd)")
+    p.add_argument("--family", default="auto", help="model family: sd or sdxl; auto: from model_index.json")
     p.add_argument("--precision", default="fp32",
                    help="fp32 (default), or fp16, bf16, fp16,bf16: half-precision graphs beside the fp32 ones, "
                         "checked against them (fp32 is always exported)")
