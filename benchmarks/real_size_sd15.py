@@ -216,6 +216,21 @@ class StepTracker:
         return self.steps
 
 
+def unet_call_steps(tracker: StepTracker):
+    """A generation callback that prints each UNet call and opens the tracker's next
+    sub-step ("UNet call N", then "vae_decoder"). Called after every UNet call with the
+    requested steps done (PNDM: one call more than steps)."""
+    started, calls = time.perf_counter(), [0]
+
+    def on_step(step: int, total: int) -> None:
+        calls[0] += 1
+        print(f"  UNet call {calls[0]}: {step}/{total} steps done ({time.perf_counter() - started:.1f}s)",
+              file=sys.stderr, flush=True)
+        tracker.start("vae_decoder" if step == total else f"UNet call {calls[0] + 1}")
+
+    return on_step
+
+
 class ExportLogWatcher(logging.Handler):
     """Turns the exporter's progress log lines into StepTracker steps.
 
@@ -385,20 +400,10 @@ def phase_generate(args: argparse.Namespace) -> dict[str, Any]:
                        if (m := re.match(r"loaded (\w+) in ([\d.]+)s", msg))}
     hash_seconds = (load_log.messages[0][0] - t0) if load_log.messages else None
 
-    calls = [0]
-
-    def on_step(step: int, total: int) -> None:
-        # called after every UNet call with the requested steps done (PNDM: one call more than steps)
-        calls[0] += 1
-        print(f"  UNet call {calls[0]}: {step}/{total} steps done ({time.perf_counter() - started:.1f}s)",
-              file=sys.stderr, flush=True)
-        tracker.start("vae_decoder" if step == total else f"UNet call {calls[0] + 1}")
-
     tracker.start("text_encoder + UNet call 1")
-    started = time.perf_counter()
     with pipe:
         result = pipe(PROMPT, num_inference_steps=args.steps, height=height, width=width, seed=args.seed,
-                      output_type="np", callback=on_step)
+                      output_type="np", callback=unet_call_steps(tracker))
     tracker.end()
     images = result.images
     finite = bool(np.isfinite(images).all())

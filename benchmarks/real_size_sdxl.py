@@ -196,19 +196,10 @@ def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     session_seconds = {m.group(1): float(m.group(2)) for _, msg in load_log.messages
                        if (m := re.match(r"loaded (\S+) .*in ([\d.]+)s", msg))}
     weights = {name: sum(f.size for f in s.spec.files) for name, s in pipe._sessions.items()}
-    calls = [0]
-
-    def on_step(step: int, total: int) -> None:
-        calls[0] += 1
-        print(f"  UNet call {calls[0]}: {step}/{total} steps done ({time.perf_counter() - started:.1f}s)",
-              file=sys.stderr, flush=True)
-        tracker.start("vae_decoder" if step == total else f"UNet call {calls[0] + 1}")
-
     tracker.start("text encoders + UNet call 1")
-    started = time.perf_counter()
     with pipe:
         result = pipe(common.PROMPT, preset=PRESET, num_inference_steps=args.steps, height=height, width=width,
-                      seed=args.seed, output_type="np", callback=on_step)
+                      seed=args.seed, output_type="np", callback=common.unet_call_steps(tracker))
         settings = result.settings
         backend_name = pipe.backend.describe()
     tracker.end()

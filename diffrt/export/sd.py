@@ -189,45 +189,64 @@ def first_attention_level(unet_config) -> tuple[int | None, int | None]:
     return None, None
 
 
-def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
-    """Each stage's wrapper with trace inputs and check inputs of a different shape.
+class SampleInputs:
+    """Seeded random inputs to trace a stage with and to check its graph with (at
+    another shape), shared by the families' torch sides.
 
     The UNet is traced at latent sizes that are NOT multiples of 2**num_upsamplers:
     that makes diffusers pass explicit `upsample_size`s taken from the skip tensors,
     so the exported graph is correct at every latent size, not only multiples of 8.
     """
-    gen = torch.Generator().manual_seed(0)
-    seq, channels = model["text_max_length"], model["latent_channels"]
-    up = 2 ** model["num_upsamplers"]
-    vocab = modules["text_encoder"].config.vocab_size
 
-    def ids(batch: int) -> torch.Tensor:
-        x = torch.randint(0, vocab - 1, (batch, seq), generator=gen)
+    def __init__(self, model: dict[str, Any], seed: int = 0):
+        self.model = model
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen)
+
+    def ids(self, vocab: int, batch: int) -> torch.Tensor:
+        x = torch.randint(0, vocab - 1, (batch, self.model["text_max_length"]), generator=self.gen)
         x[:, -1] = vocab - 1  # an end-of-text token, so pooling is well defined
         return x
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
+    def text_encoder(self, wrapper: torch.nn.Module, vocab: int) -> StageModule:
+        return StageModule(wrapper, (self.ids(vocab, 2),), {"input_ids": self.ids(vocab, 1)})
 
-    def unet_inputs(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
-        feeds = {
-            "sample": randn(batch, channels, h, w),
-            "timestep": torch.full((batch,), 501.0),
-            "encoder_hidden_states": randn(batch, seq, model["cross_attention_dim"]),
+    def unet(self, wrapper: torch.nn.Module, added=None) -> StageModule:
+        """`added(batch, h, w)`: the family's extra conditioning inputs, in the wrapper's
+        order after encoder_hidden_states (LCM's timestep_cond comes last)."""
+        model, up = self.model, 2 ** self.model["num_upsamplers"]
+
+        def feeds(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
+            out = {
+                "sample": self.randn(batch, model["latent_channels"], h, w),
+                "timestep": torch.full((batch,), 501.0),
+                "encoder_hidden_states": self.randn(batch, model["text_max_length"], model["cross_attention_dim"]),
+                **(added(batch, h, w) if added else {}),
+            }
+            if model.get("time_cond_proj_dim"):
+                out["timestep_cond"] = self.randn(batch, model["time_cond_proj_dim"])
+            return out
+
+        return StageModule(wrapper, tuple(feeds(2, up + 1, 2 * up + 1).values()), feeds(1, 2 * up, 3 * up))
+
+    def vae(self, vae: torch.nn.Module) -> dict[str, StageModule]:
+        channels, f = self.model["latent_channels"], self.model["vae_scale_factor"]
+        return {
+            sd.VAE_DECODER: StageModule(VaeDecoderStage(vae), (self.randn(2, channels, 5, 7),),
+                                        {"latent_sample": self.randn(1, channels, 8, 6)}),
+            sd.VAE_ENCODER: StageModule(VaeEncoderStage(vae), (self.randn(2, 3, 5 * f, 7 * f),),
+                                        {"sample": self.randn(1, 3, 8 * f, 6 * f)}),
         }
-        if model.get("time_cond_proj_dim"):
-            feeds["timestep_cond"] = randn(batch, model["time_cond_proj_dim"])
-        return feeds
 
-    f = model["vae_scale_factor"]
-    unet_trace = unet_inputs(2, up + 1, 2 * up + 1)
+
+def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
+    """Each stage's wrapper with trace inputs and check inputs of a different shape."""
+    inputs = SampleInputs(model)
     return {
-        sd.TEXT_ENCODER: StageModule(TextEncoderStage(modules["text_encoder"]), (ids(2),), {"input_ids": ids(1)}),
-        sd.DENOISER: StageModule(UNetStage(modules["unet"]), tuple(unet_trace.values()), unet_inputs(1, 2 * up, 3 * up)),
-        sd.VAE_DECODER: StageModule(
-            VaeDecoderStage(modules["vae"]), (randn(2, channels, 5, 7),), {"latent_sample": randn(1, channels, 8, 6)}
-        ),
-        sd.VAE_ENCODER: StageModule(
-            VaeEncoderStage(modules["vae"]), (randn(2, 3, 5 * f, 7 * f),), {"sample": randn(1, 3, 8 * f, 6 * f)}
-        ),
+        sd.TEXT_ENCODER: inputs.text_encoder(TextEncoderStage(modules["text_encoder"]),
+                                             modules["text_encoder"].config.vocab_size),
+        sd.DENOISER: inputs.unet(UNetStage(modules["unet"])),
+        **inputs.vae(modules["vae"]),
     }

@@ -13,9 +13,8 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import quiet_library_progress, read_json, read_model_index
 from diffrt.export.sd import (  # noqa: F401 - load_tiny_vae and friends are this module's too
+    SampleInputs,
     StageModule,
-    VaeDecoderStage,
-    VaeEncoderStage,
     first_attention_level,
     load_module,
     load_tiny_vae,
@@ -140,46 +139,19 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
 
 
 def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
-    """Each stage's wrapper with trace inputs and check inputs of a different shape (the
-    UNet traced at latent sizes that are not multiples of 2**num_upsamplers, as for SD)."""
-    gen = torch.Generator().manual_seed(0)
-    seq, channels = model["text_max_length"], model["latent_channels"]
-    up = 2 ** model["num_upsamplers"]
+    """Each stage's wrapper with trace inputs and check inputs of a different shape."""
+    inputs = SampleInputs(model)
     f = model["vae_scale_factor"]
 
-    def ids(vocab: int, batch: int) -> torch.Tensor:
-        x = torch.randint(0, vocab - 1, (batch, seq), generator=gen)
-        x[:, -1] = vocab - 1  # an end-of-text token, so pooling is well defined
-        return x
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
-    def unet_inputs(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
+    def added(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
         # original size, crop top-left, then the target size or (refiner) an aesthetic score
         time_ids = [h * f, w * f, 0, 0] + ([6.0] if model["requires_aesthetics_score"] else [h * f, w * f])
-        feeds = {
-            "sample": randn(batch, channels, h, w),
-            "timestep": torch.full((batch,), 501.0),
-            "encoder_hidden_states": randn(batch, seq, model["cross_attention_dim"]),
-            "text_embeds": randn(batch, model["projection_dim"]),
-            "time_ids": torch.tensor([time_ids] * batch, dtype=torch.float32),
-        }
-        if model.get("time_cond_proj_dim"):
-            feeds["timestep_cond"] = randn(batch, model["time_cond_proj_dim"])
-        return feeds
+        return {"text_embeds": inputs.randn(batch, model["projection_dim"]),
+                "time_ids": torch.tensor([time_ids] * batch, dtype=torch.float32)}
 
-    stages = {}
-    for role in model["text_encoders"]:
-        encoder = modules[role]
-        vocab = encoder.config.vocab_size
-        stages[role] = StageModule(TextEncoderStage(encoder, role == sdxl.TEXT_ENCODER_2), (ids(vocab, 2),),
-                                   {"input_ids": ids(vocab, 1)})
-    unet_trace = unet_inputs(2, up + 1, 2 * up + 1)
-    stages[sdxl.DENOISER] = StageModule(UNetStage(modules["unet"]), tuple(unet_trace.values()),
-                                        unet_inputs(1, 2 * up, 3 * up))
-    stages[sdxl.VAE_DECODER] = StageModule(VaeDecoderStage(modules["vae"]), (randn(2, channels, 5, 7),),
-                                           {"latent_sample": randn(1, channels, 8, 6)})
-    stages[sdxl.VAE_ENCODER] = StageModule(VaeEncoderStage(modules["vae"]), (randn(2, 3, 5 * f, 7 * f),),
-                                           {"sample": randn(1, 3, 8 * f, 6 * f)})
+    stages = {role: inputs.text_encoder(TextEncoderStage(modules[role], role == sdxl.TEXT_ENCODER_2),
+                                        modules[role].config.vocab_size)
+              for role in model["text_encoders"]}
+    stages[sdxl.DENOISER] = inputs.unet(UNetStage(modules["unet"]), added)
+    stages.update(inputs.vae(modules["vae"]))
     return stages

@@ -48,6 +48,12 @@ _SCHEDULERS = {
 }
 
 
+# The UNet shape every tiny checkpoint shares: two levels, cross-attention in the lower one.
+_TINY_UNET = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=32)
+
+
 def _tiny_kl_vae(sample_size: int, **config):
     """A tiny AutoencoderKL: 4 latent channels, downsampling by 2 (images are
     sample_size * 2 pixels); `config` adds the family's own keys (scaling factor, ...)."""
@@ -97,17 +103,11 @@ def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_s
         )
     )
     unet = UNet2DConditionModel(
+        **_TINY_UNET,
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=(2, 4) if kind == "sd2" else 8,
         use_linear_projection=kind == "sd2",
-        norm_num_groups=32,
         time_cond_proj_dim=32 if kind == "lcm" else None,
     )
     vae = _tiny_kl_vae(sample_size)
@@ -173,13 +173,8 @@ def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample
     text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizers["tokenizer_2"], "gelu", 24))
     time_ids = 5 if refiner else 6
     unet = UNet2DConditionModel(
+        **_TINY_UNET,
         sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
@@ -187,7 +182,6 @@ def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=time_ids * 8 + 16,
         cross_attention_dim=24 if refiner else 32 + 24,
-        norm_num_groups=32,
         time_cond_proj_dim=32 if kind == "sdxl-lcm" else None,
     )
     vae = _tiny_kl_vae(sample_size, scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE config
