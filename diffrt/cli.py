@@ -363,7 +363,6 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     from diffrt.runtime.backends import backend_names
     from diffrt.runtime.schedulers import SCHEDULER_NAMES
 
-    available, planned = backend_names()
     if with_prompt:
         p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt (what to avoid; used with CFG)")
@@ -376,7 +375,8 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
                    help="a named recipe: SD full-30step, lcm-4step; SDXL full-30step, sdxl-turbo, "
                         "sdxl-lightning-4step, lcm-sdxl-4step")
     p.add_argument("--backend", default="ort",
-                   help=f"inference backend: {', '.join(available)} (planned: {', '.join(planned)}); default ort")
+                   help=f"inference backend: {', '.join(backend_names())} (each needs its library: "
+                        "onnxruntime, openvino, TensorRT + CuPy, torch + diffusers); default ort")
     p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE",
                    help="a backend option, repeatable: ort: intra_op_num_threads; openvino: precision=fp32|bf16|fp16, "
                         "num_threads, num_streams, performance_hint=latency|throughput")

@@ -71,7 +71,7 @@ def test_unknown_scheduler_lists_choices(pipe):
 
 
 def test_unknown_backend(exported):
-    with pytest.raises(DiffrtError, match="backend 'tensorrt' is not available"):
+    with pytest.raises(DiffrtError, match="backend 'tensorrt' needs tensorrt, which is not installed here"):
         Pipeline.load(exported("sd15"), backend="tensorrt")
     with pytest.raises(DiffrtError, match="unknown backend 'cuda'; choose one of: ort"):
         Pipeline.load(exported("sd15"), backend="cuda")
@@ -142,7 +142,7 @@ def test_cli_generate_bad_size(exported, tmp_path):
         (["--steps", "0"], ["num_inference_steps must be an integer >= 1"]),
         (["--scheduler", "heun"], ["unknown scheduler 'heun'"]),
         (["--preset", "turbo"], ["unknown preset 'turbo'"]),
-        (["--backend", "tensorrt"], ["backend 'tensorrt' is not available"]),
+        (["--backend", "tensorrt"], ["backend 'tensorrt' needs tensorrt"]),
     ],
 )
 def test_cli_generate_bad_options(exported, tmp_path, args, fragments):

@@ -303,6 +303,35 @@ class Pipeline:
         return PipelineOutput(images=images, timings=timings,
                               seed=None if generator is not None else request.seed, settings=settings)
 
+    # -- batching across requests (the server's dynamic batching) -----------------
+
+    def batch_key(self, **call: Any) -> tuple:
+        """What a call must share with others to run in the same denoiser calls: the
+        resolved size, steps, scheduler (with a preset's config) and guidance mode (CFG
+        or not), plus the decoder. Calls with equal keys can go to `generate_batch`
+        together. Raises DiffrtError on a call that is invalid (as calling it would)."""
+        request = self._request_of(call)
+        settings = request.settings
+        do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
+        return (settings.height, settings.width, settings.num_inference_steps, settings.scheduler,
+                settings.scheduler_config, do_cfg, request.vae)
+
+    def generate_batch(self, calls: Sequence[Mapping[str, Any]]) -> list[PipelineOutput]:
+        """Run several calls (each a dict of `__call__` keyword arguments, with equal
+        `batch_key`s) and return one PipelineOutput per call, in order. Each call keeps
+        its own prompts, negative prompts, guidance scale and seed; its images are the
+        ones it gets when called alone."""
+        return [self(**call) for call in calls]
+
+    def _request_of(self, call: Mapping[str, Any]):
+        known = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
+                 "num_images_per_prompt", "seed", "scheduler", "preset", "output_type", "vae"}
+        unknown = set(call) - known
+        if unknown:
+            raise DiffrtError(f"batched calls take {', '.join(sorted(known))}; got {', '.join(sorted(unknown))}")
+        args = dict(call)
+        return make_request(self.manifest, self.scheduler_config, args.pop("prompt", None), **args)
+
     def _check_image(self, image, denoising_start, height, width) -> tuple[np.ndarray, int, int]:
         """A refiner's input: latents from a base model (output_type="latent") and the
         fraction of the schedule the base ran; the size follows from the latents."""

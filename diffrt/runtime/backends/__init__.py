@@ -1,7 +1,8 @@
 """Backends: one file each, behind the small protocol in base.py.
 
 A backend opens one `Session` per stage. Only the chosen backend's library is
-imported, when it is chosen.
+imported, when it is chosen: a backend whose library is not installed says which
+extra to install.
 """
 
 from __future__ import annotations
@@ -12,17 +13,33 @@ from diffrt.errors import DiffrtError
 from diffrt.runtime.backends.base import Backend, Session
 
 # name -> module; the module defines `make_backend(**options)`, returning a base.Backend.
-_MODULES = {"ort": "diffrt.runtime.backends.ort", "openvino": "diffrt.runtime.backends.openvino"}
-# Designed for, not built yet: named so the error can say so.
-_PLANNED = ("tensorrt", "torch")
+_MODULES = {
+    "ort": "diffrt.runtime.backends.ort",
+    "openvino": "diffrt.runtime.backends.openvino",
+    "tensorrt": "diffrt.runtime.backends.tensorrt",
+    "torch": "diffrt.runtime.backends.torch_modules",
+}
+# name -> (the libraries it imports, what to install for them)
+_NEEDS = {
+    "ort": (("onnxruntime",), "pip install 'diffrt[ort]' (or onnxruntime-gpu for CUDA)"),
+    "openvino": (("openvino",), "pip install 'diffrt[openvino]'"),
+    "tensorrt": (("tensorrt", "cupy"), "TensorRT 10+ with its libraries and CuPy on an NVIDIA GPU machine: "
+                 "pip install 'diffrt[tensorrt]'"),
+    "torch": (("torch", "diffusers", "transformers"), "pip install 'diffrt[torch]' (and a torch build for your device)"),
+}
 
 
 def get_backend(name: str, **options) -> Backend:
     if name not in _MODULES:
-        if name in _PLANNED:
-            raise DiffrtError(f"backend {name!r} is not available in this version yet; use one of: {', '.join(_MODULES)}")
         raise DiffrtError(f"unknown backend {name!r}; choose one of: {', '.join(_MODULES)}")
-    module = importlib.import_module(_MODULES[name])
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        libraries, install = _NEEDS[name]
+        missing = exc.name or ""
+        if missing.split(".")[0] not in libraries:
+            raise
+        raise DiffrtError(f"backend {name!r} needs {missing.split('.')[0]}, which is not installed here; {install}") from None
     try:
         return module.make_backend(**options)
     except TypeError as exc:
@@ -32,9 +49,9 @@ def get_backend(name: str, **options) -> Backend:
         raise DiffrtError(f"backend {name!r} has no option {bad}; see `diffrt generate --help` (-O KEY=VALUE)") from None
 
 
-def backend_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(backends this version has, backends designed for but not built yet)."""
-    return tuple(_MODULES), tuple(_PLANNED)
+def backend_names() -> tuple[str, ...]:
+    """Every backend this version has (each needs its own library installed)."""
+    return tuple(_MODULES)
 
 
 __all__ = ["Backend", "Session", "backend_names", "get_backend"]

@@ -1,10 +1,14 @@
 """The backend protocol: a session per stage, `run(feeds) -> outputs`, explicit lifecycle.
 
-Arrays are numpy on CPU backends. GPU backends may accept and return their own
-device arrays (ORT OrtValues bound with IOBinding, TensorRT device buffers) so that
-latents stay on the device between steps; the pipeline only passes what one
-session returned into the next session or the scheduler, and `to_host` is called
-once at the end. That is why the protocol names no array type.
+Arrays are numpy on CPU backends. A GPU backend's sessions take and return device
+arrays (CuPy arrays for TensorRT and ONNX Runtime's CUDA providers, torch tensors for
+the torch backend) so that latents, text embeddings and timesteps stay on the device
+across all steps: the pipeline moves what it makes on the host (noise, timesteps,
+conditioning) to the device once with `backend.to_device`, steps the schedulers on
+whatever array it holds (they use the array's own namespace, diffrt.runtime.arrays),
+and calls `backend.to_host` once, on the decoded image. Sessions also accept host
+(numpy) feeds. Arrays cross between libraries through DLPack (arrays.from_dlpack),
+never through a host copy. That is why the protocol names no array type.
 
 `profile` binds some of a stage's named dims (e.g. {"batch": 2, "latent_height": 64,
 "latent_width": 64}) to the values the caller expects, so that backends which compile
@@ -44,6 +48,16 @@ class Backend(Protocol):
     fuses_attention_itself: bool
     """Whether it fuses a portable graph's attention itself (OpenVINO, TensorRT): the
     up-front memory estimate, a lower bound, then leaves the score tensors out."""
+
+    device: str
+    """Where its sessions' outputs live: "cpu" (numpy arrays) or "cuda"."""
+
+    def to_device(self, array: Any) -> Any:
+        """A host (numpy) array as the array type its sessions take on its device
+        (the same numpy array on CPU backends)."""
+
+    def to_host(self, array: Any) -> Any:
+        """A numpy array with the contents of one of its sessions' outputs."""
 
     def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> Session:
         """Load the stage's graph (or a built engine for it) from the artifact folder."""

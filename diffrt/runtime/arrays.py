@@ -1,0 +1,85 @@
+"""Arrays of any library: the namespace an array's math runs in, host copies, DLPack.
+
+The runtime's hot path (scheduler steps, classifier-free guidance, the decoder's
+scaling) runs on whatever array a backend returned: numpy on CPU backends, CuPy
+arrays on a GPU (TensorRT, ONNX Runtime's CUDA providers), torch tensors (the torch
+backend). `namespace(x)` gives the array-API namespace of `x`; for numpy it is numpy
+itself, so the CPU path computes exactly what it did before. Other libraries go
+through `array_api_compat` (a small pure-Python package, a dependency of the runtime),
+which gives CuPy and torch the standard names (`concat`, `asarray(device=)`, ...).
+
+Scalars stay numpy float32 (np.float32 * array keeps float32 in every library: numpy,
+CuPy and torch all treat a numpy scalar as a weak scalar next to an array, and
+CuPy/torch arrays take priority over numpy scalars in binary operators).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def namespace(*arrays: Any) -> Any:
+    """The array-API namespace of the arrays (numpy for numpy arrays and scalars)."""
+    if all(isinstance(a, (np.ndarray, np.generic, float, int)) for a in arrays):
+        return np
+    import array_api_compat
+
+    return array_api_compat.array_namespace(*(a for a in arrays if not isinstance(a, (np.generic, float, int))))
+
+
+def is_numpy(array: Any) -> bool:
+    return isinstance(array, (np.ndarray, np.generic))
+
+
+def device(array: Any) -> Any:
+    """The array's device in its own library's terms ("cpu" for numpy)."""
+    if is_numpy(array):
+        return "cpu"
+    import array_api_compat
+
+    return array_api_compat.device(array)
+
+
+def as_float32(array: Any) -> Any:
+    """The array as float32 in its own namespace, without a copy when it already is."""
+    if is_numpy(array):
+        return np.asarray(array, dtype=np.float32)
+    xp = namespace(array)
+    return array if array.dtype == xp.float32 else xp.astype(array, xp.float32)
+
+
+def like(host: np.ndarray, reference: Any) -> Any:
+    """A numpy array as the array type of `reference`, on its device (one copy)."""
+    if is_numpy(reference):
+        return host
+    xp = namespace(reference)
+    return xp.asarray(host, device=device(reference))
+
+
+def to_host(array: Any) -> np.ndarray:
+    """A numpy copy of any array (numpy arrays are returned as they are)."""
+    if is_numpy(array):
+        return np.asarray(array)
+    if hasattr(array, "get") and type(array).__module__.startswith("cupy"):
+        return array.get()
+    if type(array).__module__.startswith("torch"):
+        return array.detach().cpu().numpy()
+    return np.from_dlpack(array)
+
+
+def from_dlpack(array: Any, library: str) -> Any:
+    """`array` as an array of `library` ("numpy", "cupy" or "torch") sharing its memory
+    through DLPack: how sessions of different libraries hand device arrays over."""
+    if library == "numpy":
+        return np.from_dlpack(array)
+    if library == "cupy":
+        import cupy
+
+        return cupy.from_dlpack(array)
+    if library == "torch":
+        import torch
+
+        return torch.from_dlpack(array)
+    raise ValueError(f"from_dlpack: library={library!r}; allowed: numpy, cupy, torch")
