@@ -316,12 +316,13 @@ class Pipeline:
         return (settings.height, settings.width, settings.num_inference_steps, settings.scheduler,
                 settings.scheduler_config, do_cfg, request.vae)
 
-    def generate_batch(self, calls: Sequence[Mapping[str, Any]]) -> list[PipelineOutput]:
+    def generate_batch(self, calls: Sequence[Mapping[str, Any]],
+                       callback: Callable[[int, int], None] | None = None) -> list[PipelineOutput]:
         """Run several calls (each a dict of `__call__` keyword arguments, with equal
         `batch_key`s) and return one PipelineOutput per call, in order. Each call keeps
         its own prompts, negative prompts, guidance scale and seed; its images are the
-        ones it gets when called alone."""
-        return [self(**call) for call in calls]
+        ones it gets when called alone. `callback(step, total)` as in `__call__`."""
+        return [self(**call, callback=callback) for call in calls]
 
     def _request_of(self, call: Mapping[str, Any]):
         known = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
