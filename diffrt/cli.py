@@ -317,6 +317,22 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"files: {len(records)} checked ({checked}): ok")
 
 
+def cmd_build(args: argparse.Namespace) -> None:
+    """Build TensorRT engines ahead of time (diffrt/runtime/tensorrt_build.py says how)."""
+    from diffrt.runtime.tensorrt_build import BuildOptions, build_plan, plan_build, require_tensorrt
+
+    options = BuildOptions(opt_level=args.opt_level, refit=args.refittable, workspace_gib=args.workspace_gib)
+    plan = plan_build(args.out, batch=args.batch or "1", size=args.size, min_size=args.min_size,
+                      max_size=args.max_size, static=args.static, precision=args.precision, options=options)
+    require_tensorrt()  # after every argument is checked: what to install, in one line
+    t0 = time.perf_counter()
+    built = build_plan(plan, cache_dir=args.cache_dir, progress=lambda line: _say(args, line))
+    for engine in built:
+        print(f"{engine.profile.stage}: {engine.path}")
+    print(f"{len(built)} TensorRT engine(s) ready in {time.perf_counter() - t0:.1f}s; run them with "
+          f"diffrt generate {args.out} \"a prompt\" --backend tensorrt")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     _require_export_extra("demo")
     outputs = [Path(args.output)]
@@ -340,6 +356,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"demo finished in {time.perf_counter() - t0:.1f}s (random weights: the image is noise-like by design)")
     print(f"the checkpoint and the artifact are kept in {workdir} (delete it when done)")
     print(f'next: diffrt generate {artifact} "a prompt" -o my.png')
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from diffrt.serve.server import serve_from_args
+
+    serve_from_args(args, _backend_options(args))
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -443,6 +465,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="also hash every file against the manifest (slower)")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("build", parents=[common], help="build TensorRT engines for an artifact (NVIDIA GPU)")
+    p.add_argument("out", help="artifact folder written by `diffrt export`")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt",),
+                   help="the backend to build for (only tensorrt builds ahead of time; ort and openvino "
+                        "compile at load)")
+    p.add_argument("--batch", default=None, metavar="N|LO-HI", help="images per request, e.g. 1-4 (default 1)")
+    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default: the checkpoint's)")
+    p.add_argument("--min-size", type=_size, default=None, help="smallest WIDTHxHEIGHT, with --max-size")
+    p.add_argument("--max-size", type=_size, default=None, help="largest WIDTHxHEIGHT, with --min-size")
+    p.add_argument("--static", action="store_true", help="one fixed shape (min = opt = max): fastest, for it only")
+    p.add_argument("--precision", default=None, choices=("fp16", "bf16", "fp32"),
+                   help="which of the artifact's graphs to build (default: fp16 if exported, then bf16, fp32)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5 (default 3)")
+    p.add_argument("--workspace-gib", type=float, default=None, help="TensorRT workspace limit in GiB "
+                   "(default: TensorRT's)")
+    p.add_argument("--refittable", action="store_true", help="engines whose weights can be replaced later (LoRA)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="engine cache root (default OUT/engines); give the same to generate with -O cache_dir=DIR")
+    p.set_defaults(func=cmd_build)
+
     p = sub.add_parser("demo", parents=[common], help="tiny random checkpoint -> export -> image, offline")
     p.add_argument("--dir", default=None, help="work folder, kept afterwards (default: a new temp folder)")
     p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm", "sdxl"),
@@ -451,6 +493,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     _add_generation_args(p, with_prompt=False)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", parents=[common], help="serve an artifact over HTTP (OpenAI-compatible; the serve extra)")
+    p.add_argument("out", help="artifact folder written by `diffrt export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--backend", default="ort", help="inference backend: ort or openvino (default ort)")
+    p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE", help="a backend option, repeatable")
+    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="which of the artifact's graphs to run (default: the backend's choice)")
+    p.add_argument("--attention", default=None, choices=("fused", "portable"), help="fused or portable attention graphs")
+    p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
+                   help="check file sizes only at load, not sha256")
+    p.add_argument("--model-name", default=None, help="the model id clients name (default: the folder's name)")
+    p.add_argument("--max-batch", type=int, default=4, help="images per pipeline batch (default 4; 1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a request waits for others to batch with (default 10)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="per-request timeout, queued + running (504)")
+    p.add_argument("--max-n", type=int, default=4, help="images per request (default 4)")
+    p.add_argument("--max-steps", type=int, default=100, help="num_inference_steps limit (default 100)")
+    p.add_argument("--max-size", type=int, default=2048, help="height and width limit in pixels (default 2048)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $DIFFRT_API_KEY, else no key)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
+    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (ray[serve]), one replica per device")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: a fixed number of replicas")
+    p.add_argument("--min-replicas", type=int, default=None, help="with --ray: autoscaling lower bound")
+    p.add_argument("--max-replicas", type=int, default=None, help="with --ray: autoscaling upper bound")
+    p.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="with --ray: autoscaling target of ongoing requests per replica")
+    p.add_argument("--autoscaling-config", default=None, metavar="JSON",
+                   help="with --ray: more of Ray Serve's autoscaling_config, as JSON")
+    p.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start a local one)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -29,9 +29,9 @@ def opened(monkeypatch):
     seen = []
     real = ort_backend.OrtSession.__init__
 
-    def spy(self, path, spec, providers, options):
+    def spy(self, path, spec, providers, options, binding=None):
         seen.append((str(path), options.graph_optimization_level))
-        real(self, path, spec, providers, options)
+        real(self, path, spec, providers, options, binding)
 
     monkeypatch.setattr(ort_backend.OrtSession, "__init__", spy)
     return seen

@@ -22,9 +22,13 @@ import numpy as np
 
 def namespace(*arrays: Any) -> Any:
     """The array-API namespace of the arrays (numpy for numpy arrays and scalars)."""
-    if all(isinstance(a, (np.ndarray, np.generic, float, int)) for a in arrays):
+    import_compat = not all(isinstance(a, (np.ndarray, np.generic, float, int)) for a in arrays)
+    if not import_compat and hasattr(np, "concat"):  # numpy >= 2 is the standard namespace itself
         return np
     import array_api_compat
+
+    if not import_compat:
+        return array_api_compat.numpy
 
     return array_api_compat.array_namespace(*(a for a in arrays if not isinstance(a, (np.generic, float, int))))
 

@@ -31,6 +31,7 @@ from diffrt.artifacts import (
 )
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
+from diffrt.runtime import arrays
 from diffrt.runtime.backends import Session, get_backend
 from diffrt.runtime.images import postprocess, to_pil
 from diffrt.runtime.request import (
@@ -277,7 +278,7 @@ class Pipeline:
 
         if refiner is not None:
             sample, timings = self._denoise_request(request, latents, None, rng, callback)
-            refined = refiner(image=sample, generator=rng, callback=callback, **refiner_args)
+            refined = refiner(image=self._to_host(sample), generator=rng, callback=callback, **refiner_args)
             timings["refiner"] = refined.timings
             timings["vae_decoder"] = refined.timings.get("vae_decoder", 0.0)
             timings["total"] = time.perf_counter() - started
@@ -287,7 +288,7 @@ class Pipeline:
 
         # 5. Decode (or hand the latents on).
         if output_type == "latent":
-            images = sample
+            images = self._to_host(sample)
         else:
             t0 = time.perf_counter()
             decoder = self._sessions[_decoder_key(self.family, request.vae)]
@@ -295,7 +296,7 @@ class Pipeline:
             scaling = np.float32(facts.get("scaling_factor", model["vae_scaling_factor"]))
             latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
             decoded = decoder.run({"latent_sample": latent})["sample"]
-            images = postprocess(np.asarray(decoded))
+            images = postprocess(self._to_host(decoded))  # the one device -> host copy
             timings["vae_decoder"] = time.perf_counter() - t0
             if output_type == "pil":
                 images = to_pil(images)
@@ -358,8 +359,10 @@ class Pipeline:
         settings = request.settings
         timings: dict[str, Any] = {}
         # 2. Conditioning: text embeddings (uncond + cond in one batch when using CFG).
+        # The family builds it on the host (small arrays); it goes to the device once.
         t0 = time.perf_counter()
         cond = self.family.denoiser_conditioning(self._encode, self.manifest.model, request)
+        cond = {name: self._to_device(array) for name, array in cond.items()}
         timings["text_encoder"] = time.perf_counter() - t0
 
         # 3. Initial latents: noise scaled by the scheduler's initial sigma (as diffusers
@@ -370,12 +373,12 @@ class Pipeline:
         except ValueError as exc:
             raise DiffrtError(str(exc)) from None
         if image is not None:
-            sample = image
+            sample = self._to_device(image)
         else:
             shape = (request.batch, int(self.manifest.model["latent_channels"]),
                      *(size // int(self.manifest.model["vae_scale_factor"]) for size in (settings.height, settings.width)))
             noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)
-            sample = (noise * np.float32(run.init_noise_sigma)).astype(np.float32)
+            sample = self._to_device((noise * np.float32(run.init_noise_sigma)).astype(np.float32))
 
         # 4. Denoising loop: one batched denoiser call per step.
         sample, timings["denoiser_calls"] = self._denoise(sample, cond, run, request, rng, callback)
@@ -389,9 +392,18 @@ class Pipeline:
         return spec.variant != FUSED_VARIANT and not getattr(self.backend, "fuses_attention_itself", False)
 
     def _encode(self, role: str, texts: list[str]) -> dict[str, np.ndarray]:
-        """Tokenize with the role's tokenizer and run that text encoder: its outputs by name."""
+        """Tokenize with the role's tokenizer and run that text encoder: its outputs by
+        name, on the host (the family combines them there, once per request)."""
         ids = self.tokenizers[role](texts)
-        return self._sessions[role].run({"input_ids": ids})
+        return {name: self._to_host(array) for name, array in self._sessions[role].run({"input_ids": ids}).items()}
+
+    def _to_device(self, array: np.ndarray) -> Any:
+        to_device = getattr(self.backend, "to_device", None)
+        return array if to_device is None else to_device(array)
+
+    def _to_host(self, array: Any) -> np.ndarray:
+        to_host = getattr(self.backend, "to_host", None)
+        return np.asarray(array) if to_host is None else to_host(array)
 
     def _denoise(self, sample, cond, run, request, rng, callback) -> tuple[np.ndarray, list[float]]:
         settings = request.settings
@@ -406,14 +418,19 @@ class Pipeline:
         steps = settings.num_inference_steps
         extra = 0 if windowed else len(run.timesteps) - steps
         done = steps - len(run.timesteps) if request.denoising_start is not None else 0
-        for i, t in enumerate(run.timesteps):
+        # Everything the loop touches lives where the backend computes (numpy on CPU; a
+        # GPU backend's device arrays): the sample, the conditioning, and every step's
+        # timestep row, moved once here. No host round trip per step.
+        xp = arrays.namespace(sample)
+        rows = sample.shape[0] * (2 if do_cfg else 1)
+        timesteps = self._to_device(np.repeat(run.timesteps.astype(np.float32)[:, None], rows, axis=1))
+        for i in range(len(run.timesteps)):
             t0 = time.perf_counter()
-            model_input = np.concatenate([sample, sample]) if do_cfg else sample
+            model_input = xp.concat([sample, sample]) if do_cfg else sample
             model_input = run.scale_model_input(model_input, i)
-            timestep = np.full((model_input.shape[0],), t, dtype=np.float32)
-            out = unet.run({"sample": model_input, "timestep": timestep, **cond})["out_sample"]
+            out = unet.run({"sample": model_input, "timestep": timesteps[i], **cond})["out_sample"]
             if do_cfg:
-                uncond, text = np.split(out, 2)
+                uncond, text = out[: sample.shape[0]], out[sample.shape[0]:]
                 out = uncond + guidance * (text - uncond)
             sample = run.step(out, i, sample, rng)
             call_times.append(time.perf_counter() - t0)

@@ -322,6 +322,15 @@ class OpenVinoBackend:
     graph_precisions = ("fp32", "fp16", "bf16")
     fused_attention = False
     fuses_attention_itself = True  # its CPU plugin's SDPA fusion (attention_ops() counts it)
+    device = "cpu"  # its sessions take and return numpy arrays
+
+    @staticmethod
+    def to_device(array: Any) -> Any:
+        return array
+
+    @staticmethod
+    def to_host(array: Any) -> np.ndarray:
+        return np.asarray(array)
 
     def __init__(
         self,

@@ -1,5 +1,20 @@
-"""ONNX Runtime backend: the CPU execution provider here; CUDA / TensorRT EPs where
-onnxruntime-gpu and a GPU exist (device-resident IOBinding is future work).
+"""ONNX Runtime backend: the CPU execution provider, and with onnxruntime-gpu on an
+NVIDIA GPU the CUDA and TensorRT execution providers (`device="cuda"` or
+`device="tensorrt"`, or `providers=` by name).
+
+On a GPU, sessions run through IOBinding: inputs are bound where they are (CuPy
+arrays, by device pointer; numpy inputs are copied to the device once), outputs are
+allocated by ORT on the device and handed back as CuPy arrays that own them, so the
+pipeline keeps latents, embeddings and timesteps on the device across all steps. The
+same IOBinding path runs on the CPU provider with `io_binding=True` (tested here; the
+CUDA side needs onnxruntime-gpu and a GPU, which our CI machines lack: it is checked
+by benchmarks/gpu_check.sh on a GPU machine). `cuda_graphs=True` (CUDA provider)
+captures the denoiser's call into a CUDA graph on its first run and replays it: ORT
+requires the same input/output addresses at every run, so that session copies its
+inputs into fixed device buffers and its outputs out of fixed ones.
+The TensorRT provider builds its engines itself; they and its timing cache live under
+<cache root>/ort-trt/<key>/ (key: stage files, onnxruntime version, provider options,
+profile shapes, GPU name).
 
 Start-up: ORT's graph optimizations (constant folding, fusions, the CPU's blocked
 layouts) take most of a session's creation time: 20-37 s for the SD1.5-size UNet
@@ -29,6 +44,15 @@ from diffrt.runtime.engine_cache import EngineCache, cache_key
 logger = logging.getLogger(__name__)
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+# ORT's type strings (OrtValue.data_type()) -> numpy
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+              "tensor(int64)": np.int64}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+DEVICES = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
 OPTIMIZED_NAME = "model.onnx"
 OPTIMIZED_DATA_NAME = "model.onnx.data"
 # Bump when what open() asks ORT to do when optimizing changes: old entries then differ.
@@ -38,7 +62,8 @@ RECIPE = 1
 class OrtSession:
     """One stage on one onnxruntime InferenceSession."""
 
-    def __init__(self, path: Path, spec: StageSpec, providers: Sequence[str], options: ort.SessionOptions):
+    def __init__(self, path: Path, spec: StageSpec, providers: Sequence[Any], options: ort.SessionOptions,
+                 binding: IoBinding | None = None):
         self.spec = spec
         try:
             self._session = ort.InferenceSession(str(path), options, providers=list(providers))
@@ -46,8 +71,11 @@ class OrtSession:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({first}); re-export the model") from None
         self._output_names = [t.name for t in spec.outputs]
+        self._binding = binding
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        if self._binding is not None:
+            return self._binding.run(self._session, self.spec, feeds)
         arrays = {}
         for tensor in self.spec.inputs:
             if tensor.name not in feeds:
@@ -85,6 +113,150 @@ def _use_shared_cpu_arena(options: ort.SessionOptions) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
+class IoBinding:
+    """Runs a session through ORT's IOBinding on one device ("cpu" or "cuda").
+
+    Inputs are bound in place (numpy by host pointer; CuPy by device pointer, numpy
+    inputs copied to the device first), cast to the graph's input dtype where needed;
+    outputs are allocated by ORT on the device and returned without a copy: numpy on
+    the CPU, CuPy arrays owning ORT's buffers on CUDA. `cuda_graph`: the session was
+    created with the CUDA provider's enable_cuda_graph; inputs are copied into fixed
+    buffers and outputs out of fixed ones (ORT replays the captured graph on the
+    addresses it captured)."""
+
+    def __init__(self, device: str, device_id: int = 0, cuda_graph: bool = False):
+        if device not in ("cpu", "cuda"):
+            raise DiffrtError(f"IoBinding device={device!r}; allowed: cpu, cuda")
+        self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
+        self._fixed: dict[str, Any] = {}  # cuda_graph: name -> (input array | output OrtValue), one shape
+
+    def run(self, session: ort.InferenceSession, spec: StageSpec, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        binding = session.io_binding()
+        keep = []  # inputs must outlive the run
+        for tensor in spec.inputs:
+            if tensor.name not in feeds:
+                raise DiffrtError(f"stage {spec.name}: input {tensor.name!r} was not fed")
+            array = self._input(tensor.name, feeds[tensor.name], _NUMPY_DTYPES[tensor.dtype])
+            keep.append(array)
+            binding.bind_input(tensor.name, self.device, self.device_id, array.dtype, list(array.shape),
+                               _pointer(array))
+        outputs = self._bind_outputs(session, binding, spec)
+        if self.device == "cuda":
+            _cuda_sync()  # the inputs were written on CuPy's stream; ORT computes on its own
+        session.run_with_iobinding(binding)
+        values = outputs if outputs is not None else binding.get_outputs()
+        result = {}
+        for tensor, value in zip(spec.outputs, values, strict=True):
+            array = value.numpy() if self.device == "cpu" else _cupy_view(value)
+            result[tensor.name] = array.copy() if self.cuda_graph else array
+        return result
+
+    def _input(self, name: str, array: Any, dtype: Any) -> Any:
+        if self.device == "cpu":
+            return np.ascontiguousarray(np.asarray(array), dtype=dtype)
+        import cupy
+
+        array = cupy.ascontiguousarray(cupy.asarray(array, dtype=dtype))
+        if not self.cuda_graph:
+            return array
+        fixed = self._fixed.get(name)
+        if fixed is None or fixed.shape != array.shape:
+            if fixed is not None:
+                raise DiffrtError(f"input {name!r}: shape {tuple(array.shape)} differs from the captured CUDA graph's "
+                                  f"{tuple(fixed.shape)}; load with cuda_graphs=False to run several shapes")
+            fixed = self._fixed[name] = array.copy()
+        else:
+            fixed[...] = array
+        return fixed
+
+    def _bind_outputs(self, session: ort.InferenceSession, binding: Any, spec: StageSpec) -> list | None:
+        if not self.cuda_graph:
+            for tensor in spec.outputs:
+                binding.bind_output(tensor.name, self.device, self.device_id)
+            return None
+        values = []
+        for tensor in spec.outputs:
+            key = f"out:{tensor.name}"
+            if key not in self._fixed:  # allocated once, at the captured shape
+                shape = [d if isinstance(d, int) else -1 for d in tensor.shape]
+                if -1 in shape:
+                    shape = _output_shape(spec, tensor, self._fixed)
+                self._fixed[key] = ort.OrtValue.ortvalue_from_shape_and_type(
+                    shape, _NUMPY_DTYPES[tensor.dtype], "cuda", self.device_id)
+            binding.bind_ortvalue_output(tensor.name, self._fixed[key])
+            values.append(self._fixed[key])
+        return values
+
+
+def _output_shape(spec: StageSpec, tensor: Any, fixed: Mapping[str, Any]) -> list[int]:
+    """An output's shape from the named dims its inputs bound (CUDA graphs need it up front)."""
+    dims: dict[str, int] = {}
+    for spec_input in spec.inputs:
+        if spec_input.name in fixed:
+            dims.update({d: int(v) for d, v in zip(spec_input.shape, fixed[spec_input.name].shape) if isinstance(d, str)})
+    unbound = [d for d in tensor.shape if isinstance(d, str) and d not in dims]
+    if unbound:
+        raise DiffrtError(f"stage {spec.name}: output {tensor.name!r} has dims {', '.join(unbound)} no input fixes; "
+                          "CUDA graphs need static output shapes (use cuda_graphs only for the denoiser)")
+    return [dims[d] if isinstance(d, str) else d for d in tensor.shape]
+
+
+def _pointer(array: Any) -> int:
+    if isinstance(array, np.ndarray):
+        return array.ctypes.data
+    return array.data.ptr  # CuPy
+
+
+def _cuda_sync() -> None:
+    import cupy
+
+    cupy.cuda.get_current_stream().synchronize()
+
+
+def _cupy_view(value: ort.OrtValue) -> Any:
+    """A CuPy array over an OrtValue's device buffer, keeping the OrtValue alive."""
+    import cupy
+
+    dtype = np.dtype(_ORT_TYPES[value.data_type()])
+    shape = tuple(value.shape())
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    memory = cupy.cuda.UnownedMemory(value.data_ptr(), size, value)
+    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
+
+
+def provider_list(device: str | None, providers: Sequence[str] | str | None) -> list[str]:
+    """The execution providers, by device name or by provider names (comma-separated
+    from the CLI: -O providers=CUDAExecutionProvider,CPUExecutionProvider)."""
+    if device is not None and providers is not None:
+        raise DiffrtError("give the ort backend device= or providers=, not both")
+    if device is not None:
+        if device not in DEVICES:
+            raise DiffrtError(f"ort device={device!r}; choose one of: {', '.join(DEVICES)}")
+        return list(DEVICES[device])
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    return list(providers) if providers else ["CPUExecutionProvider"]
+
+
+def gpu_provider_options(provider: str, cache: Path | None, fp16: bool, cuda_graph: bool,
+                         device_id: int = 0) -> dict[str, Any]:
+    """The documented provider options diffrt sets (onnxruntime-gpu, TensorRT and CUDA
+    execution provider docs): TensorRT's engine and timing caches in `cache`."""
+    if provider == "CUDAExecutionProvider":
+        options: dict[str, Any] = {"device_id": device_id, "cudnn_conv_algo_search": "EXHAUSTIVE",
+                                   "cudnn_conv_use_max_workspace": "1"}
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        return options
+    if provider == "TensorrtExecutionProvider":
+        options = {"device_id": device_id, "trt_fp16_enable": fp16, "trt_builder_optimization_level": 3}
+        if cache is not None:
+            options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)})
+        return options
+    return {}
+
+
 class OrtBackend:
     """`graph_precisions`: fp32 first on the CPU (its EP has fp16 kernels only for data
     movement: fp16 graphs run, but through inserted Casts around fp32 kernels), fp16
@@ -96,35 +268,88 @@ class OrtBackend:
     fused_attention = True
     fuses_attention_itself = False
 
-    def __init__(self, providers: Sequence[str] | None = None, intra_op_num_threads: int = 0,
-                 cache_dir: str | Path | None = None, disk_cache: bool = True):
+    def __init__(self, providers: Sequence[str] | str | None = None, intra_op_num_threads: int = 0,
+                 cache_dir: str | Path | None = None, disk_cache: bool = True, device: str | None = None,
+                 io_binding: bool | None = None, cuda_graphs: bool = False, device_id: int = 0):
         """`cache_dir`: the engine cache root (default: the artifact's engines/);
-        `disk_cache=False` optimizes the graphs at every start instead."""
+        `disk_cache=False` optimizes the graphs at every start instead. `device`: "cpu"
+        (default), "cuda" or "tensorrt" (onnxruntime-gpu), or name `providers` instead.
+        `io_binding` (default: on with a GPU provider) runs through IOBinding, keeping
+        outputs on the device; `cuda_graphs` captures the denoiser (CUDA provider)."""
         available = ort.get_available_providers()
-        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.providers = provider_list(device, providers)
         missing = [p for p in self.providers if p not in available]
         if missing:
-            raise DiffrtError(f"onnxruntime has no {', '.join(missing)} here; available: {', '.join(available)}")
+            raise DiffrtError(f"onnxruntime has no {', '.join(missing)} here; available: {', '.join(available)} "
+                              "(the CUDA and TensorRT providers need onnxruntime-gpu and an NVIDIA GPU)")
         self.intra_op_num_threads = intra_op_num_threads
         self.cache_dir = cache_dir
         self.disk_cache = bool(disk_cache)
+        self.device_id = int(device_id)
         self._caches: dict[Path, EngineCache] = {}  # one per root, so "not writable" is said once
-        on_gpu = any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+        on_gpu = any(p in self.providers for p in GPU_PROVIDERS)
+        self.device = "cuda" if on_gpu else "cpu"
+        self.io_binding = on_gpu if io_binding is None else bool(io_binding)
+        if cuda_graphs and "CUDAExecutionProvider" not in self.providers[:1]:
+            raise DiffrtError("cuda_graphs=True needs the CUDA provider first (device='cuda')")
+        self.cuda_graphs = bool(cuda_graphs)
         self.graph_precisions = ("fp16", "fp32") if on_gpu else ("fp32", "fp16")
+
+    def to_device(self, array: Any) -> Any:
+        if self.device == "cpu":
+            return array
+        import cupy
+
+        return cupy.asarray(array)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        if isinstance(array, np.ndarray):
+            return array
+        return array.get()  # CuPy
+
+    def _binding(self, spec: StageSpec) -> IoBinding | None:
+        if not self.io_binding:
+            return None
+        return IoBinding(self.device, self.device_id, cuda_graph=self.cuda_graphs and spec.role in ("unet", "transformer"))
+
+    def _providers(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None) -> list[Any]:
+        """Provider names, with options for the GPU providers (TensorRT's caches under
+        <cache root>/ort-trt/<key>/, made before the session builds its engine)."""
+        listed: list[Any] = []
+        for provider in self.providers:
+            if provider not in GPU_PROVIDERS:
+                listed.append(provider)
+                continue
+            trt_cache = None
+            if provider == "TensorrtExecutionProvider" and self.disk_cache:
+                root = Path(self.cache_dir) if self.cache_dir is not None else folder / "engines"
+                fields = {**self.cache_fields(spec), "profile": dict(profile or {}), "gpu": _gpu_name(self.device_id)}
+                trt_cache = root / "ort-trt" / cache_key(fields)
+                trt_cache.mkdir(parents=True, exist_ok=True)
+            cuda_graph = self.cuda_graphs and spec.role in ("unet", "transformer")
+            listed.append((provider, gpu_provider_options(provider, trt_cache, spec.precision == "fp16", cuda_graph,
+                                                          self.device_id)))
+        return listed
 
     def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OrtSession:
         # ORT runs every shape of the dynamic graph; it needs no profile.
         folder = Path(folder)
         graph = folder / spec.graph_path
+        if self.device != "cpu":
+            # GPU providers optimize for the device at session creation (TensorRT's engines
+            # are cached by the provider itself); the CPU's saved-graph cache does not apply.
+            return OrtSession(graph, spec, self._providers(folder, spec, profile), self._options(),
+                              self._binding(spec))
         cache = self._cache(folder)
         if cache is None:
-            return OrtSession(graph, spec, self.providers, self._options())
+            return OrtSession(graph, spec, self.providers, self._options(), self._binding(spec))
         fields = self.cache_fields(spec)
         key = cache_key(fields)
         entry = cache.lookup(key, fields)
         if entry is not None:
             try:
-                return OrtSession(entry / OPTIMIZED_NAME, spec, self.providers, self._options(optimize=False))
+                return OrtSession(entry / OPTIMIZED_NAME, spec, self.providers, self._options(optimize=False),
+                                  self._binding(spec))
             except ArtifactError as exc:
                 cache.discard(key, str(exc))
         sessions = []
@@ -137,10 +362,10 @@ class OrtBackend:
                                                  OPTIMIZED_DATA_NAME)
                 options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                                  "1024")
-            sessions.append(OrtSession(graph, spec, self.providers, options))
+            sessions.append(OrtSession(graph, spec, self.providers, options, self._binding(spec)))
 
         cache.publish(key, fields, optimize_into)
-        return sessions[0] if sessions else OrtSession(graph, spec, self.providers, self._options())
+        return sessions[0] if sessions else OrtSession(graph, spec, self.providers, self._options(), self._binding(spec))
 
     def cache_fields(self, spec: StageSpec) -> dict[str, Any]:
         """Everything the saved optimized graph depends on."""
@@ -168,6 +393,17 @@ class OrtBackend:
 
     def describe(self) -> str:
         return f"onnxruntime {ort.__version__} ({', '.join(self.providers)})"
+
+
+def _gpu_name(device_id: int) -> str:
+    """The GPU's name for cache keys (CuPy is how the runtime talks to CUDA)."""
+    try:
+        import cupy
+
+        name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - no CuPy: the key still separates by provider options
+        return "unknown-gpu"
 
 
 def make_backend(**options: Any) -> OrtBackend:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from diffrt.runtime import arrays
+
 from .protocol import NoiseSource
 
 F32 = np.float32
@@ -183,8 +185,14 @@ def readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def as_float32(array: np.ndarray) -> np.ndarray:
-    return np.asarray(array, dtype=F32)
+def as_float32(array: Any) -> Any:
+    """float32 in the array's own namespace: numpy stays numpy, a CuPy or torch array
+    stays on its device (the steps below are written for any of them)."""
+    return arrays.as_float32(array)
+
+
+def clip(array: Any, low: float, high: float) -> Any:
+    return arrays.namespace(array).clip(array, low, high)
 
 
 def check_index(i: int, num_timesteps: int) -> int:
@@ -193,8 +201,11 @@ def check_index(i: int, num_timesteps: int) -> int:
     return int(i)
 
 
-def draw_noise(rng: NoiseSource | None, shape: tuple[int, ...], scheduler: str, i: int) -> np.ndarray:
-    """Standard normal float32 noise, drawn where diffusers calls randn_tensor."""
+def draw_noise(rng: NoiseSource | None, like: Any, scheduler: str, i: int) -> Any:
+    """Standard normal float32 noise of `like`'s shape, drawn where diffusers calls
+    randn_tensor. It is drawn on the host (per-image numpy generators make an image
+    independent of its batch and its device) and copied to `like`'s device: one small
+    copy, only for the samplers that inject noise."""
     if rng is None:
         raise ValueError(f"{scheduler} injects noise at step i={i}; pass rng (a numpy Generator), not None")
-    return as_float32(rng.standard_normal(shape, dtype=F32))
+    return arrays.like(np.asarray(rng.standard_normal(tuple(like.shape), dtype=F32), dtype=F32), like)

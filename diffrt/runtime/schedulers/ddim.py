@@ -14,6 +14,7 @@ from .common import (
     alphas_cumprod_from_config,
     as_float32,
     check_index,
+    clip,
     denoised_vp,
     epsilon_vp,
     readonly,
@@ -57,7 +58,7 @@ def ddim_step(
     # eps comes from the unclipped x0, like diffusers' default use_clipped_model_output=False
     eps = epsilon_vp(model_output, sample, alpha_t, sigma_t, prediction_type)
     if clip_range is not None:
-        denoised = np.clip(denoised, -clip_range, clip_range)
+        denoised = clip(denoised, -clip_range, clip_range)
     return np.sqrt(alpha_prod_t_prev) * denoised + np.sqrt(F32(1) - alpha_prod_t_prev) * eps
 
 

@@ -99,7 +99,7 @@ class EulerAncestralRun:
     ) -> np.ndarray:
         i = check_index(i, len(self.timesteps))
         model_output, sample = as_float32(model_output), as_float32(sample)
-        noise = draw_noise(rng, model_output.shape, "euler_ancestral", i)
+        noise = draw_noise(rng, model_output, "euler_ancestral", i)
         return euler_ancestral_step(
             model_output, sample, self.sigmas[i], self.sigmas[i + 1], noise, self._prediction_type
         )

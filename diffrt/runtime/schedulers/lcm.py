@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import F32, alphas_cumprod_from_config, as_float32, check_index, denoised_vp, draw_noise, readonly
+from .common import F32, alphas_cumprod_from_config, as_float32, check_index, clip, denoised_vp, draw_noise, readonly
 from .config import check_num_inference_steps, require, resolve_config, validate_common
 from .protocol import NoiseSource
 
@@ -106,14 +106,14 @@ class LCMRun:
             model_output, sample, np.sqrt(alpha_prod_t), np.sqrt(F32(1) - alpha_prod_t), s.prediction_type
         )
         if cfg["clip_sample"]:
-            denoised = np.clip(denoised, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+            denoised = clip(denoised, -cfg["clip_sample_range"], cfg["clip_sample_range"])
         c_skip, c_out = boundary_scalings(t, cfg["timestep_scaling"])
         denoised = c_out * denoised + c_skip * sample
         if i == n - 1:
             return denoised
         prev_t = int(self._timesteps[i + 1])
         alpha_prod_t_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
-        noise = draw_noise(rng, model_output.shape, "lcm", i)
+        noise = draw_noise(rng, model_output, "lcm", i)
         return np.sqrt(alpha_prod_t_prev) * denoised + np.sqrt(F32(1) - alpha_prod_t_prev) * noise
 
 
