@@ -10,6 +10,7 @@ scheduler reproduces diffusers' image (tests/test_pipeline_parity.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -78,6 +79,13 @@ class PerImageNoise:
 
     def __init__(self, seed: int, count: int):
         self._generators = [np.random.default_rng(seed + i) for i in range(count)]
+
+    @classmethod
+    def from_seeds(cls, seeds: Sequence[int]) -> PerImageNoise:
+        """Row i draws from default_rng(seeds[i]) (batched requests: each its own seeds)."""
+        noise = cls(0, 0)
+        noise._generators = [np.random.default_rng(seed) for seed in seeds]
+        return noise
 
     def standard_normal(self, size: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         if size[0] != len(self._generators):
@@ -277,32 +285,35 @@ class Pipeline:
         rng = generator if generator is not None else PerImageNoise(request.seed, request.batch)
 
         if refiner is not None:
-            sample, timings = self._denoise_request(request, latents, None, rng, callback)
+            sample, timings = self._denoise_request([request], latents, None, rng, callback)
             refined = refiner(image=self._to_host(sample), generator=rng, callback=callback, **refiner_args)
             timings["refiner"] = refined.timings
             timings["vae_decoder"] = refined.timings.get("vae_decoder", 0.0)
             timings["total"] = time.perf_counter() - started
             return PipelineOutput(images=refined.images, timings=timings,
                                   seed=None if generator is not None else request.seed, settings=settings)
-        sample, timings = self._denoise_request(request, latents, image, rng, callback)
+        sample, timings = self._denoise_request([request], latents, image, rng, callback)
 
         # 5. Decode (or hand the latents on).
-        if output_type == "latent":
-            images = self._to_host(sample)
-        else:
-            t0 = time.perf_counter()
-            decoder = self._sessions[_decoder_key(self.family, request.vae)]
-            facts = decoder.spec.facts
-            scaling = np.float32(facts.get("scaling_factor", model["vae_scaling_factor"]))
-            latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
-            decoded = decoder.run({"latent_sample": latent})["sample"]
-            images = postprocess(self._to_host(decoded))  # the one device -> host copy
-            timings["vae_decoder"] = time.perf_counter() - t0
-            if output_type == "pil":
-                images = to_pil(images)
+        images = self._decode(sample, request.vae, output_type, timings)
         timings["total"] = time.perf_counter() - started
         return PipelineOutput(images=images, timings=timings,
                               seed=None if generator is not None else request.seed, settings=settings)
+
+    def _decode(self, sample: Any, vae: str, output_type: str, timings: dict[str, Any]) -> Any:
+        """Latents -> float32 NHWC images in [0, 1] on the host ("np"), PIL images
+        ("pil"), or the latents themselves on the host ("latent")."""
+        if output_type == "latent":
+            return self._to_host(sample)
+        t0 = time.perf_counter()
+        decoder = self._sessions[_decoder_key(self.family, vae)]
+        facts = decoder.spec.facts
+        scaling = np.float32(facts.get("scaling_factor", self.manifest.model["vae_scaling_factor"]))
+        latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
+        decoded = decoder.run({"latent_sample": latent})["sample"]
+        images = postprocess(self._to_host(decoded))  # the one device -> host copy
+        timings["vae_decoder"] = time.perf_counter() - t0
+        return to_pil(images) if output_type == "pil" else images
 
     # -- batching across requests (the server's dynamic batching) -----------------
 
@@ -323,7 +334,33 @@ class Pipeline:
         `batch_key`s) and return one PipelineOutput per call, in order. Each call keeps
         its own prompts, negative prompts, guidance scale and seed; its images are the
         ones it gets when called alone. `callback(step, total)` as in `__call__`."""
-        return [self(**call, callback=callback) for call in calls]
+        started = time.perf_counter()
+        if not calls:
+            return []
+        requests = [self._request_of(call) for call in calls]
+        keys = {self.batch_key(**call) for call in calls}
+        if len(keys) > 1:
+            raise DiffrtError("generate_batch: the calls differ in size, steps, scheduler, guidance mode or VAE; "
+                              "group them by batch_key()")
+        first = requests[0]
+        rows = tuple(p for r in requests for p in r.prompts for _ in range(r.num_images_per_prompt))
+        negatives = tuple(p for r in requests for p in r.negative_prompts for _ in range(r.num_images_per_prompt))
+        check_memory(self.manifest, dataclasses.replace(first, prompts=rows, negative_prompts=negatives,
+                                                        num_images_per_prompt=1),
+                     weights_loaded=True, attention_scores=self._materializes_attention())
+        # image j of request r draws from default_rng(seed_r + j), exactly as alone
+        rng = PerImageNoise.from_seeds([r.seed + j for r in requests for j in range(r.batch)])
+        sample, timings = self._denoise_request(requests, None, None, rng, callback)
+        outputs, start = [], 0
+        timings["batch_images"] = int(sample.shape[0])
+        for call, request in zip(calls, requests, strict=True):
+            own = dict(timings)
+            images = self._decode(sample[start:start + request.batch], request.vae,
+                                  call.get("output_type", "pil"), own)
+            start += request.batch
+            own["total"] = time.perf_counter() - started
+            outputs.append(PipelineOutput(images=images, timings=own, seed=request.seed, settings=request.settings))
+        return outputs
 
     def _request_of(self, call: Mapping[str, Any]):
         known = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
@@ -353,16 +390,21 @@ class Pipeline:
                               "leave them out")
         return image, size[0], size[1]
 
-    def _denoise_request(self, request, latents, image, rng, callback) -> tuple[np.ndarray, dict[str, Any]]:
-        """Conditioning, initial latents and the denoising loop of one request; returns
-        the denoised latents (still scaled by the VAE's factor) and the timings so far."""
+    def _denoise_request(self, requests, latents, image, rng, callback) -> tuple[np.ndarray, dict[str, Any]]:
+        """Conditioning, initial latents and the denoising loop of one request, or of
+        several that share a batch_key (their rows one after the other); returns the
+        denoised latents (still scaled by the VAE's factor) and the timings so far."""
+        request = requests[0]
         settings = request.settings
         timings: dict[str, Any] = {}
         # 2. Conditioning: text embeddings (uncond + cond in one batch when using CFG).
         # The family builds it on the host (small arrays); it goes to the device once.
         t0 = time.perf_counter()
-        cond = self.family.denoiser_conditioning(self._encode, self.manifest.model, request)
+        do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
+        cond = _stack_conditioning([self.family.denoiser_conditioning(self._encode, self.manifest.model, r)
+                                    for r in requests], [r.batch for r in requests], do_cfg)
         cond = {name: self._to_device(array) for name, array in cond.items()}
+        guidance = _row_guidance([r.settings.guidance_scale for r in requests], [r.batch for r in requests])
         timings["text_encoder"] = time.perf_counter() - t0
 
         # 3. Initial latents: noise scaled by the scheduler's initial sigma (as diffusers
@@ -375,13 +417,14 @@ class Pipeline:
         if image is not None:
             sample = self._to_device(image)
         else:
-            shape = (request.batch, int(self.manifest.model["latent_channels"]),
+            shape = (sum(r.batch for r in requests), int(self.manifest.model["latent_channels"]),
                      *(size // int(self.manifest.model["vae_scale_factor"]) for size in (settings.height, settings.width)))
             noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)
             sample = self._to_device((noise * np.float32(run.init_noise_sigma)).astype(np.float32))
 
         # 4. Denoising loop: one batched denoiser call per step.
-        sample, timings["denoiser_calls"] = self._denoise(sample, cond, run, request, rng, callback)
+        sample, timings["denoiser_calls"] = self._denoise(sample, cond, run, request, rng, callback,
+                                                          self._to_device(guidance) if guidance.ndim else guidance)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, timings
 
@@ -405,11 +448,11 @@ class Pipeline:
         to_host = getattr(self.backend, "to_host", None)
         return np.asarray(array) if to_host is None else to_host(array)
 
-    def _denoise(self, sample, cond, run, request, rng, callback) -> tuple[np.ndarray, list[float]]:
+    def _denoise(self, sample, cond, run, request, rng, callback, guidance) -> tuple[np.ndarray, list[float]]:
+        """`guidance`: the CFG scale, a float32 scalar, or one per row (batched requests)."""
         settings = request.settings
         unet = self._sessions[self.family.DENOISER]
         do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
-        guidance = np.float32(settings.guidance_scale)
         call_times = []
         # Progress counts requested steps. Schedulers that make more calls than steps make
         # the extra ones first (PNDM's warm-up), so after call k, max(0, k - extra) of them
@@ -448,6 +491,32 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stack_conditioning(parts: list[dict[str, np.ndarray]], batches: list[int], do_cfg: bool) -> dict[str, np.ndarray]:
+    """Several requests' denoiser conditioning as one batch: their rows in order, and
+    with CFG all unconditional rows first, then all conditional ones (the loop's
+    [uncond..., cond...] layout)."""
+    if len(parts) == 1:
+        return parts[0]
+    stacked = {}
+    for name in parts[0]:
+        arrays = [part[name] for part in parts]
+        if not do_cfg:
+            stacked[name] = np.concatenate(arrays)
+            continue
+        halves = [(a[:b], a[b:]) for a, b in zip(arrays, batches, strict=True)]
+        stacked[name] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+    return stacked
+
+
+def _row_guidance(scales: list[float], batches: list[int]) -> np.ndarray:
+    """One float32 scale for a batch that shares it (the single-request case), else one
+    per row of shape (rows, 1, 1, 1): float32 products either way, so a row's result does
+    not depend on the others."""
+    if len(set(scales)) == 1:
+        return np.float32(scales[0])
+    return np.repeat(np.asarray(scales, dtype=np.float32), batches).reshape(-1, 1, 1, 1)
 
 
 def _decoder_key(family, variant: str) -> str:

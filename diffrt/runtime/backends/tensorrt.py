@@ -1,0 +1,317 @@
+"""TensorRT backend: engines built ahead of time by `diffrt build OUT --backend tensorrt`
+(diffrt/runtime/tensorrt_build.py), run on an NVIDIA GPU with device buffers from CuPy.
+
+    diffrt build OUT --backend tensorrt --batch 1-4 --size 512x512
+    diffrt generate OUT "a prompt" --backend tensorrt [-O cuda_graphs=1]
+    Pipeline.load(OUT, backend="tensorrt", cuda_graphs=True)
+
+`open()` finds the stage's engine in the engine cache (OUT/engines/tensorrt/, or
+`cache_dir`): built for this stage's files, this TensorRT version and this GPU, with a
+profile covering the shape Pipeline.load prepares (the narrowest such engine wins: a
+static engine for exactly that shape is the fastest). Nothing is built at load: a
+stage without an engine is a one-line error saying what to run.
+
+Each call checks the feed shapes against the engine's profile (a shape outside is an
+error naming the shape and the built range; another engine of the stage that covers
+it is loaded instead when there is one), sets the input shapes and the tensor
+addresses, and enqueues the engine on one CUDA stream of the backend. Inputs may be
+numpy arrays (copied to the GPU) or CuPy arrays (cast to the engine's dtype on the GPU
+where needed); outputs are fresh CuPy arrays the caller owns. The backend's stream waits
+for the caller's current stream before running and the caller's stream waits for it
+after, so no host synchronization is needed between stages.
+
+`cuda_graphs=True` captures each engine's run into a CUDA graph per input shape (after
+a warm-up run), replays it on later calls, and copies the outputs out of the graph's
+fixed buffers into fresh arrays: less launch overhead for small or static engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cupy as cp
+import numpy as np
+import tensorrt as trt
+
+from diffrt.artifacts import StageSpec
+from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.runtime.engine_cache import EngineCache
+from diffrt.runtime.tensorrt_build import (
+    BACKEND,
+    GRAPH_PRECISIONS,
+    BuiltEngine,
+    GpuInfo,
+    check_shapes,
+    choose_engine,
+    find_engines,
+    gpu_info,
+    trt_logger,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_GRAPHS = 4  # CUDA graphs kept per engine (one per input shape), least recently used dropped
+
+_DTYPES = {
+    trt.DataType.FLOAT: np.float32,
+    trt.DataType.HALF: np.float16,
+    trt.DataType.INT32: np.int32,
+    trt.DataType.INT64: np.int64,
+    trt.DataType.INT8: np.int8,
+    trt.DataType.UINT8: np.uint8,
+    trt.DataType.BOOL: np.bool_,
+}
+
+
+class _Captured:
+    """A CUDA graph of one engine run at one input shape, with its fixed buffers."""
+
+    def __init__(self, inputs: dict[str, cp.ndarray], outputs: dict[str, cp.ndarray], graph: Any):
+        self.inputs, self.outputs, self.graph = inputs, outputs, graph
+
+
+class _Engine:
+    """One deserialized engine and its execution context."""
+
+    def __init__(self, built: BuiltEngine, spec: StageSpec, backend: TensorRTBackend):
+        self.built, self.profile, self.backend = built, built.profile, backend
+        self.label = f"{built.path.name} ({spec.name})"
+        engine = backend.runtime.deserialize_cuda_engine(built.plan.read_bytes())
+        if engine is None:
+            raise ArtifactError(f"{built.plan} cannot be loaded by TensorRT {trt.__version__} "
+                                f"({backend.log.last_error or 'see the log'}); delete {built.path} and run "
+                                "`diffrt build OUT --backend tensorrt` again")
+        context = engine.create_execution_context()
+        if context is None:
+            why = backend.log.last_error or "out of GPU memory?"
+            raise DiffrtError(f"TensorRT engine {self.label}: no execution context ({why}); close other GPU "
+                              "programs or build for smaller shapes")
+        self.engine, self.context = engine, context
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        want_in, want_out = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+        if sorted(self.inputs) != sorted(want_in) or not set(want_out) <= set(self.outputs):
+            raise ArtifactError(f"TensorRT engine {self.label} has inputs {self.inputs} and outputs {self.outputs}; "
+                                f"the stage has {want_in} and {want_out}: delete {built.path} and build again")
+        self.dtypes = {}
+        for name in names:
+            dtype = engine.get_tensor_dtype(name)
+            if dtype not in _DTYPES:
+                raise DiffrtError(f"TensorRT engine {self.label}: tensor {name} is {dtype}, which CuPy cannot hold; "
+                                  "export the stage with float32 inputs and outputs")
+            self.dtypes[name] = np.dtype(_DTYPES[dtype])
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+
+    # -- the TensorRT calls, each status checked ---------------------------------------
+
+    def set_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        """Set the input shapes (checked against the profile first); the output shapes."""
+        check_shapes(self.label, self.profile, shapes)
+        for name in self.inputs:
+            if not self.context.set_input_shape(name, tuple(int(d) for d in shapes[name])):
+                raise DiffrtError(f"TensorRT engine {self.label}: set_input_shape({name}, {list(shapes[name])}) failed "
+                                  f"({self.backend.log.last_error or 'see the log'})")
+        out = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise DiffrtError(f"TensorRT engine {self.label}: output {name} has no shape ({list(shape)}) for the "
+                                  f"inputs {dict(shapes)}")
+            out[name] = shape
+        return out
+
+    def set_addresses(self, arrays: Mapping[str, cp.ndarray]) -> None:
+        for name, array in arrays.items():
+            if not self.context.set_tensor_address(name, array.data.ptr):
+                raise DiffrtError(f"TensorRT engine {self.label}: set_tensor_address({name}) failed "
+                                  f"({self.backend.log.last_error or 'see the log'})")
+
+    def execute(self, stream: cp.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.ptr):
+            raise DiffrtError(f"TensorRT engine {self.label}: execute_async_v3 failed "
+                              f"({self.backend.log.last_error or 'see the log'})")
+
+    # -- one run -----------------------------------------------------------------------
+
+    def run(self, arrays: dict[str, cp.ndarray], stream: cp.cuda.Stream, cuda_graphs: bool) -> dict[str, cp.ndarray]:
+        """Enqueue a run on `stream`; outputs are allocated on the caller's current
+        stream before `stream` is made to wait for it (see TensorRTSession.run)."""
+        shapes = {name: arrays[name].shape for name in self.inputs}
+        output_shapes = self.set_shapes(shapes)
+        outputs = {name: cp.empty(shape, dtype=self.dtypes[name]) for name, shape in output_shapes.items()}
+        key = tuple(shapes[name] for name in self.inputs)
+        captured = self._graphs.get(key) if cuda_graphs else None
+        if cuda_graphs and captured is None:
+            captured = self._fixed_buffers(arrays, output_shapes)
+        _wait_for_caller(stream)
+        if not cuda_graphs:
+            self.set_addresses({**arrays, **outputs})
+            self.execute(stream)
+            return outputs
+        with stream:
+            for name in self.inputs:
+                captured.inputs[name][...] = arrays[name]
+        if captured.graph is None:
+            self._capture(captured, stream)  # the warm-up run inside leaves this call's outputs
+        else:
+            self._graphs.move_to_end(key)
+            captured.graph.launch(stream=stream)
+        with stream:
+            for name in self.outputs:
+                outputs[name][...] = captured.outputs[name]
+        return outputs
+
+    def _fixed_buffers(self, arrays: Mapping[str, cp.ndarray], output_shapes: Mapping[str, tuple]) -> _Captured:
+        key = tuple(arrays[name].shape for name in self.inputs)
+        while len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        captured = _Captured({n: cp.empty(arrays[n].shape, dtype=self.dtypes[n]) for n in self.inputs},
+                             {n: cp.empty(s, dtype=self.dtypes[n]) for n, s in output_shapes.items()}, None)
+        self._graphs[key] = captured
+        return captured
+
+    def _capture(self, captured: _Captured, stream: cp.cuda.Stream) -> None:
+        """Warm-up run (TensorRT finishes its shape-dependent setup there), then capture
+        the same run into a CUDA graph."""
+        self.set_addresses({**captured.inputs, **captured.outputs})
+        self.execute(stream)
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            self.execute(stream)
+        finally:
+            graph = stream.end_capture()
+        captured.graph = graph
+        logger.info("TensorRT engine %s: captured a CUDA graph for %s", self.label,
+                    {n: list(b.shape) for n, b in captured.inputs.items()})
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.context = None
+        self.engine = None
+
+
+def _wait_for_caller(stream: cp.cuda.Stream) -> None:
+    stream.wait_event(cp.cuda.get_current_stream().record())
+
+
+class TensorRTSession:
+    """One stage: its engines (loaded as shapes need them) on the backend's stream."""
+
+    def __init__(self, spec: StageSpec, engines: Sequence[BuiltEngine], first: BuiltEngine, backend: TensorRTBackend):
+        self.spec = spec
+        self._backend = backend
+        self._built = list(engines)
+        self._engines: dict[Path, _Engine] = {}
+        self._current = self._load(first)
+
+    def _load(self, built: BuiltEngine) -> _Engine:
+        if built.path not in self._engines:
+            logger.info("TensorRT: loading %s for stage %s (%s)", built.plan, self.spec.name, built.profile.describe())
+            self._engines[built.path] = _Engine(built, self.spec, self._backend)
+        return self._engines[built.path]
+
+    def _engine_for(self, shapes: Mapping[str, Sequence[int]]) -> _Engine:
+        if not self._current.profile.problem(shapes):
+            return self._current
+        others = [b for b in self._built if not b.profile.problem(shapes)]
+        if not others:
+            check_shapes(self._current.label, self._current.profile, shapes)  # raises, naming the range
+        self._current = self._load(min(others, key=lambda b: b.profile.span()))
+        return self._current
+
+    def _device_input(self, name: str, value: Any, dtype: np.dtype) -> cp.ndarray:
+        if isinstance(value, cp.ndarray):
+            array = value
+        elif isinstance(value, (np.ndarray, np.generic, int, float)):
+            array = cp.asarray(np.ascontiguousarray(value, dtype=dtype))
+        elif hasattr(value, "__dlpack__"):
+            array = cp.from_dlpack(value)
+        else:
+            raise DiffrtError(f"stage {self.spec.name}: input {name!r} is a {type(value).__name__}; "
+                              "give a numpy or CuPy array")
+        if array.dtype != dtype:
+            array = array.astype(dtype)
+        return cp.ascontiguousarray(array)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, cp.ndarray]:
+        if self._current is None:
+            raise DiffrtError(f"stage {self.spec.name}: the session is closed")
+        for tensor in self.spec.inputs:
+            if tensor.name not in feeds:
+                raise DiffrtError(f"stage {self.spec.name}: input {tensor.name!r} was not fed")
+        shapes = {t.name: tuple(np.shape(feeds[t.name])) for t in self.spec.inputs}
+        runner = self._engine_for(shapes)
+        arrays = {name: self._device_input(name, feeds[name], runner.dtypes[name]) for name in runner.inputs}
+        stream = self._backend.stream
+        outputs = runner.run(arrays, stream, self._backend.cuda_graphs)
+        cp.cuda.get_current_stream().wait_event(stream.record())
+        return {t.name: outputs[t.name] for t in self.spec.outputs}
+
+    def close(self) -> None:
+        for runner in self._engines.values():
+            runner.close()
+        self._engines.clear()
+        self._current = None
+
+    def __enter__(self) -> TensorRTSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TensorRTBackend:
+    name = BACKEND
+    graph_precisions = GRAPH_PRECISIONS
+    fused_attention = False
+    fuses_attention_itself = True
+    device = "cuda"
+
+    def __init__(self, cache_dir: str | Path | None = None, cuda_graphs: bool | int = False):
+        """`cache_dir`: the engine cache root (default: the artifact's engines/), as
+        given to `diffrt build --cache-dir`; `cuda_graphs`: capture and replay."""
+        if cuda_graphs not in (True, False, 0, 1):
+            raise DiffrtError(f"cuda_graphs={cuda_graphs!r}; use 1 or 0 (True or False)")
+        self.cache_dir = cache_dir
+        self.cuda_graphs = bool(cuda_graphs)
+        self.log = trt_logger(trt)
+        self.runtime = trt.Runtime(self.log)
+        self.gpu: GpuInfo = gpu_info()
+        self.stream = cp.cuda.Stream(non_blocking=True)
+
+    def to_device(self, array: Any) -> cp.ndarray:
+        return cp.asarray(array)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return array.get() if isinstance(array, cp.ndarray) else np.asarray(array)
+
+    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> TensorRTSession:
+        folder = Path(folder)
+        cache = EngineCache(Path(self.cache_dir) if self.cache_dir is not None else folder / "engines", BACKEND)
+        engines = find_engines(cache, spec, trt.__version__, self.gpu)
+        if not engines:
+            raise DiffrtError(f"no TensorRT engine for stage {spec.describe()} built with TensorRT {trt.__version__} "
+                              f"on {self.gpu.name} in {cache.folder}; run `diffrt build {folder} --backend tensorrt` "
+                              "first (with --batch/--size for the shapes you need)")
+        chosen = choose_engine(engines, profile)
+        if chosen is None:
+            built = " | ".join(e.profile.describe() for e in engines)
+            raise DiffrtError(f"the TensorRT engines of stage {spec.name} do not cover {dict(profile or {})} (built: "
+                              f"{built}); run `diffrt build {folder} --backend tensorrt` with a --batch/--size range "
+                              "that includes it")
+        return TensorRTSession(spec, engines, chosen, self)
+
+    def describe(self) -> str:
+        graphs = ", CUDA graphs" if self.cuda_graphs else ""
+        return (f"TensorRT {trt.__version__} on {self.gpu.name} (compute {self.gpu.compute_capability}), "
+                f"CuPy {cp.__version__}{graphs}")
+
+
+def make_backend(**options: Any) -> TensorRTBackend:
+    return TensorRTBackend(**options)

@@ -1,0 +1,215 @@
+"""TensorRT's GPU-free parts, on the CPU: profiles from the requested shapes, engine
+keys, the engine cache look-up, the shape check, `diffrt build`'s argument checks and
+the error without TensorRT. The TensorRT calls themselves are checked by name in
+test_tensorrt_api.py; running them needs an NVIDIA GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+
+from diffrt.artifacts import read_manifest
+from diffrt.cli import main
+from diffrt.errors import DiffrtError
+from diffrt.runtime.engine_cache import EngineCache
+from diffrt.runtime.tensorrt_build import (
+    ENGINE_NAME,
+    PROFILE_NAME,
+    BuildOptions,
+    GpuInfo,
+    build_shapes,
+    check_shapes,
+    choose_engine,
+    engine_fields,
+    engine_key,
+    find_engines,
+    parse_batch,
+    plan_build,
+)
+
+GPU = GpuInfo("NVIDIA H200", "9.0")
+
+
+def ranges(plan, key):
+    """{input: (min, opt, max)} of one stage of a plan."""
+    return {r.name: (r.min, r.opt, r.max) for r in plan.profiles[key].inputs}
+
+
+def test_sd_profiles_double_the_batch_for_cfg(exported):
+    plan = plan_build(exported("sd15"), batch="1-4")  # 64x64 default, VAE factor 2: 32x32 latents
+    assert list(plan.profiles) == ["text_encoder", "unet", "vae_decoder"]
+    assert {s.variant for s in plan.specs.values()} == {"default"}  # portable attention: TensorRT fuses it
+    # text: 1 prompt without CFG .. 4 prompts with negatives; opt: 1 prompt with CFG (default guidance 7.5)
+    assert ranges(plan, "text_encoder") == {"input_ids": ((1, 77), (2, 77), (8, 77))}
+    unet = ranges(plan, "unet")
+    assert unet["sample"] == ((1, 4, 32, 32), (2, 4, 32, 32), (8, 4, 32, 32))
+    assert unet["timestep"] == ((1,), (2,), (8,))
+    assert unet["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (8, 77, 32))
+    assert ranges(plan, "vae_decoder") == {"latent_sample": ((1, 4, 32, 32), (1, 4, 32, 32), (4, 4, 32, 32))}
+
+
+def test_size_range_and_static(exported):
+    folder = exported("sd15")
+    plan = plan_build(folder, batch="2", min_size=(48, 64), max_size=(128, 96))  # (height, width)
+    sample = ranges(plan, "unet")["sample"]
+    assert sample == ((2, 4, 24, 32), (4, 4, 32, 32), (4, 4, 64, 48))  # opt: the default 64x64, inside the range
+    static = plan_build(folder, batch="3", size=(80, 48), static=True)
+    for profile in static.profiles.values():
+        assert profile.static
+    assert ranges(static, "unet")["sample"][0] == (6, 4, 40, 24)  # 3 images, CFG, 80x48 pixels
+    assert ranges(static, "text_encoder")["input_ids"][0] == (2, 77)  # one prompt (and its negative)
+    assert ranges(static, "vae_decoder")["latent_sample"][0] == (3, 4, 40, 24)
+
+
+def test_lcm_profiles_have_no_cfg_and_take_the_guidance_embedding(exported):
+    plan = plan_build(exported("lcm"), batch="1-4")
+    unet = ranges(plan, "unet")
+    assert unet["sample"] == ((1, 4, 32, 32), (1, 4, 32, 32), (4, 4, 32, 32))
+    assert unet["timestep_cond"][2][0] == 4 and len(unet["timestep_cond"][2]) == 2
+    assert ranges(plan, "text_encoder")["input_ids"] == ((1, 77), (1, 77), (4, 77))
+
+
+def test_sdxl_profiles_cover_both_encoders_and_the_added_conditions(exported):
+    plan = plan_build(exported("sdxl"), batch="1-2", size=(64, 64))
+    assert list(plan.profiles) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    for role in ("text_encoder", "text_encoder_2"):
+        # force_zeros_for_empty_prompt: opt encodes no negative; a negative prompt is covered up to the UNet batch
+        assert ranges(plan, role)["input_ids"] == ((1, 77), (1, 77), (4, 77))
+    unet = ranges(plan, "unet")
+    manifest = read_manifest(exported("sdxl"))
+    assert unet["time_ids"] == ((1, manifest.model["time_ids"]), (2, manifest.model["time_ids"]),
+                                (4, manifest.model["time_ids"]))
+    assert unet["text_embeds"][2] == (4, manifest.model["projection_dim"])
+    assert unet["sample"][2] == (4, 4, 32, 32)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch": "0"}, "--batch '0': need 1 <= LO <= HI"),
+    ({"batch": "4-1"}, "need 1 <= LO <= HI"),
+    ({"batch": "two"}, "use N or LO-HI"),
+    ({"size": (64, 60)}, "--size 60x64: width must be a positive multiple of 8"),
+    ({"min_size": (128, 128), "max_size": (64, 64)}, "--min-size 128x128 is larger than --max-size 64x64"),
+    ({"min_size": (64, 64)}, "--min-size and --max-size go together"),
+    ({"size": (64, 64), "min_size": (64, 64), "max_size": (64, 64)}, "either --size or --min-size/--max-size"),
+    ({"batch": "1-4", "static": True}, "--static builds one shape"),
+])
+def test_shapes_are_validated_with_one_line_errors(exported, kwargs, message):
+    manifest = read_manifest(exported("sd15"))
+    with pytest.raises(DiffrtError, match=None) as info:
+        build_shapes(manifest, **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_parse_batch():
+    assert parse_batch("3") == (3, 3) and parse_batch("1-4") == (1, 4) and parse_batch(2) == (2, 2)
+
+
+def test_a_precision_the_artifact_lacks_is_refused(exported):
+    with pytest.raises(DiffrtError, match="this artifact has fp32 graphs only; re-export with `diffrt export "
+                                          "--precision fp16`"):
+        plan_build(exported("sd15"), precision="fp16")
+
+
+def test_engine_key_covers_every_field(exported):
+    plan = plan_build(exported("sd15"), batch="1-4")
+    spec, profile = plan.specs["unet"], plan.profiles["unet"]
+    options = BuildOptions()
+    key = engine_key(spec, profile, "11.4.0", GPU, options)
+    assert key == engine_key(spec, profile, "11.4.0", GPU, BuildOptions())  # deterministic
+    other_plan = plan_build(exported("sd15"), batch="1-2")
+    changed = [
+        engine_key(dataclasses.replace(spec, files=spec.files[:0]), profile, "11.4.0", GPU, options),
+        engine_key(spec, other_plan.profiles["unet"], "11.4.0", GPU, options),
+        engine_key(dataclasses.replace(spec, precision="fp16"), profile, "11.4.0", GPU, options),
+        engine_key(spec, profile, "10.13.0", GPU, options),
+        engine_key(spec, profile, "11.4.0", GpuInfo("NVIDIA L4", "9.0"), options),
+        engine_key(spec, profile, "11.4.0", GpuInfo("NVIDIA H200", "10.0"), options),
+        engine_key(spec, profile, "11.4.0", GPU, BuildOptions(opt_level=5)),
+        engine_key(spec, profile, "11.4.0", GPU, BuildOptions(refit=True)),
+        engine_key(spec, profile, "11.4.0", GPU, BuildOptions(workspace_gib=4)),
+    ]
+    assert key not in changed and len(set(changed)) == len(changed)
+    fields = engine_fields(spec, profile, "11.4.0", GPU, options)
+    assert fields["recipe"] >= 1 and fields["files"] == [f.sha256 for f in spec.files]
+    with pytest.raises(DiffrtError, match="--opt-level 9: use an integer from 0 to 5"):
+        BuildOptions(opt_level=9)
+
+
+def test_shape_outside_the_profile_names_the_shape_and_the_range(exported):
+    profile = plan_build(exported("sd15"), batch="1-2").profiles["unet"]
+    check_shapes("abc", profile, {"sample": (4, 4, 32, 32), "timestep": (4,)})  # inside
+    with pytest.raises(DiffrtError) as info:
+        check_shapes("abc", profile, {"sample": (5, 4, 32, 32), "timestep": (5,)})
+    message = str(info.value)
+    assert "TensorRT engine abc (stage unet): sample shape [5, 4, 32, 32] is outside the built range " \
+           "[1-4, 4, 32, 32]" in message
+    assert "diffrt build OUT --backend tensorrt" in message and "\n" not in message
+    with pytest.raises(DiffrtError, match=r"sample shape \[2, 4, 40, 32\] is outside"):
+        check_shapes("abc", profile, {"sample": (2, 4, 40, 32)})
+
+
+def test_engines_are_found_by_stage_tensorrt_and_gpu_and_chosen_by_profile(exported, tmp_path):
+    folder = exported("sd15")
+    wide = plan_build(folder, batch="1-4")
+    static = plan_build(folder, batch="1", size=(64, 64), static=True)
+    spec = wide.specs["unet"]
+    cache = EngineCache(tmp_path / "engines", "tensorrt")
+
+    def publish(plan, version="11.4.0", gpu=GPU):
+        fields = engine_fields(spec, plan.profiles["unet"], version, gpu, BuildOptions())
+
+        def write(tmp):
+            (tmp / ENGINE_NAME).write_bytes(b"plan")
+            (tmp / PROFILE_NAME).write_text(json.dumps(plan.profiles["unet"].to_json()))
+
+        return cache.publish(engine_key(spec, plan.profiles["unet"], version, gpu, BuildOptions()), fields, write)
+
+    assert find_engines(cache, spec, "11.4.0", GPU) == []
+    wide_entry, static_entry = publish(wide), publish(static)
+    publish(wide, version="10.13.0")
+    publish(wide, gpu=GpuInfo("NVIDIA L4", "8.9"))
+    (cache.folder / "timing.cache").write_bytes(b"x")  # the shared timing cache is not an engine
+    engines = find_engines(cache, spec, "11.4.0", GPU)
+    assert sorted(e.path for e in engines) == sorted([wide_entry, static_entry])
+    assert choose_engine(engines, {"batch": 2, "latent_height": 32, "latent_width": 32}).path == static_entry
+    assert choose_engine(engines, {"batch": 6}).path == wide_entry
+    assert choose_engine(engines, {"batch": 9}) is None
+    assert find_engines(cache, wide.specs["vae_decoder"], "11.4.0", GPU) == []  # another stage's engines
+
+
+def test_build_checks_its_arguments_before_needing_tensorrt(exported, capsys, monkeypatch):
+    folder = str(exported("sd15"))
+    for module in ("tensorrt", "cupy"):
+        monkeypatch.setitem(sys.modules, module, None)  # as on a machine without them, even where installed
+    assert main(["build", folder, "--size", "64x60"]) == 2
+    assert "error: --size 64x60: height must be a positive multiple of 8" in capsys.readouterr().err
+    assert main(["build", folder, "--batch", "1-4", "--static"]) == 2
+    assert "--static builds one shape" in capsys.readouterr().err
+    assert main(["build", folder, "--opt-level", "7"]) == 2
+    assert "--opt-level 7" in capsys.readouterr().err
+    assert main(["build", folder, "--workspace-gib", "-1"]) == 2
+    assert "--workspace-gib -1.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["build", folder, "--backend", "ort"])  # argparse: only tensorrt builds ahead of time
+    capsys.readouterr()
+    # valid arguments: the one-line error says what to install
+    assert main(["build", folder, "--batch", "1-4", "--size", "64x64", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: building TensorRT engines needs ") and "pip install 'diffrt[tensorrt]'" in err
+    assert "\n" not in err
+
+
+def test_backend_without_tensorrt_says_what_to_install(monkeypatch):
+    from diffrt.runtime.backends import get_backend
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.delitem(sys.modules, "diffrt.runtime.backends.tensorrt", raising=False)
+    with pytest.raises(DiffrtError) as info:
+        get_backend("tensorrt")
+    message = str(info.value)
+    assert "backend 'tensorrt' needs" in message and "pip install 'diffrt[tensorrt]'" in message
+    assert "\n" not in message
