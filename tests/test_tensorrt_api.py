@@ -32,8 +32,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = (ROOT / "diffrt/runtime/tensorrt_build.py", ROOT / "diffrt/runtime/backends/tensorrt.py")
-WHEEL = "tensorrt-cu13-bindings"
-WHEEL_GLOB = "tensorrt_cu13_bindings-*x86_64.whl"
+# Pinned, as .ci/run pins it: the version this check was written against. Bump both on
+# purpose (a newer TensorRT may remove a name we use; that is what this test is for).
+WHEEL = "tensorrt-cu13-bindings==11.4.0.106"
+WHEEL_GLOB = "tensorrt_cu13_bindings-11.4.0.106-*x86_64.whl"
 PLATFORM = "manylinux_2_28_x86_64"  # the scan below reads x86-64 code, whatever machine runs the test
 # Variables (or attributes) that hold TensorRT objects in the checked files, and what they are.
 OBJECTS = {
