@@ -1,0 +1,392 @@
+"""The HTTP API (FastAPI): OpenAI-compatible images, the full generate endpoint, jobs
+with progress for the playground, health, readiness and metrics.
+
+    app = create_app(Pipeline.load(folder), ServeConfig(model_name="sd15"))
+
+`pipeline` is anything with the Pipeline's batching contract: `manifest`,
+`batch_key(**call)` and `generate_batch(calls, callback)`. One worker thread runs it
+(see batching.py for the queue order); the event loop only validates, queues, waits
+and encodes images in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hmac
+import io
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from diffrt.errors import DiffrtError
+from diffrt.serve.batching import BatchScheduler, Job, QueueFull
+from diffrt.serve.metrics import Metrics
+from diffrt.serve.schemas import (
+    ApiError,
+    GenerateRequest,
+    ImagesRequest,
+    ServeConfig,
+    images_to_generate,
+    make_call,
+    runtime_error,
+    validation_error,
+)
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_PATHS = ("/healthz", "/readyz", "/")  # "/" is the static playground page; its API calls need the key
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
+RESOLVED = ("preset", "scheduler", "num_inference_steps", "guidance_scale", "height", "width")  # Pipeline.resolve's
+WARMUP_CALL = {"prompt": "warm-up", "num_inference_steps": 1, "seed": 0, "output_type": "np"}
+
+
+def encode_images(images: np.ndarray, fmt: str) -> list[str]:
+    """float32 NHWC in [0, 1] -> base64 strings: PNG/JPEG/WebP (8-bit, diffusers'
+    rounding), or NPY (the float32 array itself, lossless, for exact comparisons)."""
+    out = []
+    for image in np.asarray(images, dtype=np.float32):
+        buffer = io.BytesIO()
+        if fmt == "npy":
+            np.save(buffer, image, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            pixels = (image * 255).round().astype(np.uint8)
+            options = {"quality": 95} if fmt in ("jpeg", "webp") else {}
+            Image.fromarray(pixels).save(buffer, format=fmt.upper(), **options)
+        out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return out
+
+
+def _settings(settings: Any) -> dict[str, Any]:
+    if settings is None:
+        return {}
+    data = dataclasses.asdict(settings)
+    data["scheduler_config"] = dict(data.get("scheduler_config") or ())
+    return data
+
+
+def _timings(timings: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in timings.items() if isinstance(v, (int, float))}
+    if isinstance(timings.get("denoiser_calls"), list):
+        out["denoiser_calls"] = len(timings["denoiser_calls"])
+    return out
+
+
+class Server:
+    """The state one app serves from: the pipeline, its scheduler, metrics and jobs."""
+
+    def __init__(self, pipeline: Any, config: ServeConfig):
+        self.pipeline, self.config = pipeline, config
+        self.size_multiple = int(pipeline.manifest.model.get("size_multiple", 8))
+        self.scheduler = BatchScheduler(pipeline.generate_batch, config.max_batch, config.batch_wait_ms,
+                                        config.max_queue, warmup=self._warmup if config.warmup else None,
+                                        on_batch=lambda *a: self.metrics.observe_batch(*a))
+        self.metrics = Metrics(lambda: self.scheduler.depth, lambda: float(self.is_ready))
+        self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.draining = False
+
+    @property
+    def is_ready(self) -> bool:
+        return self.scheduler.ready.is_set() and self.scheduler.warmup_error is None and not self.draining
+
+    def _warmup(self) -> None:
+        t0 = time.perf_counter()
+        self.pipeline.generate_batch([dict(WARMUP_CALL)])
+        logger.info("warm-up generation in %.2fs", time.perf_counter() - t0)
+
+    # -- one generation -----------------------------------------------------------------
+
+    def submit(self, body: GenerateRequest) -> Job:
+        if not self.scheduler.ready.is_set():
+            raise ApiError(503, "the model is still loading; retry shortly (see /readyz)", None, "not_ready",
+                           {"Retry-After": "5"})
+        if self.scheduler.warmup_error is not None:
+            raise ApiError(503, f"the model failed its warm-up generation: {self.scheduler.warmup_error}",
+                           None, "not_ready")
+        call = make_call(body, self.config, self.size_multiple)
+        try:
+            key = self.pipeline.batch_key(**call)
+            resolve = getattr(self.pipeline, "resolve", None)
+            settings = resolve(*(call.get(k) for k in RESOLVED)) if resolve is not None else None
+        except DiffrtError as exc:
+            raise runtime_error(exc) from None
+        if settings is not None:  # the limits hold for what a preset or the checkpoint's defaults fill in too
+            if settings.num_inference_steps > self.config.max_steps:
+                raise ApiError(400, f"num_inference_steps must be at most {self.config.max_steps}; "
+                                    f"{settings.num_inference_steps} (the default) is more: give it",
+                               "num_inference_steps")
+            for name in ("height", "width"):
+                if getattr(settings, name) > self.config.max_side:
+                    raise ApiError(400, f"{name} must be at most {self.config.max_side}; "
+                                        f"{getattr(settings, name)} (the default) is more: give size", "size")
+        try:
+            return self.scheduler.submit(call, key, body.n)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), None, "queue_full", {"Retry-After": str(exc.retry_after_s)}) from None
+
+    async def wait(self, job: Job, request: Request | None) -> Any:
+        """The job's PipelineOutput; 504 past the timeout, None if the client left."""
+        deadline = job.enqueued + self.config.timeout_s
+        while not job.future.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.scheduler.cancel(job)
+                raise ApiError(504, f"the request took longer than the server's timeout of "
+                                    f"{self.config.timeout_s:g}s", None, "timeout")
+            await asyncio.wait([job.future], timeout=min(remaining, 0.25))
+            if not job.future.done() and request is not None and job.state == "queued" \
+                    and await request.is_disconnected():
+                self.scheduler.cancel(job)
+                logger.info("request %d: client disconnected before its batch started; dropped", job.id)
+                return None
+        if job.future.cancelled():
+            return None
+        exc = job.future.exception()
+        if isinstance(exc, DiffrtError):
+            raise runtime_error(exc)
+        if exc is not None:
+            raise ApiError(500, f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                           None, "generation_failed")
+        return job.future.result()
+
+    async def respond(self, job: Job, body: GenerateRequest, result: Any) -> dict[str, Any]:
+        images = await asyncio.to_thread(encode_images, result.images, body.output_format)
+        seed = result.seed
+        return {
+            "created": int(time.time()), "model": self.config.model_name,
+            "images": [{"b64": b64, "seed": None if seed is None else seed + i, "format": body.output_format,
+                        "media_type": MEDIA_TYPES[body.output_format]} for i, b64 in enumerate(images)],
+            "seed": seed, "settings": _settings(result.settings), "timings": _timings(result.timings),
+            "batch": {"images": job.batch_size},
+        }
+
+    # -- jobs (the playground's progress) -------------------------------------------------
+
+    def start_job(self, body: GenerateRequest) -> dict[str, Any]:
+        job = self.submit(body)
+        job_id = f"job-{job.id}-{os.urandom(4).hex()}"
+        record = {"job": job, "body": body, "result": None, "error": None, "created": time.time()}
+        self.jobs[job_id] = record
+        while len(self.jobs) > self.config.max_jobs:
+            _, old = self.jobs.popitem(last=False)
+            self.scheduler.cancel(old["job"])
+        asyncio.get_running_loop().create_task(self._finish_job(record))
+        return self.job_status(job_id)
+
+    async def _finish_job(self, record: dict[str, Any]) -> None:
+        try:
+            result = await self.wait(record["job"], None)
+            record["result"] = await self.respond(record["job"], record["body"], result) if result else None
+        except ApiError as exc:
+            record["error"] = exc.body()["error"]
+        except Exception as exc:  # noqa: BLE001 - reported to the poller
+            record["error"] = {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        record = self.jobs.get(job_id)
+        if record is None:
+            raise ApiError(404, f"no job {job_id!r} (finished jobs are kept for the last {self.config.max_jobs})",
+                           "id", "job_not_found")
+        job: Job = record["job"]
+        status = "failed" if record["error"] else "done" if record["result"] else \
+            "cancelled" if job.state == "cancelled" else "running" if job.state in ("running", "done") else job.state
+        return {"id": job_id, "status": status, "step": job.step, "total": job.total,
+                "result": record["result"], "error": record["error"]}
+
+
+class Guard:
+    """Pure ASGI middleware: API key, body size limit (413), per-route metrics, and the
+    replica header (x-diffrt-replica: host:pid)."""
+
+    def __init__(self, app, server: Server, routes):
+        self.app, self.server, self.routes = app, server, routes
+
+    def endpoint_of(self, scope) -> str:
+        for route in self.routes():
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route.path
+        return "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+        endpoint = self.endpoint_of(scope)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-diffrt-replica", REPLICA.encode())]
+            await send(message)
+
+        try:
+            error = self._refuse(scope)
+            if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                receive, error = await self._read_body(scope, receive)
+                if receive is None:
+                    return  # the client left while sending the body
+            if error is not None:
+                response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+                return await response(scope, receive, send_with_header)
+            await self.app(scope, receive, send_with_header)
+        finally:
+            self.server.metrics.observe_request(endpoint, status[0], time.perf_counter() - t0)
+
+    def _refuse(self, scope) -> ApiError | None:
+        key = self.server.config.api_key
+        if key is None or scope["path"] in PUBLIC_PATHS:
+            return None
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
+                            "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def _read_body(self, scope, receive):
+        """The whole body (bounded), replayed to the app; over the limit: 413, after
+        reading on (discarding) up to 16x the limit so the client sees the answer."""
+        limit = self.server.config.max_body_bytes
+        too_large = ApiError(413, f"the request body is larger than {limit} bytes", "body", "body_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > 16 * limit:
+            return receive, too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            if not message.get("more_body", False) or size > 16 * limit:
+                break
+        if size > limit:
+            return receive, too_large
+        body, sent = b"".join(chunks), [False]
+
+        async def replay():
+            if not sent[0]:
+                sent[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay, None
+
+
+def create_app(pipeline: Any, config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    server = Server(pipeline, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        yield
+        server.draining = True
+        await asyncio.to_thread(server.scheduler.stop)
+
+    app = FastAPI(title="diffrt", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(Guard, server=server, routes=lambda: app.routes)
+
+    def error_response(exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, str(exc.detail), None, code))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        logger.exception("unhandled error in %s", request.url.path)
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}", None, "internal_error"))
+
+    @app.post("/v1/images/generations")
+    async def images_generations(body: ImagesRequest, request: Request):
+        generate = images_to_generate(body, config)
+        job = server.submit(generate)
+        result = await server.wait(job, request)
+        if result is None:
+            return Response(status_code=499)
+        encoded = await asyncio.to_thread(encode_images, result.images, generate.output_format)
+        s = result.settings
+        return {"created": int(time.time()), "data": [{"b64_json": b64} for b64 in encoded],
+                "output_format": generate.output_format, "size": f"{s.width}x{s.height}" if s else None}
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateRequest, request: Request):
+        job = server.submit(body)
+        result = await server.wait(job, request)
+        if result is None:
+            return Response(status_code=499)
+        return await server.respond(job, body, result)
+
+    @app.post("/v1/jobs", status_code=202)
+    async def start_job(body: GenerateRequest):
+        return server.start_job(body)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job_status(job_id: str):
+        return server.job_status(job_id)
+
+    @app.get("/v1/models")
+    async def models():
+        manifest = pipeline.manifest
+        return {"object": "list", "data": [{
+            "id": config.model_name, "object": "model", "created": 0, "owned_by": "diffrt",
+            "family": manifest.family, "pipeline_class": manifest.pipeline_class, "defaults": manifest.defaults,
+            "presets": sorted(getattr(pipeline, "presets", {}) or {}), "size_multiple": server.size_multiple,
+            "limits": {"max_n": config.max_n, "max_steps": config.max_steps, "max_side": config.max_side,
+                       "max_batch": config.max_batch}}]}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if server.is_ready:
+            return {"status": "ready", "model": config.model_name}
+        reason = "draining" if server.draining else \
+            f"warm-up failed: {server.scheduler.warmup_error}" if server.scheduler.warmup_error else "loading"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+    page = resources.files("diffrt.serve").joinpath("static/playground.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(page)
+
+    return app

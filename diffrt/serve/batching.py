@@ -1,0 +1,224 @@
+"""Dynamic batching: one worker thread runs the pipeline, one batch at a time.
+
+Queue order. Waiting requests are grouped by the pipeline's `batch_key` (calls with
+equal keys can share denoiser calls). The groups form a rotation, ordered first by
+their oldest request (a new key joins at the end). The worker looks at the groups in
+rotation order and takes the first *ready* one: a group is ready when its requests
+add up to `max_batch` images, or its oldest request has waited `batch_wait_ms`, or the
+server is draining. From that group it takes requests oldest first while they fit in
+`max_batch` images (a request of more images than `max_batch` runs alone), runs them as
+one `generate_batch`, and moves the group to the end of the rotation if requests are
+left in it. So within a key the order is first come first served, and across keys it is
+round-robin: a busy key cannot starve another, which waits at most one batch per
+other group ahead of it. While no group is ready the worker sleeps until the earliest
+one will be, or a request arrives.
+
+The queue holds at most `max_queue` waiting requests (running ones do not count); a
+submit beyond that raises `QueueFull`. A request cancelled before its batch starts
+(client gone, timed out) leaves the queue at once. An exception inside a batch fails
+that batch's requests only; the worker goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the queue is full; retry after {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(eq=False)
+class Job:
+    call: dict[str, Any]
+    key: Hashable
+    images: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    id: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    step: int = 0
+    total: int = 0
+    batch_size: int = 0    # images in the batch it ran in
+
+    def _settle(self, setter: Callable, value: Any) -> None:
+        def settle() -> None:
+            if not self.future.done():
+                setter(value)
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def resolve(self, value: Any) -> None:
+        self._settle(self.future.set_result, value)
+
+    def fail(self, exc: BaseException) -> None:
+        self._settle(self.future.set_exception, exc)
+
+
+class BatchScheduler:
+    """`runner(calls, callback)` -> one result per call (the pipeline's
+    `generate_batch`); `on_batch(jobs, seconds, results_or_exception)` observes each batch.
+    `warmup()` (optional) runs on the worker thread before the first batch."""
+
+    def __init__(self, runner: Callable, max_batch: int = 4, batch_wait_ms: float = 10.0, max_queue: int = 64,
+                 warmup: Callable[[], None] | None = None, on_batch: Callable | None = None):
+        self.runner, self.max_batch, self.max_queue = runner, max(1, max_batch), max(1, max_queue)
+        self.batch_wait = max(0.0, batch_wait_ms) / 1000.0
+        self._warmup, self._on_batch = warmup, on_batch
+        self._groups: OrderedDict[Hashable, deque[Job]] = OrderedDict()
+        self._waiting = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._ids = itertools.count(1)
+        self.ready = threading.Event()
+        self.warmup_error: BaseException | None = None
+        self.running: list[Job] = []
+        self.batch_seconds = 0.0  # moving average, for Retry-After
+        self._thread = threading.Thread(target=self._work, name="diffrt-batch-worker", daemon=True)
+
+    # -- the event loop's side ------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    def submit(self, call: dict[str, Any], key: Hashable, images: int) -> Job:
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(5)
+            if self._waiting >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            job = Job(call, key, images, loop.create_future(), loop, id=next(self._ids))
+            self._groups.setdefault(key, deque()).append(job)
+            self._waiting += 1
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> bool:
+        """Take a job out of the queue if its batch has not started; True if it was."""
+        with self._cond:
+            if job.state != "queued":
+                return False
+            group = self._groups.get(job.key)
+            if group is not None and job in group:
+                group.remove(job)
+                if not group:
+                    del self._groups[job.key]
+                self._waiting -= 1
+            job.state = "cancelled"
+        job.future.cancel()
+        return True
+
+    def retry_after(self) -> int:
+        batches_ahead = self._waiting / self.max_batch + 1
+        return max(1, min(60, int(batches_ahead * max(self.batch_seconds, 0.1) + 0.999)))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain: run what is queued, then end the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- the worker's side ----------------------------------------------------------
+
+    def _ready_group(self, now: float) -> tuple[Hashable | None, float | None]:
+        """The first ready group in rotation order, else when the next will be ready."""
+        wake = None
+        for key, group in self._groups.items():
+            due = group[0].enqueued + self.batch_wait
+            if self._stopping or now >= due or sum(j.images for j in group) >= self.max_batch:
+                return key, None
+            wake = due if wake is None else min(wake, due)
+        return None, wake
+
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                if self._stopping and not self._groups:
+                    return None
+                key, wake = self._ready_group(time.monotonic())
+                if key is not None:
+                    break
+                self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
+            group = self._groups.pop(key)
+            jobs, images = [], 0
+            while group and (not jobs or images + group[0].images <= self.max_batch):
+                job = group.popleft()
+                jobs.append(job)
+                images += job.images
+            if group:
+                self._groups[key] = group  # to the end of the rotation
+            self._waiting -= len(jobs)
+            for job in jobs:
+                job.state, job.batch_size = "running", images
+            self.running = jobs
+            return jobs
+
+    def _work(self) -> None:
+        if self._warmup is not None:
+            try:
+                self._warmup()
+            except BaseException as exc:  # noqa: BLE001 - reported by /readyz, requests still run
+                logger.exception("warm-up generation failed")
+                self.warmup_error = exc
+        self.ready.set()
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            self._run(jobs)
+
+    def _run(self, jobs: list[Job]) -> None:
+        def progress(step: int, total: int) -> None:
+            for job in jobs:
+                job.step, job.total = step, total
+
+        t0 = time.perf_counter()
+        try:
+            results = self.runner([job.call for job in jobs], progress)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"the pipeline returned {len(results)} results for {len(jobs)} calls")
+        except BaseException as exc:  # noqa: BLE001 - fails this batch only
+            seconds = time.perf_counter() - t0
+            logger.error("a batch of %d request(s) failed: %s: %s", len(jobs), type(exc).__name__, exc)
+            for job in jobs:
+                job.state = "failed"
+                job.fail(exc)
+            self._observe(jobs, seconds, exc)
+        else:
+            seconds = time.perf_counter() - t0
+            for job, result in zip(jobs, results):
+                job.state = "done"
+                job.resolve(result)
+            self._observe(jobs, seconds, results)
+        finally:
+            self.running = []
+        self.batch_seconds = seconds if not self.batch_seconds else 0.8 * self.batch_seconds + 0.2 * seconds
+
+    def _observe(self, jobs: list[Job], seconds: float, outcome: Any) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(jobs, seconds, outcome)
+        except Exception:  # noqa: BLE001 - metrics must never break serving
+            logger.exception("batch observer failed")

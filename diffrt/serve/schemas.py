@@ -1,0 +1,182 @@
+"""Request bodies, server limits, and their validation into pipeline calls.
+
+Every bad input becomes an `ApiError`: an HTTP status (4xx) and a one-line message
+naming the field, sent as OpenAI-style JSON
+`{"error": {"message": ..., "type": "invalid_request_error", "param": FIELD, "code": ...}}`.
+The server's own limits (size range, steps, images per request) are checked here; the
+rest (scheduler, preset, guidance, seed, the size factor) by the pipeline's
+`batch_key`, whose DiffrtError is mapped back to the field it names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from diffrt.errors import DiffrtError
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "npy")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class ServeConfig:
+    """The server's settings and limits (the `diffrt serve` options)."""
+
+    model_name: str = "diffrt"
+    max_batch: int = 4            # images per pipeline batch
+    batch_wait_ms: float = 10.0   # how long the oldest request of a group waits for company
+    max_queue: int = 64           # requests waiting (not running); beyond: 429
+    timeout_s: float = 300.0      # per request, queued + running; beyond: 504
+    api_key: str | None = None
+    max_n: int = 4                # images per request
+    max_steps: int = 100
+    max_side: int = 2048          # pixels, height and width
+    max_body_bytes: int = 1 << 20
+    warmup: bool = True           # one small generation before /readyz says ready
+    max_jobs: int = 256           # playground jobs remembered (running + finished)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI Images API `POST /v1/images/generations`. Fields OpenAI has and this
+    server ignores (quality, style, user, ...) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str
+    model: str | None = None
+    n: int | None = 1
+    size: str | None = None
+    response_format: str | None = "b64_json"
+    output_format: str | None = None
+
+
+class GenerateRequest(BaseModel):
+    """`POST /v1/generate` (and `POST /v1/jobs`): every pipeline parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    scheduler: str | None = None
+    preset: str | None = None
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, e.g. 512x512")
+    height: int | None = None
+    width: int | None = None
+    n: int = 1
+    output_format: Literal["png", "jpeg", "webp", "npy"] = "png"
+    vae: str | None = None
+
+
+# DiffrtError messages from the runtime start with the argument they are about.
+_FIELD_OF_MESSAGE = (
+    ("num_inference_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+    ("height", "height"), ("width", "width"), ("scheduler", "scheduler"), ("unknown preset", "preset"),
+    ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"), ("prompt", "prompt"),
+    ("num_images_per_prompt", "n"),
+)
+
+
+def field_of(message: str) -> str | None:
+    for prefix, name in _FIELD_OF_MESSAGE:
+        if message.startswith(prefix):
+            return name
+    return None
+
+
+def parse_size(value: str, param: str = "size") -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (height, width)."""
+    match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value)
+    if not match:
+        raise ApiError(400, f"{param} must be WIDTHxHEIGHT, e.g. 512x512, got {value!r}", param)
+    width, height = int(match.group(1)), int(match.group(2))
+    return height, width
+
+
+def _check_range(name: str, value: int | None, low: int, high: int, param: str | None = None) -> None:
+    if value is not None and not low <= value <= high:
+        raise ApiError(400, f"{name} must be from {low} to {high}, got {value}", param or name)
+
+
+def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) -> dict[str, Any]:
+    """Check the server's limits and build the pipeline call (a `__call__` keyword dict;
+    the server always asks for float arrays, output_type="np", and encodes them itself)."""
+    if not body.prompt.strip():
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    height, width = body.height, body.width
+    if body.size is not None:
+        if height is not None or width is not None:
+            raise ApiError(400, "give size or height/width, not both", "size")
+        height, width = parse_size(body.size)
+    for name, value in (("height", height), ("width", width)):
+        param = "size" if body.size is not None else name
+        _check_range(name, value, size_multiple, config.max_side, param)
+        if value is not None and value % size_multiple:
+            raise ApiError(400, f"{name} must be a multiple of {size_multiple}, got {value}", param)
+    _check_range("n", body.n, 1, config.max_n)
+    _check_range("num_inference_steps", body.num_inference_steps, 1, config.max_steps)
+    if body.seed is not None:
+        _check_range("seed", body.seed, 0, MAX_SEED - body.n + 1)
+    call = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
+            "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
+            "height": height, "width": width, "num_images_per_prompt": body.n, "seed": body.seed,
+            "scheduler": body.scheduler, "preset": body.preset, "vae": body.vae, "output_type": "np"}
+    return {k: v for k, v in call.items() if v is not None}
+
+
+def images_to_generate(body: ImagesRequest, config: ServeConfig) -> GenerateRequest:
+    """An OpenAI Images request as a /v1/generate one (the artifact's default settings)."""
+    if body.model is not None and body.model != config.model_name:
+        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {config.model_name!r}",
+                       "model", "model_not_found")
+    if body.response_format not in (None, "b64_json"):
+        message = ("response_format 'url' is not supported: this server does not host image files; "
+                   "use response_format='b64_json'") if body.response_format == "url" else \
+            f"response_format must be b64_json, got {body.response_format!r}"
+        raise ApiError(400, message, "response_format")
+    output_format = body.output_format or "png"
+    if output_format not in ("png", "jpeg", "webp"):
+        raise ApiError(400, f"output_format must be png, jpeg or webp, got {output_format!r}", "output_format")
+    size = None if body.size in (None, "auto") else body.size
+    return GenerateRequest(prompt=body.prompt, n=1 if body.n is None else body.n, size=size,
+                           output_format=output_format)
+
+
+def validation_error(errors: list[dict[str, Any]]) -> ApiError:
+    """pydantic's errors (a RequestValidationError) -> one 400 naming the first field."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or "body"
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return ApiError(400, "the request body is not valid JSON", "body")
+    if kind in ("model_attributes_type", "dict_type") and not loc:
+        return ApiError(400, "the request body must be a JSON object", "body")
+    if kind == "extra_forbidden":
+        return ApiError(400, f"unknown field {param!r}", param)
+    if kind == "missing":
+        return ApiError(400, f"{param} is required", param)
+    return ApiError(400, f"{param}: {first.get('msg', 'invalid value')}", param)
+
+
+def runtime_error(exc: DiffrtError) -> ApiError:
+    message = str(exc).splitlines()[0] if str(exc) else "invalid request"
+    return ApiError(400, message, field_of(message))
