@@ -141,6 +141,8 @@ class Pipeline:
         engine = get_backend(backend, cache_dir=cache_root, **backend_options)
         specs = _select_stages(manifest, family, engine, graph_precision, attention)
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
+        if mode == "stamp" and not getattr(engine, "reads_graphs", True):
+            mode = "size"  # the torch backend never opens the ONNX files: do not hash GBs of them
         verify_files(folder, manifest, mode, stages=[s.name for s in specs.values()],
                      stamps_path=cache_root / STAMPS_NAME)
         sessions = {}

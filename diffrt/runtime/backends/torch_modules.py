@@ -220,6 +220,7 @@ class TorchBackend:
     graph_precisions = ("fp32",)  # the fp32 spec, for its IO contract only
     fused_attention = False
     fuses_attention_itself = True  # SDPA
+    reads_graphs = False  # Pipeline.load checks the ONNX files' sizes only (verify_source= hashes the checkpoint)
 
     def __init__(self, device: str | None = None, dtype: str | None = None, compile: Any = False,
                  compile_mode: str | None = None, cuda_graphs: Any = False, channels_last: Any = False,
