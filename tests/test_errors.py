@@ -71,7 +71,7 @@ def test_unknown_scheduler_lists_choices(pipe):
 
 
 def test_unknown_backend(exported):
-    with pytest.raises(DiffrtError, match="backend 'tensorrt' needs tensorrt, which is not installed here"):
+    with pytest.raises(DiffrtError, match="backend 'tensorrt' needs tensorrt and cupy, which are not installed here"):
         Pipeline.load(exported("sd15"), backend="tensorrt")
     with pytest.raises(DiffrtError, match="unknown backend 'cuda'; choose one of: ort"):
         Pipeline.load(exported("sd15"), backend="cuda")

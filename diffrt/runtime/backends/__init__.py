@@ -8,6 +8,7 @@ extra to install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from diffrt.errors import DiffrtError
 from diffrt.runtime.backends.base import Backend, Session
@@ -36,10 +37,12 @@ def get_backend(name: str, **options) -> Backend:
         module = importlib.import_module(_MODULES[name])
     except ImportError as exc:
         libraries, install = _NEEDS[name]
-        missing = exc.name or ""
-        if missing.split(".")[0] not in libraries:
+        if (exc.name or "").split(".")[0] not in libraries:
             raise
-        raise DiffrtError(f"backend {name!r} needs {missing.split('.')[0]}, which is not installed here; {install}") from None
+        missing = [lib for lib in libraries if importlib.util.find_spec(lib) is None] or [exc.name.split(".")[0]]
+        verb = "is" if len(missing) == 1 else "are"
+        raise DiffrtError(f"backend {name!r} needs {' and '.join(missing)}, which {verb} not installed here; "
+                          f"{install}") from None
     try:
         return module.make_backend(**options)
     except TypeError as exc:
