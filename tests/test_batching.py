@@ -77,4 +77,6 @@ def test_keys_split_what_cannot_share_a_call(sd_pipe):
         sd_pipe.batch_key(**base, latents=np.zeros((1, 4, 8, 8)))
     with pytest.raises(DiffrtError, match="num_inference_steps"):
         sd_pipe.batch_key(**{**base, "num_inference_steps": 0})
+    with pytest.raises(DiffrtError, match="cannot fit|memory"):
+        sd_pipe.batch_key(prompt="a cat", height=65536, width=65536)
     assert sd_pipe.generate_batch([]) == []

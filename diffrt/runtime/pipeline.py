@@ -323,8 +323,10 @@ class Pipeline:
         """What a call must share with others to run in the same denoiser calls: the
         resolved size, steps, scheduler (with a preset's config) and guidance mode (CFG
         or not), plus the decoder. Calls with equal keys can go to `generate_batch`
-        together. Raises DiffrtError on a call that is invalid (as calling it would)."""
+        together. Raises DiffrtError on a call that is invalid (as calling it would),
+        including one whose activations cannot fit in the memory available."""
         request = self._request_of(call)
+        check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         settings = request.settings
         do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
         return (settings.height, settings.width, settings.num_inference_steps, settings.scheduler,
