@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="artifact folder written by `diffrt export`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", default="ort", help="inference backend: ort or openvino (default ort)")
+    p.add_argument("--backend", default="ort",
+                   help="inference backend: ort, openvino, tensorrt or torch (default ort)")
     p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE", help="a backend option, repeatable")
     p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16"),
                    help="which of the artifact's graphs to run (default: the backend's choice)")
