@@ -80,3 +80,18 @@ def test_keys_split_what_cannot_share_a_call(sd_pipe):
     with pytest.raises(DiffrtError, match="cannot fit|memory"):
         sd_pipe.batch_key(prompt="a cat", height=65536, width=65536)
     assert sd_pipe.generate_batch([]) == []
+
+
+def test_mixed_output_types_in_one_batch(sd_pipe):
+    common = dict(num_inference_steps=2, height=64, width=64, guidance_scale=5.0)
+    calls = [dict(prompt="a cat", seed=1, output_type="latent", **common),
+             dict(prompt="a dog", seed=2, output_type="pil", **common),
+             dict(prompt="a fox", seed=3, output_type="np", **common)]
+    latent, pil, arr = sd_pipe.generate_batch(calls)
+    alone = sd_pipe(**calls[0]).images
+    assert latent.images.shape == alone.shape and latent.images.shape[:2] == (1, 4)
+    assert float(np.abs(latent.images - alone).max()) <= TOL
+    assert len(pil.images) == 1 and pil.images[0].size == (64, 64)
+    pil_alone = np.asarray(sd_pipe(**calls[1]).images[0], dtype=np.int16)
+    assert np.abs(np.asarray(pil.images[0], dtype=np.int16) - pil_alone).max() <= 1  # 8-bit rounding
+    assert arr.images.shape == (1, 64, 64, 3) and "vae_decoder" in arr.timings

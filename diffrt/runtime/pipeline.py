@@ -355,15 +355,22 @@ class Pipeline:
         # image j of request r draws from default_rng(seed_r + j), exactly as alone
         rng = PerImageNoise.from_seeds([r.seed + j for r in requests for j in range(r.batch)])
         sample, timings = self._denoise_request(requests, None, None, rng, callback)
-        outputs, start = [], 0
         timings["batch_images"] = int(sample.shape[0])
-        for call, request in zip(calls, requests, strict=True):
-            own = dict(timings)
-            images = self._decode(sample[start:start + request.batch], request.vae,
-                                  call.get("output_type", "pil"), own)
+        # One decoder call for the whole batch (the VAE is half the work of a few-step
+        # pipeline); the latents go to the host only if a call asked for them.
+        kinds = {request.output_type for request in requests}
+        decoded = self._decode(sample, first.vae, "np", timings) if kinds - {"latent"} else None
+        latents = self._to_host(sample) if "latent" in kinds else None
+        outputs, start = [], 0
+        for request in requests:
+            rows = slice(start, start + request.batch)
             start += request.batch
-            own["total"] = time.perf_counter() - started
-            outputs.append(PipelineOutput(images=images, timings=own, seed=request.seed, settings=request.settings))
+            if request.output_type == "latent":
+                images = latents[rows]
+            else:
+                images = to_pil(decoded[rows]) if request.output_type == "pil" else decoded[rows]
+            outputs.append(PipelineOutput(images=images, timings={**timings, "total": time.perf_counter() - started},
+                                          seed=request.seed, settings=request.settings))
         return outputs
 
     def _request_of(self, call: Mapping[str, Any]):
