@@ -1,4 +1,4 @@
-"""The torch backend (diffrt.runtime.backends.torch_modules): the source checkpoint's
+"""The torch backend (diffrt.torch_backend): the source checkpoint's
 modules behind the ONNX stages' IO contract, on the CPU in fp32 here.
 
 Tolerances (fp32 torch vs fp32 ONNX Runtime, on the tiny random-weight models):
@@ -286,7 +286,7 @@ def test_choosing_another_backend_does_not_import_torch():
         import sys
         from diffrt.runtime.backends import get_backend
         get_backend("ort")
-        assert "diffrt.runtime.backends.torch_modules" not in sys.modules and "torch" not in sys.modules
+        assert "diffrt.torch_backend" not in sys.modules and "torch" not in sys.modules
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -15,6 +15,7 @@ CuPy/torch arrays take priority over numpy scalars in binary operators).
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -78,12 +79,6 @@ def from_dlpack(array: Any, library: str) -> Any:
     through DLPack: how sessions of different libraries hand device arrays over."""
     if library == "numpy":
         return np.from_dlpack(array)
-    if library == "cupy":
-        import cupy
-
-        return cupy.from_dlpack(array)
-    if library == "torch":
-        import torch
-
-        return torch.from_dlpack(array)
+    if library in ("cupy", "torch"):  # imported only when asked for: the runtime never needs torch
+        return importlib.import_module(library).from_dlpack(array)
     raise ValueError(f"from_dlpack: library={library!r}; allowed: numpy, cupy, torch")

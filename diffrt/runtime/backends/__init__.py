@@ -18,7 +18,7 @@ _MODULES = {
     "ort": "diffrt.runtime.backends.ort",
     "openvino": "diffrt.runtime.backends.openvino",
     "tensorrt": "diffrt.runtime.backends.tensorrt",
-    "torch": "diffrt.runtime.backends.torch_modules",
+    "torch": "diffrt.torch_backend",
 }
 # name -> (the libraries it imports, what to install for them)
 _NEEDS = {

@@ -1,4 +1,6 @@
-"""The torch backend: the SOURCE checkpoint's diffusers / transformers modules, not
+"""The torch backend (registered as "torch" in diffrt.runtime.backends; it lives outside
+diffrt.runtime, which never imports torch): the SOURCE checkpoint's diffusers /
+transformers modules, not
 the ONNX graphs, behind the same stage IO contract.
 
 It is the GPU baseline and the oracle the other GPU backends (TensorRT, ONNX
