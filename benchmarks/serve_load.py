@@ -32,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serve_util import request  # noqa: E402
 
+from diffrt.runtime.cpu import cpu_info  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -39,16 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def rss_mb(pid: int) -> float:
@@ -212,7 +204,7 @@ def main() -> None:
         parser.error("give an ARTIFACT folder or --tiny")
     with tempfile.TemporaryDirectory(prefix="diffrt-serve-load-") as tmp:
         artifact = args.artifact or tiny_artifact(Path(tmp))
-        machine = {"cpu": cpu_model(), "cores": __import__("os").cpu_count(), "python": platform.python_version()}
+        machine = {"cpu": cpu_info().describe(), "cores": __import__("os").cpu_count(), "python": platform.python_version()}
         if args.soak_minutes is not None:
             report = {"kind": "soak", "machine": machine, "artifact": "tiny sd15 (random weights)" if args.tiny else args.artifact,
                       **run_soak(artifact, args)}
