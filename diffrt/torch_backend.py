@@ -67,6 +67,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from diffrt.artifacts import Manifest, StageSpec, read_manifest
 from diffrt.errors import DiffrtError
 from diffrt.families import get_family
+from diffrt.runtime.backends.base import check_feeds
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +144,8 @@ class TorchSession:
     def run(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if self._module is None:
             raise DiffrtError(f"stage {self.spec.name}: the session is closed")
-        tensors = {}
-        for tensor_spec in self.spec.inputs:
-            if tensor_spec.name not in feeds:
-                raise DiffrtError(f"stage {self.spec.name}: input {tensor_spec.name!r} was not fed")
-            tensors[tensor_spec.name] = self._input(tensor_spec, feeds[tensor_spec.name])
+        check_feeds(self.spec, feeds)
+        tensors = {t.name: self._input(t, feeds[t.name]) for t in self.spec.inputs}
         with torch.inference_mode():
             if self._cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()

@@ -1,4 +1,4 @@
-"""Arrays of any library: the namespace an array's math runs in, host copies, DLPack.
+"""Arrays of any library: the namespace an array's math runs in, and host copies.
 
 The runtime's hot path (scheduler steps, classifier-free guidance, the decoder's
 scaling) runs on whatever array a backend returned: numpy on CPU backends, CuPy
@@ -15,7 +15,6 @@ CuPy/torch arrays take priority over numpy scalars in binary operators).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import numpy as np
@@ -73,12 +72,3 @@ def to_host(array: Any) -> np.ndarray:
         return array.detach().cpu().numpy()
     return np.from_dlpack(array)
 
-
-def from_dlpack(array: Any, library: str) -> Any:
-    """`array` as an array of `library` ("numpy", "cupy" or "torch") sharing its memory
-    through DLPack: how sessions of different libraries hand device arrays over."""
-    if library == "numpy":
-        return np.from_dlpack(array)
-    if library in ("cupy", "torch"):  # imported only when asked for: the runtime never needs torch
-        return importlib.import_module(library).from_dlpack(array)
-    raise ValueError(f"from_dlpack: library={library!r}; allowed: numpy, cupy, torch")

@@ -327,6 +327,9 @@ class Pipeline:
         including one whose activations cannot fit in the memory available."""
         request = self._request_of(call)
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
+        return self._key_of(request)
+
+    def _key_of(self, request) -> tuple:
         settings = request.settings
         do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
         return (settings.height, settings.width, settings.num_inference_steps, settings.scheduler,
@@ -342,13 +345,13 @@ class Pipeline:
         if not calls:
             return []
         requests = [self._request_of(call) for call in calls]
-        keys = {self.batch_key(**call) for call in calls}
-        if len(keys) > 1:
+        if len({self._key_of(request) for request in requests}) > 1:
             raise DiffrtError("generate_batch: the calls differ in size, steps, scheduler, guidance mode or VAE; "
                               "group them by batch_key()")
         first = requests[0]
         rows = tuple(p for r in requests for p in r.prompts for _ in range(r.num_images_per_prompt))
         negatives = tuple(p for r in requests for p in r.negative_prompts for _ in range(r.num_images_per_prompt))
+        # the whole batch's memory (a bound on each request's too)
         check_memory(self.manifest, dataclasses.replace(first, prompts=rows, negative_prompts=negatives,
                                                         num_images_per_prompt=1),
                      weights_loaded=True, attention_scores=self._materializes_attention())

@@ -50,6 +50,7 @@ from diffrt.artifacts import Manifest, StageSpec, atomic_write_text, read_manife
 from diffrt.errors import DiffrtError
 from diffrt.families import get_family
 from diffrt.runtime.engine_cache import META_NAME, EngineCache, cache_key
+from diffrt.runtime.gpu import GpuInfo, gpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -266,12 +267,6 @@ def stage_profiles(manifest: Manifest, specs: Mapping[str, StageSpec], shapes: B
 # -- engine keys and the cache -----------------------------------------------------------
 
 @dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    compute_capability: str  # "9.0"
-
-
-@dataclass(frozen=True)
 class BuildOptions:
     opt_level: int = DEFAULT_OPT_LEVEL
     """builder_optimization_level, 0-5: higher searches longer for faster kernels."""
@@ -363,15 +358,6 @@ def require_tensorrt():
         what = exc.name or (str(exc).splitlines() or [type(exc).__name__])[0]
         raise DiffrtError(f"building TensorRT engines needs {what}, which cannot be imported here; {install}") from None
     return tensorrt
-
-
-def gpu_info(device: int | None = None) -> GpuInfo:
-    import cupy
-
-    device = cupy.cuda.Device().id if device is None else device
-    props = cupy.cuda.runtime.getDeviceProperties(device)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return GpuInfo(name, f"{props['major']}.{props['minor']}")
 
 
 def trt_logger(trt):

@@ -7,8 +7,9 @@ across all steps: the pipeline moves what it makes on the host (noise, timesteps
 conditioning) to the device once with `backend.to_device`, steps the schedulers on
 whatever array it holds (they use the array's own namespace, diffrt.runtime.arrays),
 and calls `backend.to_host` once, on the decoded image. Sessions also accept host
-(numpy) feeds. Arrays cross between libraries through DLPack (arrays.from_dlpack),
-never through a host copy. That is why the protocol names no array type.
+(numpy) feeds. Arrays cross between libraries through DLPack (a session takes any
+array with `__dlpack__`: torch.from_dlpack, cupy.from_dlpack), never through a host
+copy. That is why the protocol names no array type.
 
 `profile` binds some of a stage's named dims (e.g. {"batch": 2, "latent_height": 64,
 "latent_width": 64}) to the values the caller expects, so that backends which compile
@@ -25,6 +26,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from diffrt.artifacts import StageSpec
+from diffrt.errors import DiffrtError
+
+
+def check_feeds(spec: StageSpec, feeds: Mapping[str, Any]) -> None:
+    """Every input of the stage is fed (one line naming the first missing one)."""
+    for tensor in spec.inputs:
+        if tensor.name not in feeds:
+            raise DiffrtError(f"stage {spec.name}: input {tensor.name!r} was not fed")
 
 
 class Session(Protocol):

@@ -27,6 +27,7 @@ import numpy as np
 
 from diffrt.artifacts import StageSpec, file_mode
 from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.runtime.backends.base import check_feeds
 from diffrt.runtime.cpu import CpuInfo, cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
 
@@ -260,10 +261,9 @@ class OpenVinoSession:
             self._request(shapes)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        check_feeds(self.spec, feeds)
         arrays = {}
         for tensor in self.spec.inputs:
-            if tensor.name not in feeds:
-                raise DiffrtError(f"stage {self.spec.name}: input {tensor.name!r} was not fed")
             arrays[tensor.name] = np.ascontiguousarray(feeds[tensor.name], dtype=_NUMPY_DTYPES[tensor.dtype])
         shapes = {name: array.shape for name, array in arrays.items()}
         _bind_dims(self.spec, shapes)

@@ -38,8 +38,10 @@ import onnxruntime as ort
 
 from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.runtime.backends.base import check_feeds
 from diffrt.runtime.cpu import cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
+from diffrt.runtime.gpu import gpu_info
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +78,9 @@ class OrtSession:
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         if self._binding is not None:
             return self._binding.run(self._session, self.spec, feeds)
+        check_feeds(self.spec, feeds)
         arrays = {}
         for tensor in self.spec.inputs:
-            if tensor.name not in feeds:
-                raise DiffrtError(f"stage {self.spec.name}: input {tensor.name!r} was not fed")
             arrays[tensor.name] = np.ascontiguousarray(feeds[tensor.name], dtype=_NUMPY_DTYPES[tensor.dtype])
         outputs = self._session.run(self._output_names, arrays)
         return dict(zip(self._output_names, outputs, strict=True))
@@ -133,9 +134,8 @@ class IoBinding:
     def run(self, session: ort.InferenceSession, spec: StageSpec, feeds: Mapping[str, Any]) -> dict[str, Any]:
         binding = session.io_binding()
         keep = []  # inputs must outlive the run
+        check_feeds(spec, feeds)
         for tensor in spec.inputs:
-            if tensor.name not in feeds:
-                raise DiffrtError(f"stage {spec.name}: input {tensor.name!r} was not fed")
             array = self._input(tensor.name, feeds[tensor.name], _NUMPY_DTYPES[tensor.dtype])
             keep.append(array)
             binding.bind_input(tensor.name, self.device, self.device_id, array.dtype, list(array.shape),
@@ -396,12 +396,8 @@ class OrtBackend:
 
 
 def _gpu_name(device_id: int) -> str:
-    """The GPU's name for cache keys (CuPy is how the runtime talks to CUDA)."""
     try:
-        import cupy
-
-        name = cupy.cuda.runtime.getDeviceProperties(device_id)["name"]
-        return name.decode() if isinstance(name, bytes) else str(name)
+        return gpu_info(device_id).name
     except Exception:  # noqa: BLE001 - no CuPy: the key still separates by provider options
         return "unknown-gpu"
 

@@ -39,6 +39,7 @@ import tensorrt as trt
 
 from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.runtime.backends.base import check_feeds
 from diffrt.runtime.engine_cache import EngineCache
 from diffrt.runtime.tensorrt_build import (
     BACKEND,
@@ -242,9 +243,7 @@ class TensorRTSession:
     def run(self, feeds: Mapping[str, Any]) -> dict[str, cp.ndarray]:
         if self._current is None:
             raise DiffrtError(f"stage {self.spec.name}: the session is closed")
-        for tensor in self.spec.inputs:
-            if tensor.name not in feeds:
-                raise DiffrtError(f"stage {self.spec.name}: input {tensor.name!r} was not fed")
+        check_feeds(self.spec, feeds)
         shapes = {t.name: tuple(np.shape(feeds[t.name])) for t in self.spec.inputs}
         runner = self._engine_for(shapes)
         arrays = {name: self._device_input(name, feeds[name], runner.dtypes[name]) for name in runner.inputs}
