@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.stamps import STAMPS_NAME, VerifiedStamps
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +358,8 @@ def read_manifest(folder: str | Path) -> Manifest:
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such folder; run `diffrt export SRC {folder}` first")
+    if path.is_symlink():
+        raise ArtifactError(link_message(MANIFEST_NAME, path))
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {folder} is not a diffrt artifact folder (run `diffrt export SRC {folder}`)")
     try:
@@ -379,9 +382,14 @@ def read_manifest(folder: str | Path) -> Manifest:
             f"{path} has manifest_version {version}, newer than this diffrt reads ({MANIFEST_VERSION}); upgrade diffrt"
         )
     try:
-        return Manifest.from_json(data)
+        manifest = Manifest.from_json(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{path} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
+    try:
+        check_manifest_paths(manifest)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+    return manifest
 
 
 def permission_denied(path: Path) -> str:
@@ -389,114 +397,64 @@ def permission_denied(path: Path) -> str:
             f"e.g. `chmod -R a+rX {path.parent}`)")
 
 
-def file_problem(folder: Path, record: FileRecord, check_hash: bool = True) -> str | None:
-    """What is wrong with one artifact file, in one line, or None if it matches its record."""
-    path = folder / record.path
-    if not path.is_file():
-        return f"{path} is missing; the artifact folder is incomplete, re-export it"
-    size = path.stat().st_size
-    if size != record.size:
-        return f"{path} has {size} bytes, the manifest says {record.size}: the file is corrupted or truncated; re-export"
-    if not os.access(path, os.R_OK):
-        return permission_denied(path)
-    if check_hash:
-        try:
-            digest = sha256_file(path)
-        except PermissionError:
-            return permission_denied(path)
-        if digest != record.sha256:
-            return f"{path} does not match its sha256 in {MANIFEST_NAME}: the file is corrupted; re-export"
-    return None
+# --- confinement: every path a manifest names stays inside the artifact folder ------
+
+def path_problem(path: Any) -> str:
+    """Why a manifest path cannot name a file inside the artifact folder ('' when it
+    can): it must be a relative POSIX path of plain names (no '..', '.', empty part,
+    leading '/'). Checked before anything is opened, so nothing outside is touched."""
+    if not isinstance(path, str) or not path:
+        return "is not a non-empty string"
+    if "\x00" in path:
+        return "holds a NUL character"
+    if path.startswith("/"):
+        return "is an absolute path"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "is not a plain relative path (it has a '..', '.' or empty part)"
+    return ""
 
 
-VERIFY_MODES = ("stamp", "full", "size")
-STAMPS_NAME = "verified.json"
+def outside_message(entry: str, path: Any, problem: str) -> str:
+    """The error for a manifest entry naming a path outside the artifact folder."""
+    return (f"{MANIFEST_NAME} entry {entry} = {path!r} {problem}; an artifact names only files inside its own "
+            "folder: re-export the model")
 
 
-def _stat_stamp(path: Path) -> list[int]:
-    """What changes when a file is rewritten, replaced or swapped: size, mtime, ctime
-    (which `touch` cannot set back), inode and device."""
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+def link_message(entry: str, path: Path) -> str:
+    """The error for a manifest entry reached through a symbolic link."""
+    return (f"{MANIFEST_NAME} entry {entry}: {path} is a symbolic link; diffrt reads an artifact's files only inside "
+            "its folder, never through links (put the real file there, or re-export)")
 
 
-class VerifiedStamps:
-    """A record of files already hashed: relative path -> (stat stamp, sha256).
-
-    A file whose stamp and manifest hash both match what is recorded was verified
-    before and has not been written, replaced or swapped since, so it need not be read
-    again. Kept in the cache folder (default OUT/engines/verified.json); when that is
-    not writable (an artifact owned by another account), nothing is remembered and
-    every load hashes, as before."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.changed = False
-        if path is not None:
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                self.entries = {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
-            except (OSError, ValueError):
-                self.entries = {}
-
-    def trusted(self, folder: Path, record: FileRecord) -> bool:
-        entry = self.entries.get(record.path)
-        if not entry or entry.get("sha256") != record.sha256:
-            return False
-        try:
-            return entry.get("stat") == _stat_stamp(folder / record.path)
-        except OSError:
-            return False  # missing: file_problem says so
-
-    def remember(self, folder: Path, record: FileRecord) -> None:
-        self.entries[record.path] = {"stat": _stat_stamp(folder / record.path), "sha256": record.sha256}
-        self.changed = True
-
-    def save(self) -> None:
-        if self.path is None or not self.changed:
-            return
-        try:
-            atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
-        except OSError as exc:
-            logger.info("cannot record verified files in %s (%s); the next load hashes them again", self.path, exc)
+def check_manifest_paths(manifest: Manifest) -> None:
+    """Refuse, in one line naming the entry, any file path or component name that could
+    point outside the artifact folder, and a component file outside its own folder."""
+    for name, stage in manifest.stages.items():
+        for index, record in enumerate(stage.files):
+            if problem := path_problem(record.path):
+                raise ArtifactError(outside_message(f"stages.{name}.files[{index}].path", record.path, problem))
+    for name, records in manifest.components.items():
+        if (problem := path_problem(name)) or "/" in name:
+            raise ArtifactError(outside_message("components", name, problem or "is not a folder name"))
+        for index, record in enumerate(records):
+            entry = f"components.{name}[{index}].path"
+            if problem := path_problem(record.path):
+                raise ArtifactError(outside_message(entry, record.path, problem))
+            if not record.path.startswith(f"{name}/"):
+                raise ArtifactError(outside_message(entry, record.path, f"is not inside {name}/"))
 
 
-def verify_files(folder: Path, manifest: Manifest, check_hashes: bool | str = "stamp",
-                 stages: Iterable[str] | None = None, stamps_path: Path | None = None) -> None:
-    """Refuse a folder whose files do not match the manifest: missing, resized,
-    unreadable or changed content, with a one-line ArtifactError naming the file.
+def __getattr__(name: str) -> Any:
+    """The verification functions moved to diffrt.verification; importing them from
+    here still works (resolved on first use: that module imports this one)."""
+    if name in _MOVED:
+        import diffrt.verification
 
-    `check_hashes`: "full" (or True) hashes every byte; "stamp" hashes only files not
-    recorded in `stamps_path` as verified with their current size/mtime/ctime/inode,
-    then records them; "size" (or False) checks existence and sizes only.
-    `stages`: check only these stages' files (and the components); default all.
-    """
-    mode = ("full" if check_hashes else "size") if isinstance(check_hashes, bool) else check_hashes
-    if mode not in VERIFY_MODES:
-        raise DiffrtError(f"verify={check_hashes!r}; choose one of: {', '.join(VERIFY_MODES)} (or True/False)")
-    stamps = VerifiedStamps(stamps_path if mode == "stamp" else None)
-    records = manifest.all_files() if stages is None else manifest.files_for(stages)
-    hashed = 0
-    for record in records:
-        skip_hash = mode == "size" or (mode == "stamp" and stamps.trusted(folder, record))
-        problem = file_problem(folder, record, check_hash=not skip_hash)
-        if problem:
-            raise ArtifactError(problem)
-        if not skip_hash:
-            hashed += record.size
-            stamps.remember(folder, record)
-    stamps.save()
-    if hashed:
-        logger.info("verified %.0f MB of %s against its manifest", hashed / 2**20, folder)
+        return getattr(diffrt.verification, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_artifact(folder: str | Path, check_hashes: bool | str = True, stages: Iterable[str] | None = None,
-                  stamps_path: Path | None = None) -> Manifest:
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest, check_hashes=check_hashes, stages=stages, stamps_path=stamps_path)
-    return manifest
+_MOVED = ("VERIFY_MODES", "artifact_file", "component_problem", "file_problem", "load_artifact", "verify_files")
 
 
 __all__ = [
@@ -510,11 +468,15 @@ __all__ = [
     "TensorSpec",
     "VerifiedStamps",
     "atomic_write_text",
+    "check_manifest_paths",
     "file_mode",
     "file_problem",
     "file_record",
     "folder_records",
+    "link_message",
     "load_artifact",
+    "outside_message",
+    "path_problem",
     "read_manifest",
     "sha256_file",
     "verify_files",

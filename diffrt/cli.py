@@ -290,7 +290,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from diffrt.artifacts import file_problem, read_manifest
+    from diffrt.artifacts import MANIFEST_NAME, read_manifest, sha256_file
+    from diffrt.runtime.engine_cache import entry_problems
+    from diffrt.verification import component_problem, file_problem
 
     folder = Path(args.out)
     manifest = read_manifest(folder)
@@ -306,15 +308,24 @@ def cmd_inspect(args: argparse.Namespace) -> None:
               f"err {stage.max_abs_error:.1e} vs {stage.reference}; in: {ins}; out: {outs}")
     print(f"defaults: {json.dumps(manifest.defaults)}")
     print(f"versions: {json.dumps(manifest.versions)}")
+    # What every other check trusts: compare it with the exporter's to trust the artifact.
+    print(f"manifest: sha256 {sha256_file(folder / MANIFEST_NAME)}")
     records = manifest.all_files()
-    problems = [p for p in (file_problem(folder, r, check_hash=args.verify) for r in records) if p]
+    problems = [p for p in (component_problem(folder, n, rs) for n, rs in manifest.components.items()) if p]
+    problems += [p for p in (file_problem(folder, r, check_hash=args.verify) for r in records) if p]
+    cache_root = Path(args.cache_dir) if args.cache_dir else folder / "engines"
+    entries, engine_problems = entry_problems(cache_root, check_hashes=args.verify)
     checked = "sizes and sha256" if args.verify else "sizes (add --verify to hash them)"
+    for problem in problems + engine_problems:
+        print(f"  problem: {problem}")
     if problems:
-        for problem in problems:
-            print(f"  problem: {problem}")
         raise DiffrtError(f"{folder}: {len(problems)} of {len(records)} files do not match the manifest "
                           f"(first: {problems[0]})")
     print(f"files: {len(records)} checked ({checked}): ok")
+    if engine_problems:
+        raise DiffrtError(f"{cache_root}: {len(engine_problems)} of {entries} engine cache entries do not match their "
+                          f"meta.json (first: {engine_problems[0]}); a load removes and rebuilds them")
+    print(f"engines: {entries} cache entries in {cache_root} checked ({checked}): ok")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -462,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="describe an artifact folder and check its files")
     p.add_argument("out", help="artifact folder")
-    p.add_argument("--verify", action="store_true", help="also hash every file against the manifest (slower)")
+    p.add_argument("--verify", action="store_true",
+                   help="also hash every file against the manifest and every engine cache entry against its "
+                        "meta.json (slower)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="the engine cache to check (default OUT/engines)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("build", parents=[common], help="build TensorRT engines for an artifact (NVIDIA GPU)")

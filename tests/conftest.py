@@ -4,6 +4,7 @@ once per test session (seconds each)."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def copy_artifact(src: Path, dst: Path) -> Path:
     loads write into it (stamps, compiled engines), so a test starts from a clean export."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("engines"))
     return dst
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stamp_key(tmp_path_factory):
+    """Verification stamps are keyed by a per-account secret (diffrt/stamps.py): tests,
+    and the processes they start, use their own key, never the one in ~/.config."""
+    os.environ["DIFFRT_STAMP_KEY_FILE"] = str(tmp_path_factory.mktemp("stamp-key") / "stamp.key")
 
 
 @pytest.fixture(autouse=True)

@@ -96,11 +96,11 @@ def artifact(exported, tmp_path):
 
 
 def _count_hashes(monkeypatch):
-    import diffrt.artifacts as artifacts
+    import diffrt.verification as verification
 
     hashed = []
-    real = artifacts.sha256_file
-    monkeypatch.setattr(artifacts, "sha256_file", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    real = verification.sha256_file
+    monkeypatch.setattr(verification, "sha256_file", lambda path, *a: hashed.append(path.name) or real(path, *a))
     return hashed
 
 

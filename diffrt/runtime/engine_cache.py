@@ -13,6 +13,14 @@ mid-build (its pid gone, the folder an hour old) is removed by the next publish 
 this machine. A damaged entry costs a rebuild, never an error,
 and a root this process cannot write (an artifact owned by another user, a read-only
 mount) is still read from; only publishing is switched off, with one warning.
+
+An entry is checked as strictly as the artifact's own files: a lookup hashes each file
+against meta.json unless a keyed stamp (diffrt.stamps, in ROOT/verified.json) says this
+account hashed it and it has not changed since; publishing stamps what it wrote. An
+entry must be a real folder (no links) holding exactly meta.json and the files it
+lists. One that fails is removed and rebuilt: a same-size altered engine never runs.
+`verify_entries` hashes every entry built from given stages (verify="full"), and
+`entry_problems` reports without removing (`diffrt inspect --verify`).
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffrt.artifacts import sha256_file
+from diffrt.artifacts import StageSpec, path_problem, sha256_file
+from diffrt.stamps import STAMPS_NAME, VerifiedStamps
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +46,9 @@ META_NAME = "meta.json"
 CACHE_FORMAT = 1
 _KEY_CHARS = 32  # 128 bits of sha256; meta.json's fields are compared on lookup as well
 STALE_AFTER_S = 3600.0  # a temporary folder this old, whose process is gone, is an orphan
+# Folders under a cache root that are not EngineCache entries: ONNX Runtime's TensorRT
+# provider keeps its own engines there (no meta.json; the provider checks them itself).
+FOREIGN_FOLDERS = ("ort-trt",)
 
 
 def cache_key(fields: Mapping[str, Any]) -> str:
@@ -62,12 +75,15 @@ class EngineCache:
         return self.folder / key
 
     def lookup(self, key: str, fields: Mapping[str, Any]) -> Path | None:
-        """The complete entry for `key`, or None (a miss). A damaged entry is removed."""
+        """The complete, verified entry for `key`, or None (a miss). A damaged or altered
+        entry is removed. Files are hashed unless stamped (then stamped)."""
         entry = self.entry_path(key)
-        if not entry.is_dir():
+        if not os.path.lexists(entry):
             logger.info("%s engine cache miss: %s", self.backend, entry)
             return None
-        problem = _check_entry(entry, key, fields)
+        stamps = VerifiedStamps(self.root / STAMPS_NAME)
+        problem = entry_problem(entry, key, fields, stamps=stamps, name=f"{self.backend}/{key}")
+        stamps.save()
         if problem:
             self.discard(key, problem)
             return None
@@ -92,7 +108,10 @@ class EngineCache:
             meta = {"format": CACHE_FORMAT, "backend": self.backend, "key": key, "fields": _normalized(fields),
                     "files": files}
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            return self._rename_into_place(tmp, key)
+            entry = self._rename_into_place(tmp, key)
+            if json.loads((entry / META_NAME).read_text(encoding="utf-8")) == meta:  # ours, not a racing twin's
+                self._stamp(key, files)
+            return entry
         except OSError as exc:
             self._disable(exc)
             return None
@@ -102,6 +121,16 @@ class EngineCache:
             return None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
+
+    def _stamp(self, key: str, files: Mapping[str, Mapping[str, Any]]) -> None:
+        """Record the files just written and hashed, so the next lookup need not hash them."""
+        stamps = VerifiedStamps(self.root / STAMPS_NAME)
+        try:
+            for name, record in files.items():
+                stamps.remember(f"{self.backend}/{key}/{name}", self.entry_path(key) / name, record["sha256"])
+        except OSError:
+            return  # removed under us: the next lookup finds out
+        stamps.save()
 
     def _sweep_orphans(self) -> None:
         """Remove temporary folders (`.<key>.<pid>.<token>.tmp`) whose process is gone
@@ -137,7 +166,10 @@ class EngineCache:
         entry = self.entry_path(key)
         logger.warning("%s engine cache entry %s is unusable (%s); rebuilding it", self.backend, entry, reason)
         try:
-            shutil.rmtree(entry)
+            if os.path.islink(entry) or not entry.is_dir():
+                entry.unlink()  # a link itself, never what it points to; or a stray file
+            else:
+                shutil.rmtree(entry)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -171,30 +203,121 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _check_entry(entry: Path, key: str, fields: Mapping[str, Any]) -> str:
-    """Why `entry` cannot be used ('' when it can). Sizes are checked, not hashes:
-    hashing a multi-GB engine at every load would cost as much as importing it."""
+def _read_meta(entry: Path) -> tuple[dict[str, Any] | None, str]:
+    """(meta.json, '') of a real entry folder, or (None, why it is unusable)."""
     try:
+        if not stat.S_ISDIR(os.lstat(entry).st_mode):
+            return None, "not a folder (a link or a file)"
         meta = json.loads((entry / META_NAME).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"{META_NAME} unreadable: {exc}"
-    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-        return f"{META_NAME} is not a format-{CACHE_FORMAT} entry for key {key}"
-    if meta.get("fields") != _normalized(fields):
+        return None, f"{META_NAME} unreadable: {exc}"
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        return None, f"{META_NAME} is not a format-{CACHE_FORMAT} entry"
+    return meta, ""
+
+
+def entry_problem(entry: Path, key: str | None = None, fields: Mapping[str, Any] | None = None,
+                  stamps: VerifiedStamps | None = None, name: str = "", mode: str = "stamp") -> str:
+    """Why `entry` cannot be used ('' when it can): meta.json for `key` and `fields`
+    (when given), exactly the files it lists, none a link, each of its size and sha256.
+    `mode`: "stamp" skips hashing a file with a valid stamp in `stamps` (under
+    `name`/<file>), "full" hashes every file, "size" none; a file hashed and found
+    right is stamped."""
+    meta, problem = _read_meta(entry)
+    if meta is None:
+        return problem
+    if key is not None and meta.get("key") != key:
+        return f"{META_NAME} is not the entry for key {key}"
+    if fields is not None and meta.get("fields") != _normalized(fields):
         return f"{META_NAME} describes other fields than the key's"
     files = meta.get("files")
-    if not isinstance(files, dict) or not files:
+    if not isinstance(files, dict) or not files or not all(isinstance(r, dict) for r in files.values()):
         return f"{META_NAME} lists no files"
-    for name, record in files.items():
-        path = entry / name
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        expected = record.get("size") if isinstance(record, dict) else None
-        if size != expected:
-            return f"{name} has {size} bytes, {META_NAME} says {expected}"
+    for file_name in files:
+        if path_problem(file_name) or "/" in file_name or file_name == META_NAME:
+            return f"{META_NAME} lists {file_name!r}, not a file name in the entry"
+    try:
+        present = {p.name for p in entry.iterdir()}
+    except OSError as exc:
+        return f"cannot list it ({exc})"
+    unlisted = sorted(present - set(files) - {META_NAME})
+    if unlisted:
+        return f"{unlisted[0]} is not listed in {META_NAME}"
+    for file_name, record in files.items():
+        if problem := _file_problem(entry / file_name, record, stamps, f"{name}/{file_name}", mode):
+            return f"{file_name} {problem}"
     return ""
 
 
-__all__ = ["CACHE_FORMAT", "META_NAME", "EngineCache", "cache_key"]
+def _file_problem(path: Path, record: Mapping[str, Any], stamps: VerifiedStamps | None, name: str,
+                  mode: str) -> str:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a link?)"
+    if st.st_size != record.get("size"):
+        return f"has {st.st_size} bytes, {META_NAME} says {record.get('size')}"
+    sha256 = record.get("sha256")
+    if mode == "size" or (mode == "stamp" and stamps is not None and stamps.trusted(name, path, sha256)):
+        return ""
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+    if digest != sha256:
+        return f"does not match its sha256 in {META_NAME} (damaged or altered)"
+    if stamps is not None:
+        stamps.remember(name, path, sha256)
+    return ""
+
+
+def _entries(root: Path) -> list[tuple[str, Path]]:
+    """(backend, entry folder) of every entry under `root` (not temporary folders)."""
+    found = []
+    try:
+        backends = sorted(p for p in root.iterdir()
+                          if p.is_dir() and not p.name.startswith(".") and p.name not in FOREIGN_FOLDERS)
+    except OSError:
+        return []
+    for folder in backends:
+        try:
+            found += [(folder.name, e) for e in sorted(folder.iterdir())
+                      if not e.name.startswith(".") and (e.is_dir() or e.is_symlink())]
+        except OSError:
+            continue
+    return found
+
+
+def verify_entries(root: str | Path, stages: Sequence[StageSpec]) -> None:
+    """Hash every file of every entry under `root` built from one of `stages` (its
+    meta.json fields name the stage's file hashes), whatever the stamps say; remove
+    those that do not match (they are rebuilt) and stamp the others."""
+    root = Path(root)
+    wanted = [[f.sha256 for f in spec.files] for spec in stages]
+    stamps = VerifiedStamps(root / STAMPS_NAME)
+    for backend, entry in _entries(root):
+        meta, _ = _read_meta(entry)
+        fields = meta.get("fields") if meta else None
+        if not isinstance(fields, dict) or fields.get("files") not in wanted:
+            continue  # another stage's, another artifact's, or unreadable: its own lookup judges it
+        if problem := entry_problem(entry, stamps=stamps, name=f"{backend}/{entry.name}", mode="full"):
+            EngineCache(root, backend).discard(entry.name, problem)
+    stamps.save()
+
+
+def entry_problems(root: str | Path, check_hashes: bool) -> tuple[int, list[str]]:
+    """(entries checked, one line per unusable entry) under `root`, removing nothing:
+    sizes and listing, and with `check_hashes` every file's sha256."""
+    root = Path(root)
+    entries = _entries(root)
+    problems = []
+    for _, entry in entries:
+        if problem := entry_problem(entry, key=entry.name, mode="full" if check_hashes else "size"):
+            problems.append(f"{entry}: {problem}")
+    return len(entries), problems
+
+
+__all__ = ["CACHE_FORMAT", "META_NAME", "EngineCache", "cache_key", "entry_problem", "entry_problems",
+           "verify_entries"]

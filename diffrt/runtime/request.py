@@ -23,6 +23,7 @@ from diffrt.families import get_family
 from diffrt.runtime.memory import available_memory_bytes, format_gib
 from diffrt.runtime.schedulers import make_scheduler
 from diffrt.runtime.schedulers.window import CANNOT_START_LATE, check_fraction
+from diffrt.verification import artifact_file
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ class Request:
 
 
 def read_scheduler_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    """The artifact's scheduler/scheduler_config.json: a regular file inside the folder,
+    never read through a link (Pipeline.load checks it against the manifest)."""
+    path = artifact_file(folder, "scheduler/scheduler_config.json")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
         raise ArtifactError(f"{path} cannot be read ({exc}); re-export the model") from None
 
 
