@@ -170,11 +170,12 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
             raise DiffrtError(f"--refiner {refiner}: it holds a {other.pipeline_class}, not a refiner "
                               "(an exported StableDiffusionXLImg2ImgPipeline checkpoint)")
         s = request.settings
-        make_request(other, read_scheduler_config(Path(refiner)), args.prompt, negative_prompt=args.negative,
-                     num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, height=s.height,
-                     width=s.width, num_images_per_prompt=batch, scheduler=args.scheduler, vae=args.vae,
-                     denoising_start=request.denoising_end)
-        check_memory(other, request, weights_loaded=False)
+        refiner_request = make_request(
+            other, read_scheduler_config(Path(refiner)), args.prompt, negative_prompt=args.negative,
+            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, height=s.height,
+            width=s.width, num_images_per_prompt=batch, scheduler=args.scheduler, vae=args.vae,
+            denoising_start=request.denoising_end)
+        check_memory(other, refiner_request, weights_loaded=False)
     return request
 
 

@@ -71,3 +71,22 @@ def _run_in_a_temp_folder(tmp_path, monkeypatch):
 def _quiet_logs():
     logging.getLogger("diffrt").setLevel(logging.WARNING)
     yield
+
+
+def bf16_instructions() -> list[str]:
+    """The bf16 dot-product instructions this CPU has, read straight from /proc/cpuinfo
+    (not through diffrt's own CPU detection, which the tests check)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    flags = next((line.partition(":")[2].split() for line in text.splitlines()
+                  if line.lower().startswith(("flags", "features"))), [])
+    return [f for f in ("avx512_bf16", "amx_bf16", "bf16") if f in flags]
+
+
+# Tests that compute in bf16 for real; on other CPUs they are skipped with what is missing.
+requires_bf16_cpu = pytest.mark.skipif(
+    not bf16_instructions(),
+    reason="computing in bf16 needs AVX512_BF16 or AMX_BF16 (x86) or BF16 (ARM), which this CPU lacks",
+)

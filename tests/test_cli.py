@@ -98,3 +98,25 @@ def test_sdxl_cli_errors(exported, tmp_path):
     assert result.returncode == 2 and len(errors) == 1 and f"--refiner {refiner}" in errors[0], result.stderr[-2000:]
     assert "generating" not in result.stderr  # refused before loading anything
     assert not (tmp_path / "x.png").exists()
+
+
+def test_refiner_memory_is_checked_with_the_refiners_own_request(exported, monkeypatch):
+    """`generate --refiner` checks each model's memory with the request that model
+    runs: the base's (denoising_end) and the refiner's (denoising_start), not the
+    base's twice."""
+    import argparse
+
+    from diffrt import cli as cli_module
+    from diffrt.runtime import request as request_module
+
+    checked = []
+    monkeypatch.setattr(request_module, "check_memory",
+                        lambda manifest, request, **_: checked.append((manifest.pipeline_class, request)))
+    args = argparse.Namespace(prompt="a cat", negative=None, size=None, steps=5, cfg=None, seed=1, scheduler=None,
+                              preset=None, vae=None, prompt_2=None, negative_2=None,
+                              refiner=str(exported("sdxl-refiner")), high_noise_frac=0.6)
+    cli_module._prepare_request(args, exported("sdxl"), batch=1)
+    (base_class, base), (refiner_class, refiner) = checked
+    assert base_class == "StableDiffusionXLPipeline" and refiner_class == "StableDiffusionXLImg2ImgPipeline"
+    assert (base.denoising_start, base.denoising_end) == (None, 0.6)
+    assert (refiner.denoising_start, refiner.denoising_end) == (0.6, None)

@@ -27,9 +27,45 @@ def test_real_size_sd15_build_export_generate(tmp_path):
     artifact = tmp_path / "work" / "artifact"
     # the fp32 UNet is over protobuf's 2 GB limit: graph + one external-data file
     assert (artifact / "unet" / "model.onnx.data").stat().st_size > 3 * 2**30
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    for name, stage in manifest["stages"].items():
-        assert stage["max_abs_error"] <= 1e-3, (name, stage["max_abs_error"])
+    _check_stages_against_torch(tmp_path / "work" / "checkpoint", artifact)
     generate = report["phases"]["generate"]
     assert generate["image_finite"]
     assert len(generate["timings"]["denoiser_calls"]) == 2  # PNDM: 1 step = 2 UNet calls
+
+
+def _check_stages_against_torch(checkpoint: Path, artifact: Path) -> None:
+    """Re-measure the exported fp32 graphs here (not the exporter's recorded errors): each
+    stage on ONNX Runtime vs the checkpoint's diffusers/transformers module on fresh inputs
+    at a small shape."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    def run(stage: str, feeds: dict) -> list:
+        session = ort.InferenceSession(str(artifact / stage / "model.onnx"), providers=["CPUExecutionProvider"])
+        return session.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ids = torch.randint(0, 49408, (1, 77))
+        text = CLIPTextModel.from_pretrained(checkpoint / "text_encoder")
+        expected = text(ids).last_hidden_state.numpy()
+        del text
+        assert np.abs(run("text_encoder", {"input_ids": ids})[0] - expected).max() <= 1e-3
+
+        sample, hidden = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 768)
+        timestep = torch.full((2,), 321.0)
+        unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+        expected = unet(sample, timestep, hidden).sample.numpy()
+        del unet
+        got = run("unet", {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden})[0]
+        assert np.abs(got - expected).max() <= 1e-3 * max(1.0, float(np.abs(expected).max()))
+
+        latents = torch.randn(1, 4, 8, 8)
+        vae = AutoencoderKL.from_pretrained(checkpoint / "vae")
+        expected = vae.decode(latents).sample.numpy()
+        del vae
+        got = run("vae_decoder", {"latent_sample": latents})[0]
+        assert np.abs(got - expected).max() <= 1e-3 * max(1.0, float(np.abs(expected).max()))

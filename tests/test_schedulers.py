@@ -352,8 +352,12 @@ def test_dpm_reads_sigma_bounds_carried_over_from_another_config():
 # -- names -------------------------------------------------------------------------------------
 
 
-def test_scheduler_names():
-    assert SCHEDULER_NAMES == ("ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
+def test_every_scheduler_offered_has_a_diffusers_reference():
+    """Each name users can pick is covered by the parity tests above (REFERENCE maps it to
+    the diffusers class it must match), and each diffusers class named there exists."""
+    assert set(SCHEDULER_NAMES) == set(REFERENCE)
+    for class_name, _ in REFERENCE.values():
+        assert isinstance(getattr(diffusers, class_name), type), class_name
 
 
 @pytest.mark.parametrize(

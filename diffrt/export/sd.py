@@ -172,7 +172,7 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
         # for the runtime's up-front memory check (families.sd.min_activation_bytes)
         "vae_decoder_channels": int(vae_config.block_out_channels[0]),
         "vae_mid_attention": bool(getattr(vae_config, "mid_block_add_attention", True)),
-        "unetfirst_attention_level": level,
+        "unet_first_attention_level": level,
         "unet_first_attention_heads": heads,
     }
 

@@ -139,9 +139,6 @@ def _share_identical_data(staging: Path, source: StageSpec, files: list[Path]) -
 def image_checks(staging: Path, manifest: Manifest, fam) -> dict[str, Any]:
     """One short generation per half precision against fp32, on the same backend and
     seed: image PSNR in dB (higher is closer; inf = identical)."""
-    from diffrt.export.passes import psnr
-    from diffrt.runtime.pipeline import Pipeline
-
     if fam.takes_image(manifest.model):
         logger.info("no image check: a refiner generates only from a base model's latents")
         return {}
@@ -153,6 +150,18 @@ def image_checks(staging: Path, manifest: Manifest, fam) -> dict[str, Any]:
     runtime_log = logging.getLogger("diffrt.runtime")
     level = runtime_log.level
     runtime_log.setLevel(logging.WARNING)  # the check's own loads are not export progress
+    try:
+        _run_image_checks(staging, manifest, call, height, width, results)
+    finally:
+        runtime_log.setLevel(level)
+    return results
+
+
+def _run_image_checks(staging: Path, manifest: Manifest, call: dict, height: int, width: int,
+                      results: dict[str, Any]) -> None:
+    from diffrt.export.passes import psnr
+    from diffrt.runtime.pipeline import Pipeline
+
     with tempfile.TemporaryDirectory(prefix="diffrt-check-") as cache:
         for precision in (p for p in manifest.precisions if p in HALF_PRECISIONS):
             backend = {"ort": ("ort", {}), "openvino": ("openvino", {"precision": "fp32"})}[CHECK_RUNTIME[precision]]
@@ -166,8 +175,6 @@ def image_checks(staging: Path, manifest: Manifest, fam) -> dict[str, Any]:
             results[precision] = {"image_psnr_db": round(value, 2), "method": CHECK_METHOD[precision],
                                   "settings": {k: v for k, v in call.items() if k != "output_type"}}
             logger.info("%s pipeline vs fp32: image PSNR %.1f dB (%s)", precision, value, CHECK_METHOD[precision])
-    runtime_log.setLevel(level)
-    return results
 
 
 __all__ = ["HALF_PRECISIONS", "derive_stages", "image_checks", "parse_precisions"]

@@ -168,7 +168,9 @@ def min_activation_bytes(
     if model.get("vae_mid_attention") and attention_scores:
         vae += batch * tokens * tokens * f4
     unet = 0
-    level, heads = model.get("unet_first_attention_level"), model.get("unet_first_attention_heads")
+    # "unetfirst_attention_level": how SD artifacts exported before 0.1.0's fix spelled it
+    level = model.get("unet_first_attention_level", model.get("unetfirst_attention_level"))
+    heads = model.get("unet_first_attention_heads")
     if level is not None and heads and attention_scores:
         level_tokens = tokens // (4 ** int(level))
         unet = (2 * batch if do_cfg else batch) * int(heads) * level_tokens * level_tokens * f4

@@ -107,9 +107,20 @@ def _run_openvino(graph: Path, feeds: Mapping[str, np.ndarray], precision: str) 
 
     core = openvino.Core()
     model = core.read_model(str(graph))
+    # The graph's own output names, read before compiling: a compiled output port may
+    # carry several names (on CPUs with bf16, the plugin merges the tensor feeding
+    # `pooler_output` with it), and get_any_name() would then pick either.
+    names = [_graph_output_name(port) for port in model.outputs]
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     results = compiled(dict(feeds))
-    return {port.get_any_name(): np.asarray(results[port]) for port in compiled.outputs}
+    return {name: np.asarray(results[compiled.output(i)]) for i, name in enumerate(names)}
+
+
+def _graph_output_name(port) -> str:
+    names = port.get_names()
+    if len(names) != 1:
+        raise RuntimeError(f"an OpenVINO model output read from ONNX has names {sorted(names)}, expected one")
+    return next(iter(names))
 
 
 def _run_reference(graph: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
