@@ -4,7 +4,8 @@
     manifest = export("path/to/sd15", "out/sd15")
 
 The folder is built under a temporary name beside OUT and renamed into place only
-when every stage is exported, checked against torch, and the manifest is written.
+when every stage is exported, checked against torch, and the manifest is written;
+one export at a time per OUT (diffrt/export/publish.py: the lock, what is replaced).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from diffrt.artifacts import (
 )
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import checkpoint_hash, read_json, read_model_index, resolve_source
+from diffrt.export.publish import export_lock, publish, replaceable, staging_path, sweep_partials
 from diffrt.export.variants import derive_stages, image_checks, parse_precisions
 from diffrt.families import family_for_pipeline_class, get_family
 from diffrt.runtime.cpu import installed_versions
@@ -83,51 +85,61 @@ def export(
     scheduler = _default_scheduler(folder)  # before the long part: a bad config fails fast
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with export_lock(out):  # held until OUT is in place: a second exporter is refused
+        replaces = replaceable(out, overwrite)
+        sweep_partials(out)
+        staging = staging_path(out)
+        staging.mkdir()
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
-        model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae)
-        stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
-        components = {}
-        for component in (*fam.tokenizers(model), "scheduler"):
-            if not (folder / component).is_dir():
-                raise DiffrtError(f"{folder / component} is missing; the checkpoint is incomplete")
-            shutil.copytree(folder / component, staging / component)
-            components[component] = folder_records(staging, staging / component)
-        preset = fam.PRESETS[fam.default_preset(pipeline_class)]
-        size = model["sample_size"] * model["vae_scale_factor"]
-        manifest = Manifest(
-            family=fam.NAME,
-            pipeline_class=pipeline_class,
-            precisions=precisions,
-            opset=opset,
-            stages=stages,
-            components=components,
-            model=model,
-            defaults={
-                "preset": preset.name,
-                "scheduler": scheduler,
-                "num_inference_steps": preset.num_inference_steps,
-                "guidance_scale": fam.preset_guidance(preset, model),
-                "height": size,
-                "width": size,
-            },
-            source={"id": str(src), "path": str(folder), "sha256": checkpoint_hash(folder)},
-            versions=_versions(),
-        )
-        write_manifest(staging, manifest)
-        if len(precisions) > 1:
-            manifest = dataclasses.replace(manifest, checks=image_checks(staging, manifest, fam))
-            shutil.rmtree(staging / "engines", ignore_errors=True)
-            write_manifest(staging, manifest)
-        _apply_umask_modes(staging)
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            manifest = _export_into(staging, src, folder, fam, pipeline_class, scheduler, precisions, opset,
+                                    tiny_vae, fused_attention)
+            _apply_umask_modes(staging)
+            publish(staging, out, replaces)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     logger.info("export finished in %.1fs: %s", time.perf_counter() - started, out)
+    return manifest
+
+
+def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, scheduler: str,
+                 precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool) -> Manifest:
+    """Write the whole artifact into `staging`; returns its manifest."""
+    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae)
+    stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
+    components = {}
+    for component in (*fam.tokenizers(model), "scheduler"):
+        if not (folder / component).is_dir():
+            raise DiffrtError(f"{folder / component} is missing; the checkpoint is incomplete")
+        shutil.copytree(folder / component, staging / component)
+        components[component] = folder_records(staging, staging / component)
+    preset = fam.PRESETS[fam.default_preset(pipeline_class)]
+    size = model["sample_size"] * model["vae_scale_factor"]
+    manifest = Manifest(
+        family=fam.NAME,
+        pipeline_class=pipeline_class,
+        precisions=precisions,
+        opset=opset,
+        stages=stages,
+        components=components,
+        model=model,
+        defaults={
+            "preset": preset.name,
+            "scheduler": scheduler,
+            "num_inference_steps": preset.num_inference_steps,
+            "guidance_scale": fam.preset_guidance(preset, model),
+            "height": size,
+            "width": size,
+        },
+        source={"id": str(src), "path": str(folder), "sha256": checkpoint_hash(folder)},
+        versions=_versions(),
+    )
+    write_manifest(staging, manifest)
+    if len(precisions) > 1:
+        manifest = dataclasses.replace(manifest, checks=image_checks(staging, manifest, fam))
+        shutil.rmtree(staging / "engines", ignore_errors=True)
+        write_manifest(staging, manifest)
     return manifest
 
 
@@ -213,22 +225,6 @@ def _apply_umask_modes(folder: Path) -> None:
     folder.chmod(folders)
     for path in folder.rglob("*"):
         path.chmod(folders if path.is_dir() else files)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing OUT is replaced only after the
-    new one is complete, and is kept if the swap fails."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    backup = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, backup)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 __all__ = ["DEFAULT_OPSET", "export"]
