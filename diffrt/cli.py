@@ -531,8 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=4, help="images per request (default 4)")
     p.add_argument("--max-steps", type=int, default=100, help="num_inference_steps limit (default 100)")
     p.add_argument("--max-size", type=int, default=2048, help="height and width limit in pixels (default 2048)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: $DIFFRT_API_KEY, else no key)")
+    p.add_argument("--max-cost", type=float, default=256.0, metavar="MPX_STEPS",
+                   help="per-request work limit: steps x height x width x images / 1e6, defaults included "
+                        "(default 256; 30 steps of four 1024x1024 images is 126); beyond: 400")
+    p.add_argument("--max-prompt-chars", type=int, default=4000,
+                   help="longest prompt or negative prompt in characters (default 4000); beyond: 400")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY'; repeatable: each key's jobs are private to it. "
+                        "Visible in `ps`: prefer --api-key-file or $DIFFRT_API_KEY (every key given is accepted)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="a file of API keys, one per line (# comments)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (ray[serve]), one replica per device")
     p.add_argument("--replicas", type=int, default=None, help="with --ray: a fixed number of replicas")

@@ -1,5 +1,7 @@
-"""Helpers for the server tests: a live uvicorn server on 127.0.0.1 in a thread, and a
-small stdlib HTTP client (no extra dependency)."""
+"""Helpers for the server tests: a live uvicorn server on 127.0.0.1 in a thread, a
+small stdlib HTTP client (no extra dependency), and bounded waits on conditions (the
+tests wait for states, never for time to pass: a bound only turns a hang into a
+failure)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import io
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,24 +28,20 @@ class LiveServer:
 
         from diffrt.serve.app import create_app
         from diffrt.serve.schemas import ServeConfig
+        from diffrt.serve.server import uvicorn_config
 
         self.config = ServeConfig(**{"model_name": "tiny", **config})
         self.app = create_app(pipeline, self.config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error",
-                                                    access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.config, "127.0.0.1", 0, "error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
+        until(lambda: self.server.started or not self.thread.is_alive(), 60, "the server to start")
+        assert self.thread.is_alive(), "the server did not start"
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        while self.request("GET", "/readyz")[0] != 200:
-            assert time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.05)
+        until(lambda: self.request("GET", "/readyz")[0] == 200, 60, "the server to get ready")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -52,6 +51,14 @@ class LiveServer:
     @property
     def state(self):
         return self.app.state.server
+
+    @property
+    def scheduler(self):
+        return self.app.state.server.scheduler
+
+    def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
+        """Wait until the batching queue reaches a state (woken by every queue change)."""
+        assert self.scheduler.wait_for(predicate, timeout), f"timed out waiting for {what}"
 
     def request(self, method: str, path: str, body: Any = None, headers: dict | None = None,
                 timeout: float = 120) -> tuple[int, dict, Any]:
@@ -77,6 +84,54 @@ def request(port: int, method: str, path: str, body: Any = None, headers: dict |
         return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
     finally:
         conn.close()
+
+
+def until(condition: Callable[[], Any], timeout: float = 60, what: str = "a condition",
+          poll: float = 0.02) -> Any:
+    """Poll `condition` until it is true (returned) or `timeout` seconds pass (fails)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def in_thread(fn: Callable, *args: Any) -> tuple[threading.Thread, dict]:
+    """Run fn(*args) in a thread; its return value lands in out["r"]."""
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("r", fn(*args)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def joined(started: tuple[threading.Thread, dict], timeout: float = 120) -> Any:
+    """The return value of an `in_thread` call, once it ends (bounded)."""
+    thread, out = started
+    thread.join(timeout)
+    assert not thread.is_alive(), "the call did not return"
+    return out["r"]
+
+
+def post_with_retries(port: int, path: str, body: Any, log: list, timeout: float = 240) -> tuple[int, dict, Any]:
+    """POST, retrying what a proxy could not deliver (connection errors; 5xx without
+    this server's own error body, or 503) with a growing pause, until `timeout`; an
+    answer from the server itself, success or error, is final."""
+    deadline, pause = time.monotonic() + timeout, 0.25
+    while True:
+        try:
+            status, headers, answer = request(port, "POST", path, body, timeout=120)
+        except OSError as exc:
+            log.append(f"retry after {type(exc).__name__}")
+        else:
+            ours = isinstance(answer, dict) and "error" in answer and status != 503
+            if status < 500 or ours:
+                return status, headers, answer
+            log.append(f"retry after {status}")
+        assert time.monotonic() < deadline, f"no answer from the server: {log[-5:]}"
+        time.sleep(pause)
+        pause = min(pause * 2, 4.0)
 
 
 def decode_npy(b64: str) -> np.ndarray:

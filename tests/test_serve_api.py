@@ -126,19 +126,20 @@ def test_concurrent_requests_batch_and_equal_unbatched_results(pipe, server):
              {"prompt": "a dog on a beach", "negative_prompt": "rain", "seed": 7, "guidance_scale": 3.0, "n": 2},
              {"prompt": "a tree", "seed": 2**40, "guidance_scale": 9.0, "n": 1}]
     results: dict[int, tuple] = {}
-    server.state.scheduler.batch_wait = 1.0  # a longer batch window, for this test only
 
     def send(i):
         results[i] = server.post("/v1/generate", {**calls[i], **TINY, "output_format": "npy"})
 
+    server.scheduler.pause()  # all three queue up before the worker looks: one batch of 4 images
     try:
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(calls))]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join(120)
+        server.wait_for(lambda: server.scheduler.depth == len(calls), "all the requests to queue")
     finally:
-        server.state.scheduler.batch_wait = 0.02
+        server.scheduler.resume()
+    for t in threads:
+        t.join(120)
     assert all(results[i][0] == 200 for i in range(len(calls))), results
     assert {results[i][2]["batch"]["images"] for i in range(len(calls))} == {4}  # one batch of 4 images
     for i, call in enumerate(calls):

@@ -213,7 +213,10 @@ class Pipeline:
         """Generate images.
 
         `callback(step, total)` is called after every denoiser call with the number of
-        requested steps completed so far (PNDM makes one call more than it has steps).
+        requested steps completed so far (PNDM makes one call more than it has steps);
+        an exception it raises stops the generation there (the server cancels so).
+        Non-finite values (NaN/inf, e.g. a half-precision overflow) in the latents or
+        decoded images raise DiffrtError instead of becoming a black image.
         Randomness (initial noise when `latents` is None, and the noise that ancestral
         and LCM samplers inject): image i of the batch draws from its own
         `np.random.default_rng(seed + i)`; a missing seed is drawn at random and returned
@@ -306,14 +309,14 @@ class Pipeline:
         """Latents -> float32 NHWC images in [0, 1] on the host ("np"), PIL images
         ("pil"), or the latents themselves on the host ("latent")."""
         if output_type == "latent":
-            return self._to_host(sample)
+            return _check_finite(self._to_host(sample), "latents")
         t0 = time.perf_counter()
         decoder = self._sessions[_decoder_key(self.family, vae)]
         facts = decoder.spec.facts
         scaling = np.float32(facts.get("scaling_factor", self.manifest.model["vae_scaling_factor"]))
         latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
         decoded = decoder.run({"latent_sample": latent})["sample"]
-        images = postprocess(self._to_host(decoded))  # the one device -> host copy
+        images = postprocess(_check_finite(self._to_host(decoded), "decoded images"))  # the one device -> host copy
         timings["vae_decoder"] = time.perf_counter() - t0
         return to_pil(images) if output_type == "pil" else images
 
@@ -363,7 +366,7 @@ class Pipeline:
         # pipeline); the latents go to the host only if a call asked for them.
         kinds = {request.output_type for request in requests}
         decoded = self._decode(sample, first.vae, "np", timings) if kinds - {"latent"} else None
-        latents = self._to_host(sample) if "latent" in kinds else None
+        latents = _check_finite(self._to_host(sample), "latents") if "latent" in kinds else None
         outputs, start = [], 0
         for request in requests:
             rows = slice(start, start + request.batch)
@@ -505,6 +508,14 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_finite(array: np.ndarray, what: str) -> np.ndarray:
+    """A NaN or inf would otherwise become a black image (or poisoned latents), silently."""
+    if not np.isfinite(array).all():
+        raise DiffrtError(f"the generation's {what} hold non-finite values (NaN or inf): the model overflowed; "
+                          "use a lower guidance_scale, another scheduler, or fp32 graphs (graph_precision='fp32')")
+    return array
 
 
 def _stack_conditioning(parts: list[dict[str, np.ndarray]], batches: list[int], do_cfg: bool) -> dict[str, np.ndarray]:

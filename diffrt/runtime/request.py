@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "latent")
 # numpy seeds any non-negative int; image i of a request uses seed + i, so keep room.
 MAX_SEED = 2**63 - 1
+# Useful classifier-free guidance scales are about 1-20 (diffusers' defaults 5-7.5);
+# 100 leaves room for experiments and keeps the arithmetic far from overflow.
+MAX_GUIDANCE_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,11 @@ def resolve_settings(
 
 
 def check_guidance(value: Any) -> float:
+    """0 to MAX_GUIDANCE_SCALE: far past any useful scale the CFG arithmetic overflows
+    (1e308 gave an all-NaN, black image)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(value) or value < 0:
-        raise DiffrtError(f"guidance_scale must be a finite number >= 0, got {value!r}")
+            or not np.isfinite(value) or not 0 <= value <= MAX_GUIDANCE_SCALE:
+        raise DiffrtError(f"guidance_scale must be a finite number >= 0 and <= {MAX_GUIDANCE_SCALE:g}, got {value!r}")
     return float(value)
 
 
@@ -297,6 +302,7 @@ def _is_int(value: Any) -> bool:
 
 
 __all__ = [
+    "MAX_GUIDANCE_SCALE",
     "OUTPUT_TYPES",
     "Request",
     "Settings",

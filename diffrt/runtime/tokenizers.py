@@ -73,6 +73,13 @@ _CLIP_DEFAULT_SPECIAL_TOKENS = {
 # Larger than any text encoder's context: such a value is transformers' "no limit"
 # placeholder (int(1e30)) or a mistake, and padding to it cannot work.
 _MAX_SANE_MODEL_MAX_LENGTH = 1 << 20
+# Characters of a prompt that are tokenized at all. A CLIP token covers a few characters
+# (77 tokens are a few hundred), so text past this never reaches the encoder; cutting
+# it first keeps a 1 MB prompt from costing seconds of BPE (only a prompt of more than
+# this many mostly-blank characters could lose tokens the encoder would have seen).
+MAX_PROMPT_CHARS = 10_000
+# How much of the dropped text the truncation warning quotes.
+EXCERPT_CHARS = 60
 
 
 def clip_normalizer() -> normalizers.Normalizer:
@@ -101,6 +108,8 @@ class CLIPTokenizer:
         self.model_max_length = model_max_length
         self.pad_token = pad_token
         self.pad_token_id = pad_token_id
+        self.max_prompt_chars = MAX_PROMPT_CHARS  # text past this is not tokenized (see MAX_PROMPT_CHARS)
+        self._counter: Tokenizer | None = None
 
     @property
     def backend_tokenizer(self) -> Tokenizer:
@@ -173,30 +182,46 @@ class CLIPTokenizer:
             raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}; wrap one prompt in a list")
         if not prompts:
             return np.zeros((0, self.model_max_length), dtype=np.int64)
-        encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=True)
-        for prompt, encoding in zip(prompts, encodings, strict=True):
-            if encoding.overflowing:
-                self._warn_truncated(prompt)
+        for prompt in prompts:
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # the tokenizer would raise a bare TypeError
+                raise DiffrtError(f"prompt text is not valid: a lone UTF-16 surrogate {prompt[exc.start]!r} at "
+                                  f"character {exc.start} (undecodable bytes?); pass Unicode text") from None
+        texts = [prompt[: self.max_prompt_chars] for prompt in prompts]
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
+        for prompt, text, encoding in zip(prompts, texts, encodings, strict=True):
+            if encoding.overflowing or len(text) < len(prompt):
+                self._warn_truncated(prompt, text)
         return np.array([e.ids for e in encodings], dtype=np.int64)
 
-    def _warn_truncated(self, prompt: str) -> None:
+    def _warn_truncated(self, prompt: str, text: str) -> None:
         """Say how much of a too-long prompt the text encoder never sees (CLIP takes 77
-        tokens, bos and eos included; diffusers truncates the same way, with a warning)."""
-        counter = Tokenizer.from_str(self._tokenizer.to_str())
-        counter.no_truncation()
-        counter.no_padding()
-        total = len(counter.encode(prompt, add_special_tokens=True).ids)
+        tokens, bos and eos included; diffusers truncates the same way, with a warning):
+        counts and the start of the dropped text, never the whole of it (a log line
+        must not carry a megabyte prompt)."""
+        if self._counter is None:  # the same pipeline without truncation or padding, built once
+            self._counter = Tokenizer.from_str(self._tokenizer.to_str())
+            self._counter.no_truncation()
+            self._counter.no_padding()
+        total = len(self._counter.encode(text, add_special_tokens=True).ids)
         dropped = total - self.model_max_length
-        logger.warning(
-            "prompt truncated: the text encoder takes %d tokens, the prompt has %d; the last %d were dropped (%r)",
-            self.model_max_length, total, dropped, _tail(counter, prompt, dropped),
-        )
+        excerpt = _excerpt(self._counter, text, max(dropped, 0)) or prompt[len(text):]
+        excerpt = excerpt if len(excerpt) <= EXCERPT_CHARS else excerpt[:EXCERPT_CHARS] + "..."
+        if len(text) == len(prompt):
+            logger.warning("prompt truncated: the text encoder takes %d tokens, the prompt has %d; the last %d "
+                           "were dropped, starting %r", self.model_max_length, total, dropped, excerpt)
+        else:
+            logger.warning("prompt truncated: the text encoder takes %d tokens; the prompt has %d characters, "
+                           "only the first %d were tokenized (%d tokens) and the rest was dropped, starting %r",
+                           self.model_max_length, len(prompt), len(text), total, excerpt)
 
 
-def _tail(counter: Tokenizer, prompt: str, dropped: int) -> str:
-    """The dropped text, as transformers shows it: the decoded overflowing tokens."""
-    ids = counter.encode(prompt, add_special_tokens=False).ids
-    return counter.decode(ids[len(ids) - dropped:])
+def _excerpt(counter: Tokenizer, text: str, dropped: int) -> str:
+    """The start of the dropped text, as transformers shows it: the first overflowing
+    tokens, decoded."""
+    ids = counter.encode(text, add_special_tokens=False).ids
+    return counter.decode(ids[len(ids) - dropped:][:EXCERPT_CHARS]).replace(END_OF_WORD_SUFFIX, " ").strip()
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any] | None:

@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -34,12 +33,15 @@ from starlette.routing import Match
 
 from diffrt.errors import DiffrtError
 from diffrt.serve.batching import BatchScheduler, Job, QueueFull
+from diffrt.serve.jobs import JobRecord, JobStore
 from diffrt.serve.metrics import Metrics
 from diffrt.serve.schemas import (
     ApiError,
     GenerateRequest,
     ImagesRequest,
     ServeConfig,
+    check_api_key,
+    check_cost,
     images_to_generate,
     make_call,
     runtime_error,
@@ -53,6 +55,8 @@ REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
 RESOLVED = ("preset", "scheduler", "num_inference_steps", "guidance_scale", "height", "width")  # Pipeline.resolve's
 WARMUP_CALL = {"prompt": "warm-up", "num_inference_steps": 1, "seed": 0, "output_type": "np"}
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+OWNER = "diffrt_key"  # the ASGI scope's state entry: the index of the API key a request used
 
 
 def encode_images(images: np.ndarray, fmt: str) -> list[str]:
@@ -92,13 +96,16 @@ class Server:
     """The state one app serves from: the pipeline, its scheduler, metrics and jobs."""
 
     def __init__(self, pipeline: Any, config: ServeConfig):
+        for key in config.keys:
+            check_api_key(key, "the server's configuration")
         self.pipeline, self.config = pipeline, config
         self.size_multiple = int(pipeline.manifest.model.get("size_multiple", 8))
         self.scheduler = BatchScheduler(pipeline.generate_batch, config.max_batch, config.batch_wait_ms,
                                         config.max_queue, warmup=self._warmup if config.warmup else None,
                                         on_batch=lambda *a: self.metrics.observe_batch(*a))
-        self.metrics = Metrics(lambda: self.scheduler.depth, lambda: float(self.is_ready))
-        self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.metrics = Metrics(lambda: self.scheduler.depth, lambda: float(self.is_ready),
+                               lambda: len(self.scheduler.running))
+        self.jobs = JobStore(config.max_jobs, config.max_job_bytes, config.job_ttl_s)
         self.draining = False
 
     @property
@@ -135,25 +142,28 @@ class Server:
                 if getattr(settings, name) > self.config.max_side:
                     raise ApiError(400, f"{name} must be at most {self.config.max_side}; "
                                         f"{getattr(settings, name)} (the default) is more: give size", "size")
+            check_cost(settings.num_inference_steps, settings.height, settings.width, body.n, self.config)
         try:
             return self.scheduler.submit(call, key, body.n)
         except QueueFull as exc:
             raise ApiError(429, str(exc), None, "queue_full", {"Retry-After": str(exc.retry_after_s)}) from None
 
     async def wait(self, job: Job, request: Request | None) -> Any:
-        """The job's PipelineOutput; 504 past the timeout, None if the client left."""
+        """The job's PipelineOutput; 504 past the timeout, None if the client left.
+        Either way the job is abandoned: out of the queue, or its batch stops between
+        denoiser steps once no request in it is wanted."""
         deadline = job.enqueued + self.config.timeout_s
         while not job.future.done():
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.scheduler.clock()
             if remaining <= 0:
                 self.scheduler.cancel(job)
                 raise ApiError(504, f"the request took longer than the server's timeout of "
                                     f"{self.config.timeout_s:g}s", None, "timeout")
             await asyncio.wait([job.future], timeout=min(remaining, 0.25))
-            if not job.future.done() and request is not None and job.state == "queued" \
-                    and await request.is_disconnected():
+            if not job.future.done() and request is not None and await request.is_disconnected():
+                state = job.state
                 self.scheduler.cancel(job)
-                logger.info("request %d: client disconnected before its batch started; dropped", job.id)
+                logger.info("request %d: the client disconnected while it was %s; abandoned", job.id, state)
                 return None
         if job.future.cancelled():
             return None
@@ -178,44 +188,48 @@ class Server:
 
     # -- jobs (the playground's progress) -------------------------------------------------
 
-    def start_job(self, body: GenerateRequest) -> dict[str, Any]:
+    def start_job(self, body: GenerateRequest, owner: Any) -> dict[str, Any]:
+        if not self.jobs.room_for(owner):
+            raise ApiError(429, f"{self.config.max_jobs} of your jobs are queued or running; wait for them",
+                           None, "too_many_jobs", {"Retry-After": str(self.scheduler.retry_after())})
         job = self.submit(body)
-        job_id = f"job-{job.id}-{os.urandom(4).hex()}"
-        record = {"job": job, "body": body, "result": None, "error": None, "created": time.time()}
-        self.jobs[job_id] = record
-        while len(self.jobs) > self.config.max_jobs:
-            _, old = self.jobs.popitem(last=False)
-            self.scheduler.cancel(old["job"])
+        record = JobRecord(f"job-{job.id}-{os.urandom(8).hex()}", job, body, owner)
+        self.jobs.add(record)
         asyncio.get_running_loop().create_task(self._finish_job(record))
-        return self.job_status(job_id)
+        return self.job_status(record.id, owner)
 
-    async def _finish_job(self, record: dict[str, Any]) -> None:
+    async def _finish_job(self, record: JobRecord) -> None:
+        result = error = None
         try:
-            result = await self.wait(record["job"], None)
-            record["result"] = await self.respond(record["job"], record["body"], result) if result else None
+            output = await self.wait(record.job, None)
+            result = await self.respond(record.job, record.body, output) if output else None
         except ApiError as exc:
-            record["error"] = exc.body()["error"]
+            error = exc.body()["error"]
         except Exception as exc:  # noqa: BLE001 - reported to the poller
-            record["error"] = {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}
+            error = {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}
+        self.jobs.finish(record, result, error)
 
-    def job_status(self, job_id: str) -> dict[str, Any]:
-        record = self.jobs.get(job_id)
+    def job_status(self, job_id: str, owner: Any) -> dict[str, Any]:
+        record = self.jobs.get(job_id, owner)
         if record is None:
-            raise ApiError(404, f"no job {job_id!r} (finished jobs are kept for the last {self.config.max_jobs})",
-                           "id", "job_not_found")
-        job: Job = record["job"]
-        status = "failed" if record["error"] else "done" if record["result"] else \
+            raise ApiError(404, f"no job {job_id!r} of yours (finished jobs are kept {self.config.job_ttl_s:g}s, "
+                                "within the server's per-key limits)", "id", "job_not_found")
+        job: Job = record.job
+        status = "failed" if record.error else "done" if record.result else \
             "cancelled" if job.state == "cancelled" else "running" if job.state in ("running", "done") else job.state
-        return {"id": job_id, "status": status, "step": job.step, "total": job.total,
-                "result": record["result"], "error": record["error"]}
+        return {"id": record.id, "status": status, "step": job.step, "total": job.total,
+                "result": record.result, "error": record.error}
 
 
 class Guard:
-    """Pure ASGI middleware: API key, body size limit (413), per-route metrics, and the
-    replica header (x-diffrt-replica: host:pid)."""
+    """Pure ASGI middleware: API keys (the index of the key used goes to the scope's
+    state, for the jobs' owners), body size limit (413) and read timeout (408), per-route
+    metrics, and the replica header (x-diffrt-replica: host:pid)."""
 
     def __init__(self, app, server: Server, routes):
         self.app, self.server, self.routes = app, server, routes
+        # compared as bytes: the header arrives as bytes, and a key is ASCII (check_api_key)
+        self.keys = [key.encode("ascii") for key in server.config.keys]
 
     def endpoint_of(self, scope) -> str:
         for route in self.routes():
@@ -241,7 +255,8 @@ class Guard:
             if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 receive, error = await self._read_body(scope, receive)
                 if receive is None:
-                    return  # the client left while sending the body
+                    status[0] = CLIENT_CLOSED  # the client left while sending the body: not a server error
+                    return
             if error is not None:
                 response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
                 return await response(scope, receive, send_with_header)
@@ -250,28 +265,36 @@ class Guard:
             self.server.metrics.observe_request(endpoint, status[0], time.perf_counter() - t0)
 
     def _refuse(self, scope) -> ApiError | None:
-        key = self.server.config.api_key
-        if key is None or scope["path"] in PUBLIC_PATHS:
+        """None if the request may go on (and its key's index noted), else the 401."""
+        if not self.keys or scope["path"] in PUBLIC_PATHS:
             return None
-        headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        token = token.strip()
+        matches = [hmac.compare_digest(token, key) for key in self.keys]  # every key: no early exit
+        if scheme.lower() != b"bearer" or not any(matches):
             return ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
                             "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        scope.setdefault("state", {})[OWNER] = matches.index(True)
         return None
 
     async def _read_body(self, scope, receive):
         """The whole body (bounded), replayed to the app; over the limit: 413, after
-        reading on (discarding) up to 16x the limit so the client sees the answer."""
-        limit = self.server.config.max_body_bytes
+        reading on (discarding) up to 16x the limit so the client sees the answer; a
+        body that stalls: 408; a client that leaves: (None, None)."""
+        config = self.server.config
+        limit = config.max_body_bytes
         too_large = ApiError(413, f"the request body is larger than {limit} bytes", "body", "body_too_large")
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > 16 * limit:
             return receive, too_large
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), config.body_timeout_s)
+            except asyncio.TimeoutError:
+                return receive, ApiError(408, f"the request body stalled for {config.body_timeout_s:g}s; "
+                                              "send it whole", "body", "body_timeout")
             if message["type"] == "http.disconnect":
                 return None, None
             chunk = message.get("body", b"")
@@ -349,13 +372,16 @@ def create_app(pipeline: Any, config: ServeConfig | None = None) -> FastAPI:
             return Response(status_code=499)
         return await server.respond(job, body, result)
 
+    def owner(request: Request) -> Any:
+        return request.scope.get("state", {}).get(OWNER)
+
     @app.post("/v1/jobs", status_code=202)
-    async def start_job(body: GenerateRequest):
-        return server.start_job(body)
+    async def start_job(body: GenerateRequest, request: Request):
+        return server.start_job(body, owner(request))
 
     @app.get("/v1/jobs/{job_id}")
-    async def job_status(job_id: str):
-        return server.job_status(job_id)
+    async def job_status(job_id: str, request: Request):
+        return server.job_status(job_id, owner(request))
 
     @app.get("/v1/models")
     async def models():
@@ -365,13 +391,14 @@ def create_app(pipeline: Any, config: ServeConfig | None = None) -> FastAPI:
             "family": manifest.family, "pipeline_class": manifest.pipeline_class, "defaults": manifest.defaults,
             "presets": sorted(getattr(pipeline, "presets", {}) or {}), "size_multiple": server.size_multiple,
             "limits": {"max_n": config.max_n, "max_steps": config.max_steps, "max_side": config.max_side,
-                       "max_batch": config.max_batch}}]}
+                       "max_batch": config.max_batch, "max_cost": config.max_cost,
+                       "max_prompt_chars": config.max_prompt_chars}}]}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz():
         if server.is_ready:
             return {"status": "ready", "model": config.model_name}

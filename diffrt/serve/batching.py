@@ -14,9 +14,21 @@ other group ahead of it. While no group is ready the worker sleeps until the ear
 one will be, or a request arrives.
 
 The queue holds at most `max_queue` waiting requests (running ones do not count); a
-submit beyond that raises `QueueFull`. A request cancelled before its batch starts
-(client gone, timed out) leaves the queue at once. An exception inside a batch fails
-that batch's requests only; the worker goes on with the next.
+submit beyond that raises `QueueFull`.
+
+Cancellation. `cancel(job)` abandons a request (its client is gone, or it timed out):
+a queued one leaves the queue at once; a running one is marked, and the worker stops
+its batch between two denoiser steps once every request in it is abandoned (the
+pipeline's progress callback raises `Cancelled`), so abandoned work does not hold the
+worker for the rest of its steps.
+
+Isolation. A request's failure must not fail the requests batched with it: when a
+batch of several requests raises, each of them is run again alone, so only the one(s)
+that fail alone get the error.
+
+Tests: `pause()` holds the worker before it takes the next batch, `wait_for(predicate)`
+waits (bounded) for the queue to reach a state, and `clock` is injectable, so tests can
+build a queue and release it without depending on timing.
 """
 
 from __future__ import annotations
@@ -40,6 +52,10 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Cancelled(Exception):
+    """Raised between denoiser steps of a batch whose every request was abandoned."""
+
+
 @dataclass(eq=False)
 class Job:
     call: dict[str, Any]
@@ -53,11 +69,12 @@ class Job:
     step: int = 0
     total: int = 0
     batch_size: int = 0    # images in the batch it ran in
+    abandoned: bool = False  # nobody waits for the answer any more (set by cancel)
 
-    def _settle(self, setter: Callable, value: Any) -> None:
+    def _settle(self, setter: Callable, *value: Any) -> None:
         def settle() -> None:
             if not self.future.done():
-                setter(value)
+                setter(*value)
         try:
             self.loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -67,23 +84,29 @@ class Job:
         self._settle(self.future.set_result, value)
 
     def fail(self, exc: BaseException) -> None:
-        self._settle(self.future.set_exception, exc)
+        if self.abandoned:  # nobody would retrieve the exception (asyncio would log it)
+            self._settle(self.future.cancel)
+        else:
+            self._settle(self.future.set_exception, exc)
 
 
 class BatchScheduler:
     """`runner(calls, callback)` -> one result per call (the pipeline's
-    `generate_batch`); `on_batch(jobs, seconds, results_or_exception)` observes each batch.
-    `warmup()` (optional) runs on the worker thread before the first batch."""
+    `generate_batch`); `on_batch(jobs, seconds, results_or_exception)` observes each
+    pipeline run. `warmup()` (optional) runs on the worker thread before the first batch."""
 
     def __init__(self, runner: Callable, max_batch: int = 4, batch_wait_ms: float = 10.0, max_queue: int = 64,
-                 warmup: Callable[[], None] | None = None, on_batch: Callable | None = None):
+                 warmup: Callable[[], None] | None = None, on_batch: Callable | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.runner, self.max_batch, self.max_queue = runner, max(1, max_batch), max(1, max_queue)
         self.batch_wait = max(0.0, batch_wait_ms) / 1000.0
+        self.clock = clock
         self._warmup, self._on_batch = warmup, on_batch
         self._groups: OrderedDict[Hashable, deque[Job]] = OrderedDict()
         self._waiting = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._paused = False
         self._ids = itertools.count(1)
         self.ready = threading.Event()
         self.warmup_error: BaseException | None = None
@@ -107,15 +130,18 @@ class BatchScheduler:
                 raise QueueFull(5)
             if self._waiting >= self.max_queue:
                 raise QueueFull(self.retry_after())
-            job = Job(call, key, images, loop.create_future(), loop, id=next(self._ids))
+            job = Job(call, key, images, loop.create_future(), loop, id=next(self._ids), enqueued=self.clock())
             self._groups.setdefault(key, deque()).append(job)
             self._waiting += 1
-            self._cond.notify()
+            self._cond.notify_all()
         return job
 
     def cancel(self, job: Job) -> bool:
-        """Take a job out of the queue if its batch has not started; True if it was."""
+        """Abandon a job: out of the queue if its batch has not started (True), else
+        marked, so its batch stops between steps once none of its requests is wanted."""
         with self._cond:
+            job.abandoned = True
+            self._cond.notify_all()
             if job.state != "queued":
                 return False
             group = self._groups.get(job.key)
@@ -132,10 +158,26 @@ class BatchScheduler:
         batches_ahead = self._waiting / self.max_batch + 1
         return max(1, min(60, int(batches_ahead * max(self.batch_seconds, 0.1) + 0.999)))
 
+    def pause(self) -> None:
+        """Hold the worker before its next batch (the running one finishes)."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `predicate()` (checked whenever the queue changes) or the timeout."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
     def stop(self, timeout: float | None = None) -> None:
         """Drain: run what is queued, then end the worker."""
         with self._cond:
             self._stopping = True
+            self._paused = False
             self._cond.notify_all()
         self._thread.join(timeout)
 
@@ -156,10 +198,10 @@ class BatchScheduler:
             while True:
                 if self._stopping and not self._groups:
                     return None
-                key, wake = self._ready_group(time.monotonic())
+                key, wake = (None, None) if self._paused else self._ready_group(self.clock())
                 if key is not None:
                     break
-                self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
+                self._cond.wait(None if wake is None else max(0.0, wake - self.clock()))
             group = self._groups.pop(key)
             jobs, images = [], 0
             while group and (not jobs or images + group[0].images <= self.max_batch):
@@ -172,6 +214,7 @@ class BatchScheduler:
             for job in jobs:
                 job.state, job.batch_size = "running", images
             self.running = jobs
+            self._cond.notify_all()
             return jobs
 
     def _work(self) -> None:
@@ -186,34 +229,59 @@ class BatchScheduler:
             jobs = self._take()
             if jobs is None:
                 return
-            self._run(jobs)
+            try:
+                self._run(jobs)
+            finally:
+                with self._cond:
+                    self.running = []
+                    self._cond.notify_all()
 
     def _run(self, jobs: list[Job]) -> None:
+        outcome = self._attempt(jobs)
+        if not isinstance(outcome, BaseException):
+            for job, result in zip(jobs, outcome):
+                job.state = "done"
+                job.resolve(result)
+            return
+        if len(jobs) > 1 and not isinstance(outcome, Cancelled):
+            # one request's fault (a prompt the tokenizer rejects, a non-finite output)
+            # must not fail the others: run each alone, so only the culprit fails
+            logger.warning("a batch of %d requests failed (%s: %s); running them one at a time", len(jobs),
+                           type(outcome).__name__, outcome)
+            for job in jobs:
+                job.batch_size = job.images
+                self.running = [job]
+                self._run([job])
+            return
+        if isinstance(outcome, Cancelled):
+            logger.info("stopped a batch of %d abandoned request(s) between denoiser steps", len(jobs))
+        else:
+            logger.error("a request failed: %s: %s", type(outcome).__name__, outcome)
+        for job in jobs:
+            job.state = "cancelled" if job.abandoned else "failed"
+            job.fail(outcome)
+
+    def _attempt(self, jobs: list[Job]) -> list[Any] | BaseException:
+        """One pipeline run of `jobs`: their results, or the exception it raised."""
         def progress(step: int, total: int) -> None:
             for job in jobs:
                 job.step, job.total = step, total
+            if all(job.abandoned for job in jobs):
+                raise Cancelled(f"all {len(jobs)} request(s) of the batch were abandoned")
 
         t0 = time.perf_counter()
         try:
-            results = self.runner([job.call for job in jobs], progress)
-            if len(results) != len(jobs):
-                raise RuntimeError(f"the pipeline returned {len(results)} results for {len(jobs)} calls")
-        except BaseException as exc:  # noqa: BLE001 - fails this batch only
-            seconds = time.perf_counter() - t0
-            logger.error("a batch of %d request(s) failed: %s: %s", len(jobs), type(exc).__name__, exc)
-            for job in jobs:
-                job.state = "failed"
-                job.fail(exc)
-            self._observe(jobs, seconds, exc)
-        else:
-            seconds = time.perf_counter() - t0
-            for job, result in zip(jobs, results):
-                job.state = "done"
-                job.resolve(result)
-            self._observe(jobs, seconds, results)
-        finally:
-            self.running = []
+            if all(job.abandoned for job in jobs):
+                raise Cancelled("abandoned before it started")
+            outcome = self.runner([job.call for job in jobs], progress)
+            if len(outcome) != len(jobs):
+                raise RuntimeError(f"the pipeline returned {len(outcome)} results for {len(jobs)} calls")
+        except BaseException as exc:  # noqa: BLE001 - fails these requests only
+            outcome = exc
+        seconds = time.perf_counter() - t0
         self.batch_seconds = seconds if not self.batch_seconds else 0.8 * self.batch_seconds + 0.2 * seconds
+        self._observe(jobs, seconds, outcome)
+        return outcome
 
     def _observe(self, jobs: list[Job], seconds: float, outcome: Any) -> None:
         if self._on_batch is None:

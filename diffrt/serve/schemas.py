@@ -30,14 +30,41 @@ class ServeConfig:
     max_batch: int = 4            # images per pipeline batch
     batch_wait_ms: float = 10.0   # how long the oldest request of a group waits for company
     max_queue: int = 64           # requests waiting (not running); beyond: 429
-    timeout_s: float = 300.0      # per request, queued + running; beyond: 504
+    timeout_s: float = 300.0      # per request, queued + running; beyond: 504 (and its work stops)
     api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # more keys; each key's jobs are private to it
     max_n: int = 4                # images per request
     max_steps: int = 100
     max_side: int = 2048          # pixels, height and width
+    # steps x height x width x images / 1e6 per request (30 steps of four 1024x1024
+    # images is 126); beyond: 400 before queueing
+    max_cost: float = 256.0
+    max_prompt_chars: int = 4000  # per prompt and negative prompt (OpenAI's dall-e-3 limit)
     max_body_bytes: int = 1 << 20
     warmup: bool = True           # one small generation before /readyz says ready
-    max_jobs: int = 256           # playground jobs remembered (running + finished)
+    max_jobs: int = 256           # playground jobs remembered per key (running + finished)
+    max_job_bytes: int = 128 << 20  # kept job results per key (base64 bytes)
+    job_ttl_s: float = 600.0      # a finished job is forgotten this long after it finished
+    keep_alive_s: float = 5.0     # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 20.0  # a connection must send a complete request head in this
+    body_timeout_s: float = 30.0  # and each part of its body within this of the previous
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key, in order (a job belongs to the index of its key)."""
+        given = ((self.api_key,) if self.api_key else ()) + tuple(self.api_keys)
+        return tuple(dict.fromkeys(given))
+
+
+def check_api_key(key: str, source: str) -> str:
+    """A key must be a Bearer token (RFC 6750: printable ASCII, no spaces): anything else
+    could never be sent in an Authorization header, so it would never match."""
+    if not key or not all(33 <= ord(c) <= 126 for c in key):
+        bad = next((c for c in key if not 33 <= ord(c) <= 126), None)
+        what = "is empty" if not key else f"has the character {bad!r}"
+        raise DiffrtError(f"the API key from {source} {what}; a key must be printable ASCII without spaces "
+                          "(an HTTP Authorization header cannot carry anything else)")
+    return key
 
 
 class ApiError(Exception):
@@ -116,9 +143,27 @@ def _check_range(name: str, value: int | None, low: int, high: int, param: str |
         raise ApiError(400, f"{name} must be from {low} to {high}, got {value}", param or name)
 
 
+def check_text(name: str, value: str | None, limit: int) -> None:
+    """Refuse text the pipeline cannot (or should not) tokenize, before it is queued:
+    over the length limit, or not encodable (a lone UTF-16 surrogate such as the JSON
+    escape \\ud800 makes the tokenizer raise, which would fail its whole batch)."""
+    if value is None:
+        return
+    if len(value) > limit:
+        raise ApiError(400, f"{name} is {len(value)} characters; this server takes at most {limit} "
+                            "(the text encoder reads only its first tokens anyway)", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{name} is not valid text: a lone UTF-16 surrogate {value[exc.start]!r} at "
+                            f"character {exc.start}; send Unicode text", name) from None
+
+
 def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) -> dict[str, Any]:
     """Check the server's limits and build the pipeline call (a `__call__` keyword dict;
     the server always asks for float arrays, output_type="np", and encodes them itself)."""
+    check_text("prompt", body.prompt, config.max_prompt_chars)
+    check_text("negative_prompt", body.negative_prompt, config.max_prompt_chars)
     if not body.prompt.strip():
         raise ApiError(400, "prompt must not be empty", "prompt")
     height, width = body.height, body.width
@@ -158,6 +203,16 @@ def images_to_generate(body: ImagesRequest, config: ServeConfig) -> GenerateRequ
     size = None if body.size in (None, "auto") else body.size
     return GenerateRequest(prompt=body.prompt, n=1 if body.n is None else body.n, size=size,
                            output_format=output_format)
+
+
+def check_cost(steps: int, height: int, width: int, images: int, config: ServeConfig) -> None:
+    """The per-request work limit, on the resolved settings (defaults and presets
+    included), so that no single request can hold the worker for minutes."""
+    cost = steps * height * width * images / 1e6
+    if cost > config.max_cost:
+        raise ApiError(400, f"this request is {steps} steps x {width}x{height} x {images} image(s) = {cost:g} "
+                            f"megapixel-steps, over the server's limit of {config.max_cost:g}; use fewer steps, a "
+                            "smaller size or fewer images", None, "request_too_large")
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ApiError:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffrt.errors import DiffrtError
-from diffrt.serve.schemas import ServeConfig
+from diffrt.serve.schemas import ServeConfig, check_api_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,54 @@ def model_name(folder: str | Path) -> str:
     return Path(folder).resolve().name
 
 
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a request-head timeout. uvicorn closes a keep-alive
+    connection that stays idle after a response, but waits forever for the head of a
+    request that was never sent or never finished (a half-open connection holds a
+    socket and a file descriptor): close a connection that has not sent a complete
+    request head `seconds` after it opened or after its previous response."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            timer = getattr(self, "_head_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            timer = getattr(self, "_head_timer", None)
+            if timer is not None:
+                timer.cancel()
+            cycle = self.cycle  # a complete request head starts a new cycle
+
+            def expire() -> None:
+                idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+                if idle and not self.transport.is_closing():
+                    self.transport.close()
+
+            self._head_timer = self.loop.call_later(seconds, expire)
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(app: Any, config: ServeConfig, host: str, port: int, log_level: str = "info", **options: Any):
+    """The uvicorn settings every diffrt server uses (the CLI's and the tests')."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                          http=header_timeout_protocol(config.header_timeout_s),
+                          timeout_keep_alive=config.keep_alive_s, **options)
+
+
 def serve_http(pipeline: Any, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info") -> None:
     """Serve until SIGTERM/SIGINT, then finish what is in flight."""
@@ -42,8 +90,8 @@ def serve_http(pipeline: Any, config: ServeConfig, host: str = "127.0.0.1", port
     from diffrt.serve.app import create_app
 
     app = create_app(pipeline, config)
-    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                    timeout_graceful_shutdown=config.timeout_s + 30, lifespan="on")
+    settings = uvicorn_config(app, config, host, port, log_level, timeout_graceful_shutdown=config.timeout_s + 30)
+
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
@@ -51,7 +99,7 @@ def serve_http(pipeline: Any, config: ServeConfig, host: str = "127.0.0.1", port
             # it); a drained shutdown exits 0 instead
             getattr(self, "_captured_signals", []).clear()
 
-    DrainingServer(uvicorn_config).run()
+    DrainingServer(settings).run()
     print("diffrt serve: shut down; every request in flight was answered", file=sys.stderr)
 
 
@@ -65,28 +113,48 @@ def _require_serve_extra(ray: bool) -> None:
         raise DiffrtError(f"diffrt serve needs {', '.join(missing)}: pip install {extra}")
 
 
+def api_keys(given: list[str] | None, key_file: str | None) -> tuple[str, ...]:
+    """Every key `diffrt serve` accepts: --api-key (repeatable; visible in `ps`), the
+    lines of --api-key-file (blank lines and # comments skipped) and $DIFFRT_API_KEY."""
+    import os
+
+    keys = [(key, "--api-key") for key in given or ()]
+    if key_file:
+        try:
+            lines = Path(key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DiffrtError(f"--api-key-file {key_file}: cannot read it ({exc})") from None
+        from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not from_file:
+            raise DiffrtError(f"--api-key-file {key_file} holds no key (one key per line; # starts a comment)")
+        keys += [(key, f"--api-key-file {key_file}") for key in from_file]
+    if os.environ.get("DIFFRT_API_KEY"):
+        keys.append((os.environ["DIFFRT_API_KEY"], "$DIFFRT_API_KEY"))
+    return tuple(dict.fromkeys(check_api_key(key, source) for key, source in keys))
+
+
 def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
     """`diffrt serve`: check the options, load the artifact (errors are one line),
     then serve until SIGTERM (uvicorn) or Ctrl-C (Ray)."""
-    import os
-    import sys
-
     _require_serve_extra(args.ray)
-    for name in ("max_batch", "max_queue", "max_n", "max_steps", "max_size"):
+    for name in ("max_batch", "max_queue", "max_n", "max_steps", "max_size", "max_prompt_chars"):
         if getattr(args, name) < 1:
             raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("batch_wait_ms", "timeout_s"):
-        if not getattr(args, name) >= 0:
-            raise DiffrtError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.batch_wait_ms >= 0:
+        raise DiffrtError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    for name in ("timeout_s", "max_cost"):
+        if not 0 < getattr(args, name) < float("inf"):
+            raise DiffrtError(f"--{name.replace('_', '-')} must be a number > 0, got {getattr(args, name)}")
     ray_only = [n for n in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
                             "autoscaling_config", "ray_address") if getattr(args, n) is not None]
     if ray_only and not args.ray:
         raise DiffrtError(f"--{ray_only[0].replace('_', '-')} is a Ray option; add --ray")
     folder = Path(args.out)
+    keys = api_keys(args.api_key, args.api_key_file)
     config = ServeConfig(model_name=args.model_name or model_name(folder), max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
-                         api_key=args.api_key or os.environ.get("DIFFRT_API_KEY") or None, max_n=args.max_n,
-                         max_steps=args.max_steps, max_side=args.max_size, warmup=args.warmup)
+                         api_keys=keys, max_n=args.max_n, max_steps=args.max_steps, max_side=args.max_size,
+                         max_cost=args.max_cost, max_prompt_chars=args.max_prompt_chars, warmup=args.warmup)
     verify = {"stamp": True, "size": False}.get(args.verify, args.verify)
     if args.ray:
         from diffrt.serve import ray_app
@@ -104,5 +172,5 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
         return
     pipe = load_pipeline(folder, backend=args.backend, verify=verify, backend_options=backend_options)
     print(f"diffrt serve: {config.model_name} on http://{args.host}:{args.port}/ (playground at /, "
-          f"OpenAI API at /v1){'; API key required' if config.api_key else ''}", file=sys.stderr)
+          f"OpenAI API at /v1){f'; API key required ({len(keys)} keys)' if keys else ''}", file=sys.stderr)
     serve_http(pipe, config, host=args.host, port=args.port, log_level="debug" if args.verbose else "warning")
