@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
+import io
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,13 +47,60 @@ def _size(text: str) -> tuple[int, int]:
 
 # -- output on the terminal --------------------------------------------------------
 
+class ReaderSafeStream(io.TextIOBase):
+    """stdout/stderr for the length of one command: once the reader is gone (`diffrt
+    generate ... 2>&1 | head -n 2`), further output is dropped instead of raising, so a
+    closed pipe never stops the work (the images are still written) nor turns into a
+    traceback. The descriptor is pointed at /dev/null, so the interpreter's own final
+    flush of the stream does not fail either."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.reader_gone = True
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
+
+
 class Progress:
     """A progress bar on a terminal; on a pipe or file, a few plain lines instead of
     carriage returns; nothing with -q."""
 
-    def __init__(self, label: str, quiet: bool, stream=sys.stderr):
-        self.label, self.quiet, self.stream = label, quiet, stream
-        self.tty = stream.isatty()
+    def __init__(self, label: str, quiet: bool, stream=None):
+        self.label, self.quiet = label, quiet
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
         self._last_line = -1
 
     def __call__(self, step: int, total: int) -> None:
@@ -128,12 +178,17 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
     first = paths[0]
     if first.suffix.lower() not in IMAGE_SUFFIXES:
         raise DiffrtError(f"-o {first}: use a .png, .jpg or .webp file name")
-    existing = [p for p in paths if p.exists()]
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise DiffrtError(f"-o {folders[0]} is a folder; name an image file, e.g. -o {folders[0] / 'out.png'}")
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise DiffrtError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another -o")
     folder = first.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DiffrtError(f"-o {first}: {folder} {what}; create the folder first, or choose another -o")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".diffrt-write-check-"):
             pass
     except OSError as exc:
@@ -234,19 +289,38 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
             print(f"generating {request.batch} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
                   f"{settings.num_inference_steps} steps{handoff}, guidance {settings.guidance_scale:g}, "
                   f"seed {request.seed}, backend {pipe.backend.describe()}", file=sys.stderr)
-        result = pipe(
-            args.prompt, negative_prompt=args.negative, num_inference_steps=settings.num_inference_steps,
-            guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-            num_images_per_prompt=request.batch, seed=request.seed, scheduler=settings.scheduler, vae=request.vae,
-            preset=args.preset, prompt_2=getattr(args, "prompt_2", None),
-            negative_prompt_2=getattr(args, "negative_2", None), refiner=refiner,
-            high_noise_frac=request.denoising_end if refiner is not None else None,
-            callback=Progress("denoising", args.quiet),
-        )
+        with _out_of_memory_names(request):
+            result = _call(pipe, args, request, refiner)
     for index, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
         image.save(path)
         print(f"wrote {path} (seed {result.seed + index})")
     print(_timings_line(result.timings, settings.num_inference_steps))
+
+
+@contextlib.contextmanager
+def _out_of_memory_names(request):
+    """A backend's failed allocation, as one line with the request's size and what to do."""
+    from diffrt.errors import OutOfMemoryError
+
+    try:
+        yield
+    except OutOfMemoryError as exc:
+        s = request.settings
+        raise DiffrtError(f"{s.width}x{s.height} with {request.batch} image(s) did not fit in memory ({exc}); "
+                          "use a smaller size or fewer images") from None
+
+
+def _call(pipe, args: argparse.Namespace, request, refiner):
+    settings = request.settings
+    return pipe(
+        args.prompt, negative_prompt=args.negative, num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
+        num_images_per_prompt=request.batch, seed=request.seed, scheduler=settings.scheduler, vae=request.vae,
+        preset=args.preset, prompt_2=getattr(args, "prompt_2", None),
+        negative_prompt_2=getattr(args, "negative_2", None), refiner=refiner,
+        high_noise_frac=request.denoising_end if refiner is not None else None,
+        callback=Progress("denoising", args.quiet),
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -345,11 +419,62 @@ def cmd_build(args: argparse.Namespace) -> None:
           f"diffrt generate {args.out} \"a prompt\" --backend tensorrt")
 
 
+DEMO_MARKER = ".diffrt-demo"  # in a --dir the demo made: it may replace checkpoint/ and artifact/ there
+
+
+def _check_demo_settings(args: argparse.Namespace) -> None:
+    """What can be checked before a model exists (the rest is checked again, fully,
+    once the artifact is there): nothing is built for a run that would be refused."""
+    from diffrt.families import get_family
+    from diffrt.runtime.request import check_count, check_guidance, check_seed
+    from diffrt.runtime.schedulers import SCHEDULER_NAMES
+
+    family = get_family("sdxl" if args.kind == "sdxl" else "sd")
+    check_seed(args.seed)
+    if args.steps is not None:
+        check_count("num_inference_steps (--steps)", args.steps)
+    if args.cfg is not None:
+        check_guidance(args.cfg)
+    if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
+        raise DiffrtError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+    if args.preset is not None and args.preset not in family.PRESETS:
+        raise DiffrtError(f"unknown preset {args.preset!r}; choose one of: {', '.join(family.PRESETS)}")
+    if args.vae not in (None, "default"):
+        raise DiffrtError(f"--vae {args.vae}: the demo's artifact has only its own VAE decoder (default)")
+
+
+def _demo_workdir(path: str | None) -> tuple[Path, bool]:
+    """(the demo's work folder, whether it was made here): a new temp folder, or --dir
+    when it is new, empty, or an earlier demo's (never inside another artifact)."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix="diffrt-demo-")), True
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DiffrtError(f"--dir {folder} is a file; give a new or empty folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / DEMO_MARKER).is_file():
+        what = "an exported artifact" if (folder / "manifest.json").is_file() else "files the demo did not make"
+        raise DiffrtError(f"--dir {folder} holds {what}; give a new or empty folder (or an earlier demo's --dir)")
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("made by `diffrt demo`; it may replace checkpoint/ and artifact/ here\n")
+    return folder, made
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     _require_export_extra("demo")
     outputs = [Path(args.output)]
     _check_outputs(outputs, args.overwrite)
-    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="diffrt-demo-"))
+    _check_demo_settings(args)
+    workdir, made = _demo_workdir(args.dir)
+    try:
+        _demo(args, workdir, outputs)
+    except BaseException:
+        if made and args.dir is None:  # a failed run leaves no temp folder behind
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _demo(args: argparse.Namespace, workdir: Path, outputs: list[Path]) -> None:
     args.prompt, args.size = DEMO_PROMPT, None
     from diffrt.export import export
     from diffrt.export.tiny import SDXL_KINDS, make_tiny_sd, make_tiny_sdxl
@@ -420,11 +545,12 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
                    help="fused or portable attention graphs (default: ort fused, openvino portable)")
     p.add_argument("--vae", default=None,
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
-    p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
-                   help="check file sizes only, not sha256 (by default files are hashed once, then again "
-                        "only when they change)")
-    p.add_argument("--verify-full", action="store_const", const="full", dest="verify",
-                   help="hash every file of the stages loaded, even those verified before")
+    verify = p.add_mutually_exclusive_group()
+    verify.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
+                        help="check file sizes only, not sha256 (by default files are hashed once, then again "
+                             "only when they change)")
+    verify.add_argument("--verify-full", action="store_const", const="full", dest="verify",
+                        help="hash every file of the stages loaded, even those verified before")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -559,7 +685,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.quiet = getattr(args, "quiet", False)
     args.verbose = getattr(args, "verbose", False)
-    _configure_output(args)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ReaderSafeStream(sys.stdout), ReaderSafeStream(sys.stderr)
+    try:
+        _configure_output(args)
+        return _run(args)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
         sys.stdout.flush()
@@ -569,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("error: out of memory; use a smaller --size or fewer images (-n/--batch)", file=sys.stderr)
         return 2
+    except RecursionError:
+        print("error: input nested too deeply to read (a damaged or hostile file?)", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # The reader went away (`diffrt inspect OUT | head`): not an error. Point stdout
         # at /dev/null so the interpreter's final flush does not raise again.
@@ -577,7 +717,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a folder we cannot write, a full disk, ...: the system's words, one line
+        if args.verbose:
+            raise
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line that names the file and says what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = {
+        errno.ENOSPC: "free some disk space or write somewhere else",
+        errno.EDQUOT: "free some disk space or write somewhere else",
+        errno.EACCES: "choose a folder you can write to",
+        errno.EPERM: "choose a folder you can write to",
+        errno.EROFS: "choose a folder on a writable file system",
+        errno.EISDIR: "name a file, not a folder",
+        errno.ENOENT: "check the path",
+    }.get(exc.errno, "rerun with --verbose for the details")
+    return f"{reason}:{where}; {advice}"
 
 
 if __name__ == "__main__":

@@ -13,3 +13,8 @@ class DiffrtError(ValueError):
 
 class ArtifactError(DiffrtError):
     """An artifact folder that is missing files, corrupted, or from a newer diffrt."""
+
+
+class OutOfMemoryError(DiffrtError):
+    """A backend could not allocate what a request needed (ONNX Runtime's arena, OpenVINO,
+    numpy): the request is too large for the memory this process has."""

@@ -115,6 +115,7 @@ def test_unreadable_stage_file_says_permission_denied(exported, tmp_path):
         (["--cfg", "-1"], "guidance_scale must be a finite number >= 0"),
         (["-n", "0"], "num_images_per_prompt (-n) must be an integer >= 1"),
         (["--preset", "turbo"], "unknown preset 'turbo'"),
+        (["--steps", "1000000"], "num_inference_steps=1000000 is not supported; allowed: 1..1000"),
     ],
 )
 def test_settings_are_checked_before_loading(corrupted_unet, tmp_path, args, fragment):
@@ -131,52 +132,69 @@ def test_impossible_size_names_the_estimate(exported, tmp_path):
     assert "GiB of memory (VAE decoder activations)" in line and "available; use a smaller size" in line
 
 
-def test_memory_bound_counts_attention_scores_only_where_they_exist():
-    """SD1.5's facts at 1024x1024 with CFG: an unfused graph on ONNX Runtime holds
-    2 x 8 heads x 16384^2 float scores (16 GiB) at once; a fused one never does."""
-    from diffrt.families import sd
-
-    model = {"vae_scale_factor": 8, "vae_decoder_channels": 128, "vae_mid_attention": True,
-             "unet_first_attention_level": 0, "unet_first_attention_heads": 8}
-    portable, what = sd.min_activation_bytes(model, 1024, 1024, 1, do_cfg=True, attention_scores=True)
-    fused, fused_what = sd.min_activation_bytes(model, 1024, 1024, 1, do_cfg=True, attention_scores=False)
-    assert portable == 2 * 8 * 16384**2 * 4 and what == "UNet attention scores"
-    assert fused == (128 + 3) * 1024 * 1024 * 4 and fused_what == "VAE decoder activations"
-
-
-def test_memory_bound_of_an_exported_artifact_counts_its_unet_scores(exported):
-    """The bound read from a really exported artifact's manifest (not a facts dict the
-    test writes) counts the UNet's largest attention score tensor, as measured by running
-    the portable UNet graph on ONNX Runtime with its Softmax outputs exposed. (An exporter
-    that misspelled the fact once made this term silently zero for every SD artifact.)"""
+def _graph_tensors(path, pick, feeds) -> list[np.ndarray]:
+    """Run an ONNX graph on ONNX Runtime with the tensors `pick(graph)` names exposed
+    (after its own outputs)."""
     import onnx
     import onnxruntime as ort
 
+    graph = onnx.load(path)
+    names = [o.name for o in graph.graph.output] + pick(graph.graph)
+    graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names[len(graph.graph.output):])
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(names, feeds)
+
+
+def _softmax_outputs(graph) -> list[str]:
+    return [n.output[0] for n in graph.node if n.op_type == "Softmax"]
+
+
+def test_memory_terms_are_the_tensors_the_exported_graphs_make(exported):
+    """Each term of the up-front memory bound, from a really exported artifact's manifest
+    (not a facts dict the test writes), equals the tensor it stands for, measured by
+    running the artifact's portable graphs on ONNX Runtime with those tensors exposed.
+    (An exporter that misspelled a fact once made the UNet's term silently zero.)"""
     from diffrt.families import sd
 
     folder = exported("sd15")
     manifest = read_manifest(folder)
-    size = 96  # the tiny VAE halves: a 48x48 latent, 576 tokens at the UNet's attention level
-    graph = onnx.load(folder / manifest.stage("unet").graph_path)
-    softmax = [n.output[0] for n in graph.graph.node if n.op_type == "Softmax"]
-    graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in softmax)
-    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     model = manifest.model
+    size = 96  # the tiny VAE halves: a 48x48 latent, 576 tokens at the UNet's attention level
     latent = size // int(model["vae_scale_factor"])
     rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, int(model["latent_channels"]), latent, latent), dtype=np.float32),
-             "timestep": np.full((2,), 500.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal(
-                 (2, int(model["text_max_length"]), int(model["cross_attention_dim"])), dtype=np.float32)}
-    largest = max(out.nbytes for out in session.run(softmax, feeds))  # batch 2: CFG's uncond + cond rows
+    rows = 2  # one image with CFG: uncond + cond rows
+    unet_feeds = {
+        "sample": rng.standard_normal((rows, int(model["latent_channels"]), latent, latent), dtype=np.float32),
+        "timestep": np.full((rows,), 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (rows, int(model["text_max_length"]), int(model["cross_attention_dim"])), dtype=np.float32)}
 
-    # The tiny VAE's mid-block scores are exactly as large (one head over 4x the tokens):
-    # leave them out so the bound shows the UNet's term; the UNet facts are the export's.
-    unet_only = {**model, "vae_mid_attention": False}
-    bound, what = sd.min_activation_bytes(unet_only, size, size, 1, do_cfg=True, attention_scores=True)
-    assert (bound, what) == (largest, "UNet attention scores")
-    without, _ = sd.min_activation_bytes(unet_only, size, size, 1, do_cfg=True, attention_scores=False)
-    assert without < largest  # a fused graph never holds them
+    unet = folder / manifest.stage("unet").graph_path
+    scores = max(t.nbytes for t in _graph_tensors(unet, _softmax_outputs, unet_feeds)[1:])
+    conv_in = _graph_tensors(unet, lambda g: [next(n for n in g.node if n.op_type == "Conv").output[0]],
+                             unet_feeds)[1].nbytes
+    decoder = folder / manifest.stage("vae_decoder").graph_path
+    decoder_feeds = {"latent_sample": unet_feeds["sample"][:1]}
+    image, *vae_softmax = _graph_tensors(decoder, _softmax_outputs, decoder_feeds)
+    conv_out_input = _graph_tensors(decoder, lambda g: [[n for n in g.node if n.op_type == "Conv"][-1].input[0]],
+                                    decoder_feeds)[1].nbytes
+    hidden = _graph_tensors(folder / manifest.stage("text_encoder").graph_path, lambda g: [],
+                            {"input_ids": rng.integers(0, 100, (rows, int(model["text_max_length"])))})[0].nbytes
+
+    terms = sd.activation_terms(model, size, size, 1, do_cfg=True, attention_scores=True)
+    assert terms == {
+        "unet_attention_scores": scores,
+        "unet_skip_activations": 2 * conv_in,  # conv_in's output and the first resnet's, same shape
+        "vae_decoder_activations": 2 * conv_out_input + image.nbytes,
+        "vae_attention_scores": max(t.nbytes for t in vae_softmax),
+        "text_encoder_activations": 2 * hidden,
+    }
+    fused = sd.activation_terms(model, size, size, 1, do_cfg=True, attention_scores=False)
+    assert "unet_attention_scores" not in fused and "vae_attention_scores" not in fused  # fused graphs hold none
+    # artifacts exported before the fact's name was fixed still count the UNet's scores
+    legacy = {k: v for k, v in model.items() if k != "unet_first_attention_level"}
+    legacy["unetfirst_attention_level"] = model["unet_first_attention_level"]
+    assert sd.activation_terms(legacy, size, size, 1, do_cfg=True, attention_scores=True) == terms
 
 
 def test_api_rejects_bad_seeds(pipe):
@@ -186,14 +204,18 @@ def test_api_rejects_bad_seeds(pipe):
         assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("make_path", [
-    lambda tmp: tmp / "a-file" / "x.png",  # a folder that is a regular file
-    lambda tmp: "/proc/diffrt-cannot-write/x.png",
+@pytest.mark.parametrize(("make_path", "fragment"), [
+    (lambda tmp: tmp / "a-file" / "x.png", "a-file is not a folder"),  # a folder that is a regular file
+    (lambda tmp: tmp / "missing" / "x.png", "missing does not exist; create the folder first"),
+    (lambda tmp: "/proc/x.png", "cannot write in /proc"),
+    (lambda tmp: tmp / "dir.png", "dir.png is a folder; name an image file"),
 ])
-def test_unwritable_output_fails_before_generating(corrupted_unet, tmp_path, make_path):
+def test_unwritable_output_fails_before_generating(corrupted_unet, tmp_path, make_path, fragment):
     (tmp_path / "a-file").write_text("not a folder")
-    line = error_line(cli("generate", str(corrupted_unet), "a cat", "-o", str(make_path(tmp_path))))
-    assert "cannot write in" in line and "choose another -o" in line
+    (tmp_path / "dir.png").mkdir()
+    line = error_line(cli("generate", str(corrupted_unet), "a cat", "-o", str(make_path(tmp_path)), "--overwrite"))
+    assert fragment in line, line
+    assert not (tmp_path / "missing").exists()  # no folder made behind the user's back
 
 
 def test_existing_output_is_not_overwritten_silently(exported, tmp_path):

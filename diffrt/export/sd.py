@@ -174,6 +174,7 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
         "vae_mid_attention": bool(getattr(vae_config, "mid_block_add_attention", True)),
         "unet_first_attention_level": level,
         "unet_first_attention_heads": heads,
+        "unet_first_channels": int(unet_config.block_out_channels[0]),
     }
 
 

@@ -145,37 +145,64 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
     }
 
 
-def min_activation_bytes(
+def activation_terms(
     model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, attention_scores: bool
-) -> tuple[int, str]:
-    """A lower bound on the activation memory one generation needs (beyond the weights),
-    and what dominates it, for refusing impossible sizes up front.
+) -> dict[str, int]:
+    """Lower bounds, in bytes, on tensors that certainly exist at once inside each stage
+    of one generation (float32 activations), by name:
 
-    Counts only tensors that certainly exist at once: the VAE decoder's full-resolution
-    activation and its output image, the VAE mid-block's attention scores (one head
-    over every latent pixel), and the UNet's attention scores at its highest-resolution
-    attention level (a score tensor is batch x heads x tokens^2 floats, which is what
-    makes large sizes explode in an unfused graph) when `attention_scores`: the graphs
-    run materialize them (portable graphs on ONNX Runtime; not fused-attention graphs,
-    nor OpenVINO, which fuses attention itself). Facts missing from an older manifest
-    are left out, which keeps the bound a lower bound. A decoder stage's own facts
-    (DECODER_MEMORY_FACTS, e.g. the tiny VAE's) replace the model's.
-    """
-    f4 = 4  # float32 activations
+    - unet_skip_activations: conv_in's output and the first down block's first resnet
+      output at latent resolution, for every UNet row (CFG doubles them): both are kept
+      for the skip connections until the last up block runs;
+    - unet_attention_scores (when `attention_scores`: the graphs that run materialize
+      them, i.e. portable graphs on ONNX Runtime): one batch x heads x tokens^2 score
+      tensor at the UNet's highest-resolution attention level;
+    - vae_decoder_activations: the last full-resolution conv's input and output
+      (`vae_decoder_channels` wide) and the decoded image;
+    - vae_attention_scores: the VAE mid block's single-head scores over every latent pixel;
+    - text_encoder_activations: the widest text encoder's hidden states for every prompt
+      row, twice (a layer's input and output).
+
+    Facts missing from an older manifest leave their term out, which keeps every term a
+    lower bound. A decoder stage's own facts (DECODER_MEMORY_FACTS, e.g. the tiny VAE's)
+    replace the model's before this is called."""
+    f4 = 4
     factor = int(model["vae_scale_factor"])
     tokens = (height // factor) * (width // factor)
-    vae = batch * (int(model.get("vae_decoder_channels", 0)) + 3) * height * width * f4
+    rows = 2 * batch if do_cfg else batch
+    terms = {"vae_decoder_activations": batch * (2 * int(model.get("vae_decoder_channels", 0)) + 3)
+             * height * width * f4}
     if model.get("vae_mid_attention") and attention_scores:
-        vae += batch * tokens * tokens * f4
-    unet = 0
+        terms["vae_attention_scores"] = batch * tokens * tokens * f4
+    if model.get("unet_first_channels"):
+        terms["unet_skip_activations"] = rows * 2 * int(model["unet_first_channels"]) * tokens * f4
     # "unetfirst_attention_level": how SD artifacts exported before 0.1.0's fix spelled it
     level = model.get("unet_first_attention_level", model.get("unetfirst_attention_level"))
     heads = model.get("unet_first_attention_heads")
     if level is not None and heads and attention_scores:
         level_tokens = tokens // (4 ** int(level))
-        unet = (2 * batch if do_cfg else batch) * int(heads) * level_tokens * level_tokens * f4
-    what = "UNet attention scores" if unet > vae else "VAE decoder activations"
-    return max(unet, vae), what
+        terms["unet_attention_scores"] = rows * int(heads) * level_tokens * level_tokens * f4
+    hidden = max(int(model.get("text_hidden_size") or 0), int(model.get("text_hidden_size_2") or 0))
+    terms["text_encoder_activations"] = rows * 2 * int(model.get("text_max_length") or 0) * hidden * f4
+    return terms
+
+
+def min_activation_bytes(
+    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, attention_scores: bool
+) -> tuple[int, str]:
+    """A lower bound on the activation memory one generation needs beyond the weights,
+    and what dominates it, for refusing impossible sizes up front: the stages run one
+    after another, so it is the largest stage's sum of `activation_terms`."""
+    terms = activation_terms(model, height, width, batch, do_cfg, attention_scores)
+    stages = {
+        "text encoder activations": terms.get("text_encoder_activations", 0),
+        "UNet activations": terms.get("unet_skip_activations", 0) + terms.get("unet_attention_scores", 0),
+        "VAE decoder activations": terms["vae_decoder_activations"] + terms.get("vae_attention_scores", 0),
+    }
+    if terms.get("unet_attention_scores", 0) > terms.get("unet_skip_activations", 0):
+        stages["UNet attention scores"] = stages.pop("UNet activations")
+    what = max(stages, key=lambda k: stages[k])
+    return stages[what], what
 
 
 def stage_profiles(

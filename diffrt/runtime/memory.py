@@ -1,4 +1,5 @@
-"""How much memory this process can still use: MemAvailable, capped by a cgroup limit."""
+"""How much memory this process can still use: MemAvailable, capped by a cgroup limit
+and by the process's address-space limit (`ulimit -v`)."""
 
 from __future__ import annotations
 
@@ -37,10 +38,27 @@ def _cgroup_headroom() -> int | None:
     return None
 
 
+def _address_space_headroom() -> int | None:
+    """RLIMIT_AS (`ulimit -v`) minus this process's current virtual size, or None if
+    unlimited/unknown: past it every allocation fails, however much RAM is free."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return max(0, soft - int(line.split()[1]) * 1024)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_memory_bytes() -> int | None:
-    """Bytes this process can allocate before the machine or its cgroup runs out; None if
-    the platform does not say (then nothing is refused for memory)."""
-    values = [v for v in (_meminfo_available(), _cgroup_headroom()) if v is not None]
+    """Bytes this process can allocate before the machine, its cgroup or its address-space
+    limit runs out; None if the platform does not say (then nothing is refused for memory)."""
+    values = [v for v in (_meminfo_available(), _cgroup_headroom(), _address_space_headroom()) if v is not None]
     return min(values) if values else None
 
 

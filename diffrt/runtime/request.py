@@ -133,7 +133,11 @@ def resolve_settings(
     guidance = check_guidance(base_guidance if guidance_scale is None else guidance_scale)
     height, width = check_size(manifest, height, width)
     name = base_scheduler if scheduler is None else scheduler
-    check_scheduler(name, scheduler_config, dict(overrides))  # validates the name now, before any work
+    sampler = check_scheduler(name, scheduler_config, dict(overrides))  # validates the name now, before any work
+    try:
+        sampler.plan(int(steps))  # the sampler's own bound on steps (e.g. 1..num_train_timesteps), before loading
+    except ValueError as exc:
+        raise DiffrtError(f"{name}: {exc}") from None
     return Settings(name, int(steps), guidance, height, width, tuple(overrides))
 
 

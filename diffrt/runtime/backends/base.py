@@ -26,7 +26,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from diffrt.artifacts import StageSpec
-from diffrt.errors import DiffrtError
+from diffrt.errors import DiffrtError, OutOfMemoryError
+
+
+# How the backends' libraries report a failed allocation (ONNX Runtime's BFC arena and
+# CPU allocator, C++'s bad_alloc through OpenVINO, CUDA).
+_ALLOCATION_FAILURES = ("Failed to allocate", "bad_alloc", "out of memory", "OUT_OF_MEMORY")
+
+
+def raise_if_out_of_memory(exc: BaseException, spec: StageSpec, feeds: Mapping[str, Any]) -> None:
+    """Re-raise a backend's failed allocation as one line naming the stage and the shapes
+    it was given; any other error is left to the caller."""
+    text = str(exc)
+    if isinstance(exc, MemoryError) or any(marker in text for marker in _ALLOCATION_FAILURES):
+        shapes = ", ".join(f"{name}{list(getattr(value, 'shape', ()))}" for name, value in feeds.items())
+        raise OutOfMemoryError(f"{spec.name} ran out of memory on inputs {shapes}") from None
 
 
 def check_feeds(spec: StageSpec, feeds: Mapping[str, Any]) -> None:

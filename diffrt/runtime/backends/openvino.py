@@ -27,7 +27,7 @@ import numpy as np
 
 from diffrt.artifacts import StageSpec, file_mode
 from diffrt.errors import ArtifactError, DiffrtError
-from diffrt.runtime.backends.base import check_feeds
+from diffrt.runtime.backends.base import check_feeds, raise_if_out_of_memory
 from diffrt.runtime.cpu import CpuInfo, cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
 
@@ -268,7 +268,11 @@ class OpenVinoSession:
         shapes = {name: array.shape for name, array in arrays.items()}
         _bind_dims(self.spec, shapes)
         with self._lock:
-            results = self._request(shapes).infer(arrays, share_inputs=True, share_outputs=False)
+            try:
+                results = self._request(shapes).infer(arrays, share_inputs=True, share_outputs=False)
+            except Exception as exc:  # OpenVINO raises RuntimeError; an allocation failure is the user's size
+                raise_if_out_of_memory(exc, self.spec, arrays)
+                raise
             return {name: results[name] for name in self._output_names}
 
     def _request(self, shapes: Shapes) -> ov.InferRequest:
