@@ -115,8 +115,33 @@ def _damage_other_fields(entry: Path) -> None:
     (entry / "meta.json").write_text(json.dumps(meta))
 
 
+def _damage_same_size_content(entry: Path) -> None:
+    (entry / "engine.bin").write_bytes(b"ENGINE bytes")  # what only a hash notices
+
+
+def _damage_unlisted_file(entry: Path) -> None:
+    (entry / "engine.bin.data").write_bytes(b"weights a loader might pick up")
+
+
+def _damage_file_is_a_link(entry: Path) -> None:
+    outside = entry.parent.parent / "outside.bin"
+    outside.write_bytes((entry / "engine.bin").read_bytes())  # identical bytes: only the link is wrong
+    (entry / "engine.bin").unlink()
+    (entry / "engine.bin").symlink_to(outside)
+
+
+def _damage_meta_names_a_path(entry: Path) -> None:
+    outside = entry.parent.parent / "outside.bin"
+    outside.write_bytes((entry / "engine.bin").read_bytes())
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["files"] = {"../../outside.bin": meta["files"]["engine.bin"]}
+    (entry / "engine.bin").unlink()
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage", [_damage_missing_meta, _damage_bad_json, _damage_truncated_file,
-                                    _damage_missing_file, _damage_other_fields])
+                                    _damage_missing_file, _damage_other_fields, _damage_same_size_content,
+                                    _damage_unlisted_file, _damage_file_is_a_link, _damage_meta_names_a_path])
 def test_damaged_entry_is_a_miss_and_removed(tmp_path, caplog, damage):
     cache = EngineCache(tmp_path, "ort")
     key = cache_key(FIELDS)
@@ -197,3 +222,31 @@ def test_publish_removes_orphaned_temporary_folders(tmp_path):
     key = cache_key(FIELDS)
     assert cache.publish(key, FIELDS, _write_engine()) == cache.folder / key
     assert not orphan.exists() and recent.is_dir() and live.is_dir()
+
+
+def test_lookup_hashes_an_entry_once_then_trusts_its_stamp(tmp_path, monkeypatch):
+    import diffrt.runtime.engine_cache as engine_cache
+
+    hashed = []
+    real = engine_cache.sha256_file
+    monkeypatch.setattr(engine_cache, "sha256_file", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    cache = EngineCache(tmp_path, "ort")
+    key = cache_key(FIELDS)
+    entry = cache.publish(key, FIELDS, _write_engine())
+    assert hashed == ["engine.bin"]  # hashed once, to write meta.json, and stamped
+    hashed.clear()
+    assert cache.lookup(key, FIELDS) == entry and hashed == []
+    (tmp_path / "verified.json").unlink()  # e.g. the record lost, or made under another key
+    assert cache.lookup(key, FIELDS) == entry and hashed == ["engine.bin"]
+    hashed.clear()
+    assert cache.lookup(key, FIELDS) == entry and hashed == []
+
+
+def test_an_entry_that_is_a_link_is_unlinked_not_followed(tmp_path):
+    cache = EngineCache(tmp_path / "root", "ort")
+    key = cache_key(FIELDS)
+    elsewhere = EngineCache(tmp_path / "elsewhere", "ort").publish(key, FIELDS, _write_engine())
+    cache.folder.mkdir(parents=True)
+    cache.entry_path(key).symlink_to(elsewhere)
+    assert cache.lookup(key, FIELDS) is None
+    assert not os.path.lexists(cache.entry_path(key)) and (elsewhere / "engine.bin").read_bytes() == b"engine bytes"
