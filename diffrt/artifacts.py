@@ -9,6 +9,10 @@ scaling, defaults). The runtime reads only this folder.
 Writes are atomic (a temp file, then `os.replace`); the exporter builds the whole
 folder under a temporary name and renames it into place only when it is complete,
 so a half-written export is never mistaken for a finished one.
+
+Every path a manifest names must stay inside the artifact folder (relative, no '..';
+`read_manifest` refuses any other). Checking the folder's files against the manifest
+is diffrt.verification; the keyed record of files already hashed is diffrt.stamps.
 """
 
 from __future__ import annotations
