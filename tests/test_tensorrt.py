@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import copy_artifact
 
 from diffrt.artifacts import read_manifest
 from diffrt.cli import main
@@ -213,3 +216,105 @@ def test_backend_without_tensorrt_says_what_to_install(monkeypatch):
     message = str(info.value)
     assert "backend 'tensorrt' needs" in message and "pip install 'diffrt[tensorrt]'" in message
     assert "\n" not in message
+
+
+# -- the backend and the builder on fake CuPy and TensorRT (tests/fake_gpu.py) ------------------
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import fake_gpu as fakes
+
+    return fakes.install(monkeypatch)
+
+
+def _build(folder, cache, size=64):
+    from diffrt.runtime.tensorrt_build import build_plan
+
+    return build_plan(plan_build(folder, batch="1", size=(size, size)), cache_dir=cache)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_every_address_handed_to_tensorrt_is_256_byte_aligned(fake_gpu, exported, tmp_path, cuda_graphs):
+    """setTensorAddress: "The pointer must have at least 256-byte alignment" (TensorRT's
+    NvInferRuntime.h). With CFG the loop feeds row i of a (steps, 2) float32 timestep array,
+    8*i bytes into it; the backend must hand TensorRT an aligned copy. The fake context runs
+    the graphs (ONNX Runtime) on the memory at the addresses it was given, so the image must
+    also be the ORT backend's on the same portable graphs."""
+    from diffrt.runtime.pipeline import Pipeline
+
+    folder = exported("sd15")
+    _build(folder, tmp_path)
+    args = dict(num_inference_steps=4, guidance_scale=7.5, height=64, width=64, seed=1, output_type="np",
+                scheduler="euler")
+    with Pipeline.load(folder, backend="tensorrt", cache_dir=tmp_path, cuda_graphs=cuda_graphs) as pipe:
+        image = pipe("a cat", **args).images
+    with Pipeline.load(folder, backend="ort", attention="portable", disk_cache=False) as pipe:
+        reference = pipe("a cat", **args).images
+    assert {name for name, _ in fake_gpu.addresses} >= {"sample", "timestep", "encoder_hidden_states", "out_sample"}
+    misaligned = [(name, hex(pointer)) for name, pointer in fake_gpu.addresses if pointer % 256]
+    assert misaligned == []
+    np.testing.assert_allclose(image, reference, atol=1e-6)
+
+
+def test_closing_waits_for_the_stream_before_freeing_contexts(fake_gpu, exported, tmp_path):
+    from diffrt.runtime.pipeline import Pipeline
+
+    folder = exported("sd15")
+    _build(folder, tmp_path)
+    pipe = Pipeline.load(folder, backend="tensorrt", cache_dir=tmp_path, cuda_graphs=True)
+    pipe("a cat", num_inference_steps=2, height=64, width=64, seed=0, output_type="np")
+    stream = f"synchronize {pipe.backend.stream.ptr}"
+    fake_gpu.events.clear()
+    pipe.close()
+    events = fake_gpu.events
+    frees = [i for i, e in enumerate(events) if e.startswith("free")]
+    assert frees and "free context" in events and "free graph" in events  # the close freed them
+    assert stream in events[:frees[0]], events  # ...after the stream was waited for
+
+
+def test_a_foreign_timing_cache_is_not_blamed_for_a_later_failure(fake_gpu, exported, tmp_path):
+    from diffrt.runtime.tensorrt_build import TIMING_CACHE_NAME
+
+    import fake_gpu as fakes
+
+    timing = tmp_path / "tensorrt" / TIMING_CACHE_NAME
+    timing.parent.mkdir(parents=True)
+    timing.write_bytes(b"a timing cache from another GPU")
+    fake_gpu.fail_build = True  # a build that fails without TensorRT logging why
+    with pytest.raises(DiffrtError) as info:
+        _build(exported("sd15"), tmp_path)
+    assert "could not build stage" in str(info.value) and "see the log above" in str(info.value)
+    assert "different device" not in str(info.value)
+    fake_gpu.fail_build = False
+    assert len(_build(exported("sd15"), tmp_path)) == 3
+    assert timing.read_bytes() == fakes.TIMING_CACHE  # replaced by this GPU's
+
+
+@pytest.mark.parametrize("has_flag", [True, False])
+def test_networks_are_strongly_typed_while_the_flag_exists(monkeypatch, exported, tmp_path, has_flag):
+    """TensorRT 11 deprecates NetworkDefinitionCreationFlag.STRONGLY_TYPED (kSTRONGLY_TYPED = 0
+    in NvInfer.h; every network is strongly typed); a release without it must still build."""
+    import fake_gpu as fakes
+
+    record = fakes.install(monkeypatch, strongly_typed_flag=has_flag)
+    assert len(_build(exported("sd15"), tmp_path)) == 3
+    assert set(record.network_flags) == ({1 << 0} if has_flag else {0})
+
+
+def test_gpu_check_runs_tensorrt_at_the_size_it_builds_engines_for(fake_gpu, exported, tmp_path):
+    """gpu_check builds engines for 128x128, twice the tiny model's default size: the
+    pipeline must be prepared for that size, not load for the default and refuse it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    folder = copy_artifact(exported("sd15"), tmp_path / "artifact")  # gpu_check builds into OUT/engines
+    baseline = gpu_check.Variant("ort", "ort", {"attention": "portable", "disk_cache": False})
+    tensorrt = next(v for v in gpu_check.GPU_VARIANTS if v.label == "tensorrt")
+    report = gpu_check.Report(tmp_path / "out", {"models": {}})
+    result = gpu_check.check_model("tiny", folder, [baseline, tensorrt], [(3, 7.5)], 128, "cpu",
+                                   gpu_check.Budget(None), report)
+    entry = result["backends"]["tensorrt"]
+    assert entry["status"] == "ok", entry
+    assert entry["3steps"]["max_abs_diff_vs_torch"] < 1e-6  # the same graphs, through TensorRT's addresses

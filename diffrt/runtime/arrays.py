@@ -11,6 +11,13 @@ which gives CuPy and torch the standard names (`concat`, `asarray(device=)`, ...
 Scalars stay numpy float32 (np.float32 * array keeps float32 in every library: numpy,
 CuPy and torch all treat a numpy scalar as a weak scalar next to an array, and
 CuPy/torch arrays take priority over numpy scalars in binary operators).
+
+Device pointers: TensorRT requires every tensor address it is given to be 256-byte
+aligned ("The pointer must have at least 256-byte alignment", setTensorAddress in
+TensorRT's NvInferRuntime.h), and ONNX Runtime's TensorRT provider hands the addresses
+bound through IOBinding to TensorRT as they are. CuPy allocates in 512-byte units, so a
+fresh array is aligned; a view is not (row i of a (steps, rows) float32 array starts
+i * rows * 4 bytes in). `aligned` copies such a view before its address is handed on.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from diffrt.errors import DiffrtError
 
 
 def namespace(*arrays: Any) -> Any:
@@ -64,7 +73,7 @@ def like(host: np.ndarray, reference: Any) -> Any:
 
 def to_host(array: Any) -> np.ndarray:
     """A numpy copy of any array (numpy arrays are returned as they are)."""
-    if is_numpy(array):
+    if is_numpy(array) or not hasattr(array, "__dlpack__"):  # numpy, or a Python scalar / list
         return np.asarray(array)
     if hasattr(array, "get") and type(array).__module__.startswith("cupy"):
         return array.get()
@@ -72,3 +81,25 @@ def to_host(array: Any) -> np.ndarray:
         return array.detach().cpu().numpy()
     return np.from_dlpack(array)
 
+
+
+DEVICE_ALIGNMENT = 256  # bytes, TensorRT's requirement for every tensor address
+
+
+def data_pointer(array: Any) -> int:
+    """The address of the array's first element (numpy: host memory; CuPy: device memory)."""
+    if is_numpy(array):
+        return int(np.asarray(array).ctypes.data)
+    return int(array.data.ptr)
+
+
+def aligned(array: Any, alignment: int = DEVICE_ALIGNMENT) -> Any:
+    """`array` itself when its data starts on an `alignment`-byte boundary, else a copy
+    (CuPy allocates every new array 512-byte aligned)."""
+    if data_pointer(array) % alignment == 0:
+        return array
+    copy = array.copy()
+    if data_pointer(copy) % alignment:
+        raise DiffrtError(f"cannot get a {alignment}-byte aligned buffer for a {type(array).__name__} of shape "
+                          f"{tuple(array.shape)} (its allocator returned {data_pointer(copy):#x})")
+    return copy

@@ -369,6 +369,16 @@ def trt_logger(trt):
             trt.ILogger.__init__(self)
             self.last_error = ""
 
+        def clear(self) -> None:
+            """Forget the last error, before a call whose failure reports `why()`: an
+            error TensorRT logged and recovered from earlier (a foreign timing cache) is
+            not the cause of a later failure."""
+            self.last_error = ""
+
+        def why(self, default: str = "see the log") -> str:
+            """The error TensorRT logged since `clear()`, or `default`."""
+            return self.last_error or default
+
         def log(self, severity, msg):
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.last_error = " ".join(str(msg).split())
@@ -381,9 +391,10 @@ def trt_logger(trt):
     return _Logger()
 
 
-def _timing_cache(config, path: Path) -> None:
+def _timing_cache(config, path: Path, log) -> None:
     """Load the shared timing cache into `config` (a new one when it is missing or from
-    another GPU / TensorRT version)."""
+    another GPU / TensorRT version: TensorRT logs that as an ERROR, which is then cleared
+    from `log` so that it is not reported as the cause of a later failure)."""
     timing = None
     try:
         data = path.read_bytes()
@@ -397,6 +408,7 @@ def _timing_cache(config, path: Path) -> None:
         if timing is None or not config.set_timing_cache(timing, ignore_mismatch=False):
             logger.warning("timing cache %s is from another GPU or TensorRT; starting a new one", path)
             timing = None
+            log.clear()
     if timing is None:
         timing = config.create_timing_cache(b"")
         if not config.set_timing_cache(timing, ignore_mismatch=False):
@@ -418,15 +430,26 @@ def _save_timing_cache(config, path: Path) -> None:
         logger.warning("cannot save the timing cache %s (%s)", path, exc)
 
 
+def network_flags(trt) -> int:
+    """create_network's flags: a strongly typed network (the graph's dtypes set the
+    precision). TensorRT 10 needs the STRONGLY_TYPED flag for that; TensorRT 11 deprecates
+    it (every network is strongly typed, the flag is ignored: NvInfer.h) and a later
+    release may remove it, so it is passed only while it exists."""
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
 def build_engine(trt, graph: Path, profile: StageProfile, options: BuildOptions, timing_cache: Path, log) -> Any:
     """Parse the ONNX graph (external data beside it) into a strongly typed network,
     add the one optimization profile, build; returns TensorRT's serialized engine."""
     builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, log)
+    log.clear()
     if not parser.parse_from_file(str(graph)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
-        first = " ".join(f"{errors[0].desc()} (node {errors[0].node()})".split()) if errors else log.last_error
+        first = " ".join(f"{errors[0].desc()} (node {errors[0].node()})".split()) if errors else log.why()
         raise DiffrtError(f"TensorRT cannot parse stage {profile.stage} ({graph}): {first}; "
                           f"{len(errors)} parser error(s) in all")
     config = builder.create_builder_config()
@@ -435,7 +458,7 @@ def build_engine(trt, graph: Path, profile: StageProfile, options: BuildOptions,
         config.set_flag(trt.BuilderFlag.REFIT)
     if options.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-    _timing_cache(config, timing_cache)
+    _timing_cache(config, timing_cache, log)
     ranges = {r.name: r for r in profile.inputs}
     opt_profile = builder.create_optimization_profile()
     for index in range(network.num_inputs):
@@ -451,12 +474,13 @@ def build_engine(trt, graph: Path, profile: StageProfile, options: BuildOptions,
                               f"{rng.describe()}; re-export the model")
         if any(d < 0 for d in dims):
             opt_profile.set_shape(tensor.name, rng.min, rng.opt, rng.max)
+    log.clear()
     if config.add_optimization_profile(opt_profile) < 0:
-        raise DiffrtError(f"stage {profile.stage}: TensorRT refused the profile {profile.describe()} "
-                          f"({log.last_error or 'see the log'})")
+        raise DiffrtError(f"stage {profile.stage}: TensorRT refused the profile {profile.describe()} ({log.why()})")
+    log.clear()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise DiffrtError(f"TensorRT could not build stage {profile.stage}: {log.last_error or 'see the log above'}")
+        raise DiffrtError(f"TensorRT could not build stage {profile.stage}: {log.why('see the log above')}")
     _save_timing_cache(config, timing_cache)
     return serialized
 
@@ -521,5 +545,5 @@ def build_plan(plan: BuildPlan, cache_dir: str | Path | None = None,
 
 __all__ = ["BACKEND", "ENGINE_NAME", "PROFILE_NAME", "BuildOptions", "BuildPlan", "BuildShapes", "BuiltEngine",
            "GpuInfo", "InputRange", "StageProfile", "build_engine", "build_plan", "build_shapes", "check_shapes",
-           "choose_engine", "engine_fields", "engine_key", "find_engines", "gpu_info", "parse_batch", "plan_build",
-           "require_tensorrt", "runtime_fields", "select_stages", "stage_profiles", "trt_logger"]
+           "choose_engine", "engine_fields", "engine_key", "find_engines", "gpu_info", "network_flags", "parse_batch",
+           "plan_build", "require_tensorrt", "runtime_fields", "select_stages", "stage_profiles", "trt_logger"]

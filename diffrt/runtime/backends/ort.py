@@ -14,7 +14,16 @@ requires the same input/output addresses at every run, so that session copies it
 inputs into fixed device buffers and its outputs out of fixed ones.
 The TensorRT provider builds its engines itself; they and its timing cache live under
 <cache root>/ort-trt/<key>/ (key: stage files, onnxruntime version, provider options,
-profile shapes, GPU name).
+profile shapes, GPU name). It is given the portable graphs (TensorRT cannot parse the
+fused graphs' com.microsoft MultiHeadAttention; it fuses attention itself) and an
+explicit optimization profile (trt_profile_min/opt/max_shapes: the prepared shape,
+batch from 1 to twice it), so turning CFG on or off does not rebuild an engine.
+
+A session runs on the provider asked for or fails: onnxruntime's own fallback (retry
+on the next provider when one fails to start) is off, and a session whose first
+provider is not the requested one (a provider missing from this onnxruntime build) is
+a one-line error naming both. `io_binding=False` with a GPU provider keeps the
+pipeline's arrays on the host: ORT copies them at every call.
 
 Start-up: ORT's graph optimizations (constant folding, fusions, the CPU's blocked
 layouts) take most of a session's creation time: 20-37 s for the SD1.5-size UNet
@@ -38,6 +47,7 @@ import onnxruntime as ort
 
 from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.runtime import arrays as device_arrays
 from diffrt.runtime.backends.base import check_feeds
 from diffrt.runtime.cpu import cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
@@ -67,11 +77,25 @@ class OrtSession:
     def __init__(self, path: Path, spec: StageSpec, providers: Sequence[Any], options: ort.SessionOptions,
                  binding: IoBinding | None = None):
         self.spec = spec
+        wanted = _provider_name(providers[0]) if providers else "CPUExecutionProvider"
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=list(providers))
+            # enable_fallback=0: a provider that fails to start is an error, not a silent retry
+            # on CUDA or the CPU (InferenceSession's default; older versions ignore the key)
+            self._session = ort.InferenceSession(str(path), options, providers=list(providers), enable_fallback=0)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for corrupt graphs
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if wanted in GPU_PROVIDERS:  # the graph loaded elsewhere; the provider's libraries are the suspects
+                raise DiffrtError(f"onnxruntime {ort.__version__} could not start {wanted} for stage {spec.name} "
+                                  f"({first}); check that onnxruntime-gpu matches this machine's CUDA, cuDNN and "
+                                  "TensorRT libraries, or use device='cpu'") from None
             raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({first}); re-export the model") from None
+        self._session.disable_fallback()  # nor at run time (onnxruntime < 1.2x: the key above is ignored)
+        got = self._session.get_providers()
+        if not got or got[0] != wanted:
+            raise DiffrtError(f"stage {spec.name}: asked onnxruntime {ort.__version__} for {wanted}, but the session "
+                              f"runs on {got[0] if got else 'no provider'} (its warnings say why; it lists "
+                              f"{', '.join(ort.get_available_providers())}); the GPU providers need onnxruntime-gpu "
+                              "and its CUDA, cuDNN and TensorRT libraries, or use device='cpu'")
         self._output_names = [t.name for t in spec.outputs]
         self._binding = binding
 
@@ -81,11 +105,14 @@ class OrtSession:
         check_feeds(self.spec, feeds)
         arrays = {}
         for tensor in self.spec.inputs:
-            arrays[tensor.name] = np.ascontiguousarray(feeds[tensor.name], dtype=_NUMPY_DTYPES[tensor.dtype])
+            host = device_arrays.to_host(feeds[tensor.name])  # a CuPy array refuses implicit conversion
+            arrays[tensor.name] = np.ascontiguousarray(host, dtype=_NUMPY_DTYPES[tensor.dtype])
         outputs = self._session.run(self._output_names, arrays)
         return dict(zip(self._output_names, outputs, strict=True))
 
     def close(self) -> None:
+        if self._binding is not None:
+            self._binding.close()
         self._session = None
 
     def __enter__(self) -> OrtSession:
@@ -156,7 +183,8 @@ class IoBinding:
             return np.ascontiguousarray(np.asarray(array), dtype=dtype)
         import cupy
 
-        array = cupy.ascontiguousarray(cupy.asarray(array, dtype=dtype))
+        # aligned: the TensorRT provider hands bound addresses to TensorRT (256-byte rule)
+        array = device_arrays.aligned(cupy.ascontiguousarray(cupy.asarray(array, dtype=dtype)))
         if not self.cuda_graph:
             return array
         fixed = self._fixed.get(name)
@@ -168,6 +196,13 @@ class IoBinding:
         else:
             fixed[...] = array
         return fixed
+
+    def close(self) -> None:
+        """Free the fixed buffers once CuPy's stream is done with them (the last
+        output copy may still be queued there)."""
+        if self.device == "cuda" and self._fixed:
+            _cuda_sync()
+        self._fixed.clear()
 
     def _bind_outputs(self, session: ort.InferenceSession, binding: Any, spec: StageSpec) -> list | None:
         if not self.cuda_graph:
@@ -224,6 +259,11 @@ def _cupy_view(value: ort.OrtValue) -> Any:
     return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
 
 
+def _provider_name(provider: Any) -> str:
+    """A providers= entry is a name or a (name, options) pair."""
+    return provider[0] if isinstance(provider, tuple) else str(provider)
+
+
 def provider_list(device: str | None, providers: Sequence[str] | str | None) -> list[str]:
     """The execution providers, by device name or by provider names (comma-separated
     from the CLI: -O providers=CUDAExecutionProvider,CPUExecutionProvider)."""
@@ -239,9 +279,10 @@ def provider_list(device: str | None, providers: Sequence[str] | str | None) -> 
 
 
 def gpu_provider_options(provider: str, cache: Path | None, fp16: bool, cuda_graph: bool,
-                         device_id: int = 0) -> dict[str, Any]:
+                         device_id: int = 0, profile_shapes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The documented provider options diffrt sets (onnxruntime-gpu, TensorRT and CUDA
-    execution provider docs): TensorRT's engine and timing caches in `cache`."""
+    execution provider docs): TensorRT's engine and timing caches in `cache`, its
+    explicit profile (`trt_profile_shapes`)."""
     if provider == "CUDAExecutionProvider":
         options: dict[str, Any] = {"device_id": device_id, "cudnn_conv_algo_search": "EXHAUSTIVE",
                                    "cudnn_conv_use_max_workspace": "1"}
@@ -249,7 +290,8 @@ def gpu_provider_options(provider: str, cache: Path | None, fp16: bool, cuda_gra
             options["enable_cuda_graph"] = "1"
         return options
     if provider == "TensorrtExecutionProvider":
-        options = {"device_id": device_id, "trt_fp16_enable": fp16, "trt_builder_optimization_level": 3}
+        options = {"device_id": device_id, "trt_fp16_enable": fp16, "trt_builder_optimization_level": 3,
+                   **(profile_shapes or {})}
         if cache is not None:
             options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)})
@@ -257,15 +299,44 @@ def gpu_provider_options(provider: str, cache: Path | None, fp16: bool, cuda_gra
     return {}
 
 
+def trt_profile_shapes(spec: StageSpec, dims: Mapping[str, int] | None) -> dict[str, str]:
+    """The TensorRT provider's explicit optimization profile for one stage: opt at the
+    shape Pipeline.load prepares (`dims`, its named dims), the batch from 1 (one image,
+    no CFG) to twice the prepared one (CFG turned on for it), every other dim fixed. In
+    the documented format, "name:d1xd2x...,name2:..." per corner, covering every input
+    with a dynamic dim (the provider needs all of them). Empty when `dims` leaves one
+    unbound: the provider then sizes its profile from the first inputs it sees."""
+    if not dims:
+        return {}
+    batch = int(dims.get("batch", 1))
+    corners = {"min": {**dims, "batch": 1}, "opt": dict(dims), "max": {**dims, "batch": 2 * batch}}
+    options = {}
+    for corner, values in corners.items():
+        parts = []
+        for tensor in spec.inputs:
+            if all(isinstance(d, int) for d in tensor.shape):
+                continue
+            if any(isinstance(d, str) and d not in values for d in tensor.shape):
+                logger.info("stage %s: no explicit TensorRT profile (input %s has dims %s, prepared %s)",
+                            spec.name, tensor.name, list(tensor.shape), dict(dims))
+                return {}
+            shape = [d if isinstance(d, int) else int(values[d]) for d in tensor.shape]
+            parts.append(f"{tensor.name}:{'x'.join(str(d) for d in shape)}")
+        options[f"trt_profile_{corner}_shapes"] = ",".join(parts)
+    return options
+
+
 class OrtBackend:
     """`graph_precisions`: fp32 first on the CPU (its EP has fp16 kernels only for data
     movement: fp16 graphs run, but through inserted Casts around fp32 kernels), fp16
     first with a GPU provider; never bf16 (no kernels). It prefers the fused-attention
     graph: one MultiHeadAttention kernel instead of materialized score tensors
-    (benchmarks/attention_fusion.py measures the memory and speed)."""
+    (benchmarks/attention_fusion.py measures the memory and speed), except with the
+    TensorRT provider first: TensorRT parses only the portable graph and fuses its
+    attention itself."""
 
     name = "ort"
-    fused_attention = True
+    fused_attention = True  # per instance: False with the TensorRT provider
     fuses_attention_itself = False
 
     def __init__(self, providers: Sequence[str] | str | None = None, intra_op_num_threads: int = 0,
@@ -288,8 +359,14 @@ class OrtBackend:
         self.device_id = int(device_id)
         self._caches: dict[Path, EngineCache] = {}  # one per root, so "not writable" is said once
         on_gpu = any(p in self.providers for p in GPU_PROVIDERS)
-        self.device = "cuda" if on_gpu else "cpu"
+        self.on_gpu = on_gpu
         self.io_binding = on_gpu if io_binding is None else bool(io_binding)
+        # where the sessions' outputs live: on the device only through IOBinding; without it
+        # ORT copies host arrays in and out at every call, so the pipeline keeps numpy arrays
+        self.device = "cuda" if on_gpu and self.io_binding else "cpu"
+        with_trt = self.providers[:1] == ["TensorrtExecutionProvider"]
+        self.fused_attention = not with_trt
+        self.fuses_attention_itself = with_trt
         if cuda_graphs and "CUDAExecutionProvider" not in self.providers[:1]:
             raise DiffrtError("cuda_graphs=True needs the CUDA provider first (device='cuda')")
         self.cuda_graphs = bool(cuda_graphs)
@@ -303,9 +380,7 @@ class OrtBackend:
         return cupy.asarray(array)
 
     def to_host(self, array: Any) -> np.ndarray:
-        if isinstance(array, np.ndarray):
-            return array
-        return array.get()  # CuPy
+        return device_arrays.to_host(array)  # numpy as it is; CuPy by .get()
 
     def _binding(self, spec: StageSpec) -> IoBinding | None:
         if not self.io_binding:
@@ -327,15 +402,16 @@ class OrtBackend:
                 trt_cache = root / "ort-trt" / cache_key(fields)
                 trt_cache.mkdir(parents=True, exist_ok=True)
             cuda_graph = self.cuda_graphs and spec.role in ("unet", "transformer")
+            shapes = trt_profile_shapes(spec, profile) if provider == "TensorrtExecutionProvider" else None
             listed.append((provider, gpu_provider_options(provider, trt_cache, spec.precision == "fp16", cuda_graph,
-                                                          self.device_id)))
+                                                          self.device_id, shapes)))
         return listed
 
     def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OrtSession:
-        # ORT runs every shape of the dynamic graph; it needs no profile.
+        # ORT runs every shape of the dynamic graph; only its TensorRT provider uses the profile.
         folder = Path(folder)
         graph = folder / spec.graph_path
-        if self.device != "cpu":
+        if self.on_gpu:
             # GPU providers optimize for the device at session creation (TensorRT's engines
             # are cached by the provider itself); the CPU's saved-graph cache does not apply.
             return OrtSession(graph, spec, self._providers(folder, spec, profile), self._options(),

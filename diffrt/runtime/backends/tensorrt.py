@@ -16,9 +16,12 @@ error naming the shape and the built range; another engine of the stage that cov
 it is loaded instead when there is one), sets the input shapes and the tensor
 addresses, and enqueues the engine on one CUDA stream of the backend. Inputs may be
 numpy arrays (copied to the GPU) or CuPy arrays (cast to the engine's dtype on the GPU
-where needed); outputs are fresh CuPy arrays the caller owns. The backend's stream waits
-for the caller's current stream before running and the caller's stream waits for it
-after, so no host synchronization is needed between stages.
+where needed; a view that does not start on a 256-byte boundary, such as one step's
+row of the pipeline's timestep array, is copied: TensorRT requires every tensor address
+to be 256-byte aligned); outputs are fresh CuPy arrays the caller owns. The backend's
+stream waits for the caller's current stream before running and the caller's stream
+waits for it after, so no host synchronization is needed between stages. Closing a
+session waits for its stream before freeing its contexts and buffers.
 
 `cuda_graphs=True` captures each engine's run into a CUDA graph per input shape (after
 a warm-up run), replays it on later calls, and copies the outputs out of the graph's
@@ -39,6 +42,7 @@ import tensorrt as trt
 
 from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.runtime.arrays import DEVICE_ALIGNMENT, aligned
 from diffrt.runtime.backends.base import check_feeds
 from diffrt.runtime.engine_cache import EngineCache
 from diffrt.runtime.tensorrt_build import (
@@ -81,14 +85,15 @@ class _Engine:
     def __init__(self, built: BuiltEngine, spec: StageSpec, backend: TensorRTBackend):
         self.built, self.profile, self.backend = built, built.profile, backend
         self.label = f"{built.path.name} ({spec.name})"
+        backend.log.clear()
         engine = backend.runtime.deserialize_cuda_engine(built.plan.read_bytes())
         if engine is None:
             raise ArtifactError(f"{built.plan} cannot be loaded by TensorRT {trt.__version__} "
-                                f"({backend.log.last_error or 'see the log'}); delete {built.path} and run "
+                                f"({backend.log.why()}); delete {built.path} and run "
                                 "`diffrt build OUT --backend tensorrt` again")
         context = engine.create_execution_context()
         if context is None:
-            why = backend.log.last_error or "out of GPU memory?"
+            why = backend.log.why("out of GPU memory?")
             raise DiffrtError(f"TensorRT engine {self.label}: no execution context ({why}); close other GPU "
                               "programs or build for smaller shapes")
         self.engine, self.context = engine, context
@@ -113,10 +118,11 @@ class _Engine:
     def set_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
         """Set the input shapes (checked against the profile first); the output shapes."""
         check_shapes(self.label, self.profile, shapes)
+        self.backend.log.clear()
         for name in self.inputs:
             if not self.context.set_input_shape(name, tuple(int(d) for d in shapes[name])):
                 raise DiffrtError(f"TensorRT engine {self.label}: set_input_shape({name}, {list(shapes[name])}) failed "
-                                  f"({self.backend.log.last_error or 'see the log'})")
+                                  f"({self.backend.log.why()})")
         out = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -127,15 +133,20 @@ class _Engine:
         return out
 
     def set_addresses(self, arrays: Mapping[str, cp.ndarray]) -> None:
+        self.backend.log.clear()
         for name, array in arrays.items():
-            if not self.context.set_tensor_address(name, array.data.ptr):
+            pointer = array.data.ptr
+            if pointer % DEVICE_ALIGNMENT:  # TensorRT's rule (setTensorAddress, NvInferRuntime.h)
+                raise DiffrtError(f"TensorRT engine {self.label}: tensor {name} starts at {pointer:#x}, which is not "
+                                  f"{DEVICE_ALIGNMENT}-byte aligned")
+            if not self.context.set_tensor_address(name, pointer):
                 raise DiffrtError(f"TensorRT engine {self.label}: set_tensor_address({name}) failed "
-                                  f"({self.backend.log.last_error or 'see the log'})")
+                                  f"({self.backend.log.why()})")
 
     def execute(self, stream: cp.cuda.Stream) -> None:
+        self.backend.log.clear()
         if not self.context.execute_async_v3(stream.ptr):
-            raise DiffrtError(f"TensorRT engine {self.label}: execute_async_v3 failed "
-                              f"({self.backend.log.last_error or 'see the log'})")
+            raise DiffrtError(f"TensorRT engine {self.label}: execute_async_v3 failed ({self.backend.log.why()})")
 
     # -- one run -----------------------------------------------------------------------
 
@@ -192,6 +203,8 @@ class _Engine:
                     {n: list(b.shape) for n, b in captured.inputs.items()})
 
     def close(self) -> None:
+        """Free the graphs, their buffers and the context (the caller synchronized the
+        stream: work still queued there may read them)."""
         self._graphs.clear()
         self.context = None
         self.engine = None
@@ -238,7 +251,7 @@ class TensorRTSession:
                               "give a numpy or CuPy array")
         if array.dtype != dtype:
             array = array.astype(dtype)
-        return cp.ascontiguousarray(array)
+        return aligned(cp.ascontiguousarray(array))
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, cp.ndarray]:
         if self._current is None:
@@ -253,6 +266,10 @@ class TensorRTSession:
         return {t.name: outputs[t.name] for t in self.spec.outputs}
 
     def close(self) -> None:
+        if self._engines:
+            # CuPy returns freed memory to its pool at once and TensorRT frees a context's
+            # memory at once: wait for what is still queued on the stream to finish first.
+            self._backend.stream.synchronize()
         for runner in self._engines.values():
             runner.close()
         self._engines.clear()
