@@ -106,6 +106,7 @@ class Server:
         self.metrics = Metrics(lambda: self.scheduler.depth, lambda: float(self.is_ready),
                                lambda: len(self.scheduler.running))
         self.jobs = JobStore(config.max_jobs, config.max_job_bytes, config.job_ttl_s)
+        self._job_tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
         self.draining = False
 
     @property
@@ -195,7 +196,9 @@ class Server:
         job = self.submit(body)
         record = JobRecord(f"job-{job.id}-{os.urandom(8).hex()}", job, body, owner)
         self.jobs.add(record)
-        asyncio.get_running_loop().create_task(self._finish_job(record))
+        task = asyncio.get_running_loop().create_task(self._finish_job(record))
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
         return self.job_status(record.id, owner)
 
     async def _finish_job(self, record: JobRecord) -> None:
