@@ -37,6 +37,7 @@ from diffrt.runtime.schedulers import (  # noqa: E402
     dpmpp_2m,
     euler,
     euler_ancestral,
+    flow_match_euler,
     lcm,
     make_scheduler,
     pndm,
@@ -57,7 +58,10 @@ REFERENCE = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
+    "flow_match_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # its parity: tests/test_scheduler_flow_match.py
 }
+# the schedulers of DDPM-trained (SD-style) models: the configs below are theirs
+DDPM_NAMES = tuple(name for name in SCHEDULER_NAMES if name != "flow_match_euler")
 MODULES = {
     "DDIMScheduler": ddim,
     "PNDMScheduler": pndm,
@@ -65,6 +69,7 @@ MODULES = {
     "EulerAncestralDiscreteScheduler": euler_ancestral,
     "DPMSolverMultistepScheduler": dpmpp_2m,
     "LCMScheduler": lcm,
+    "FlowMatchEulerDiscreteScheduler": flow_match_euler,
 }
 
 SD15 = {
@@ -215,7 +220,7 @@ def duplicate_first_timestep(name: str, config: dict, steps: int) -> bool:
 
 def parity_cases():
     for config_id, config in CONFIGS.items():
-        for name in SCHEDULER_NAMES:
+        for name in DDPM_NAMES:
             for steps in STEP_COUNTS:
                 if name == "pndm" and not config.get("skip_prk_steps") and steps < 4:
                     continue  # covered by test_pndm_prk_needs_four_steps
@@ -294,7 +299,7 @@ def jsonable(value):
 
 @pytest.mark.parametrize(
     ("name", "config_id"),
-    [(name, config_id) for config_id in CONFIGS for name in SCHEDULER_NAMES]
+    [(name, config_id) for config_id in CONFIGS for name in DDPM_NAMES]
     + [(name, "sample_prediction") for name in SAMPLE_PREDICTION_NAMES],
 )
 def test_config_matches_diffusers_from_config(name: str, config_id: str):
@@ -311,7 +316,7 @@ def test_config_matches_diffusers_from_config(name: str, config_id: str):
 
 
 @pytest.mark.parametrize("config_id", list(CONFIGS))
-@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+@pytest.mark.parametrize("name", DDPM_NAMES)
 def test_config_round_trip(name: str, config_id: str):
     ours = make_scheduler(name, CONFIGS[config_id])
     saved = json.loads(json.dumps({"_class_name": ours.class_name, **ours.config}))
@@ -373,6 +378,7 @@ def test_every_scheduler_offered_has_a_diffusers_reference():
         ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "_use_default_values": ["use_karras_sigmas"]},
          "dpmpp_2m"),
         ("LCMScheduler", {}, "lcm"),
+        ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, "flow_match_euler"),
     ],
 )
 def test_scheduler_name_for(class_name: str, config: dict, expected: str):
@@ -392,7 +398,8 @@ def test_make_scheduler_unknown_name():
     with pytest.raises(ValueError) as error:
         make_scheduler("heun", SD15)
     assert str(error.value) == (
-        "unknown scheduler 'heun'; choose one of: ddim, pndm, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_karras, lcm"
+        "unknown scheduler 'heun'; choose one of: ddim, pndm, euler, euler_ancestral, dpmpp_2m, dpmpp_2m_karras, lcm, "
+        "flow_match_euler"
     )
 
 
@@ -425,6 +432,16 @@ def test_make_scheduler_unknown_name():
         ("dpmpp_2m", "prediction_type", "flow_prediction"),
         ("lcm", "thresholding", True),
         ("lcm", "rescale_betas_zero_snr", True),
+        ("flow_match_euler", "invert_sigmas", True),
+        ("flow_match_euler", "stochastic_sampling", True),
+        ("flow_match_euler", "shift_terminal", 0.1),
+        ("flow_match_euler", "use_karras_sigmas", True),
+        ("flow_match_euler", "use_exponential_sigmas", True),
+        ("flow_match_euler", "use_beta_sigmas", True),
+        ("flow_match_euler", "time_shift_type", "cosine"),
+        ("flow_match_euler", "shift", 0),
+        ("flow_match_euler", "shift", "3"),
+        ("flow_match_euler", "num_train_timesteps", 0),
     ],
 )
 def test_unsupported_values(name: str, key: str, value):

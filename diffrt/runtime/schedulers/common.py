@@ -170,6 +170,19 @@ def denoised_ve(model_output: np.ndarray, sample: np.ndarray, sigma, prediction_
     raise ValueError(f"prediction_type={prediction_type!r} is not supported; allowed: epsilon, v_prediction, sample")
 
 
+# -- the forward process: noising a clean sample to a step's noise level (img2img) ----------
+
+
+def add_noise_vp(original: Any, noise: Any, alpha_prod: np.float32) -> Any:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps: DDPM's q(x_t | x0) (add_noise of DDIM, PNDM, LCM)."""
+    return np.sqrt(alpha_prod) * original + np.sqrt(F32(1) - alpha_prod) * noise
+
+
+def add_noise_ve(original: Any, noise: Any, sigma: np.float32) -> Any:
+    """x = x0 + sigma * eps: the unscaled sample Euler steps (add_noise of Euler, Euler ancestral)."""
+    return original + noise * sigma
+
+
 def alpha_sigma_from_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
     """(alpha_t, sigma_t) of the VP process whose noise-to-signal ratio is sigma."""
     alpha_t = F32(1.0) / np.sqrt(sigma * sigma + F32(1.0))

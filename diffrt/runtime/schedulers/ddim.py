@@ -9,18 +9,18 @@ from typing import Any
 
 import numpy as np
 
+from .base import RunBase, SchedulerBase, Window
 from .common import (
     F32,
+    add_noise_vp,
     alphas_cumprod_from_config,
     as_float32,
-    check_index,
     clip,
     denoised_vp,
     epsilon_vp,
-    readonly,
     spaced_timesteps,
 )
-from .config import TIMESTEP_SPACINGS, check_num_inference_steps, require, resolve_config, validate_common
+from .config import TIMESTEP_SPACINGS, require, resolve_config, validate_common
 from .protocol import NoiseSource
 
 CLASS_NAME = "DDIMScheduler"
@@ -63,43 +63,31 @@ def ddim_step(
 
 
 @dataclass(frozen=True, eq=False)
-class DDIMScheduler:
-    config: Mapping[str, Any]
-    alphas_cumprod: np.ndarray
-    final_alpha_cumprod: np.float32
-    name: str = "ddim"
-    class_name: str = CLASS_NAME
+class DDIMScheduler(SchedulerBase):
+    name = "ddim"
+    class_name = CLASS_NAME
 
-    @property
-    def prediction_type(self) -> str:
-        return self.config["prediction_type"]
-
-    def plan(self, num_inference_steps: int) -> DDIMRun:
+    def _plan(self, n: int, sigmas: None, mu: None, window: Window) -> DDIMRun:
         cfg = self.config
-        n = check_num_inference_steps(num_inference_steps, cfg["num_train_timesteps"])
         timesteps = spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n, cfg["steps_offset"])
         # diffusers steps back by num_train_timesteps // n whatever the spacing
-        return DDIMRun(self, np.round(timesteps).astype(np.int64), cfg["num_train_timesteps"] // n)
+        return DDIMRun(self, np.round(timesteps).astype(np.int64), cfg["num_train_timesteps"] // n, window)
 
 
-class DDIMRun:
-    init_noise_sigma = 1.0
+class DDIMRun(RunBase):
+    """Stateless: each step reads only its own timestep (diffusers has no set_begin_index for DDIM)."""
 
-    def __init__(self, scheduler: DDIMScheduler, timesteps: np.ndarray, step_ratio: int):
+    def __init__(self, scheduler: DDIMScheduler, timesteps: np.ndarray, step_ratio: int, window: Window):
+        super().__init__(timesteps.astype(F32), window)
         self._scheduler = scheduler
         self._timesteps = timesteps
         self._step_ratio = step_ratio
-        self.timesteps = readonly(timesteps.astype(F32))
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self._timesteps))
-        return sample
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource | None = None
     ) -> np.ndarray:
         s = self._scheduler
-        t = int(self._timesteps[check_index(i, len(self._timesteps))])
+        t = int(self._timesteps[self._at(i)])
         prev_t = t - self._step_ratio
         alpha_prod_t_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
         clip_range = s.config["clip_sample_range"] if s.config["clip_sample"] else None
@@ -107,6 +95,10 @@ class DDIMRun:
             as_float32(model_output), as_float32(sample), s.alphas_cumprod[t], alpha_prod_t_prev,
             s.prediction_type, clip_range,
         )
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        alpha_prod = self._scheduler.alphas_cumprod[int(self._timesteps[self._at(i)])]
+        return add_noise_vp(as_float32(original_samples), as_float32(noise), alpha_prod)
 
 
 def from_config(config: Mapping[str, Any], **overrides: Any) -> DDIMScheduler:

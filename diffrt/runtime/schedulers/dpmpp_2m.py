@@ -15,26 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from .base import RunBase, SchedulerBase, Window
 from .common import (
     F32,
     alpha_sigma_from_sigma,
     alphas_cumprod_from_config,
     as_float32,
-    check_index,
     denoised_vp,
     karras_sigmas,
-    readonly,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
 )
-from .config import (
-    TIMESTEP_SPACINGS,
-    check_num_inference_steps,
-    hidden_config_value,
-    require,
-    resolve_config,
-    validate_common,
-)
+from .config import TIMESTEP_SPACINGS, hidden_config_value, require, resolve_config, validate_common
 from .protocol import NoiseSource
 
 CLASS_NAME = "DPMSolverMultistepScheduler"
@@ -124,22 +116,15 @@ def dpm_timesteps(cfg: Mapping[str, Any], alphas_cumprod: np.ndarray, n: int) ->
 
 
 @dataclass(frozen=True, eq=False)
-class DPMSolverMultistepScheduler:
-    config: Mapping[str, Any]
-    alphas_cumprod: np.ndarray
-    class_name: str = CLASS_NAME
+class DPMSolverMultistepScheduler(SchedulerBase):
+    class_name = CLASS_NAME
 
     @property
     def name(self) -> str:
         return "dpmpp_2m_karras" if self.config["use_karras_sigmas"] else "dpmpp_2m"
 
-    @property
-    def prediction_type(self) -> str:
-        return self.config["prediction_type"]
-
-    def plan(self, num_inference_steps: int) -> DPMSolverMultistepRun:
+    def _plan(self, n: int, sigmas: None, mu: None, window: Window) -> DPMSolverMultistepRun:
         cfg = self.config
-        n = check_num_inference_steps(num_inference_steps, cfg["num_train_timesteps"])
         timesteps = dpm_timesteps(cfg, self.alphas_cumprod, n)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         if cfg["use_karras_sigmas"]:
@@ -157,52 +142,50 @@ class DPMSolverMultistepScheduler:
             sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
         sigma_last = train_sigmas[0] if cfg["final_sigmas_type"] == "sigma_min" else 0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(F32)
-        return DPMSolverMultistepRun(self, timesteps, sigmas)
+        return DPMSolverMultistepRun(self, timesteps, sigmas, window)
 
 
-class DPMSolverMultistepRun:
-    init_noise_sigma = 1.0
-
-    def __init__(self, scheduler: DPMSolverMultistepScheduler, timesteps: np.ndarray, sigmas: np.ndarray):
+class DPMSolverMultistepRun(RunBase):
+    def __init__(self, scheduler: DPMSolverMultistepScheduler, timesteps: np.ndarray, sigmas: np.ndarray,
+                 window: Window):
+        super().__init__(timesteps.astype(F32), window, sigmas)
         cfg = scheduler.config
         self._prediction_type = scheduler.prediction_type
-        self.timesteps = readonly(timesteps.astype(F32))
-        self.sigmas = readonly(sigmas)
-        n = len(timesteps)
-        # diffusers drops to first order on the last step for short runs, or whenever the
-        # final sigma is 0 (a second-order step would divide by h = inf there)
+        self._num_steps = n = len(timesteps)
+        # diffusers drops to first order on the last step of the full plan for short plans,
+        # or whenever the final sigma is 0 (a second-order step would divide by h = inf there)
         self._first_order_final = (
             cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
         )
-        # the first step may be any index (a run that starts part-way, like diffusers'
-        # set_begin_index: the first step is first order); then steps run in order
+        # the first step may be any index (like diffusers' set_begin_index: the first step
+        # is first order); then steps run in order
         self._next: int | None = None
         self._prev_denoised: np.ndarray | None = None
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self.timesteps))
-        return sample
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource | None = None
     ) -> np.ndarray:
-        n = len(self.timesteps)
-        check_index(i, n)
+        j = self._at(i)
         if self._next is not None and i != self._next:
             raise ValueError(f"step index i={i} is not supported here; allowed: {self._next} (steps run in order)")
         model_output, sample = as_float32(model_output), as_float32(sample)
-        sigma_s, sigma_t = self.sigmas[i], self.sigmas[i + 1]
+        sigma_s, sigma_t = self._sigmas[j], self._sigmas[j + 1]
         alpha_s, sigma_s_vp = alpha_sigma_from_sigma(sigma_s)
         denoised = denoised_vp(model_output, sample, alpha_s, sigma_s_vp, self._prediction_type)
-        if self._prev_denoised is None or (i == n - 1 and self._first_order_final):
+        if self._prev_denoised is None or (j == self._num_steps - 1 and self._first_order_final):
             prev_sample = dpmpp_first_order(denoised, sample, sigma_s, sigma_t)
         else:
             prev_sample = dpmpp_2m_second_order(
-                denoised, self._prev_denoised, sample, self.sigmas[i - 1], sigma_s, sigma_t
+                denoised, self._prev_denoised, sample, self._sigmas[j - 1], sigma_s, sigma_t
             )
         self._prev_denoised = denoised
         self._next = i + 1
         return prev_sample
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """x = alpha_t x0 + sigma_t eps at the step's sigma (DPM-Solver works in the VP process)."""
+        alpha_t, sigma_t = alpha_sigma_from_sigma(self._sigmas[self._at(i)])
+        return alpha_t * as_float32(original_samples) + sigma_t * as_float32(noise)
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

@@ -13,19 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from .base import RunBase, SchedulerBase, Window
 from .common import (
     F32,
+    add_noise_ve,
     alphas_cumprod_from_config,
     as_float32,
-    check_index,
     denoised_ve,
     karras_sigmas,
-    readonly,
     sigma_to_t,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from .config import TIMESTEP_SPACINGS, check_num_inference_steps, require, resolve_config, validate_common
+from .config import TIMESTEP_SPACINGS, require, resolve_config, validate_common
 from .protocol import NoiseSource
 
 CLASS_NAME = "EulerDiscreteScheduler"
@@ -82,21 +82,28 @@ def euler_sigmas(cfg: Mapping[str, Any], alphas_cumprod: np.ndarray, n: int) -> 
     return timesteps, sigmas
 
 
+def timesteps_for_sigmas(cfg: Mapping[str, Any], alphas_cumprod: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """timesteps float32 for custom float32 sigmas (final sigma included), as diffusers'
+    set_timesteps(sigmas=...): each sigma's fractional training timestep."""
+    if cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
+        return F32(0.25) * np.log(sigmas[:-1])
+    train_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+    return sigma_to_t(sigmas[:-1], np.log(train_sigmas)).astype(F32)
+
+
 @dataclass(frozen=True, eq=False)
-class EulerScheduler:
-    config: Mapping[str, Any]
-    alphas_cumprod: np.ndarray
-    name: str = "euler"
-    class_name: str = CLASS_NAME
+class EulerScheduler(SchedulerBase):
+    name = "euler"
+    class_name = CLASS_NAME
+    takes_sigmas = True
+    sigmas_include_final = True
 
-    @property
-    def prediction_type(self) -> str:
-        return self.config["prediction_type"]
-
-    def plan(self, num_inference_steps: int) -> EulerRun:
-        n = check_num_inference_steps(num_inference_steps, self.config["num_train_timesteps"])
-        timesteps, sigmas = euler_sigmas(self.config, self.alphas_cumprod, n)
-        return EulerRun(self, timesteps, sigmas)
+    def _plan(self, n: int, sigmas: np.ndarray | None, mu: None, window: Window) -> EulerRun:
+        if sigmas is None:
+            timesteps, sigmas = euler_sigmas(self.config, self.alphas_cumprod, n)
+        else:
+            timesteps = timesteps_for_sigmas(self.config, self.alphas_cumprod, sigmas)
+        return EulerRun(self, timesteps, sigmas, window)
 
 
 def initial_sigma(sigmas: np.ndarray, timestep_spacing: str) -> float:
@@ -107,24 +114,26 @@ def initial_sigma(sigmas: np.ndarray, timestep_spacing: str) -> float:
     return float(np.sqrt(max_sigma * max_sigma + F32(1)))
 
 
-class EulerRun:
-    def __init__(self, scheduler: EulerScheduler, timesteps: np.ndarray, sigmas: np.ndarray):
+class EulerRun(RunBase):
+    def __init__(self, scheduler: EulerScheduler, timesteps: np.ndarray, sigmas: np.ndarray, window: Window):
+        super().__init__(timesteps, window, sigmas)
         self._prediction_type = scheduler.prediction_type
-        self.timesteps = readonly(timesteps)
-        self.sigmas = readonly(sigmas)
         self.init_noise_sigma = initial_sigma(sigmas, scheduler.config["timestep_spacing"])
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        sigma = self.sigmas[check_index(i, len(self.timesteps))]
+        sigma = self._sigmas[self._at(i)]
         return as_float32(sample) / np.sqrt(sigma * sigma + F32(1))
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource | None = None
     ) -> np.ndarray:
-        i = check_index(i, len(self.timesteps))
+        j = self._at(i)
         return euler_step(
-            as_float32(model_output), as_float32(sample), self.sigmas[i], self.sigmas[i + 1], self._prediction_type
+            as_float32(model_output), as_float32(sample), self._sigmas[j], self._sigmas[j + 1], self._prediction_type
         )
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        return add_noise_ve(as_float32(original_samples), as_float32(noise), self._sigmas[self._at(i)])
 
 
 def validate_sigma_options(cfg: Mapping[str, Any]) -> None:

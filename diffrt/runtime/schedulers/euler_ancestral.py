@@ -13,18 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from .base import RunBase, SchedulerBase, Window
 from .common import (
     F32,
+    add_noise_ve,
     alphas_cumprod_from_config,
     as_float32,
-    check_index,
     denoised_ve,
     draw_noise,
-    readonly,
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from .config import TIMESTEP_SPACINGS, check_num_inference_steps, require, resolve_config, validate_common
+from .config import TIMESTEP_SPACINGS, require, resolve_config, validate_common
 from .euler import initial_sigma
 from .protocol import NoiseSource
 
@@ -62,47 +62,43 @@ def euler_ancestral_step(
 
 
 @dataclass(frozen=True, eq=False)
-class EulerAncestralScheduler:
-    config: Mapping[str, Any]
-    alphas_cumprod: np.ndarray
-    name: str = "euler_ancestral"
-    class_name: str = CLASS_NAME
+class EulerAncestralScheduler(SchedulerBase):
+    name = "euler_ancestral"
+    class_name = CLASS_NAME
 
-    @property
-    def prediction_type(self) -> str:
-        return self.config["prediction_type"]
-
-    def plan(self, num_inference_steps: int) -> EulerAncestralRun:
+    def _plan(self, n: int, sigmas: None, mu: None, window: Window) -> EulerAncestralRun:
         cfg = self.config
-        n = check_num_inference_steps(num_inference_steps, cfg["num_train_timesteps"])
         timesteps = spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n, cfg["steps_offset"])
         timesteps = timesteps.astype(F32)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(F32)
-        return EulerAncestralRun(self, timesteps, sigmas)
+        return EulerAncestralRun(self, timesteps, sigmas, window)
 
 
-class EulerAncestralRun:
-    def __init__(self, scheduler: EulerAncestralScheduler, timesteps: np.ndarray, sigmas: np.ndarray):
+class EulerAncestralRun(RunBase):
+    def __init__(self, scheduler: EulerAncestralScheduler, timesteps: np.ndarray, sigmas: np.ndarray,
+                 window: Window):
+        super().__init__(timesteps, window, sigmas)
         self._prediction_type = scheduler.prediction_type
-        self.timesteps = readonly(timesteps)
-        self.sigmas = readonly(sigmas)
         self.init_noise_sigma = initial_sigma(sigmas, scheduler.config["timestep_spacing"])
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        sigma = self.sigmas[check_index(i, len(self.timesteps))]
+        sigma = self._sigmas[self._at(i)]
         return as_float32(sample) / np.sqrt(sigma * sigma + F32(1))
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource | None = None
     ) -> np.ndarray:
-        i = check_index(i, len(self.timesteps))
+        j = self._at(i)
         model_output, sample = as_float32(model_output), as_float32(sample)
         noise = draw_noise(rng, model_output, "euler_ancestral", i)
         return euler_ancestral_step(
-            model_output, sample, self.sigmas[i], self.sigmas[i + 1], noise, self._prediction_type
+            model_output, sample, self._sigmas[j], self._sigmas[j + 1], noise, self._prediction_type
         )
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        return add_noise_ve(as_float32(original_samples), as_float32(noise), self._sigmas[self._at(i)])
 
 
 def from_config(config: Mapping[str, Any], **overrides: Any) -> EulerAncestralScheduler:

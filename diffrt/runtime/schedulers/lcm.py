@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .common import F32, alphas_cumprod_from_config, as_float32, check_index, clip, denoised_vp, draw_noise, readonly
-from .config import check_num_inference_steps, require, resolve_config, validate_common
+from .base import RunBase, SchedulerBase, Window
+from .common import F32, add_noise_vp, alphas_cumprod_from_config, as_float32, clip, denoised_vp, draw_noise
+from .config import require, resolve_config, validate_common
 from .protocol import NoiseSource
 
 CLASS_NAME = "LCMScheduler"
@@ -61,46 +62,35 @@ def lcm_timesteps(original_inference_steps: int, num_train_timesteps: int, n: in
 
 
 @dataclass(frozen=True, eq=False)
-class LCMScheduler:
-    config: Mapping[str, Any]
-    alphas_cumprod: np.ndarray
-    final_alpha_cumprod: np.float32
-    name: str = "lcm"
-    class_name: str = CLASS_NAME
+class LCMScheduler(SchedulerBase):
+    name = "lcm"
+    class_name = CLASS_NAME
 
     @property
-    def prediction_type(self) -> str:
-        return self.config["prediction_type"]
-
-    def plan(self, num_inference_steps: int) -> LCMRun:
-        cfg = self.config
+    def max_inference_steps(self) -> int:
         # diffusers: no more steps than the distillation schedule has
-        n = check_num_inference_steps(num_inference_steps, cfg["original_inference_steps"])
+        return self.config["original_inference_steps"]
+
+    def _plan(self, n: int, sigmas: None, mu: None, window: Window) -> LCMRun:
+        cfg = self.config
         timesteps = lcm_timesteps(cfg["original_inference_steps"], cfg["num_train_timesteps"], n)
-        return LCMRun(self, timesteps)
+        return LCMRun(self, timesteps, window)
 
 
-class LCMRun:
-    init_noise_sigma = 1.0
-
-    def __init__(self, scheduler: LCMScheduler, timesteps: np.ndarray):
+class LCMRun(RunBase):
+    def __init__(self, scheduler: LCMScheduler, timesteps: np.ndarray, window: Window):
+        super().__init__(timesteps.astype(F32), window)
         self._scheduler = scheduler
         self._timesteps = timesteps
-        self.timesteps = readonly(timesteps.astype(F32))
-
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self._timesteps))
-        return sample
 
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource | None = None
     ) -> np.ndarray:
-        """The next sample; at the last step (no noise drawn), the denoised sample."""
+        """The next sample; at the full plan's last step (no noise drawn), the denoised sample."""
         s, cfg = self._scheduler, self._scheduler.config
-        n = len(self._timesteps)
-        i = check_index(i, n)
+        j = self._at(i)
         model_output, sample = as_float32(model_output), as_float32(sample)
-        t = int(self._timesteps[i])
+        t = int(self._timesteps[j])
         alpha_prod_t = s.alphas_cumprod[t]
         denoised = denoised_vp(
             model_output, sample, np.sqrt(alpha_prod_t), np.sqrt(F32(1) - alpha_prod_t), s.prediction_type
@@ -109,12 +99,16 @@ class LCMRun:
             denoised = clip(denoised, -cfg["clip_sample_range"], cfg["clip_sample_range"])
         c_skip, c_out = boundary_scalings(t, cfg["timestep_scaling"])
         denoised = c_out * denoised + c_skip * sample
-        if i == n - 1:
+        if j == len(self._timesteps) - 1:
             return denoised
-        prev_t = int(self._timesteps[i + 1])
+        prev_t = int(self._timesteps[j + 1])
         alpha_prod_t_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.final_alpha_cumprod
         noise = draw_noise(rng, model_output, "lcm", i)
         return np.sqrt(alpha_prod_t_prev) * denoised + np.sqrt(F32(1) - alpha_prod_t_prev) * noise
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        alpha_prod = self._scheduler.alphas_cumprod[int(self._timesteps[self._at(i)])]
+        return add_noise_vp(as_float32(original_samples), as_float32(noise), alpha_prod)
 
 
 def from_config(config: Mapping[str, Any], **overrides: Any) -> LCMScheduler:

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .common import F32, alphas_cumprod_from_config, as_float32, check_index, epsilon_vp, readonly, spaced_timesteps
-from .config import TIMESTEP_SPACINGS, check_num_inference_steps, require, resolve_config, validate_common
+from .base import RunBase, SchedulerBase, Window
+from .common import F32, add_noise_vp, alphas_cumprod_from_config, as_float32, epsilon_vp, spaced_timesteps
+from .config import TIMESTEP_SPACINGS, require, resolve_config, validate_common
 from .protocol import NoiseSource
 
 CLASS_NAME = "PNDMScheduler"
@@ -71,20 +72,12 @@ def pndm_timesteps(cfg: Mapping[str, Any], n: int) -> tuple[np.ndarray, int]:
 
 
 @dataclass(frozen=True, eq=False)
-class PNDMScheduler:
-    config: Mapping[str, Any]
-    alphas_cumprod: np.ndarray
-    final_alpha_cumprod: np.float32
-    name: str = "pndm"
-    class_name: str = CLASS_NAME
+class PNDMScheduler(SchedulerBase):
+    name = "pndm"
+    class_name = CLASS_NAME
 
-    @property
-    def prediction_type(self) -> str:
-        return self.config["prediction_type"]
-
-    def plan(self, num_inference_steps: int) -> PNDMRun:
+    def _plan(self, n: int, sigmas: None, mu: None, window: Window) -> PNDMRun:
         cfg = self.config
-        n = check_num_inference_steps(num_inference_steps, cfg["num_train_timesteps"])
         if not cfg["skip_prk_steps"] and n < PNDM_ORDER:
             # diffusers fails in set_timesteps here: the PRK warm-up needs 4 timesteps
             raise ValueError(
@@ -92,43 +85,46 @@ class PNDMScheduler:
                 f"{PNDM_ORDER}..{cfg['num_train_timesteps']}"
             )
         timesteps, num_prk = pndm_timesteps(cfg, n)
-        return PNDMRun(self, timesteps, num_prk, cfg["num_train_timesteps"] // n)
+        return PNDMRun(self, timesteps, num_prk, cfg["num_train_timesteps"] // n, window)
 
 
-class PNDMRun:
-    """Holds the multistep history; diffusers' `counter` is the call index i."""
+class PNDMRun(RunBase):
+    """Holds the multistep history; diffusers' `counter` is this run's call index i.
 
-    init_noise_sigma = 1.0
+    A run that starts part-way (begin > 0) restarts the warm-up there, as diffusers does:
+    PNDM has no set_begin_index, so img2img feeds it timesteps[begin:] with its counter
+    at 0 (the Heun correction of call 1 and the PRK stages are then taken from the full
+    plan's intervals, not the window's)."""
 
-    def __init__(self, scheduler: PNDMScheduler, timesteps: np.ndarray, num_prk: int, step_ratio: int):
+    def __init__(self, scheduler: PNDMScheduler, timesteps: np.ndarray, num_prk: int, step_ratio: int,
+                 window: Window):
+        super().__init__(timesteps.astype(F32), window)
         self._scheduler = scheduler
         self._timesteps = timesteps
         self._num_prk = num_prk
         self._step_ratio = step_ratio
-        self.timesteps = readonly(timesteps.astype(F32))
         self._next = 0
         self._ets: list[np.ndarray] = []  # model outputs of the main steps, oldest first
         self._cur_sample: np.ndarray | None = None
         self._cur_model_output: Any = 0
 
-    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
-        check_index(i, len(self._timesteps))
-        return sample
-
     def step(
         self, model_output: np.ndarray, i: int, sample: np.ndarray, rng: NoiseSource | None = None
     ) -> np.ndarray:
-        check_index(i, len(self._timesteps))
+        t = int(self._timesteps[self._at(i)])
         if i != self._next:
             raise ValueError(f"step index i={i} is not supported here; allowed: {self._next} (steps run in order)")
         model_output, sample = as_float32(model_output), as_float32(sample)
-        t = int(self._timesteps[i])
         if i < self._num_prk:
             prev_sample = self._step_prk(model_output, i, t, sample)
         else:
             prev_sample = self._step_plms(model_output, i, t, sample)
         self._next += 1
         return prev_sample
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        alpha_prod = self._scheduler.alphas_cumprod[int(self._timesteps[self._at(i)])]
+        return add_noise_vp(as_float32(original_samples), as_float32(noise), alpha_prod)
 
     def _step_prk(self, model_output: np.ndarray, i: int, t: int, sample: np.ndarray) -> np.ndarray:
         """One of the 4 Runge-Kutta stages; the 4th applies the weighted (1, 2, 2, 1)/6 average."""
