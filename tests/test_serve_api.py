@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_util import TINY, LiveServer, decode_npy, metric  # noqa: E402
+from serve_util import TINY, LiveServer, decode_npy, metric, until  # noqa: E402
 
 FAST = {"num_inference_steps": 1, "scheduler": "euler"}
 
@@ -173,11 +173,9 @@ def test_jobs_report_progress_and_the_playground_page(server):
     assert status == 200 and "<title>diffrt playground</title>" in page
     status, _, job = server.post("/v1/jobs", {"prompt": "a cat", "num_inference_steps": 3, "size": "64x64"})
     assert status == 202 and job["status"] in ("queued", "running", "done")
-    for _ in range(600):
-        status, _, job = server.request("GET", f"/v1/jobs/{job['id']}")
-        if job["status"] == "done":
-            break
-        threading.Event().wait(0.05)
+    job_id = job["id"]
+    job = until(lambda: (lambda j: j if j["status"] in ("done", "failed") else None)(
+        server.request("GET", f"/v1/jobs/{job_id}")[2]), 120, "the job to end")
     assert job["status"] == "done" and (job["step"], job["total"]) == (3, 3)
     assert len(job["result"]["images"]) == 1
     assert server.request("GET", "/v1/jobs/job-0-none")[0] == 404
