@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import importlib
 import io
@@ -196,11 +197,12 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
 
 
 def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
-    """Read the manifest (not the weights) and validate every setting of the request."""
+    """Read the manifest (not the weights) and validate every setting of the request
+    (and of a refiner's, with --refiner): (request, refiner_request or None)."""
     from diffrt.artifacts import read_manifest
-    from diffrt.runtime.request import check_memory, make_request, read_scheduler_config
-
     from diffrt.families import get_family
+    from diffrt.runtime.pipeline import handoff_request
+    from diffrt.runtime.request import check_memory, make_request, read_scheduler_config
 
     manifest = read_manifest(folder)
     if get_family(manifest.family).takes_image(manifest.model):
@@ -211,27 +213,25 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     frac = getattr(args, "high_noise_frac", None)
     if frac is not None and refiner is None:
         raise DiffrtError("--high-noise-frac is where a refiner takes over; give --refiner OUT2 too")
+    options = {"prompt_2": getattr(args, "prompt_2", None), "negative_prompt_2": getattr(args, "negative_2", None)}
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
         num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
         num_images_per_prompt=batch, seed=args.seed, scheduler=args.scheduler, preset=args.preset, vae=args.vae,
-        prompt_2=getattr(args, "prompt_2", None), negative_prompt_2=getattr(args, "negative_2", None),
-        denoising_end=(0.8 if frac is None else frac) if refiner else None,
+        output_type="latent" if refiner else "pil", denoising_end=(0.8 if frac is None else frac) if refiner else None,
+        **options,
     )
     check_memory(manifest, request, weights_loaded=False)
-    if refiner is not None:
-        other = read_manifest(Path(refiner))
-        if not get_family(other.family).takes_image(other.model):
-            raise DiffrtError(f"--refiner {refiner}: it holds a {other.pipeline_class}, not a refiner "
-                              "(an exported StableDiffusionXLImg2ImgPipeline checkpoint)")
-        s = request.settings
-        refiner_request = make_request(
-            other, read_scheduler_config(Path(refiner)), args.prompt, negative_prompt=args.negative,
-            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, height=s.height,
-            width=s.width, num_images_per_prompt=batch, scheduler=args.scheduler, vae=args.vae,
-            denoising_start=request.denoising_end)
-        check_memory(other, refiner_request, weights_loaded=False)
-    return request
+    if refiner is None:
+        return request, None
+    other = read_manifest(Path(refiner))
+    if not get_family(other.family).takes_image(other.model):
+        raise DiffrtError(f"--refiner {refiner}: it holds a {other.pipeline_class}, not a refiner "
+                          "(an exported StableDiffusionXLImg2ImgPipeline checkpoint)")
+    refiner_request = handoff_request(manifest, request, other, read_scheduler_config(Path(refiner)),
+                                      scheduler=args.scheduler)
+    check_memory(other, refiner_request, weights_loaded=False)
+    return request, refiner_request
 
 
 def _prepare(request) -> dict:
@@ -272,25 +272,28 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> None:
-    from diffrt.runtime.pipeline import Pipeline
+    from diffrt.runtime.pipeline import Pipeline, generate_with_refiner
 
-    request = _prepare_request(args, folder, batch=len(outputs))
+    request, refiner_request = _prepare_request(args, folder, batch=len(outputs))
     settings = request.settings
-    refiner_folder = getattr(args, "refiner", None)
     with contextlib.ExitStack() as stack:
         pipe = stack.enter_context(Pipeline.load(folder, backend=args.backend, verify=args.verify,
                                                  prepare=_prepare(request), **_backend_options(args)))
         refiner = None
-        if refiner_folder is not None:
-            refiner = stack.enter_context(Pipeline.load(refiner_folder, backend=args.backend, verify=args.verify,
+        if refiner_request is not None:
+            refiner = stack.enter_context(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify,
                                                         prepare=_prepare(request), **_backend_options(args)))
         if not args.quiet:
             handoff = f", refiner from {request.denoising_end:g}" if refiner is not None else ""
             print(f"generating {request.batch} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
                   f"{settings.num_inference_steps} steps{handoff}, guidance {settings.guidance_scale:g}, "
                   f"seed {request.seed}, backend {pipe.backend.describe()}", file=sys.stderr)
+        progress = Progress("denoising", args.quiet)
         with _out_of_memory_names(request):
-            result = _call(pipe, args, request, refiner)
+            if refiner is None:
+                result = pipe.generate([request], progress=progress)[0]
+            else:
+                result = generate_with_refiner(pipe, refiner, request, refiner_request, progress=progress)
     for index, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
         image.save(path)
         print(f"wrote {path} (seed {result.seed + index})")
@@ -310,19 +313,6 @@ def _out_of_memory_names(request):
                           "use a smaller size or fewer images") from None
 
 
-def _call(pipe, args: argparse.Namespace, request, refiner):
-    settings = request.settings
-    return pipe(
-        args.prompt, negative_prompt=args.negative, num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
-        num_images_per_prompt=request.batch, seed=request.seed, scheduler=settings.scheduler, vae=request.vae,
-        preset=args.preset, prompt_2=getattr(args, "prompt_2", None),
-        negative_prompt_2=getattr(args, "negative_2", None), refiner=refiner,
-        high_noise_frac=request.denoising_end if refiner is not None else None,
-        callback=Progress("denoising", args.quiet),
-    )
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from diffrt.runtime.request import check_count
 
@@ -333,23 +323,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from diffrt.runtime.pipeline import Pipeline
-
     from diffrt.runtime.request import check_count
 
     args.prompt = "a photo of an astronaut riding a horse"
     check_count("--runs", args.runs)
-    request = _prepare_request(args, Path(args.out), batch=check_count("--batch", args.batch))
+    request, _ = _prepare_request(args, Path(args.out), batch=check_count("--batch", args.batch))
+    request = dataclasses.replace(request, output_type="np")
     settings = request.settings
     with Pipeline.load(args.out, backend=args.backend, verify=args.verify, prepare=_prepare(request),
                        **_backend_options(args)) as pipe:
-        call = dict(num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                    height=settings.height, width=settings.width, scheduler=settings.scheduler,
-                    num_images_per_prompt=args.batch, seed=request.seed, output_type="np", vae=request.vae,
-                    preset=args.preset)
-        pipe("warm-up", **call)
+        pipe.generate([dataclasses.replace(request, prompts=("warm-up",) * len(request.prompts))])
         runs = []
         for i in range(args.runs):
-            t = pipe(args.prompt, **call).timings
+            t = pipe.generate([request])[0].timings
             runs.append(t)
             if not args.quiet:
                 print(f"run {i + 1}/{args.runs}: {t['total']:.3f}s", file=sys.stderr)

@@ -18,7 +18,7 @@ TOL = 1e-6
 
 
 def _check_batch(pipe, calls):
-    batched = pipe.generate_batch(calls)
+    batched = pipe.generate([pipe.request(**call) for call in calls])
     assert len(batched) == len(calls)
     for call, out in zip(calls, batched, strict=True):
         alone = pipe(**call)
@@ -43,7 +43,7 @@ def test_cfg_requests_with_their_own_prompts_guidance_and_seeds(sd_pipe, schedul
         dict(prompt=["a dog", "a bird"], guidance_scale=3.0, seed=20, num_images_per_prompt=2, **common),
         dict(prompt="a fox", guidance_scale=5.0, seed=1, **common),
     ]
-    keys = {sd_pipe.batch_key(**call) for call in calls}
+    keys = {sd_pipe.batch_key(sd_pipe.request(**call)) for call in calls}
     assert len(keys) == 1
     batched = _check_batch(sd_pipe, calls)
     assert batched[1].images.shape[0] == 4 and batched[0].timings["batch_images"] == 6
@@ -67,19 +67,20 @@ def test_sdxl_rows(exported):
 
 def test_keys_split_what_cannot_share_a_call(sd_pipe):
     base = dict(prompt="a cat", num_inference_steps=3, height=64, width=64)
-    key = sd_pipe.batch_key(**base)
-    assert sd_pipe.batch_key(**{**base, "guidance_scale": 3.0, "seed": 5, "prompt": "x"}) == key
+    key = sd_pipe.batch_key(sd_pipe.request(**base))
+    assert sd_pipe.batch_key(sd_pipe.request(**{**base, "guidance_scale": 3.0, "seed": 5, "prompt": "x"})) == key
     for change in ({"num_inference_steps": 4}, {"height": 128}, {"scheduler": "euler"}, {"guidance_scale": 1.0}):
-        assert sd_pipe.batch_key(**{**base, **change}) != key, change
+        assert sd_pipe.batch_key(sd_pipe.request(**{**base, **change})) != key, change
     with pytest.raises(DiffrtError, match="group them by batch_key"):
-        sd_pipe.generate_batch([base, {**base, "num_inference_steps": 4}])
-    with pytest.raises(DiffrtError, match="got latents"):
-        sd_pipe.batch_key(**base, latents=np.zeros((1, 4, 8, 8)))
+        sd_pipe.generate([sd_pipe.request(**base), sd_pipe.request(**{**base, "num_inference_steps": 4})])
+    with_latents = sd_pipe.request(**base, latents=np.zeros((1, 4, 32, 32)))
+    with pytest.raises(DiffrtError, match="run alone"):
+        sd_pipe.generate([with_latents, sd_pipe.request(**base)])
     with pytest.raises(DiffrtError, match="num_inference_steps"):
-        sd_pipe.batch_key(**{**base, "num_inference_steps": 0})
+        sd_pipe.request(**{**base, "num_inference_steps": 0})
     with pytest.raises(DiffrtError, match="cannot fit|memory"):
-        sd_pipe.batch_key(prompt="a cat", height=65536, width=65536)
-    assert sd_pipe.generate_batch([]) == []
+        sd_pipe.request(prompt="a cat", height=65536, width=65536)
+    assert sd_pipe.generate([]) == []
 
 
 def test_mixed_output_types_in_one_batch(sd_pipe):
@@ -87,7 +88,7 @@ def test_mixed_output_types_in_one_batch(sd_pipe):
     calls = [dict(prompt="a cat", seed=1, output_type="latent", **common),
              dict(prompt="a dog", seed=2, output_type="pil", **common),
              dict(prompt="a fox", seed=3, output_type="np", **common)]
-    latent, pil, arr = sd_pipe.generate_batch(calls)
+    latent, pil, arr = sd_pipe.generate([sd_pipe.request(**call) for call in calls])
     alone = sd_pipe(**calls[0]).images
     assert latent.images.shape == alone.shape and latent.images.shape[:2] == (1, 4)
     assert float(np.abs(latent.images - alone).max()) <= TOL

@@ -182,14 +182,14 @@ class Overflowing:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def generate_batch(self, calls, callback=None):
+    def generate(self, requests, progress=None):
         decoder = self.pipe._sessions[self.pipe.family.VAE_DECODER]
-        if not any("overflow" in c["prompt"] for c in calls):
-            return self.pipe.generate_batch(calls, callback)
+        if not any("overflow" in r.prompts[0] for r in requests):
+            return self.pipe.generate(requests, progress)
         real = decoder.run
         decoder.run = lambda feeds: {"sample": real(feeds)["sample"] * np.float32(np.inf)}
         try:
-            return self.pipe.generate_batch(calls, callback)
+            return self.pipe.generate(requests, progress)
         finally:
             decoder.run = real
 

@@ -7,6 +7,7 @@ a state (a gate, the queue), never on time passing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -42,10 +43,10 @@ class Smuggler:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def generate_batch(self, calls, callback=None):
-        self.batches.append([c["prompt"] for c in calls])
-        calls = [{**c, "prompt": POISON} if c["prompt"] == "POISON" else c for c in calls]
-        return self.pipe.generate_batch(calls, callback)
+    def generate(self, requests, progress=None):
+        self.batches.append([r.prompts[0] for r in requests])
+        requests = [dataclasses.replace(r, prompts=(POISON,)) if r.prompts == ("POISON",) else r for r in requests]
+        return self.pipe.generate(requests, progress)
 
 
 class Stepper:
@@ -60,15 +61,15 @@ class Stepper:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def generate_batch(self, calls, callback=None):
+    def generate(self, requests, progress=None):
         def step(done, total):
             self.steps.append(done)
             if len(self.steps) == 1:
                 self.reached.set()
                 assert self.proceed.wait(60)
-            callback(done, total)
+            progress(done, total)
 
-        return self.pipe.generate_batch(calls, step)
+        return self.pipe.generate(requests, step)
 
 
 def _raw_json(path: str, text: str, port: int, extra: str = "") -> tuple[int, dict]:

@@ -31,15 +31,12 @@ class Gated:
     def __getattr__(self, name):  # resolve, presets, ...: the real pipeline's
         return getattr(self.pipe, name)
 
-    def batch_key(self, **call):
-        return self.pipe.batch_key(**call)
-
-    def generate_batch(self, calls, callback=None):
+    def generate(self, requests, progress=None):
         assert self.gate.wait(60)
-        self.batches.append([c["prompt"] for c in calls])
-        if self.fail_on and any(self.fail_on in c["prompt"] for c in calls):
+        self.batches.append([r.prompts[0] for r in requests])
+        if self.fail_on and any(self.fail_on in r.prompts[0] for r in requests):
             raise RuntimeError("injected fault")
-        return self.pipe.generate_batch(calls, callback)
+        return self.pipe.generate(requests, progress)
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def test_pipeline_matches_ort_and_diffusers(exported, tiny_checkpoint, kind, sch
 
 
 def test_batched_requests_and_refiner_hand_off_match_ort(exported):
-    """generate_batch (per-row guidance on the device) and base + refiner in latent
+    """Batched requests (per-row guidance on the device) and base + refiner in latent
     space: the torch backend's images equal the ORT backend's."""
     calls = [dict(prompt="a cat", guidance_scale=7.5, seed=1, num_inference_steps=3, output_type="np"),
              dict(prompt="a dog", negative_prompt="blurry", guidance_scale=3.0, seed=2, num_inference_steps=3,
@@ -118,7 +118,7 @@ def test_batched_requests_and_refiner_hand_off_match_ort(exported):
     images = {}
     for backend in ("torch", "ort"):
         with Pipeline.load(exported("sd15"), backend=backend) as pipe:
-            batched = [out.images for out in pipe.generate_batch(calls)]
+            batched = [out.images for out in pipe.generate([pipe.request(**call) for call in calls])]
         with Pipeline.load(exported("sdxl"), backend=backend) as base, \
                 Pipeline.load(exported("sdxl-refiner"), backend=backend) as refiner:
             refined = base("a cat", num_inference_steps=4, seed=0, refiner=refiner, output_type="np").images

@@ -5,14 +5,17 @@ of conditioning. The torch side (module wrappers, sample inputs) is export/sd.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
+from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan, NoGuidance, facts_from_json
 from diffrt.families.presets import Preset
 
 NAME = "sd"
@@ -57,73 +60,133 @@ PRESETS = {
 
 # Facts a vae_decoder stage may carry that replace the model's in min_activation_bytes.
 DECODER_MEMORY_FACTS = ("vae_decoder_channels", "vae_mid_attention")
+# Options a base hands on to a refiner with its latents.
+HANDOFF_OPTIONS: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What the runtime knows of an SD 1.x/2.x checkpoint, written by the exporter
+    (export/sd.py) under the manifest's `model`. Optional facts are the ones artifacts
+    of earlier versions may lack; each says what its absence means."""
 
-def stages(model: Mapping[str, Any]) -> tuple[str, ...]:
+    text_max_length: int
+    text_hidden_size: int
+    cross_attention_dim: int
+    latent_channels: int
+    """The UNet's sample channels (4; 9 for an inpainting UNet)."""
+    sample_size: int
+    vae_scale_factor: int
+    vae_scaling_factor: float
+    size_multiple: int
+    """Image sizes must be multiples of this."""
+    time_cond_proj_dim: int | None = None
+    """LCM-distilled UNets take guidance as an embedding of this size (None: CFG)."""
+    num_upsamplers: int | None = None
+    upcast_attention: bool = False
+    """SD2.x computes attention scores in fp32 (the half-precision pass keeps them so)."""
+    vae_latent_channels: int | None = None
+    """The VAE's latent channels (None in older artifacts: the UNet's `latent_channels`)."""
+    vae_shift_factor: float | None = None
+    # for the runtime's up-front memory check (activation_terms); None: left out of the bound
+    vae_decoder_channels: int | None = None
+    vae_mid_attention: bool | None = None
+    unet_first_attention_level: int | None = None
+    unet_first_attention_heads: int | None = None
+    unet_first_channels: int | None = None
+
+    @property
+    def noise_channels(self) -> int:
+        return self.vae_latent_channels or self.latent_channels
+
+
+# Spellings of earlier versions: SD artifacts before 0.1.0's fix wrote this one wrong.
+RENAMED_FACTS = {"unetfirst_attention_level": "unet_first_attention_level"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Request options only this family takes: none for SD 1.x/2.x."""
+
+
+def facts(model: Mapping[str, Any]) -> Facts:
+    """The manifest's `model` dict as typed facts (unknown or missing keys refused)."""
+    return facts_from_json(Facts, model, RENAMED_FACTS)
+
+
+def _f(model: Any) -> Any:
+    """Typed facts: these (or SDXL's, which share the fields used here) as they are, a
+    manifest dict converted."""
+    return model if dataclasses.is_dataclass(model) else facts(model)
+
+
+def stages(model: Any) -> tuple[str, ...]:
     """Every stage the checkpoint exports."""
     return STAGES
 
 
-def runtime_roles(model: Mapping[str, Any]) -> tuple[str, ...]:
+def runtime_roles(model: Any) -> tuple[str, ...]:
     """The stages a generation loads (the VAE encoder is for img2img)."""
     return (TEXT_ENCODER, DENOISER, VAE_DECODER)
 
 
-def tokenizers(model: Mapping[str, Any]) -> tuple[str, ...]:
+def tokenizers(model: Any) -> tuple[str, ...]:
     return (TOKENIZER_OF[TEXT_ENCODER],)
 
 
-def takes_image(model: Mapping[str, Any]) -> bool:
+def takes_image(model: Any) -> bool:
     return False
 
 
-def keeps_fp32(model: Mapping[str, Any], spec) -> str:
+def keeps_fp32(model: Any, spec) -> str:
     """Why a stage is exported in fp32 only ("" = it gets half-precision graphs too)."""
     return ""
 
 
-def check_options(model: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
-    given = [key for key, value in options.items() if value is not None]
-    if given:
-        raise DiffrtError(f"{', '.join(given)}: only SDXL checkpoints take this; this artifact is Stable Diffusion 1.x/2.x")
-    return {}
+def check_options(model: Any, options: Mapping[str, Any], prompts: int = 1) -> Options:
+    """SD takes no family options: any is refused by name."""
+    if options:
+        raise DiffrtError(f"{', '.join(sorted(options))}: not an option of this Stable Diffusion 1.x/2.x artifact "
+                          "(it takes none beyond the common ones; only SDXL checkpoints take prompt_2 and size "
+                          "conditioning)")
+    return Options()
 
 
 def default_preset(pipeline_class: str) -> str:
     return "lcm-4step" if pipeline_class == LCM_PIPELINE_CLASS else "full-30step"
 
 
-def preset_guidance(preset: Preset, model: Mapping[str, Any], lcm_guidance: float = LCM_GUIDANCE_SCALE) -> float:
+def preset_guidance(preset: Preset, model: Any, lcm_guidance: float = LCM_GUIDANCE_SCALE) -> float:
     """The guidance scale a preset means for this checkpoint: the preset's, else (LCM
     presets) `lcm_guidance` as an embedding for an LCM-distilled UNet, 1.0 (no CFG) for others."""
     if preset.guidance_scale is not None:
         return preset.guidance_scale
-    return lcm_guidance if model.get("time_cond_proj_dim") else 1.0
+    return lcm_guidance if _f(model).time_cond_proj_dim else 1.0
 
 
-def denoiser_inputs(model: Mapping[str, Any], added: tuple[TensorSpec, ...] = ()) -> tuple[TensorSpec, ...]:
+def denoiser_inputs(f: Any, added: tuple[TensorSpec, ...] = ()) -> tuple[TensorSpec, ...]:
     """The UNet's inputs in the order its export wrapper takes them: sample, timestep,
-    encoder_hidden_states, the family's `added` conditions, then LCM's timestep_cond."""
-    seq = int(model["text_max_length"])
-    latent = ("batch", int(model["latent_channels"]), "latent_height", "latent_width")
+    encoder_hidden_states, the family's `added` conditions, then LCM's timestep_cond.
+    `f`: this or SDXL's facts (both have the fields used here)."""
+    latent = ("batch", int(f.latent_channels), "latent_height", "latent_width")
     inputs = [
         TensorSpec("sample", "float32", latent),
         TensorSpec("timestep", "float32", ("batch",)),
-        TensorSpec("encoder_hidden_states", "float32", ("batch", seq, int(model["cross_attention_dim"]))),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", int(f.text_max_length), int(f.cross_attention_dim))),
         *added,
     ]
-    if model.get("time_cond_proj_dim"):
-        inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(model["time_cond_proj_dim"]))))
+    if f.time_cond_proj_dim:
+        inputs.append(TensorSpec("timestep_cond", "float32", ("batch", int(f.time_cond_proj_dim))))
     return tuple(inputs)
 
 
-def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+def stage_io(model: Any) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
     """Inputs and outputs of every stage; dims named where they are dynamic."""
-    seq = int(model["text_max_length"])
-    hidden = int(model["text_hidden_size"])
-    channels = int(model["latent_channels"])
-    latent = ("batch", channels, "latent_height", "latent_width")
+    f = _f(model)
+    seq = int(f.text_max_length)
+    hidden = int(f.text_hidden_size)
+    vae_channels = int(f.noise_channels)
+    vae_latent = ("batch", vae_channels, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
     return {
         TEXT_ENCODER: (
@@ -133,20 +196,21 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
                 TensorSpec("pooler_output", "float32", ("batch", hidden)),
             ),
         ),
-        DENOISER: (denoiser_inputs(model), (TensorSpec("out_sample", "float32", latent),)),
+        DENOISER: (denoiser_inputs(f), (TensorSpec("out_sample", "float32", vae_latent),)),
         VAE_DECODER: (
-            (TensorSpec("latent_sample", "float32", latent),),
+            (TensorSpec("latent_sample", "float32", vae_latent),),
             (TensorSpec("sample", "float32", image),),
         ),
         VAE_ENCODER: (
             (TensorSpec("sample", "float32", image),),
-            (TensorSpec("latent_parameters", "float32", ("batch", 2 * channels, "latent_height", "latent_width")),),
+            (TensorSpec("latent_parameters", "float32", ("batch", 2 * vae_channels, "latent_height",
+                                                         "latent_width")),),
         ),
     }
 
 
 def activation_terms(
-    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, attention_scores: bool
+    model: Any, height: int, width: int, batch: int, do_cfg: bool, attention_scores: bool
 ) -> dict[str, int]:
     """Lower bounds, in bytes, on tensors that certainly exist at once inside each stage
     of one generation (float32 activations), by name:
@@ -166,29 +230,26 @@ def activation_terms(
     Facts missing from an older manifest leave their term out, which keeps every term a
     lower bound. A decoder stage's own facts (DECODER_MEMORY_FACTS, e.g. the tiny VAE's)
     replace the model's before this is called."""
+    f = _f(model)
     f4 = 4
-    factor = int(model["vae_scale_factor"])
+    factor = int(f.vae_scale_factor)
     tokens = (height // factor) * (width // factor)
     rows = 2 * batch if do_cfg else batch
-    terms = {"vae_decoder_activations": batch * (2 * int(model.get("vae_decoder_channels", 0)) + 3)
-             * height * width * f4}
-    if model.get("vae_mid_attention") and attention_scores:
+    terms = {"vae_decoder_activations": batch * (2 * int(f.vae_decoder_channels or 0) + 3) * height * width * f4}
+    if f.vae_mid_attention and attention_scores:
         terms["vae_attention_scores"] = batch * tokens * tokens * f4
-    if model.get("unet_first_channels"):
-        terms["unet_skip_activations"] = rows * 2 * int(model["unet_first_channels"]) * tokens * f4
-    # "unetfirst_attention_level": how SD artifacts exported before 0.1.0's fix spelled it
-    level = model.get("unet_first_attention_level", model.get("unetfirst_attention_level"))
-    heads = model.get("unet_first_attention_heads")
-    if level is not None and heads and attention_scores:
-        level_tokens = tokens // (4 ** int(level))
-        terms["unet_attention_scores"] = rows * int(heads) * level_tokens * level_tokens * f4
-    hidden = max(int(model.get("text_hidden_size") or 0), int(model.get("text_hidden_size_2") or 0))
-    terms["text_encoder_activations"] = rows * 2 * int(model.get("text_max_length") or 0) * hidden * f4
+    if f.unet_first_channels:
+        terms["unet_skip_activations"] = rows * 2 * int(f.unet_first_channels) * tokens * f4
+    if f.unet_first_attention_level is not None and f.unet_first_attention_heads and attention_scores:
+        level_tokens = tokens // (4 ** int(f.unet_first_attention_level))
+        terms["unet_attention_scores"] = rows * int(f.unet_first_attention_heads) * level_tokens * level_tokens * f4
+    hidden = max(int(getattr(f, "text_hidden_size", None) or 0), int(getattr(f, "text_hidden_size_2", None) or 0))
+    terms["text_encoder_activations"] = rows * 2 * int(f.text_max_length) * hidden * f4
     return terms
 
 
 def min_activation_bytes(
-    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, attention_scores: bool
+    model: Any, height: int, width: int, batch: int, do_cfg: bool, attention_scores: bool
 ) -> tuple[int, str]:
     """A lower bound on the activation memory one generation needs beyond the weights,
     and what dominates it, for refusing impossible sizes up front: the stages run one
@@ -205,13 +266,12 @@ def min_activation_bytes(
     return stages[what], what
 
 
-def stage_profiles(
-    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, prompts: int = 1
-) -> dict[str, dict[str, int]]:
+def stage_profiles(model: Any, height: int, width: int, batch: int, do_cfg: bool,
+                   prompts: int = 1) -> dict[str, dict[str, int]]:
     """The named dims each runtime stage sees for one request shape: `batch` images
     from `prompts` prompts, CFG doubling the text encoder's and the UNet's batch (one
     call each: uncond + cond), so backends that compile static shapes can compile at load."""
-    factor = int(model["vae_scale_factor"])
+    factor = int(_f(model).vae_scale_factor)
     latent = {"latent_height": height // factor, "latent_width": width // factor}
     cfg = 2 if do_cfg else 1
     return {
@@ -219,6 +279,13 @@ def stage_profiles(
         DENOISER: {"batch": cfg * batch, **latent},
         VAE_DECODER: {"batch": batch, **latent},
     }
+
+
+def latent_shape(model: Any, batch: int, height: int, width: int) -> tuple[int, ...]:
+    """The latents the VAE decodes (and initial noise is drawn in) for this size."""
+    f = _f(model)
+    factor = int(f.vae_scale_factor)
+    return (batch, int(f.noise_channels), height // factor, width // factor)
 
 
 def guidance_scale_embedding(w: np.ndarray, embedding_dim: int) -> np.ndarray:
@@ -234,29 +301,43 @@ def guidance_scale_embedding(w: np.ndarray, embedding_dim: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def uses_cfg(model: Mapping[str, Any], guidance_scale: float) -> bool:
+def uses_cfg(model: Any, guidance_scale: float) -> bool:
     """CFG runs unless guidance <= 1 or the UNet takes guidance as an embedding (LCM),
     exactly as diffusers' `do_classifier_free_guidance`."""
-    return guidance_scale > 1.0 and not model.get("time_cond_proj_dim")
+    f = _f(model)
+    return guidance_scale > 1.0 and not f.time_cond_proj_dim
 
 
-def denoiser_conditioning(
-    encode: Callable[[str, list[str]], Mapping[str, np.ndarray]], model: Mapping[str, Any], request
-) -> dict[str, np.ndarray]:
-    """The denoiser inputs other than sample/timestep, for one batched call per step.
+def guidance_of(request) -> ClassifierFreeGuidance | NoGuidance:
+    """Batched CFG at the request's scale, or none (the request decided `do_cfg`)."""
+    if request.do_cfg:
+        return ClassifierFreeGuidance(np.float32(request.settings.guidance_scale))
+    return NoGuidance()
+
+
+def prepare(model: Any, request, encode: Callable[[str, list[str]], Mapping[str, np.ndarray]]) -> DenoisePlan:
+    """The denoise plan of one request: CLIP conditioning, the latent layout, batched CFG.
 
     With CFG the batch is [uncond..., cond...] (diffusers' order), each prompt repeated
-    `num_images_per_prompt` times. `encode(role, texts)` runs a text encoder.
+    `num_images_per_prompt` times. `encode(role, texts)` runs a text encoder. An
+    LCM-distilled UNet takes the guidance scale as an embedding (timestep_cond).
     """
+    f = _f(model)
     guidance_scale = request.settings.guidance_scale
     prompts, negatives = list(request.prompts), list(request.negative_prompts)
-    do_cfg = uses_cfg(model, guidance_scale)
-    texts = (negatives + prompts) if do_cfg else prompts
+    texts = (negatives + prompts) if request.do_cfg else prompts
     embeds = np.repeat(encode(TEXT_ENCODER, texts)["last_hidden_state"], request.num_images_per_prompt, axis=0)
     feeds = {"encoder_hidden_states": embeds}
-    dim = model.get("time_cond_proj_dim")
-    if dim:
-        batch = len(prompts) * request.num_images_per_prompt
-        w = np.full((batch,), guidance_scale - 1.0, dtype=np.float32)
-        feeds["timestep_cond"] = guidance_scale_embedding(w, int(dim))
-    return feeds
+    if f.time_cond_proj_dim:
+        w = np.full((request.batch,), guidance_scale - 1.0, dtype=np.float32)
+        feeds["timestep_cond"] = guidance_scale_embedding(w, int(f.time_cond_proj_dim))
+    return unet_plan(f, request, feeds)
+
+
+def unet_plan(f: Any, request, feeds: Mapping[str, np.ndarray]) -> DenoisePlan:
+    """A UNet's plan (SD and SDXL): the sample, timestep and out_sample feeds, no packing,
+    latents / scaling_factor (+ shift_factor) into the decoder."""
+    settings = request.settings
+    return DenoisePlan(rows=request.batch, noise_shape=latent_shape(f, request.batch, settings.height, settings.width),
+                       feeds=feeds, guidance=guidance_of(request), scaling_factor=float(f.vae_scaling_factor),
+                       shift_factor=float(f.vae_shift_factor or 0.0))

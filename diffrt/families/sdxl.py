@@ -9,7 +9,9 @@ The torch side is export/sdxl.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
 from diffrt.families import sd
+from diffrt.families.base import DenoisePlan, facts_from_json
 from diffrt.families.presets import Preset
 
 NAME = "sdxl"
@@ -35,6 +38,8 @@ TINY_VARIANT = sd.TINY_VARIANT
 TINY_VAE_DECODER = sd.TINY_VAE_DECODER
 TOKENIZER_OF = {TEXT_ENCODER: "tokenizer", TEXT_ENCODER_2: "tokenizer_2"}
 DECODER_MEMORY_FACTS = sd.DECODER_MEMORY_FACTS
+# Options a base hands on to a refiner with its latents.
+HANDOFF_OPTIONS: tuple[str, ...] = ("prompt_2", "negative_prompt_2")
 
 # latent-consistency/lcm-sdxl's model card: guidance_scale=8.0 with its guidance embedding.
 LCM_GUIDANCE_SCALE = 8.0
@@ -82,40 +87,128 @@ PRESETS = {
 }
 
 # Request options only this family takes (diffusers' argument names).
+PROMPT_OPTIONS = HANDOFF_OPTIONS
 SIZE_OPTIONS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                 "negative_crops_coords_top_left", "negative_target_size")
 SCORE_OPTIONS = ("aesthetic_score", "negative_aesthetic_score")
 CONDITIONING_OPTIONS = (*SIZE_OPTIONS, *SCORE_OPTIONS)
 
-uses_cfg = sd.uses_cfg
-min_activation_bytes = sd.min_activation_bytes
 guidance_scale_embedding = sd.guidance_scale_embedding
 
 
-def stages(model: Mapping[str, Any]) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class Facts:
+    """What the runtime knows of an SDXL base or refiner checkpoint, written by the
+    exporter (export/sdxl.py) under the manifest's `model`."""
+
+    text_encoders: tuple[str, ...]
+    """The text encoder roles this checkpoint has (a refiner: only text_encoder_2)."""
+    text_max_length: int
+    text_hidden_size_2: int
+    projection_dim: int
+    cross_attention_dim: int
+    time_ids: int
+    """5 (refiner: sizes + crops + aesthetic score) or 6 (sizes + crops + target size)."""
+    pipeline: str
+    """"text2img" (base) or "img2img" (refiner)."""
+    requires_aesthetics_score: bool
+    force_zeros_for_empty_prompt: bool
+    latent_channels: int
+    sample_size: int
+    vae_scale_factor: int
+    vae_scaling_factor: float
+    size_multiple: int
+    text_hidden_size: int | None = None
+    """The first (CLIP ViT-L) encoder's width; None for a refiner, which has none."""
+    time_cond_proj_dim: int | None = None
+    vae_force_upcast: bool = True
+    num_upsamplers: int | None = None
+    upcast_attention: bool = False
+    vae_latent_channels: int | None = None
+    vae_shift_factor: float | None = None
+    vae_decoder_channels: int | None = None
+    vae_mid_attention: bool | None = None
+    unet_first_attention_level: int | None = None
+    unet_first_attention_heads: int | None = None
+    unet_first_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
+
+    @property
+    def noise_channels(self) -> int:
+        return self.vae_latent_channels or self.latent_channels
+
+
+@dataclass(frozen=True)
+class Options:
+    """SDXL's request options, with diffusers' names: the second encoder's prompts (None:
+    the first's), the size/crop micro-conditioning, and a refiner's aesthetic scores
+    (None: diffusers' defaults)."""
+
+    prompt_2: tuple[str, ...] | None = None
+    negative_prompt_2: tuple[str, ...] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+
+
+def facts(model: Mapping[str, Any]) -> Facts:
+    """The manifest's `model` dict as typed facts (unknown or missing keys refused)."""
+    return facts_from_json(Facts, model)
+
+
+def _f(model: Any) -> Facts:
+    return model if isinstance(model, Facts) else facts(model)
+
+
+def uses_cfg(model: Any, guidance_scale: float) -> bool:
+    return sd.uses_cfg(_f(model), guidance_scale)
+
+
+def activation_terms(model: Any, height: int, width: int, batch: int, do_cfg: bool,
+                     attention_scores: bool) -> dict[str, int]:
+    return sd.activation_terms(_f(model), height, width, batch, do_cfg, attention_scores)
+
+
+def min_activation_bytes(model: Any, height: int, width: int, batch: int, do_cfg: bool,
+                         attention_scores: bool) -> tuple[int, str]:
+    return sd.min_activation_bytes(_f(model), height, width, batch, do_cfg, attention_scores)
+
+
+def latent_shape(model: Any, batch: int, height: int, width: int) -> tuple[int, ...]:
+    return sd.latent_shape(_f(model), batch, height, width)
+
+
+def stages(model: Any) -> tuple[str, ...]:
     """Every stage the checkpoint exports (the refiner has no first text encoder)."""
-    return (*model["text_encoders"], DENOISER, VAE_DECODER, VAE_ENCODER)
+    return (*_f(model).text_encoders, DENOISER, VAE_DECODER, VAE_ENCODER)
 
 
-def runtime_roles(model: Mapping[str, Any]) -> tuple[str, ...]:
+def runtime_roles(model: Any) -> tuple[str, ...]:
     """The stages a generation loads (the VAE encoder is for img2img from pixels)."""
-    return (*model["text_encoders"], DENOISER, VAE_DECODER)
+    return (*_f(model).text_encoders, DENOISER, VAE_DECODER)
 
 
-def tokenizers(model: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(TOKENIZER_OF[role] for role in model["text_encoders"])
+def tokenizers(model: Any) -> tuple[str, ...]:
+    return tuple(TOKENIZER_OF[role] for role in _f(model).text_encoders)
 
 
-def takes_image(model: Mapping[str, Any]) -> bool:
+def takes_image(model: Any) -> bool:
     """The refiner continues latents it is given; it does not start from noise."""
-    return model["pipeline"] == "img2img"
+    return _f(model).pipeline == "img2img"
 
 
-def keeps_fp32(model: Mapping[str, Any], spec) -> str:
+def keeps_fp32(model: Any, spec) -> str:
     """Why a stage is exported in fp32 only ("" = it gets half-precision graphs too):
     the checkpoint's own VAE when its config says `force_upcast` (SDXL's overflows in
     fp16; diffusers upcasts it to fp32). A tiny VAE (taesdxl) is fp16-safe."""
-    if model.get("vae_force_upcast") and spec.role in (VAE_DECODER, VAE_ENCODER) and spec.variant != TINY_VARIANT:
+    if _f(model).vae_force_upcast and spec.role in (VAE_DECODER, VAE_ENCODER) and spec.variant != TINY_VARIANT:
         return "the VAE overflows in fp16 (force_upcast): diffusers runs it in fp32"
     return ""
 
@@ -124,25 +217,26 @@ def default_preset(pipeline_class: str) -> str:
     return "full-30step"
 
 
-def preset_guidance(preset: Preset, model: Mapping[str, Any]) -> float:
-    return sd.preset_guidance(preset, model, LCM_GUIDANCE_SCALE)
+def preset_guidance(preset: Preset, model: Any) -> float:
+    return sd.preset_guidance(preset, _f(model), LCM_GUIDANCE_SCALE)
 
 
-def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
-    seq = int(model["text_max_length"])
-    channels = int(model["latent_channels"])
+def stage_io(model: Any) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+    f = _f(model)
+    seq = int(f.text_max_length)
+    channels = int(f.noise_channels)
     latent = ("batch", channels, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
     ids = (TensorSpec("input_ids", "int64", ("batch", seq)),)
-    unet_inputs = sd.denoiser_inputs(model, added=(
-        TensorSpec("text_embeds", "float32", ("batch", int(model["projection_dim"]))),
-        TensorSpec("time_ids", "float32", ("batch", int(model["time_ids"]))),
+    unet_inputs = sd.denoiser_inputs(f, added=(
+        TensorSpec("text_embeds", "float32", ("batch", int(f.projection_dim))),
+        TensorSpec("time_ids", "float32", ("batch", int(f.time_ids))),
     ))
     io = {
         # penultimate hidden states (SDXL conditions on the layer before the last)
         TEXT_ENCODER_2: (ids, (
-            TensorSpec("hidden_states", "float32", ("batch", seq, int(model["text_hidden_size_2"]))),
-            TensorSpec("text_embeds", "float32", ("batch", int(model["projection_dim"]))),
+            TensorSpec("hidden_states", "float32", ("batch", seq, int(f.text_hidden_size_2))),
+            TensorSpec("text_embeds", "float32", ("batch", int(f.projection_dim))),
         )),
         DENOISER: (unet_inputs, (TensorSpec("out_sample", "float32", latent),)),
         VAE_DECODER: ((TensorSpec("latent_sample", "float32", latent),), (TensorSpec("sample", "float32", image),)),
@@ -150,41 +244,48 @@ def stage_io(model: Mapping[str, Any]) -> dict[str, tuple[tuple[TensorSpec, ...]
                       (TensorSpec("latent_parameters", "float32", ("batch", 2 * channels, "latent_height",
                                                                    "latent_width")),)),
     }
-    if TEXT_ENCODER in model["text_encoders"]:  # a refiner has only the second
-        hidden = int(model["text_hidden_size"])
-        io[TEXT_ENCODER] = (ids, (TensorSpec("hidden_states", "float32", ("batch", seq, hidden)),))
-    return {role: io[role] for role in stages(model)}
+    if TEXT_ENCODER in f.text_encoders:  # a refiner has only the second
+        io[TEXT_ENCODER] = (ids, (TensorSpec("hidden_states", "float32", ("batch", seq, int(f.text_hidden_size))),))
+    return {role: io[role] for role in stages(f)}
 
 
-def encodes_negative(model: Mapping[str, Any], do_cfg: bool, negative_given: bool) -> bool:
+def encodes_negative(model: Any, do_cfg: bool, negative_given: bool) -> bool:
     """Whether the text encoders run on negative prompts: with CFG, unless no negative
     prompt was given and the checkpoint zeroes the negative embeddings instead
     (`force_zeros_for_empty_prompt`, true for SDXL base)."""
-    return do_cfg and (negative_given or not model["force_zeros_for_empty_prompt"])
+    return do_cfg and (negative_given or not _f(model).force_zeros_for_empty_prompt)
 
 
-def stage_profiles(
-    model: Mapping[str, Any], height: int, width: int, batch: int, do_cfg: bool, prompts: int = 1
-) -> dict[str, dict[str, int]]:
+def stage_profiles(model: Any, height: int, width: int, batch: int, do_cfg: bool,
+                   prompts: int = 1) -> dict[str, dict[str, int]]:
     """Named dims per runtime stage for one request shape (no negative prompt given)."""
-    factor = int(model["vae_scale_factor"])
+    f = _f(model)
+    factor = int(f.vae_scale_factor)
     latent = {"latent_height": height // factor, "latent_width": width // factor}
-    text = 2 * prompts if encodes_negative(model, do_cfg, False) else prompts
-    profiles = {role: {"batch": text} for role in model["text_encoders"]}
+    text = 2 * prompts if encodes_negative(f, do_cfg, False) else prompts
+    profiles = {role: {"batch": text} for role in f.text_encoders}
     profiles[DENOISER] = {"batch": (2 if do_cfg else 1) * batch, **latent}
     profiles[VAE_DECODER] = {"batch": batch, **latent}
     return profiles
 
 
-def check_options(model: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the size/crop/aesthetic conditioning a request gives; one-line errors."""
-    checked = {}
-    aesthetic = bool(model["requires_aesthetics_score"])
-    for key, value in options.items():
+def check_options(model: Any, options: Mapping[str, Any], prompts: int = 1) -> Options:
+    """Validate SDXL's own request options (None: not given); one-line errors naming the
+    option. `prompts`: how many prompts the request has (prompt_2 lists must match)."""
+    f = _f(model)
+    accepted = [field.name for field in dataclasses.fields(Options)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise DiffrtError(f"{', '.join(unknown)}: not an option of SDXL artifacts; they take {', '.join(accepted)}")
+    checked: dict[str, Any] = {}
+    for key in PROMPT_OPTIONS:
+        checked[key] = second_prompts(key, options.get(key), prompts)
+    for key in (*SIZE_OPTIONS, *SCORE_OPTIONS):
+        value = options.get(key)
         if value is None:
             continue
         if key in SCORE_OPTIONS:
-            if not aesthetic:
+            if not f.requires_aesthetics_score:
                 raise DiffrtError(f"{key} is for a refiner (aesthetic-score) checkpoint; this one conditions on "
                                   "target_size instead")
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
@@ -192,17 +293,30 @@ def check_options(model: Mapping[str, Any], options: Mapping[str, Any]) -> dict[
                 raise DiffrtError(f"{key} must be a number, got {value!r}")
             checked[key] = float(value)
             continue
-        if aesthetic and key in ("target_size", "negative_target_size"):
+        if f.requires_aesthetics_score and key in ("target_size", "negative_target_size"):
             raise DiffrtError(f"{key} is not used by a refiner (aesthetic-score) checkpoint; use aesthetic_score")
         pair = tuple(value) if isinstance(value, (tuple, list)) else None
         if pair is None or len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                                                      and v >= 0 for v in pair):
             raise DiffrtError(f"{key} must be two non-negative integers (height, width) or (top, left), got {value!r}")
         checked[key] = (int(pair[0]), int(pair[1]))
-    return checked
+    return Options(**checked)
 
 
-def add_time_ids(model: Mapping[str, Any], options: Mapping[str, Any], height: int, width: int,
+def second_prompts(name: str, value: Any, count: int) -> tuple[str, ...] | None:
+    """prompt_2 / negative_prompt_2: None, "" or [] mean "the same as the first"
+    (diffusers' `prompt_2 or prompt`); a string applies to every prompt."""
+    if not value:
+        return None
+    if isinstance(value, str):
+        return (value,) * count
+    items = list(value) if isinstance(value, Sequence) else None
+    if items is None or len(items) != count or not all(isinstance(v, str) for v in items):
+        raise DiffrtError(f"{name} must be a string or a list of {count} strings (one per prompt)")
+    return tuple(items)
+
+
+def add_time_ids(model: Any, options: Options, height: int, width: int,
                  batch: int, do_cfg: bool) -> np.ndarray:
     """The UNet's `time_ids` rows, as diffusers builds them.
 
@@ -215,51 +329,53 @@ def add_time_ids(model: Mapping[str, Any], options: Mapping[str, Any], height: i
     Refiner (img2img): original_size + crops + (aesthetic_score,), negatives with
     negative_aesthetic_score; each repeated per image, then [negatives, positives].
     """
-    original = options.get("original_size", (height, width))
-    crops = options.get("crops_coords_top_left", (0, 0))
-    target = options.get("target_size", (height, width))
-    neg_crops = options.get("negative_crops_coords_top_left", (0, 0))
-    if model["pipeline"] == "img2img":
-        neg_original = options.get("negative_original_size", original)
-        if model["requires_aesthetics_score"]:
-            pos = [*original, *crops, options.get("aesthetic_score", AESTHETIC_SCORE)]
-            neg = [*neg_original, *neg_crops, options.get("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE)]
+    f = _f(model)
+    given = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
+    original = given.get("original_size", (height, width))
+    crops = given.get("crops_coords_top_left", (0, 0))
+    target = given.get("target_size", (height, width))
+    neg_crops = given.get("negative_crops_coords_top_left", (0, 0))
+    if f.pipeline == "img2img":
+        neg_original = given.get("negative_original_size", original)
+        if f.requires_aesthetics_score:
+            pos = [*original, *crops, given.get("aesthetic_score", AESTHETIC_SCORE)]
+            neg = [*neg_original, *neg_crops, given.get("negative_aesthetic_score", NEGATIVE_AESTHETIC_SCORE)]
         else:  # diffusers uses the positive crops in the negative row here
             pos = [*original, *crops, *target]
-            neg = [*neg_original, *crops, *options.get("negative_target_size", target)]
+            neg = [*neg_original, *crops, *given.get("negative_target_size", target)]
         rows = np.repeat(np.array([pos], dtype=np.float32), batch, axis=0)
         if not do_cfg:
             return rows
         return np.concatenate([np.repeat(np.array([neg], dtype=np.float32), batch, axis=0), rows])
     pos = [*original, *crops, *target]
     neg = pos
-    if "negative_original_size" in options and "negative_target_size" in options:
-        neg = [*options["negative_original_size"], *neg_crops, *options["negative_target_size"]]
+    if "negative_original_size" in given and "negative_target_size" in given:
+        neg = [*given["negative_original_size"], *neg_crops, *given["negative_target_size"]]
     pair = np.array([neg, pos] if do_cfg else [pos], dtype=np.float32)
     return np.tile(pair, (batch, 1))
 
 
-def denoiser_conditioning(
-    encode: Callable[[str, list[str]], Mapping[str, np.ndarray]], model: Mapping[str, Any], request
-) -> dict[str, np.ndarray]:
-    """The denoiser inputs other than sample/timestep, for one batched call per step:
-    hidden states of both encoders concatenated on the feature axis, the bigG
-    encoder's pooled `text_embeds`, the `time_ids`, and LCM's guidance embedding.
+def prepare(model: Any, request, encode: Callable[[str, list[str]], Mapping[str, np.ndarray]]) -> DenoisePlan:
+    """The denoise plan of one request: the UNet inputs other than sample/timestep —
+    hidden states of both encoders concatenated on the feature axis, the bigG encoder's
+    pooled `text_embeds`, the `time_ids`, and LCM's guidance embedding — with batched CFG.
 
     `prompt_2`/`negative_prompt_2` go to the second encoder (default: the first's;
     a refiner has one encoder, which takes `prompt`);
     with CFG and no negative prompt, a `force_zeros_for_empty_prompt` checkpoint uses
     zero negative embeddings (diffusers' rule), others encode "".
     """
+    f = _f(model)
     settings = request.settings
-    do_cfg = uses_cfg(model, settings.guidance_scale)
+    do_cfg = request.do_cfg
+    options = request.options
     prompts = list(request.prompts)
-    prompts_2 = list(request.prompts_2 or prompts)
+    prompts_2 = list(options.prompt_2 or prompts)
     negatives = list(request.negative_prompts)
-    negatives_2 = list(request.negative_prompts_2 or negatives)
-    with_negative = encodes_negative(model, do_cfg, request.negative_given)
+    negatives_2 = list(options.negative_prompt_2 or negatives)
+    with_negative = encodes_negative(f, do_cfg, request.negative_given)
     hidden, pooled = [], None
-    for index, role in enumerate(model["text_encoders"]):
+    for index, role in enumerate(f.text_encoders):
         # diffusers zips [prompt, prompt_2] with the encoders it has: a refiner's only
         # encoder (bigG) gets `prompt`, not `prompt_2`
         texts = prompts_2 if index == 1 else prompts
@@ -278,10 +394,9 @@ def denoiser_conditioning(
     feeds = {
         "encoder_hidden_states": np.repeat(embeds, count, axis=0),
         "text_embeds": np.repeat(pooled, count, axis=0),
-        "time_ids": add_time_ids(model, request.options, settings.height, settings.width, batch, do_cfg),
+        "time_ids": add_time_ids(f, options, settings.height, settings.width, batch, do_cfg),
     }
-    dim = model.get("time_cond_proj_dim")
-    if dim:
+    if f.time_cond_proj_dim:
         w = np.full((batch,), settings.guidance_scale - 1.0, dtype=np.float32)
-        feeds["timestep_cond"] = guidance_scale_embedding(w, int(dim))
-    return feeds
+        feeds["timestep_cond"] = guidance_scale_embedding(w, int(f.time_cond_proj_dim))
+    return sd.unet_plan(f, request, feeds)

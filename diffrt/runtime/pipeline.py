@@ -32,21 +32,22 @@ from diffrt.artifacts import (
 )
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
-from diffrt.runtime import arrays
+from diffrt.families.base import DenoisePlan, stack_plans
 from diffrt.runtime.backends import Session, get_backend
+from diffrt.runtime.denoise import denoise, device_plan
 from diffrt.runtime.images import postprocess, to_pil
 from diffrt.runtime.request import (
+    Request,
     Settings,
     check_count,
     check_guidance,
     check_memory,
-    check_scheduler,
     check_size,
     make_request,
     read_scheduler_config,
     resolve_settings,
 )
-from diffrt.runtime.schedulers import Scheduler, plan_window
+from diffrt.runtime.schedulers import plan_window
 from diffrt.runtime.tokenizers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,11 @@ class Pipeline:
         self.manifest = manifest
         self.backend = backend
         self.family = get_family(manifest.family)
+        self.facts = self.family.facts(manifest.model)
         self._sessions = sessions
-        roles = [r for r in self.family.runtime_roles(manifest.model) if r in self.family.TOKENIZER_OF]
+        roles = [r for r in self.family.runtime_roles(self.facts) if r in self.family.TOKENIZER_OF]
         self.tokenizers = {role: CLIPTokenizer.from_dir(folder / self.family.TOKENIZER_OF[role]) for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
-        self._schedulers: dict[tuple[str, tuple], Scheduler] = {}
 
     @classmethod
     def load(
@@ -139,7 +140,7 @@ class Pipeline:
         family = get_family(manifest.family)
         profiles = _profiles(manifest, family, prepare or {})
         engine = get_backend(backend, cache_dir=cache_root, **backend_options)
-        specs = _select_stages(manifest, family, engine, graph_precision, attention)
+        specs = select_stages(manifest, family, engine, graph_precision, attention)
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
         if mode == "stamp" and not getattr(engine, "reads_graphs", True):
             mode = "size"  # the torch backend never opens the ONNX files: do not hash GBs of them
@@ -163,16 +164,55 @@ class Pipeline:
     def presets(self) -> dict[str, Preset]:
         return self.family.PRESETS
 
-    def _scheduler(self, name: str, overrides: tuple[tuple[str, Any], ...] = ()) -> Scheduler:
-        key = (name, overrides)
-        if key not in self._schedulers:
-            self._schedulers[key] = check_scheduler(name, self.scheduler_config, dict(overrides))
-        return self._schedulers[key]
-
-    def resolve(self, preset=None, scheduler=None, num_inference_steps=None, guidance_scale=None, height=None, width=None) -> Settings:
+    def resolve(self, preset=None, scheduler=None, num_inference_steps=None, guidance_scale=None, height=None,
+                width=None) -> Settings:
         """Explicit arguments win over the preset, the preset over the checkpoint's defaults."""
         return resolve_settings(self.manifest, self.scheduler_config, preset, scheduler, num_inference_steps,
                                 guidance_scale, height, width)
+
+    # -- requests -----------------------------------------------------------------
+
+    def request(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        preset: str | None = None,
+        latents: np.ndarray | None = None,
+        output_type: str = "pil",
+        vae: str | None = None,
+        *,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        image: np.ndarray | None = None,
+        **options: Any,
+    ) -> Request:
+        """Validate a generation once, before any work: a `Request` for `generate`.
+        `options` are the family's own (SDXL: prompt_2, negative_prompt_2,
+        original_size, crops_coords_top_left, target_size, their negative_ forms,
+        aesthetic_score, negative_aesthetic_score); an unknown one is a one-line error
+        naming those accepted. A request whose activations cannot fit in the memory
+        available is refused here too."""
+        request = make_request(self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps,
+                               guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
+                               latents, output_type, vae, denoising_start=denoising_start,
+                               denoising_end=denoising_end, image=image, **options)
+        check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
+        return request
+
+    def batch_key(self, request: Request) -> tuple:
+        """What requests must share to run in the same denoiser calls (`generate`): the
+        size, steps, scheduler (with a preset's config), guidance mode (CFG or not), the
+        decoder and the part of the schedule."""
+        s = request.settings
+        return (s.height, s.width, s.num_inference_steps, s.scheduler, s.scheduler_config, request.do_cfg,
+                request.vae, request.denoising_start, request.denoising_end)
 
     # -- generation -------------------------------------------------------------
 
@@ -194,23 +234,14 @@ class Pipeline:
         generator: np.random.Generator | None = None,
         vae: str | None = None,
         *,
-        prompt_2: str | Sequence[str] | None = None,
-        negative_prompt_2: str | Sequence[str] | None = None,
-        original_size: tuple[int, int] | None = None,
-        crops_coords_top_left: tuple[int, int] | None = None,
-        target_size: tuple[int, int] | None = None,
-        negative_original_size: tuple[int, int] | None = None,
-        negative_crops_coords_top_left: tuple[int, int] | None = None,
-        negative_target_size: tuple[int, int] | None = None,
-        aesthetic_score: float | None = None,
-        negative_aesthetic_score: float | None = None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
         image: np.ndarray | None = None,
         refiner: Pipeline | None = None,
         high_noise_frac: float | None = None,
+        **options: Any,
     ) -> PipelineOutput:
-        """Generate images.
+        """Generate images, diffusers-style: `pipe.request(...)` then `pipe.generate([...])`.
 
         `callback(step, total)` is called after every denoiser call with the number of
         requested steps completed so far (PNDM makes one call more than it has steps);
@@ -224,226 +255,127 @@ class Pipeline:
         `vae`: the decoder variant, "default" (the checkpoint's VAE) or "tiny" when the
         artifact was exported with a tiny VAE (AutoencoderTiny / TAESD).
         `output_type="latent"` returns the latents undecoded (to hand to a refiner).
+        `options`: the family's own (see `request`).
 
-        SDXL (diffusers' names and defaults): `prompt_2`/`negative_prompt_2` for the
-        second text encoder, the size/crop micro-conditioning, and for a refiner
-        artifact `aesthetic_score`/`negative_aesthetic_score`. `denoising_end` stops a
-        base model part-way (with output_type="latent"); a refiner continues those
-        latents (`image=`) from `denoising_start`. Or in one call: `refiner=` a loaded
-        refiner Pipeline and `high_noise_frac` (default 0.8): the base denoises the first
-        80% of the schedule, the refiner the rest, in latent space, and decodes.
+        A base/refiner ensemble (SDXL): `denoising_end` stops a base model part-way
+        (with output_type="latent"); a refiner continues those latents (`image=`) from
+        `denoising_start`. Or in one call: `refiner=` a loaded refiner Pipeline and
+        `high_noise_frac` (default 0.8): the base denoises the first 80% of the
+        schedule, the refiner the rest, in latent space, and decodes.
         """
+        call = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, height=height, width=width,
+                    num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler, preset=preset,
+                    latents=latents, vae=vae, denoising_start=denoising_start, image=image, **options)
+        if refiner is None:
+            if high_noise_frac is not None:
+                raise DiffrtError("high_noise_frac is where a refiner takes over; pass refiner= too")
+            request = self.request(output_type=output_type, denoising_end=denoising_end, **call)
+            return self.generate([request], progress=callback, generator=generator)[0]
+        if not isinstance(refiner, Pipeline) or not refiner.family.takes_image(refiner.facts):
+            raise DiffrtError("refiner= must be a loaded refiner Pipeline (an exported "
+                              "StableDiffusionXLImg2ImgPipeline checkpoint)")
+        if denoising_end is not None:
+            raise DiffrtError("with refiner=, give high_noise_frac (where the refiner takes over), not denoising_end")
+        base = self.request(output_type="latent", denoising_end=0.8 if high_noise_frac is None else high_noise_frac,
+                            **call)
+        second = handoff_request(self.manifest, base, refiner.manifest, refiner.scheduler_config, scheduler,
+                                 output_type)
+        return generate_with_refiner(self, refiner, base, second, progress=callback, generator=generator)
+
+    def generate(self, requests: Sequence[Request], progress: Callable[[int, int], None] | None = None,
+                 generator: Any = None) -> list[PipelineOutput]:
+        """Run requests that share a `batch_key` in one batch (one denoiser call per
+        step, one decoder call) and return one PipelineOutput per request, in order.
+        Each keeps its own prompts, negative prompts, guidance scale, options and seeds:
+        its images are the ones it gets alone. `progress(step, total)` as in `__call__`;
+        `generator` replaces the per-image seeds with one shared noise stream."""
         started = time.perf_counter()
-        latents = None if latents is None else np.asarray(latents, dtype=np.float32)
-        options = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-                       target_size=target_size, negative_original_size=negative_original_size,
-                       negative_crops_coords_top_left=negative_crops_coords_top_left,
-                       negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
-                       negative_aesthetic_score=negative_aesthetic_score)
-        takes_image = self.family.takes_image(self.manifest.model)
-        if takes_image:
-            if latents is not None:
-                raise DiffrtError("latents= is initial noise; a refiner starts from a base model's latents: "
-                                  "pass them as image=")
-            image, height, width = self._check_image(image, denoising_start, height, width)
-        elif image is not None:
-            raise DiffrtError("image= is for a refiner artifact (it continues a base model's latents); "
-                              "this artifact generates from noise")
-        if refiner is not None:
-            if not isinstance(refiner, Pipeline) or not refiner.family.takes_image(refiner.manifest.model):
-                raise DiffrtError("refiner= must be a loaded refiner Pipeline (an exported "
-                                  "StableDiffusionXLImg2ImgPipeline checkpoint)")
-            if denoising_end is not None:
-                raise DiffrtError("with refiner=, give high_noise_frac (where the refiner takes over), "
-                                  "not denoising_end")
-            denoising_end = 0.8 if high_noise_frac is None else high_noise_frac
-        elif high_noise_frac is not None:
-            raise DiffrtError("high_noise_frac is where a refiner takes over; pass refiner= too")
-        # 1. Check every input before doing any work.
-        request = make_request(
-            self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps, guidance_scale,
-            height, width, num_images_per_prompt, seed, scheduler, preset,
-            "latent" if refiner is not None else output_type, vae, prompt_2=prompt_2,
-            negative_prompt_2=negative_prompt_2, options=options, denoising_start=denoising_start,
-            denoising_end=denoising_end,
-        )
-        if refiner is not None:  # the refiner's own checks, before the base spends any time
-            # the same steps and guidance as the base; its own scheduler unless one was named
-            refiner_args = dict(prompt=prompt, negative_prompt=negative_prompt,
-                                num_inference_steps=request.settings.num_inference_steps,
-                                guidance_scale=request.settings.guidance_scale,
-                                num_images_per_prompt=num_images_per_prompt, scheduler=scheduler,
-                                output_type=output_type, vae=vae, prompt_2=prompt_2,
-                                negative_prompt_2=negative_prompt_2, denoising_start=request.denoising_end)
-            refiner_request = make_request(refiner.manifest, refiner.scheduler_config, height=request.settings.height,
-                                           width=request.settings.width, **refiner_args)
-            check_memory(refiner.manifest, refiner_request, weights_loaded=True,
-                         attention_scores=refiner._materializes_attention())
-        check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
-        settings = request.settings
-        model = self.manifest.model
-        factor = int(model["vae_scale_factor"])
-        shape = (request.batch, int(model["latent_channels"]), settings.height // factor, settings.width // factor)
-        for name, array in (("latents", latents), ("image", image)):
-            if array is not None and array.shape != shape:
-                raise DiffrtError(f"{name} must have shape {shape} for this batch and size, got {array.shape}")
-        rng = generator if generator is not None else PerImageNoise(request.seed, request.batch)
-
-        if refiner is not None:
-            sample, timings = self._denoise_request([request], latents, None, rng, callback)
-            refined = refiner(image=self._to_host(sample), generator=rng, callback=callback, **refiner_args)
-            timings["refiner"] = refined.timings
-            timings["vae_decoder"] = refined.timings.get("vae_decoder", 0.0)
-            timings["total"] = time.perf_counter() - started
-            return PipelineOutput(images=refined.images, timings=timings,
-                                  seed=None if generator is not None else request.seed, settings=settings)
-        sample, timings = self._denoise_request([request], latents, image, rng, callback)
-
-        # 5. Decode (or hand the latents on).
-        images = self._decode(sample, request.vae, output_type, timings)
-        timings["total"] = time.perf_counter() - started
-        return PipelineOutput(images=images, timings=timings,
-                              seed=None if generator is not None else request.seed, settings=settings)
-
-    def _decode(self, sample: Any, vae: str, output_type: str, timings: dict[str, Any]) -> Any:
-        """Latents -> float32 NHWC images in [0, 1] on the host ("np"), PIL images
-        ("pil"), or the latents themselves on the host ("latent")."""
-        if output_type == "latent":
-            return _check_finite(self._to_host(sample), "latents")
-        t0 = time.perf_counter()
-        decoder = self._sessions[_decoder_key(self.family, vae)]
-        facts = decoder.spec.facts
-        scaling = np.float32(facts.get("scaling_factor", self.manifest.model["vae_scaling_factor"]))
-        latent = sample / scaling + np.float32(facts.get("shift_factor", 0.0))
-        decoded = decoder.run({"latent_sample": latent})["sample"]
-        images = postprocess(_check_finite(self._to_host(decoded), "decoded images"))  # the one device -> host copy
-        timings["vae_decoder"] = time.perf_counter() - t0
-        return to_pil(images) if output_type == "pil" else images
-
-    # -- batching across requests (the server's dynamic batching) -----------------
-
-    def batch_key(self, **call: Any) -> tuple:
-        """What a call must share with others to run in the same denoiser calls: the
-        resolved size, steps, scheduler (with a preset's config) and guidance mode (CFG
-        or not), plus the decoder. Calls with equal keys can go to `generate_batch`
-        together. Raises DiffrtError on a call that is invalid (as calling it would),
-        including one whose activations cannot fit in the memory available."""
-        request = self._request_of(call)
-        check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
-        return self._key_of(request)
-
-    def _key_of(self, request) -> tuple:
-        settings = request.settings
-        do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
-        return (settings.height, settings.width, settings.num_inference_steps, settings.scheduler,
-                settings.scheduler_config, do_cfg, request.vae)
-
-    def generate_batch(self, calls: Sequence[Mapping[str, Any]],
-                       callback: Callable[[int, int], None] | None = None) -> list[PipelineOutput]:
-        """Run several calls (each a dict of `__call__` keyword arguments, with equal
-        `batch_key`s) and return one PipelineOutput per call, in order. Each call keeps
-        its own prompts, negative prompts, guidance scale and seed; its images are the
-        ones it gets when called alone. `callback(step, total)` as in `__call__`."""
-        started = time.perf_counter()
-        if not calls:
+        requests = list(requests)
+        if not requests:
             return []
-        requests = [self._request_of(call) for call in calls]
-        if len({self._key_of(request) for request in requests}) > 1:
-            raise DiffrtError("generate_batch: the calls differ in size, steps, scheduler, guidance mode or VAE; "
-                              "group them by batch_key()")
+        if len({self.batch_key(r) for r in requests}) > 1:
+            raise DiffrtError("generate: the requests differ in size, steps, scheduler, guidance mode, VAE or "
+                              "schedule window; group them by batch_key()")
+        if len(requests) > 1 and any(r.latents is not None or r.image is not None for r in requests):
+            raise DiffrtError("requests with latents= or image= run alone: give generate() one of them")
         first = requests[0]
         rows = tuple(p for r in requests for p in r.prompts for _ in range(r.num_images_per_prompt))
-        negatives = tuple(p for r in requests for p in r.negative_prompts for _ in range(r.num_images_per_prompt))
-        # the whole batch's memory (a bound on each request's too)
-        check_memory(self.manifest, dataclasses.replace(first, prompts=rows, negative_prompts=negatives,
+        # the whole batch's memory (a bound on each request's too), now that the graphs are known
+        check_memory(self.manifest, dataclasses.replace(first, prompts=rows, negative_prompts=rows,
                                                         num_images_per_prompt=1),
                      weights_loaded=True, attention_scores=self._materializes_attention())
         # image j of request r draws from default_rng(seed_r + j), exactly as alone
-        rng = PerImageNoise.from_seeds([r.seed + j for r in requests for j in range(r.batch)])
-        sample, timings = self._denoise_request(requests, None, None, rng, callback)
-        timings["batch_images"] = int(sample.shape[0])
+        rng = generator if generator is not None else PerImageNoise.from_seeds(
+            [r.seed + j for r in requests for j in range(r.batch)])
+        sample, plan, timings = self._denoise(requests, rng, progress)
+        if len(requests) > 1:
+            timings["batch_images"] = int(plan.rows)
         # One decoder call for the whole batch (the VAE is half the work of a few-step
-        # pipeline); the latents go to the host only if a call asked for them.
-        kinds = {request.output_type for request in requests}
-        decoded = self._decode(sample, first.vae, "np", timings) if kinds - {"latent"} else None
-        latents = _check_finite(self._to_host(sample), "latents") if "latent" in kinds else None
+        # pipeline); the latents go to the host only if a request asked for them.
+        kinds = {r.output_type for r in requests}
+        decoded = self._decode(sample, plan, first.vae, timings) if kinds - {"latent"} else None
+        latents = _check_finite(self._to_host(plan.unpack(sample)), "latents") if "latent" in kinds else None
         outputs, start = [], 0
         for request in requests:
-            rows = slice(start, start + request.batch)
+            span = slice(start, start + request.batch)
             start += request.batch
             if request.output_type == "latent":
-                images = latents[rows]
+                images = latents[span]
             else:
-                images = to_pil(decoded[rows]) if request.output_type == "pil" else decoded[rows]
+                images = to_pil(decoded[span]) if request.output_type == "pil" else decoded[span]
             outputs.append(PipelineOutput(images=images, timings={**timings, "total": time.perf_counter() - started},
-                                          seed=request.seed, settings=request.settings))
+                                          seed=None if generator is not None else request.seed,
+                                          settings=request.settings))
         return outputs
 
-    def _request_of(self, call: Mapping[str, Any]):
-        known = {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
-                 "num_images_per_prompt", "seed", "scheduler", "preset", "output_type", "vae"}
-        unknown = set(call) - known
-        if unknown:
-            raise DiffrtError(f"batched calls take {', '.join(sorted(known))}; got {', '.join(sorted(unknown))}")
-        args = dict(call)
-        return make_request(self.manifest, self.scheduler_config, args.pop("prompt", None), **args)
-
-    def _check_image(self, image, denoising_start, height, width) -> tuple[np.ndarray, int, int]:
-        """A refiner's input: latents from a base model (output_type="latent") and the
-        fraction of the schedule the base ran; the size follows from the latents."""
-        if image is None or denoising_start is None:
-            raise DiffrtError("a refiner continues a base model's latents: pass image=<the base's latents, "
-                              "output_type='latent'> and denoising_start=<the base's denoising_end, e.g. 0.8> "
-                              "(or call the base with refiner=this pipeline)")
-        image = np.asarray(image, dtype=np.float32)
-        channels = int(self.manifest.model["latent_channels"])
-        if image.ndim != 4 or image.shape[1] != channels:
-            raise DiffrtError(f"image must be latents of shape (batch, {channels}, height/8, width/8) from a base "
-                              f"model's output_type='latent', got shape {image.shape}")
-        factor = int(self.manifest.model["vae_scale_factor"])
-        size = (image.shape[2] * factor, image.shape[3] * factor)
-        if (height, width) not in ((None, None), size):
-            raise DiffrtError(f"height/width {height}x{width} disagree with the image latents' size {size[0]}x{size[1]}; "
-                              "leave them out")
-        return image, size[0], size[1]
-
-    def _denoise_request(self, requests, latents, image, rng, callback) -> tuple[np.ndarray, dict[str, Any]]:
-        """Conditioning, initial latents and the denoising loop of one request, or of
-        several that share a batch_key (their rows one after the other); returns the
-        denoised latents (still scaled by the VAE's factor) and the timings so far."""
-        request = requests[0]
-        settings = request.settings
+    def _denoise(self, requests: list[Request], rng: Any, progress) -> tuple[Any, DenoisePlan, dict[str, Any]]:
+        """1-4: conditioning (the family's plan), initial latents, the denoising loop;
+        returns the denoised latents (packed, still scaled by the VAE's factor)."""
+        first = requests[0]
+        settings = first.settings
         timings: dict[str, Any] = {}
-        # 2. Conditioning: text embeddings (uncond + cond in one batch when using CFG).
-        # The family builds it on the host (small arrays); it goes to the device once.
+        # 1. The family's plan: conditioning built on the host (small arrays), moved to the device once.
         t0 = time.perf_counter()
-        do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
-        cond = _stack_conditioning([self.family.denoiser_conditioning(self._encode, self.manifest.model, r)
-                                    for r in requests], [r.batch for r in requests], do_cfg)
-        cond = {name: self._to_device(array) for name, array in cond.items()}
-        guidance = _row_guidance([r.settings.guidance_scale for r in requests], [r.batch for r in requests])
+        plan = stack_plans([self.family.prepare(self.facts, r, self._encode) for r in requests])
+        on_device = device_plan(plan, self._to_device)
         timings["text_encoder"] = time.perf_counter() - t0
+
+        # 2. The schedule (or the part of it this request runs).
+        try:
+            run = plan_window(first.scheduler, settings.num_inference_steps, first.denoising_start,
+                              first.denoising_end)
+        except ValueError as exc:
+            raise DiffrtError(str(exc)) from None
 
         # 3. Initial latents: noise scaled by the scheduler's initial sigma (as diffusers
         # does), or a base model's latents that a refiner continues as they are.
-        scheduler = self._scheduler(settings.scheduler, settings.scheduler_config)
-        try:
-            run = plan_window(scheduler, settings.num_inference_steps, request.denoising_start, request.denoising_end)
-        except ValueError as exc:
-            raise DiffrtError(str(exc)) from None
-        if image is not None:
-            sample = self._to_device(image)
+        if first.image is not None:
+            sample = self._to_device(plan.pack(first.image))
         else:
-            shape = (sum(r.batch for r in requests), int(self.manifest.model["latent_channels"]),
-                     *(size // int(self.manifest.model["vae_scale_factor"]) for size in (settings.height, settings.width)))
-            noise = latents if latents is not None else rng.standard_normal(shape, dtype=np.float32)
-            sample = self._to_device((noise * np.float32(run.init_noise_sigma)).astype(np.float32))
+            noise = first.latents if first.latents is not None else rng.standard_normal(plan.noise_shape,
+                                                                                         dtype=np.float32)
+            sample = self._to_device(plan.pack((noise * np.float32(run.init_noise_sigma)).astype(np.float32)))
 
-        # 4. Denoising loop: one batched denoiser call per step.
-        sample, timings["denoiser_calls"] = self._denoise(sample, cond, run, request, rng, callback,
-                                                          self._to_device(guidance) if guidance.ndim else guidance)
+        # 4. Denoising loop: one batched denoiser call per step. Progress counts requested
+        # steps: extra calls come first (PNDM's warm-up); a refiner continues the base's count.
+        steps = settings.num_inference_steps
+        windowed = first.denoising_start is not None or first.denoising_end is not None
+        extra = 0 if windowed else len(run.timesteps) - steps
+        done = steps - len(run.timesteps) if first.denoising_start is not None else 0
+        sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._sessions[self.family.DENOISER],
+                                                    rng, self._to_device, progress, (done, steps, extra))
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
-        return sample, timings
+        return sample, plan, timings
+
+    def _decode(self, sample: Any, plan: DenoisePlan, vae: str, timings: dict[str, Any]) -> np.ndarray:
+        """5. Latents -> float32 NHWC images in [0, 1] on the host."""
+        t0 = time.perf_counter()
+        decoder = self._sessions[_decoder_key(self.family, vae)]
+        decoded = decoder.run({"latent_sample": plan.to_decoder(sample, decoder.spec.facts)})["sample"]
+        images = postprocess(_check_finite(self._to_host(decoded), "decoded images"))  # the one device -> host copy
+        timings["vae_decoder"] = time.perf_counter() - t0
+        return images
 
     def _materializes_attention(self) -> bool:
         """Whether the UNet graph running here builds full attention score tensors: a
@@ -465,39 +397,6 @@ class Pipeline:
         to_host = getattr(self.backend, "to_host", None)
         return np.asarray(array) if to_host is None else to_host(array)
 
-    def _denoise(self, sample, cond, run, request, rng, callback, guidance) -> tuple[np.ndarray, list[float]]:
-        """`guidance`: the CFG scale, a float32 scalar, or one per row (batched requests)."""
-        settings = request.settings
-        unet = self._sessions[self.family.DENOISER]
-        do_cfg = self.family.uses_cfg(self.manifest.model, settings.guidance_scale)
-        call_times = []
-        # Progress counts requested steps. Schedulers that make more calls than steps make
-        # the extra ones first (PNDM's warm-up), so after call k, max(0, k - extra) of them
-        # are done. A base/refiner hand-off counts across both: the base's calls first.
-        windowed = request.denoising_start is not None or request.denoising_end is not None
-        steps = settings.num_inference_steps
-        extra = 0 if windowed else len(run.timesteps) - steps
-        done = steps - len(run.timesteps) if request.denoising_start is not None else 0
-        # Everything the loop touches lives where the backend computes (numpy on CPU; a
-        # GPU backend's device arrays): the sample, the conditioning, and every step's
-        # timestep row, moved once here. No host round trip per step.
-        xp = arrays.namespace(sample)
-        rows = sample.shape[0] * (2 if do_cfg else 1)
-        timesteps = self._to_device(np.repeat(run.timesteps.astype(np.float32)[:, None], rows, axis=1))
-        for i in range(len(run.timesteps)):
-            t0 = time.perf_counter()
-            model_input = xp.concat([sample, sample]) if do_cfg else sample
-            model_input = run.scale_model_input(model_input, i)
-            out = unet.run({"sample": model_input, "timestep": timesteps[i], **cond})["out_sample"]
-            if do_cfg:
-                uncond, text = out[: sample.shape[0]], out[sample.shape[0]:]
-                out = uncond + guidance * (text - uncond)
-            sample = run.step(out, i, sample, rng)
-            call_times.append(time.perf_counter() - t0)
-            if callback is not None:
-                callback(max(0, done + i + 1 - extra), steps)
-        return sample, call_times
-
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
@@ -510,6 +409,47 @@ class Pipeline:
         self.close()
 
 
+def handoff_request(base_manifest: Manifest, base: Request, refiner_manifest: Manifest,
+                    refiner_scheduler_config: Mapping[str, Any], scheduler: str | None = None,
+                    output_type: str = "pil") -> Request:
+    """The refiner's request of a base/refiner ensemble, validated before the base runs:
+    the base's prompts, steps, guidance, size and decoder; its own scheduler unless one
+    was named; the options the family hands on (SDXL's prompt_2); starting where the
+    base stops (its denoising_end). Its `image` is a placeholder of the base latents'
+    shape until the base has run (`generate_with_refiner` puts them in)."""
+    family = get_family(base_manifest.family)
+    s = base.settings
+    placeholder = np.zeros(family.latent_shape(family.facts(base_manifest.model), base.batch, s.height, s.width),
+                           np.float32)
+    carried = {name: getattr(base.options, name) for name in family.HANDOFF_OPTIONS}
+    return make_request(refiner_manifest, refiner_scheduler_config, list(base.prompts),
+                        negative_prompt=list(base.negative_prompts) if base.negative_given else None,
+                        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                        num_images_per_prompt=base.num_images_per_prompt, scheduler=scheduler, output_type=output_type,
+                        vae=base.vae, denoising_start=base.denoising_end, image=placeholder, **carried)
+
+
+def generate_with_refiner(base: Pipeline, refiner: Pipeline, base_request: Request, refiner_request: Request,
+                          progress: Callable[[int, int], None] | None = None, generator: Any = None) -> PipelineOutput:
+    """Two plans over one schedule: the base denoises up to its denoising_end, the
+    refiner continues its latents from there (their injected noise from the same
+    per-image streams) and decodes."""
+    started = time.perf_counter()
+    check_memory(refiner.manifest, refiner_request, weights_loaded=True,
+                 attention_scores=refiner._materializes_attention())  # before the base spends any time
+    rng = generator if generator is not None else PerImageNoise.from_seeds(
+        [base_request.seed + j for j in range(base_request.batch)])
+    first = base.generate([base_request], progress=progress, generator=rng)[0]
+    second = dataclasses.replace(refiner_request, image=first.images)
+    refined = refiner.generate([second], progress=progress, generator=rng)[0]
+    timings = {k: v for k, v in first.timings.items() if k != "total"}
+    timings["refiner"] = refined.timings
+    timings["vae_decoder"] = refined.timings.get("vae_decoder", 0.0)
+    timings["total"] = time.perf_counter() - started
+    return PipelineOutput(images=refined.images, timings=timings,
+                          seed=None if generator is not None else base_request.seed, settings=base_request.settings)
+
+
 def _check_finite(array: np.ndarray, what: str) -> np.ndarray:
     """A NaN or inf would otherwise become a black image (or poisoned latents), silently."""
     if not np.isfinite(array).all():
@@ -518,37 +458,11 @@ def _check_finite(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def _stack_conditioning(parts: list[dict[str, np.ndarray]], batches: list[int], do_cfg: bool) -> dict[str, np.ndarray]:
-    """Several requests' denoiser conditioning as one batch: their rows in order, and
-    with CFG all unconditional rows first, then all conditional ones (the loop's
-    [uncond..., cond...] layout)."""
-    if len(parts) == 1:
-        return parts[0]
-    stacked = {}
-    for name in parts[0]:
-        arrays = [part[name] for part in parts]
-        if not do_cfg:
-            stacked[name] = np.concatenate(arrays)
-            continue
-        halves = [(a[:b], a[b:]) for a, b in zip(arrays, batches, strict=True)]
-        stacked[name] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
-    return stacked
-
-
-def _row_guidance(scales: list[float], batches: list[int]) -> np.ndarray:
-    """One float32 scale for a batch that shares it (the single-request case), else one
-    per row of shape (rows, 1, 1, 1): float32 products either way, so a row's result does
-    not depend on the others."""
-    if len(set(scales)) == 1:
-        return np.float32(scales[0])
-    return np.repeat(np.asarray(scales, dtype=np.float32), batches).reshape(-1, 1, 1, 1)
-
-
 def _decoder_key(family, variant: str) -> str:
     return family.VAE_DECODER if variant == DEFAULT_VARIANT else f"{family.VAE_DECODER}:{variant}"
 
 
-def _select_stages(manifest: Manifest, family, backend, graph_precision: str | None,
+def select_stages(manifest: Manifest, family, backend, graph_precision: str | None,
                    attention: str | None) -> dict[str, StageSpec]:
     """The stages a generation opens: one per runtime role in the backend's preferred
     graph precision and attention form (or as asked), plus every other VAE decoder

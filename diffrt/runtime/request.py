@@ -7,11 +7,12 @@ seconds a real-size load takes, and `Pipeline.__call__` runs the same checks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ MAX_SEED = 2**63 - 1
 # Useful classifier-free guidance scales are about 1-20 (diffusers' defaults 5-7.5);
 # 100 leaves room for experiments and keeps the arithmetic far from overflow.
 MAX_GUIDANCE_SCALE = 100.0
+# Samplers of flow-matching models (SD3, Flux): they never fit a noise-predicting UNet, nor the reverse.
+FLOW_SCHEDULERS = ("flow_match_euler",)
 
 
 @dataclass(frozen=True)
@@ -50,17 +53,22 @@ class Settings:
     scheduler_config: tuple[tuple[str, Any], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Request:
-    """A validated generation request. Image i of the batch (prompt-major order) draws
-    its noise from `np.random.default_rng(seed + i)`, so an image depends only on its
-    own seed, never on its position in a batch: rerun it alone with `seed + i`.
+    """A validated generation request: built once (`Pipeline.request`, `make_request`),
+    then passed on, never rebuilt from keyword arguments.
 
-    `prompts_2`/`negative_prompts_2`: SDXL's second text encoder's prompts (None: the
-    first's); `negative_given`: whether a negative prompt was given at all (SDXL zeroes
-    the negative embeddings when not); `options`: the family's conditioning options
-    (SDXL's original_size, crops_coords_top_left, ...); `denoising_start`/`_end`: the
-    part of the schedule to run (a base/refiner hand-off)."""
+    Image i of the batch (prompt-major order) draws its noise from
+    `np.random.default_rng(seed + i)`, so an image depends only on its own seed, never
+    on its position in a batch: rerun it alone with `seed + i`.
+
+    `scheduler`: the configured sampler (built once, immutable); `do_cfg`: whether the
+    denoiser runs classifier-free guidance (the family's rule at this scale);
+    `negative_given`: whether a negative prompt was given at all (SDXL zeroes the
+    negative embeddings when not); `options`: the family's own options, a frozen
+    dataclass (SDXL: prompt_2, original_size, ...); `denoising_start`/`_end`: the part
+    of the schedule to run (a base/refiner hand-off); `latents`: initial noise given
+    by the caller; `image`: the latents a refiner continues."""
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
@@ -68,13 +76,15 @@ class Request:
     settings: Settings
     seed: int
     output_type: str
+    scheduler: Any
+    do_cfg: bool
     vae: str = DEFAULT_VARIANT
-    prompts_2: tuple[str, ...] | None = None
-    negative_prompts_2: tuple[str, ...] | None = None
     negative_given: bool = False
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Any = None
     denoising_start: float | None = None
     denoising_end: float | None = None
+    latents: np.ndarray | None = None
+    image: np.ndarray | None = None
 
     @property
     def batch(self) -> int:
@@ -110,6 +120,13 @@ def resolve_settings(
     width: int | None = None,
 ) -> Settings:
     """Explicit arguments win over the preset, the preset over the checkpoint's defaults."""
+    return _resolve(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale, height,
+                    width)[0]
+
+
+def _resolve(manifest: Manifest, scheduler_config: Mapping[str, Any], preset: str | None, scheduler: str | None,
+             num_inference_steps: Any, guidance_scale: Any, height: Any, width: Any) -> tuple[Settings, Any]:
+    """The settings and the sampler they name, constructed (and its steps checked) once."""
     family = get_family(manifest.family)
     defaults = manifest.defaults
     if preset is not None:
@@ -134,11 +151,15 @@ def resolve_settings(
     height, width = check_size(manifest, height, width)
     name = base_scheduler if scheduler is None else scheduler
     sampler = check_scheduler(name, scheduler_config, dict(overrides))  # validates the name now, before any work
+    if (name in FLOW_SCHEDULERS) != (defaults["scheduler"] in FLOW_SCHEDULERS):
+        kind = "flow-matching" if defaults["scheduler"] in FLOW_SCHEDULERS else "noise-predicting (diffusion)"
+        raise DiffrtError(f"scheduler {name!r} does not fit this {kind} model; choose one of its kind "
+                          f"(the checkpoint's own: {defaults['scheduler']})")
     try:
         sampler.plan(int(steps))  # the sampler's own bound on steps (e.g. 1..num_train_timesteps), before loading
     except ValueError as exc:
         raise DiffrtError(f"{name}: {exc}") from None
-    return Settings(name, int(steps), guidance, height, width, tuple(overrides))
+    return Settings(name, int(steps), guidance, height, width, tuple(overrides)), sampler
 
 
 def check_guidance(value: Any) -> float:
@@ -209,26 +230,28 @@ def make_request(
     seed: int | None = None,
     scheduler: str | None = None,
     preset: str | None = None,
+    latents: Any = None,
     output_type: str = "pil",
     vae: str | None = None,
-    prompt_2: Any = None,
-    negative_prompt_2: Any = None,
-    options: Mapping[str, Any] | None = None,
+    *,
     denoising_start: float | None = None,
     denoising_end: float | None = None,
+    image: Any = None,
+    **options: Any,
 ) -> Request:
-    """Validate every argument of a generation (one-line DiffrtError on the first bad
-    one). A missing seed is drawn here. Callers then `check_memory`."""
+    """Validate every argument of a generation once (a one-line DiffrtError on the first
+    bad one); `options` are the family's own (e.g. SDXL's prompt_2, original_size), which
+    the family validates and types. A missing seed is drawn here. Callers then
+    `check_memory`."""
     family = get_family(manifest.family)
-    settings = resolve_settings(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
-                                height, width)
+    facts = family.facts(manifest.model)
+    if family.takes_image(facts) and image is not None:  # a refiner: the size follows from the latents
+        height, width = _size_of_latents(facts, image, height, width)
+    settings, sampler = _resolve(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
+                                 height, width)
     prompts, negatives = prompt_lists(prompt, negative_prompt)
-    prompts_2 = second_prompts("prompt_2", prompt_2, len(prompts))
-    negatives_2 = second_prompts("negative_prompt_2", negative_prompt_2, len(prompts))
-    if (prompts_2 is not None or negatives_2 is not None) and "text_encoder_2" not in family.TOKENIZER_OF:
-        raise DiffrtError("prompt_2 / negative_prompt_2 are for SDXL checkpoints (two text encoders); "
-                          f"this artifact is {manifest.family}")
-    checked_options = family.check_options(manifest.model, dict(options or {}))
+    # None means "not given" for every option (diffusers' convention), here as there
+    checked_options = family.check_options(facts, {k: v for k, v in options.items() if v is not None}, len(prompts))
     count = check_count("num_images_per_prompt", num_images_per_prompt)
     seed = check_seed(seed)
     if output_type not in OUTPUT_TYPES:
@@ -243,22 +266,52 @@ def make_request(
     if start is not None and settings.scheduler in CANNOT_START_LATE:
         raise DiffrtError(f"the {settings.scheduler} sampler cannot start part-way through a schedule "
                           "(denoising_start); choose euler, euler_ancestral, ddim, dpmpp_2m or lcm")
-    return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, vae,
-                   prompts_2=prompts_2, negative_prompts_2=negatives_2, negative_given=negative_prompt is not None,
-                   options=checked_options, denoising_start=start, denoising_end=end)
+    shape = family.latent_shape(facts, len(prompts) * count, settings.height, settings.width)
+    latents, image = _check_start(family, facts, shape, latents, image, start)
+    return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, sampler,
+                   family.uses_cfg(facts, settings.guidance_scale), vae, negative_given=negative_prompt is not None,
+                   options=checked_options, denoising_start=start, denoising_end=end, latents=latents, image=image)
 
 
-def second_prompts(name: str, value: Any, count: int) -> tuple[str, ...] | None:
-    """SDXL's prompt_2 / negative_prompt_2: None, "" or [] mean "the same as the first"
-    (diffusers' `prompt_2 or prompt`); a string applies to every prompt."""
-    if not value:
-        return None
-    if isinstance(value, str):
-        return (value,) * count
-    items = list(value) if isinstance(value, Sequence) else None
-    if items is None or len(items) != count or not all(isinstance(v, str) for v in items):
-        raise DiffrtError(f"{name} must be a string or a list of {count} strings (one per prompt)")
-    return tuple(items)
+def _size_of_latents(facts, image: Any, height: Any, width: Any) -> tuple[int, int]:
+    image = np.asarray(image)
+    channels = int(facts.noise_channels)
+    if image.ndim != 4 or image.shape[1] != channels:
+        raise DiffrtError(f"image must be latents of shape (batch, {channels}, height/8, width/8) from a base "
+                          f"model's output_type='latent', got shape {image.shape}")
+    factor = int(facts.vae_scale_factor)
+    size = (image.shape[2] * factor, image.shape[3] * factor)
+    if (height, width) not in ((None, None), size):
+        raise DiffrtError(f"height/width {height}x{width} disagree with the image latents' size {size[0]}x{size[1]}; "
+                          "leave them out")
+    return size
+
+
+def _check_start(family, facts, shape: tuple[int, ...], latents: Any, image: Any,
+                 start: float | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Initial noise (`latents`) or, for a model that continues latents (a refiner), the
+    latents it continues (`image`): float32 arrays of the batch's latent shape."""
+    if family.takes_image(facts):
+        if latents is not None:
+            raise DiffrtError("latents= is initial noise; a refiner starts from a base model's latents: "
+                              "pass them as image=")
+        if image is None or start is None:
+            raise DiffrtError("a refiner continues a base model's latents: pass image=<the base's latents, "
+                              "output_type='latent'> and denoising_start=<the base's denoising_end, e.g. 0.8> "
+                              "(or call the base with refiner=this pipeline)")
+        image = np.asarray(image, dtype=np.float32)
+        if image.shape != shape:
+            raise DiffrtError(f"image must be latents of shape {shape} from a base model's output_type='latent' "
+                              f"for this batch and size, got shape {image.shape}")
+        return None, image
+    if image is not None:
+        raise DiffrtError("image= is for a refiner artifact (it continues a base model's latents); "
+                          "this artifact generates from noise")
+    if latents is not None:
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != shape:
+            raise DiffrtError(f"latents must have shape {shape} for this batch and size, got {latents.shape}")
+    return latents, None
 
 
 def check_vae(manifest: Manifest, vae: str | None) -> str:
@@ -285,10 +338,10 @@ def check_memory(manifest: Manifest, request: Request, weights_loaded: bool, att
     family = get_family(manifest.family)
     settings = request.settings
     decoder = manifest.select(family.VAE_DECODER, request.vae)
-    model = {**manifest.model, **{k: v for k, v in decoder.facts.items() if k in family.DECODER_MEMORY_FACTS}}
-    activations, what = family.min_activation_bytes(model, settings.height, settings.width, request.batch,
-                                                    family.uses_cfg(manifest.model, settings.guidance_scale),
-                                                    attention_scores)
+    facts = dataclasses.replace(family.facts(manifest.model),
+                                **{k: v for k, v in decoder.facts.items() if k in family.DECODER_MEMORY_FACTS})
+    activations, what = family.min_activation_bytes(facts, settings.height, settings.width, request.batch,
+                                                    request.do_cfg, attention_scores)
     roles = family.runtime_roles(manifest.model)
     stages = [manifest.select(role) for role in roles if role != family.VAE_DECODER] + [decoder]
     weights = 0 if weights_loaded else sum(f.size for spec in stages for f in spec.files)
@@ -322,5 +375,4 @@ __all__ = [
     "prompt_lists",
     "read_scheduler_config",
     "resolve_settings",
-    "second_prompts",
 ]

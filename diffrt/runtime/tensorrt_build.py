@@ -205,7 +205,7 @@ def check_shapes(engine: str, profile: StageProfile, shapes: Mapping[str, Sequen
 
 def select_stages(manifest: Manifest, precision: str | None = None) -> dict[str, StageSpec]:
     """The stages the tensorrt backend loads, in `precision` (default: its preference)."""
-    from diffrt.runtime.pipeline import _select_stages  # the same choice Pipeline.load makes
+    from diffrt.runtime.pipeline import select_stages as pipeline_stages  # the same choice Pipeline.load makes
 
     if precision is None:
         precision = next((p for p in GRAPH_PRECISIONS if p in manifest.precisions), "fp32")
@@ -215,7 +215,7 @@ def select_stages(manifest: Manifest, precision: str | None = None) -> dict[str,
         raise DiffrtError(f"--precision {precision}: this artifact has {'/'.join(manifest.precisions)} graphs only; "
                           f"re-export with `diffrt export --precision {precision}` or build another precision")
     backend = SimpleNamespace(name=BACKEND, graph_precisions=(precision,), fused_attention=False)
-    return _select_stages(manifest, get_family(manifest.family), backend, None, None)
+    return pipeline_stages(manifest, get_family(manifest.family), backend, None, None)
 
 
 def _named_dim(spec: StageSpec, tensor: str, name: str, dims: Mapping[str, int], model: Mapping[str, Any]) -> int:

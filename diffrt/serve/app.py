@@ -4,7 +4,8 @@ with progress for the playground, health, readiness and metrics.
     app = create_app(Pipeline.load(folder), ServeConfig(model_name="sd15"))
 
 `pipeline` is anything with the Pipeline's batching contract: `manifest`,
-`batch_key(**call)` and `generate_batch(calls, callback)`. One worker thread runs it
+`request(**call) -> Request` (validated once, at submission), `batch_key(request)` and
+`generate(requests, progress)`. One worker thread runs it
 (see batching.py for the queue order); the event loop only validates, queues, waits
 and encodes images in a thread pool.
 """
@@ -53,7 +54,6 @@ logger = logging.getLogger(__name__)
 PUBLIC_PATHS = ("/healthz", "/readyz", "/")  # "/" is the static playground page; its API calls need the key
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "npy": "application/x-npy"}
-RESOLVED = ("preset", "scheduler", "num_inference_steps", "guidance_scale", "height", "width")  # Pipeline.resolve's
 WARMUP_CALL = {"prompt": "warm-up", "num_inference_steps": 1, "seed": 0, "output_type": "np"}
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 OWNER = "diffrt_key"  # the ASGI scope's state entry: the index of the API key a request used
@@ -100,7 +100,7 @@ class Server:
             check_api_key(key, "the server's configuration")
         self.pipeline, self.config = pipeline, config
         self.size_multiple = int(pipeline.manifest.model.get("size_multiple", 8))
-        self.scheduler = BatchScheduler(pipeline.generate_batch, config.max_batch, config.batch_wait_ms,
+        self.scheduler = BatchScheduler(pipeline.generate, config.max_batch, config.batch_wait_ms,
                                         config.max_queue, warmup=self._warmup if config.warmup else None,
                                         on_batch=lambda *a: self.metrics.observe_batch(*a))
         self.metrics = Metrics(lambda: self.scheduler.depth, lambda: float(self.is_ready),
@@ -115,7 +115,7 @@ class Server:
 
     def _warmup(self) -> None:
         t0 = time.perf_counter()
-        self.pipeline.generate_batch([dict(WARMUP_CALL)])
+        self.pipeline.generate([self.pipeline.request(**WARMUP_CALL)])
         logger.info("warm-up generation in %.2fs", time.perf_counter() - t0)
 
     # -- one generation -----------------------------------------------------------------
@@ -129,23 +129,23 @@ class Server:
                            None, "not_ready")
         call = make_call(body, self.config, self.size_multiple)
         try:
-            key = self.pipeline.batch_key(**call)
-            resolve = getattr(self.pipeline, "resolve", None)
-            settings = resolve(*(call.get(k) for k in RESOLVED)) if resolve is not None else None
+            request = self.pipeline.request(**call)  # validated once, here; the worker runs it as it is
+            key = self.pipeline.batch_key(request)
         except DiffrtError as exc:
             raise runtime_error(exc) from None
-        if settings is not None:  # the limits hold for what a preset or the checkpoint's defaults fill in too
-            if settings.num_inference_steps > self.config.max_steps:
-                raise ApiError(400, f"num_inference_steps must be at most {self.config.max_steps}; "
-                                    f"{settings.num_inference_steps} (the default) is more: give it",
-                               "num_inference_steps")
-            for name in ("height", "width"):
-                if getattr(settings, name) > self.config.max_side:
-                    raise ApiError(400, f"{name} must be at most {self.config.max_side}; "
-                                        f"{getattr(settings, name)} (the default) is more: give size", "size")
-            check_cost(settings.num_inference_steps, settings.height, settings.width, body.n, self.config)
+        # the limits hold for what a preset or the checkpoint's defaults fill in too
+        settings = request.settings
+        if settings.num_inference_steps > self.config.max_steps:
+            raise ApiError(400, f"num_inference_steps must be at most {self.config.max_steps}; "
+                                f"{settings.num_inference_steps} (the default) is more: give it",
+                           "num_inference_steps")
+        for name in ("height", "width"):
+            if getattr(settings, name) > self.config.max_side:
+                raise ApiError(400, f"{name} must be at most {self.config.max_side}; "
+                                    f"{getattr(settings, name)} (the default) is more: give size", "size")
+        check_cost(settings.num_inference_steps, settings.height, settings.width, body.n, self.config)
         try:
-            return self.scheduler.submit(call, key, body.n)
+            return self.scheduler.submit(request, key, body.n)
         except QueueFull as exc:
             raise ApiError(429, str(exc), None, "queue_full", {"Retry-After": str(exc.retry_after_s)}) from None
 

@@ -7,7 +7,7 @@ rotation order and takes the first *ready* one: a group is ready when its reques
 add up to `max_batch` images, or its oldest request has waited `batch_wait_ms`, or the
 server is draining. From that group it takes requests oldest first while they fit in
 `max_batch` images (a request of more images than `max_batch` runs alone), runs them as
-one `generate_batch`, and moves the group to the end of the rotation if requests are
+one `generate`, and moves the group to the end of the rotation if requests are
 left in it. So within a key the order is first come first served, and across keys it is
 round-robin: a busy key cannot starve another, which waits at most one batch per
 other group ahead of it. While no group is ready the worker sleeps until the earliest
@@ -91,8 +91,8 @@ class Job:
 
 
 class BatchScheduler:
-    """`runner(calls, callback)` -> one result per call (the pipeline's
-    `generate_batch`); `on_batch(jobs, seconds, results_or_exception)` observes each
+    """`runner(requests, progress)` -> one result per request (the pipeline's
+    `generate`); `on_batch(jobs, seconds, results_or_exception)` observes each
     pipeline run. `warmup()` (optional) runs on the worker thread before the first batch."""
 
     def __init__(self, runner: Callable, max_batch: int = 4, batch_wait_ms: float = 10.0, max_queue: int = 64,

@@ -60,7 +60,7 @@ def build_app(folder: str, config: ServeConfig, backend: str = "ort", verify: bo
             pipe = load_pipeline(folder, backend=backend, verify=verify, backend_options=backend_options)
             if config.warmup:
                 t0 = time.perf_counter()
-                pipe.generate_batch([dict(WARMUP_CALL)])
+                pipe.generate([pipe.request(**WARMUP_CALL)])
                 logger.info("replica warm-up in %.2fs", time.perf_counter() - t0)
             self._app = create_app(pipe, ServeConfig(**{**config.__dict__, "warmup": False}))
 

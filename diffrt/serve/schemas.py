@@ -5,7 +5,7 @@ naming the field, sent as OpenAI-style JSON
 `{"error": {"message": ..., "type": "invalid_request_error", "param": FIELD, "code": ...}}`.
 The server's own limits (size range, steps, images per request) are checked here; the
 rest (scheduler, preset, guidance, seed, the size factor) by the pipeline's
-`batch_key`, whose DiffrtError is mapped back to the field it names.
+`Pipeline.request`, whose DiffrtError is mapped back to the field it names.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ import onnxruntime as ort
 from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.runtime import arrays as device_arrays
-from diffrt.runtime.backends.base import check_feeds
+from diffrt.runtime.backends.base import check_feeds, raise_if_out_of_memory
 from diffrt.runtime.cpu import cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
 from diffrt.runtime.gpu import gpu_info
@@ -107,7 +107,11 @@ class OrtSession:
         for tensor in self.spec.inputs:
             host = device_arrays.to_host(feeds[tensor.name])  # a CuPy array refuses implicit conversion
             arrays[tensor.name] = np.ascontiguousarray(host, dtype=_NUMPY_DTYPES[tensor.dtype])
-        outputs = self._session.run(self._output_names, arrays)
+        try:
+            outputs = self._session.run(self._output_names, arrays)
+        except Exception as exc:  # onnxruntime raises its own types; an allocation failure is the user's size
+            raise_if_out_of_memory(exc, self.spec, arrays)
+            raise
         return dict(zip(self._output_names, outputs, strict=True))
 
     def close(self) -> None:
@@ -170,7 +174,11 @@ class IoBinding:
         outputs = self._bind_outputs(session, binding, spec)
         if self.device == "cuda":
             _cuda_sync()  # the inputs were written on CuPy's stream; ORT computes on its own
-        session.run_with_iobinding(binding)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime raises its own types; an allocation failure is the user's size
+            raise_if_out_of_memory(exc, spec, feeds)
+            raise
         values = outputs if outputs is not None else binding.get_outputs()
         result = {}
         for tensor, value in zip(spec.outputs, values, strict=True):
@@ -455,7 +463,9 @@ class OrtBackend:
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                              else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         options.intra_op_num_threads = self.intra_op_num_threads  # 0: one per physical core
-        options.log_severity_level = 3
+        # fatal only: a failed run is raised to the caller (and reported as one line
+        # there); ORT's own error log would print the same failure a second time, raw
+        options.log_severity_level = 4
         _use_shared_cpu_arena(options)
         return options
 
