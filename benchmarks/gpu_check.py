@@ -260,7 +260,7 @@ def prepare_for(size: int) -> dict[str, int]:
 
 def build_trt(artifact: Path, size: int) -> None:
     """TensorRT engines for the checked size: one image, with or without CFG."""
-    from diffrt.runtime.tensorrt_build import build_plan, plan_build
+    from diffrt.build.tensorrt import build_plan, plan_build
 
     plan = plan_build(artifact, batch="1", size=(size, size))
     build_plan(plan, progress=lambda line: print(f"  {line}", flush=True))

@@ -390,8 +390,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> None:
-    """Build TensorRT engines ahead of time (diffrt/runtime/tensorrt_build.py says how)."""
-    from diffrt.runtime.tensorrt_build import BuildOptions, build_plan, plan_build, require_tensorrt
+    """Build TensorRT engines ahead of time (diffrt/build/tensorrt.py says how)."""
+    from diffrt.build.tensorrt import BuildOptions, build_plan, plan_build, require_tensorrt
 
     options = BuildOptions(opt_level=args.opt_level, refit=args.refittable, workspace_gib=args.workspace_gib)
     plan = plan_build(args.out, batch=args.batch or "1", size=args.size, min_size=args.min_size,

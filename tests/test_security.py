@@ -143,9 +143,10 @@ def test_an_altered_openvino_blob_is_never_imported(exported, tmp_path, monkeypa
 
 def test_an_altered_tensorrt_engine_is_not_found(exported, tmp_path):
     """TensorRT engines are looked up through the same cache (no GPU needed to check that)."""
+    from diffrt.build.tensorrt import plan_build
     from diffrt.runtime.engine_cache import EngineCache
-    from diffrt.runtime.tensorrt_build import (ENGINE_NAME, PROFILE_NAME, BuildOptions, GpuInfo, engine_fields,
-                                               engine_key, find_engines, plan_build)
+    from diffrt.runtime.tensorrt_engines import (ENGINE_NAME, PROFILE_NAME, BuildOptions, GpuInfo, engine_fields,
+                                                 engine_key, find_engines)
 
     plan = plan_build(exported("sd15"), batch="1")
     spec, profile, gpu = plan.specs["unet"], plan.profiles["unet"], GpuInfo("NVIDIA H200", "9.0")

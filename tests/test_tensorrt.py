@@ -15,22 +15,20 @@ import pytest
 from conftest import copy_artifact
 
 from diffrt.artifacts import read_manifest
+from diffrt.build.tensorrt import build_shapes, parse_batch, plan_build
 from diffrt.cli import main
 from diffrt.errors import DiffrtError
 from diffrt.runtime.engine_cache import EngineCache
-from diffrt.runtime.tensorrt_build import (
+from diffrt.runtime.tensorrt_engines import (
     ENGINE_NAME,
     PROFILE_NAME,
     BuildOptions,
     GpuInfo,
-    build_shapes,
     check_shapes,
     choose_engine,
     engine_fields,
     engine_key,
     find_engines,
-    parse_batch,
-    plan_build,
 )
 
 GPU = GpuInfo("NVIDIA H200", "9.0")
@@ -228,7 +226,7 @@ def fake_gpu(monkeypatch):
 
 
 def _build(folder, cache, size=64):
-    from diffrt.runtime.tensorrt_build import build_plan
+    from diffrt.build.tensorrt import build_plan
 
     return build_plan(plan_build(folder, batch="1", size=(size, size)), cache_dir=cache)
 
@@ -273,7 +271,7 @@ def test_closing_waits_for_the_stream_before_freeing_contexts(fake_gpu, exported
 
 
 def test_a_foreign_timing_cache_is_not_blamed_for_a_later_failure(fake_gpu, exported, tmp_path):
-    from diffrt.runtime.tensorrt_build import TIMING_CACHE_NAME
+    from diffrt.build.tensorrt import TIMING_CACHE_NAME
 
     import fake_gpu as fakes
 

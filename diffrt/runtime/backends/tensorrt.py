@@ -1,5 +1,5 @@
 """TensorRT backend: engines built ahead of time by `diffrt build OUT --backend tensorrt`
-(diffrt/runtime/tensorrt_build.py), run on an NVIDIA GPU with device buffers from CuPy.
+(diffrt/build/tensorrt.py), run on an NVIDIA GPU with device buffers from CuPy.
 
     diffrt build OUT --backend tensorrt --batch 1-4 --size 512x512
     diffrt generate OUT "a prompt" --backend tensorrt [-O cuda_graphs=1]
@@ -45,7 +45,7 @@ from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.runtime.arrays import DEVICE_ALIGNMENT, aligned
 from diffrt.runtime.backends.base import check_feeds
 from diffrt.runtime.engine_cache import EngineCache
-from diffrt.runtime.tensorrt_build import (
+from diffrt.runtime.tensorrt_engines import (
     BACKEND,
     GRAPH_PRECISIONS,
     BuiltEngine,
