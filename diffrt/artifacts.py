@@ -376,6 +376,8 @@ def read_manifest(folder: str | Path) -> Manifest:
         data = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the model") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} is nested too deeply to be a diffrt manifest; re-export the model") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path} is not a diffrt manifest (no \"format\": \"{FORMAT_NAME}\"); re-export the model")
     version = data.get("manifest_version")
@@ -387,8 +389,12 @@ def read_manifest(folder: str | Path) -> Manifest:
         )
     try:
         manifest = Manifest.from_json(data)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ArtifactError(f"{path} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
+    for stage in manifest.stages.values():  # a stage whose graph no record covers would load unverified
+        if not stage.files:
+            raise ArtifactError(f"{path}: stage {stage.name} lists no files (its graph would load unverified); "
+                                "re-export the model")
     try:
         check_manifest_paths(manifest)
     except ArtifactError as exc:

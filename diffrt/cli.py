@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -165,6 +166,13 @@ def _require_export_extra(command: str) -> None:
                 "`pip install torch==2.13.0` (or your CUDA build of torch), then `pip install -e '.[export]'` "
                 "in a diffrt clone"
             ) from None
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked (sys.modules[module] is None)
+        return False
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
@@ -482,6 +490,10 @@ def _demo(args: argparse.Namespace, workdir: Path, outputs: list[Path]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    # before importing the server, whose modules need these (pydantic comes with fastapi)
+    missing = [n for n in ("fastapi", "pydantic", "uvicorn", "prometheus_client") if not _importable(n)]
+    if missing:
+        raise DiffrtError(f"diffrt serve needs {', '.join(missing)}: pip install -e '.[serve]' in a diffrt clone")
     from diffrt.serve.server import serve_from_args
 
     serve_from_args(args, _backend_options(args))

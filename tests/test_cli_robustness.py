@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,25 @@ def test_demo_dir_never_nests_inside_another_folder(exported, tmp_path):
     assert "holds files the demo did not make" in line
     assert sorted(p.name for p in artifact.iterdir()) == sorted(p.name for p in exported("sd15").iterdir()
                                                                   if p.name != "engines")
+
+
+def test_serve_without_the_serve_extra_names_it(exported):
+    """A runtime-only install has no fastapi/pydantic: one line naming the extra."""
+    code = ("import sys; sys.modules['pydantic'] = None; from diffrt.cli import main; "
+            f"sys.exit(main(['serve', {str(exported('sd15'))!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    line = error_line(result)
+    assert "diffrt serve needs pydantic" in line and "'.[serve]'" in line, line
+
+
+def test_serve_port_problems_are_one_line_before_loading(exported, tmp_path):
+    pytest.importorskip("fastapi")
+    folder = copy_artifact(exported("sd15"), tmp_path / "artifact")
+    (folder / "unet" / "model.onnx").write_bytes(b"x" * (folder / "unet" / "model.onnx").stat().st_size)
+    assert "--port must be from 1 to 65535, got 99999" in error_line(cli("serve", str(folder), "--port", "99999"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = error_line(cli("serve", str(folder), "--port", str(port)))
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "choose another --port" in line, line

@@ -54,6 +54,15 @@ def facts_from_json(cls: type[F], model: Mapping[str, Any], renamed: Mapping[str
         raise ArtifactError(f"manifest.json: model facts: {exc}; re-export the model") from None
 
 
+def check_positive(facts: Any, names: tuple[str, ...]) -> None:
+    """Facts that size arrays or divide must be positive integers (a damaged manifest's
+    0 would otherwise surface as a ZeroDivisionError deep in a generation)."""
+    for name in names:
+        value = getattr(facts, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def facts_to_json(facts: Any) -> dict[str, Any]:
     """What the exporter writes under the manifest's `model` (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(facts).items()}
@@ -223,5 +232,5 @@ class Family(Protocol):
                 ) -> DenoisePlan: ...
 
 
-__all__ = ["ClassifierFreeGuidance", "DenoisePlan", "Family", "NoGuidance", "facts_from_json", "facts_to_json",
-           "stack_plans"]
+__all__ = ["ClassifierFreeGuidance", "DenoisePlan", "Family", "NoGuidance", "check_positive", "facts_from_json",
+           "facts_to_json", "stack_plans"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
-from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan, NoGuidance, facts_from_json
+from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan, NoGuidance, check_positive, facts_from_json
 from diffrt.families.presets import Preset
 
 NAME = "sd"
@@ -99,6 +99,13 @@ class Facts:
     def noise_channels(self) -> int:
         return self.vae_latent_channels or self.latent_channels
 
+    def __post_init__(self) -> None:
+        check_positive(self, POSITIVE_FACTS)
+
+
+# Facts that size arrays and divide: each must be a positive integer.
+POSITIVE_FACTS = ("text_max_length", "cross_attention_dim", "latent_channels", "sample_size", "vae_scale_factor",
+                  "size_multiple")
 
 # Spellings of earlier versions: SD artifacts before 0.1.0's fix wrote this one wrong.
 RENAMED_FACTS = {"unetfirst_attention_level": "unet_first_attention_level"}

@@ -19,7 +19,7 @@ import numpy as np
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
 from diffrt.families import sd
-from diffrt.families.base import DenoisePlan, facts_from_json
+from diffrt.families.base import DenoisePlan, check_positive, facts_from_json
 from diffrt.families.presets import Preset
 
 NAME = "sdxl"
@@ -134,6 +134,7 @@ class Facts:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
+        check_positive(self, (*sd.POSITIVE_FACTS, "text_hidden_size_2", "projection_dim", "time_ids"))
 
     @property
     def noise_channels(self) -> int:

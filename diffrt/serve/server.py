@@ -103,6 +103,25 @@ def serve_http(pipeline: Any, config: ServeConfig, host: str = "127.0.0.1", port
     print("diffrt serve: shut down; every request in flight was answered", file=sys.stderr)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """One line if `host:port` cannot be listened on (in use, or a host this machine does
+    not have), instead of printing the URL and then uvicorn's error."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise DiffrtError(f"--host {host}: {exc.strerror or exc}; use an address of this machine, e.g. 127.0.0.1")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise DiffrtError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port "
+                              "or stop what uses it") from None
+
+
 def _require_serve_extra(ray: bool) -> None:
     import importlib.util
 
@@ -137,6 +156,8 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
     """`diffrt serve`: check the options, load the artifact (errors are one line),
     then serve until SIGTERM (uvicorn) or Ctrl-C (Ray)."""
     _require_serve_extra(args.ray)
+    if not 1 <= args.port <= 65535:
+        raise DiffrtError(f"--port must be from 1 to 65535, got {args.port}")
     for name in ("max_batch", "max_queue", "max_n", "max_steps", "max_size", "max_prompt_chars"):
         if getattr(args, name) < 1:
             raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -170,7 +191,9 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
                       backend=args.backend, verify=verify, backend_options=backend_options,
                       num_replicas=args.replicas, autoscaling=autoscaling)
         return
+    check_port_free(args.host, args.port)  # before the minutes a real-size load takes
     pipe = load_pipeline(folder, backend=args.backend, verify=verify, backend_options=backend_options)
+    check_port_free(args.host, args.port)  # and again: taken while loading
     print(f"diffrt serve: {config.model_name} on http://{args.host}:{args.port}/ (playground at /, "
           f"OpenAI API at /v1){f'; API key required ({len(keys)} keys)' if keys else ''}", file=sys.stderr)
     serve_http(pipe, config, host=args.host, port=args.port, log_level="debug" if args.verbose else "warning")
