@@ -153,6 +153,24 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": round(time.perf_counter() - t0, 3), **info, "steps": tracker.close()}
 
 
+class StageLogWatcher(common.ExportLogWatcher):
+    """real_size_sd15's watcher, plus the exporter's per-stage loading and weight-map
+    steps, so each stage's module load and parameter mapping is a row of its own."""
+
+    _MORE = re.compile(r"^\[\d+/\d+\] ([\w-]+): (loading its torch module|mapping its torch parameters)")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self._MORE.match(record.getMessage())
+        if match is None:
+            super().emit(record)
+            return
+        now = time.perf_counter()
+        self.messages.append((now, record.getMessage()))
+        name, what = match.groups()
+        self.tracker.start(f"{name}: load its torch module" if what.startswith("loading")
+                           else f"{name}: weight map (hash parameters, read initializers)", now)
+
+
 def phase_export(args: argparse.Namespace) -> dict[str, Any]:
     import diffrt.export
 
@@ -160,9 +178,9 @@ def phase_export(args: argparse.Namespace) -> dict[str, Any]:
     if not (checkpoint / "model_index.json").is_file():
         raise SystemExit(f"error: {checkpoint} has no checkpoint; run the build phase first")
     tracker = common.StepTracker()
-    watcher = common.ExportLogWatcher(tracker)
+    watcher = StageLogWatcher(tracker)
     logging.getLogger("diffrt").addHandler(watcher)
-    tracker.start("import torch + diffusers, load checkpoint")
+    tracker.start("import torch + diffusers, read the configs")
     t0 = time.perf_counter()
     try:
         manifest = diffrt.export.export(checkpoint, artifact, overwrite=True)
@@ -173,8 +191,22 @@ def phase_export(args: argparse.Namespace) -> dict[str, Any]:
     stages = {name: {"files": {f.path: f.size for f in stage.files}, "max_abs_error": stage.max_abs_error,
                      "reference": stage.reference}
               for name, stage in manifest.stages.items()}
+    # the bar for the peak: the fp32 parameters of the largest torch module a stage was exported from
+    weights = {name: _parameter_bytes(artifact, stage) for name, stage in manifest.stages.items()
+               if stage.reference == "torch"}
+    largest = max(weights, key=weights.get)
     return {"seconds": round(seconds, 3), "stages": stages, "artifact_bytes": common.folder_size(artifact),
+            "stage_parameter_bytes": weights, "largest_stage": {"name": largest, "parameter_bytes": weights[largest]},
             "steps": steps}
+
+
+def _parameter_bytes(artifact: Path, stage) -> int:
+    """fp32 bytes of the torch parameters the stage's weight map lists (unused ones included)."""
+    import math
+
+    from diffrt.weights import weight_map
+
+    return sum(4 * math.prod(e.shape) for e in weight_map(artifact, stage).entries.values())
 
 
 def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:

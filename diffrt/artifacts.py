@@ -122,6 +122,8 @@ class StageSpec:
     passes: tuple[str, ...] = ()
     facts: Mapping[str, Any] = field(default_factory=dict)
     reference: str = TORCH_REFERENCE
+    weight_map: FileRecord | None = None
+    """<name>/weight_map.json: which initializer holds each torch parameter (diffrt.weights)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -160,6 +162,7 @@ class StageSpec:
             "files": [f.to_json() for f in self.files],
             "max_abs_error": self.max_abs_error,
             "reference": self.reference,
+            **({"weight_map": self.weight_map.to_json()} if self.weight_map else {}),
         }
 
     @classmethod
@@ -177,6 +180,7 @@ class StageSpec:
             passes=tuple(data.get("passes", ())),
             facts=data.get("facts", {}),
             reference=data.get("reference", TORCH_REFERENCE),
+            weight_map=FileRecord.from_json(data["weight_map"]) if data.get("weight_map") else None,
         )
 
 
@@ -251,6 +255,7 @@ class Manifest:
         """The files of these stages plus every component (tokenizer, scheduler); a
         file two stages share (external data) is listed once."""
         files = [f for name in stage_names for f in self.stage(name).files]
+        files += [self.stage(name).weight_map for name in stage_names if self.stage(name).weight_map]
         files += [f for group in self.components.values() for f in group]
         return list({f.path: f for f in files}.values())
 
@@ -443,6 +448,8 @@ def check_manifest_paths(manifest: Manifest) -> None:
         for index, record in enumerate(stage.files):
             if problem := path_problem(record.path):
                 raise ArtifactError(outside_message(f"stages.{name}.files[{index}].path", record.path, problem))
+        if stage.weight_map and (problem := path_problem(stage.weight_map.path)):
+            raise ArtifactError(outside_message(f"stages.{name}.weight_map.path", stage.weight_map.path, problem))
     for name, records in manifest.components.items():
         if (problem := path_problem(name)) or "/" in name:
             raise ArtifactError(outside_message("components", name, problem or "is not a folder name"))

@@ -89,7 +89,8 @@ def test_large_graph_uses_one_external_data_file(tiny_checkpoint, tmp_path, monk
     manifest = export(tiny_checkpoint("sd15"), out)
     for name, stage in manifest.stages.items():
         assert [f.path for f in stage.files] == [f"{name}/model.onnx", f"{name}/model.onnx.data"]
-        assert sorted(p.name for p in (out / name).iterdir()) == ["model.onnx", "model.onnx.data"]
+        assert sorted(p.name for p in (out / name).iterdir()) == ["model.onnx", "model.onnx.data", "weight_map.json"]
+        assert stage.weight_map.path == f"{name}/weight_map.json"
         assert stage.files[1].size > stage.files[0].size
     # the fused UNet keeps every weight as it was: its data file is the portable one's, stored once
     assert (out / "unet-fused" / "model.onnx.data").stat().st_ino == (out / "unet" / "model.onnx.data").stat().st_ino

@@ -6,11 +6,19 @@
 The folder is built under a temporary name beside OUT and renamed into place only
 when every stage is exported, checked against torch, and the manifest is written;
 one export at a time per OUT (diffrt/export/publish.py: the lock, what is replaced).
+
+One stage at a time: the model facts come from the components' config.json files, and
+each stage's torch module is loaded, exported, mapped, checked and freed before the next
+one loads, so the peak is one stage's weights (SDXL's UNet), not the checkpoint's. Each
+stage folder gets a `weight_map.json` (diffrt.weights: which initializer holds each torch
+parameter, under which transform), derived graphs included.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import gc
 import importlib
 import logging
@@ -162,47 +170,54 @@ def _default_scheduler(folder: Path) -> str:
 
 
 def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None):
-    """Export and check every stage of the family (and the opt-in tiny VAE decoder);
-    returns (model facts, stage specs, each stage's check inputs as numpy)."""
+    """Export and check every stage of the family (and the opt-in tiny VAE decoder),
+    one torch module in memory at a time; returns (model facts, stage specs, each
+    stage's check inputs as numpy)."""
     torch_side = importlib.import_module(fam.EXPORT_MODULE)
 
-    modules = torch_side.load_modules(folder)
-    model = torch_side.model_facts(folder, modules)
+    # configs only (no weights): the facts, and a broken component found before the long part
+    model = torch_side.model_facts(folder, torch_side.read_configs(folder))
     io = fam.stage_io(model)
-    stage_modules = torch_side.stage_modules(modules, model)
-    del modules
+    inputs = torch_side.SampleInputs(model)  # one generator, drawn stage by stage in this order
     names = fam.stages(model)
-    jobs = [(name, name, DEFAULT_VARIANT, {}) for name in names]
+    jobs = [(name, name, DEFAULT_VARIANT, {}, functools.partial(torch_side.load_stage, folder, name, model, inputs))
+            for name in names]
     jobs[names.index(fam.VAE_DECODER)][3]["scaling_factor"] = model["vae_scaling_factor"]
     if tiny_vae is not None:
-        vae = torch_side.load_tiny_vae(Path(tiny_vae), model)  # checked before the long part starts
-        stage_modules[fam.TINY_VAE_DECODER] = torch_side.tiny_vae_stage(vae, model)
-        jobs.append((fam.TINY_VAE_DECODER, fam.VAE_DECODER, fam.TINY_VARIANT, torch_side.tiny_vae_facts(vae)))
-        del vae
+        # checked before the long part starts (small: loaded again at its turn)
+        facts = torch_side.tiny_vae_facts(torch_side.load_tiny_vae(Path(tiny_vae), model))
+        jobs.append((fam.TINY_VAE_DECODER, fam.VAE_DECODER, fam.TINY_VARIANT, facts,
+                     lambda: torch_side.tiny_vae_stage(torch_side.load_tiny_vae(Path(tiny_vae), model), model)))
     stages, feeds = {}, {}
-    for index, (name, role, variant, facts) in enumerate(jobs, start=1):
-        inputs, outputs = io[role]
-        spec = StageSpec(name=name, inputs=inputs, outputs=outputs, role=role, variant=variant, facts=facts)
-        # popped, not kept: the torch weights are freed inside, before ORT loads the graph
-        stages[name], feeds[name] = _export_torch_stage(spec, stage_modules.pop(name), staging, opset,
-                                                        f"[{index}/{len(jobs)}]")
+    for index, (name, role, variant, facts, load) in enumerate(jobs, start=1):
+        inputs_, outputs = io[role]
+        spec = StageSpec(name=name, inputs=inputs_, outputs=outputs, role=role, variant=variant, facts=facts)
+        stages[name], feeds[name] = _export_torch_stage(spec, load, staging, opset, f"[{index}/{len(jobs)}]")
     return model, stages, feeds
 
 
-def _export_torch_stage(spec: StageSpec, stage, staging: Path, opset: int, progress: str):
-    """torch module -> staging/<name>/model.onnx, checked against torch at another shape.
+def _export_torch_stage(spec: StageSpec, load, staging: Path, opset: int, progress: str):
+    """load() -> torch module -> staging/<name>/model.onnx, its weight map, checked
+    against torch at another shape; the module is freed before the next stage loads.
     Returns the stage's spec and the (numpy) check inputs, for checking derived graphs."""
+    from diffrt.export import weight_map
     from diffrt.export.onnx_graph import check_graph, export_graph, reference_outputs
 
     t0, name = time.perf_counter(), spec.name
+    logger.info("%s %s: loading its torch module ...", progress, name)
+    stage = load()
     logger.info("%s %s: exporting to ONNX (opset %d) ...", progress, name, opset)
     files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
+    logger.info("%s %s: mapping its torch parameters to initializers ...", progress, name)
+    mapped = weight_map.map_torch_stage(stage, name, staging / name, [t.name for t in spec.inputs])
+    record = weight_map.write(staging / name, staging, mapped)
     logger.info("%s %s: checking against torch ...", progress, name)
     feeds = {k: v.numpy() for k, v in stage.check_inputs.items()}
     reference = reference_outputs(stage.module, stage.check_inputs, spec)
     del stage  # free the torch weights before onnxruntime loads its own copy
-    gc.collect()
+    release_memory()
     error, scale = check_graph(files[0], feeds, reference, spec)
+    release_memory()  # and onnxruntime's, before the next stage's module loads
     if not error <= CHECK_TOLERANCE * max(1.0, scale):
         raise RuntimeError(f"{name}: exported graph differs from torch by {error:.3g} (max |output| {scale:.3g})")
     records = tuple(file_record(staging, p) for p in files)
@@ -211,7 +226,20 @@ def _export_torch_stage(spec: StageSpec, stage, staging: Path, opset: int, progr
         progress, name, time.perf_counter() - t0, sum(r.size for r in records) / 2**20,
         ", external data" if len(files) > 1 else "", error,
     )
-    return dataclasses.replace(spec, files=records, max_abs_error=error, reference=TORCH_REFERENCE), feeds
+    spec = dataclasses.replace(spec, files=records, max_abs_error=error, reference=TORCH_REFERENCE, weight_map=record)
+    return spec, feeds
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc's malloc_trim):
+    glibc keeps freed blocks for reuse, so the GBs onnxruntime's check of one stage
+    freed would otherwise sit under the next stage's export and raise its peak."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere there is nothing to trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def _apply_umask_modes(folder: Path) -> None:

@@ -1,10 +1,17 @@
-"""The torch side of the SD family: load the modules, wrap each stage for export, make
-trace and check inputs. IO names and shapes come from diffrt.families.sd."""
+"""The torch side of the SD family: read the components' configs, load one stage's
+module at a time, wrap it for export, make trace and check inputs. IO names and shapes
+come from diffrt.families.sd.
+
+The exporter never holds two stages' weights: model facts come from the config.json
+files (`read_configs` builds each module on the meta device, so the config has the
+defaults a loaded module's would), and `load_stage` loads only the component the stage
+needs (the VAE once for its decoder stage, again for its encoder stage).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,10 @@ class StageModule:
     module: torch.nn.Module
     trace_inputs: tuple[torch.Tensor, ...]
     check_inputs: dict[str, torch.Tensor]
+    weights: torch.nn.Module | None = None
+    """The checkpoint module inside `module` whose parameters the weight map names."""
+    component: str = ""
+    """Its checkpoint folder ("unet", "vae", ...), "tiny_vae" for the --tiny-vae decoder."""
 
 
 class TextEncoderStage(torch.nn.Module):
@@ -81,14 +92,57 @@ class VaeEncoderStage(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
-def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
+NEEDS = "an SD checkpoint needs text_encoder/, unet/ and vae/"
+# The checkpoint folder each stage's module is loaded from.
+STAGE_COMPONENTS = {sd.TEXT_ENCODER: "text_encoder", sd.DENOISER: "unet", sd.VAE_DECODER: "vae",
+                    sd.VAE_ENCODER: "vae"}
+
+
+def component_classes() -> dict[str, type]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    return {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+
+
+def read_configs(folder: Path) -> dict[str, Any]:
+    """Every component's config, no weights read: what model_facts needs, and a broken
+    or missing component found before the first stage is exported."""
     quiet_library_progress()
-    loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
-    needs = "an SD checkpoint needs text_encoder/, unet/ and vae/"
-    return {name: load_module(folder, name, cls, needs) for name, cls in loaders.items()}
+    return {name: read_config(folder, name, cls, NEEDS) for name, cls in component_classes().items()}
+
+
+def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
+    """Every component loaded at once (for comparisons against torch; the exporter
+    loads one stage's at a time, `load_stage`)."""
+    quiet_library_progress()
+    return {name: load_module(folder, name, cls, NEEDS) for name, cls in component_classes().items()}
+
+
+def load_stage(folder: Path, name: str, model: dict[str, Any], inputs: SampleInputs) -> StageModule:
+    """Stage `name` with only its own component loaded."""
+    component = STAGE_COMPONENTS[name]
+    quiet_library_progress()
+    module = load_module(folder, component, component_classes()[component], NEEDS)
+    return stage_module(name, module, model, inputs)
+
+
+def read_config(folder: Path, name: str, cls, needs: str) -> Any:
+    """folder/name's config as `cls.from_pretrained` would give it (defaults filled
+    in), without reading the weights; a one-line error like load_module's."""
+    path = folder / name
+    if not path.is_dir():
+        raise DiffrtError(f"{path} is missing; {needs}")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise DiffrtError(f"{path} holds no weights (*.safetensors or *.bin); {needs}")
+    try:
+        if hasattr(cls, "config_class"):  # transformers: the config class knows its defaults
+            return cls.config_class.from_pretrained(path)
+        with torch.device("meta"):  # diffusers: the module's __init__ fills them in; on meta, no memory
+            return cls.from_config(cls.load_config(path)).config
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DiffrtError(f"cannot load {path} as {cls.__name__}: {first}") from None
 
 
 def load_module(folder: Path, name: str, cls, needs: str) -> torch.nn.Module:
@@ -139,14 +193,16 @@ def tiny_vae_stage(vae: torch.nn.Module, model: dict[str, Any]) -> StageModule:
     gen = torch.Generator().manual_seed(1)
     channels = model["latent_channels"]
     return StageModule(TinyVaeDecoderStage(vae), (torch.randn(2, channels, 5, 7, generator=gen),),
-                       {"latent_sample": torch.randn(1, channels, 8, 6, generator=gen)})
+                       {"latent_sample": torch.randn(1, channels, 8, 6, generator=gen)}, weights=vae,
+                       component="tiny_vae")
 
 
-def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    """What the runtime needs to know about the checkpoint, in plain JSON types."""
-    text_config = modules["text_encoder"].config
-    unet_config = modules["unet"].config
-    vae_config = modules["vae"].config
+def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime needs to know about the checkpoint, in plain JSON types, from
+    the components' configs (`read_configs`)."""
+    text_config = configs["text_encoder"]
+    unet_config = configs["unet"]
+    vae_config = configs["vae"]
     tokenizer_config = {}
     if (folder / "tokenizer" / "tokenizer_config.json").is_file():
         tokenizer_config = read_json(folder / "tokenizer" / "tokenizer_config.json")
@@ -232,22 +288,33 @@ class SampleInputs:
 
         return StageModule(wrapper, tuple(feeds(2, up + 1, 2 * up + 1).values()), feeds(1, 2 * up, 3 * up))
 
-    def vae(self, vae: torch.nn.Module) -> dict[str, StageModule]:
-        channels, f = self.model["latent_channels"], self.model["vae_scale_factor"]
-        return {
-            sd.VAE_DECODER: StageModule(VaeDecoderStage(vae), (self.randn(2, channels, 5, 7),),
-                                        {"latent_sample": self.randn(1, channels, 8, 6)}),
-            sd.VAE_ENCODER: StageModule(VaeEncoderStage(vae), (self.randn(2, 3, 5 * f, 7 * f),),
-                                        {"sample": self.randn(1, 3, 8 * f, 6 * f)}),
-        }
+    def vae_decoder(self, vae: torch.nn.Module) -> StageModule:
+        channels = self.model["latent_channels"]
+        return StageModule(VaeDecoderStage(vae), (self.randn(2, channels, 5, 7),),
+                           {"latent_sample": self.randn(1, channels, 8, 6)})
+
+    def vae_encoder(self, vae: torch.nn.Module) -> StageModule:
+        f = self.model["vae_scale_factor"]
+        return StageModule(VaeEncoderStage(vae), (self.randn(2, 3, 5 * f, 7 * f),),
+                           {"sample": self.randn(1, 3, 8 * f, 6 * f)})
+
+
+def stage_module(name: str, module: torch.nn.Module, model: dict[str, Any], inputs: SampleInputs) -> StageModule:
+    """Stage `name`'s wrapper around its loaded component, with trace inputs and check
+    inputs of a different shape. `inputs` draws from one generator: build the stages
+    in the family's order to get the same inputs every time."""
+    if name == sd.TEXT_ENCODER:
+        stage = inputs.text_encoder(TextEncoderStage(module), module.config.vocab_size)
+    elif name == sd.DENOISER:
+        stage = inputs.unet(UNetStage(module))
+    elif name == sd.VAE_DECODER:
+        stage = inputs.vae_decoder(module)
+    else:
+        stage = inputs.vae_encoder(module)
+    return replace(stage, weights=module, component=STAGE_COMPONENTS[name])
 
 
 def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
-    """Each stage's wrapper with trace inputs and check inputs of a different shape."""
+    """Every stage's wrapper over already loaded components (`load_modules`)."""
     inputs = SampleInputs(model)
-    return {
-        sd.TEXT_ENCODER: inputs.text_encoder(TextEncoderStage(modules["text_encoder"]),
-                                             modules["text_encoder"].config.vocab_size),
-        sd.DENOISER: inputs.unet(UNetStage(modules["unet"])),
-        **inputs.vae(modules["vae"]),
-    }
+    return {name: stage_module(name, modules[STAGE_COMPONENTS[name]], model, inputs) for name in sd.STAGES}

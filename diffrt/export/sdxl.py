@@ -1,10 +1,12 @@
-"""The torch side of the SDXL family: load the modules, wrap each stage for export,
-make trace and check inputs. IO names and shapes come from diffrt.families.sdxl; the
-VAE and tiny-VAE stages are SD's (export/sd.py)."""
+"""The torch side of the SDXL family: read the components' configs, load one stage's
+module at a time, wrap it for export, make trace and check inputs. IO names and shapes
+come from diffrt.families.sdxl; the VAE and tiny-VAE stages are SD's (export/sd.py),
+and so is the one-stage-at-a-time loading it describes."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from diffrt.export.sd import (  # noqa: F401 - load_tiny_vae and friends are thi
     first_attention_level,
     load_module,
     load_tiny_vae,
+    read_config,
     tiny_vae_facts,
     tiny_vae_stage,
 )
@@ -62,18 +65,43 @@ def _components(folder: Path) -> dict[str, str]:
             if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None and v[1] is not None}
 
 
-def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
+NEEDS = "an SDXL checkpoint needs text_encoder_2/, unet/ and vae/ (and text_encoder/ unless it is a refiner)"
+# The checkpoint folder each stage's module is loaded from.
+STAGE_COMPONENTS = {sdxl.TEXT_ENCODER: "text_encoder", sdxl.TEXT_ENCODER_2: "text_encoder_2",
+                    sdxl.DENOISER: "unet", sdxl.VAE_DECODER: "vae", sdxl.VAE_ENCODER: "vae"}
+
+
+def component_classes(folder: Path) -> dict[str, type]:
+    """The components this checkpoint has (a refiner has no text_encoder) and their classes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    quiet_library_progress()
     present = _components(folder)
     loaders = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
                "unet": UNet2DConditionModel, "vae": AutoencoderKL}
     required = ("text_encoder_2", "unet", "vae")
-    needs = "an SDXL checkpoint needs text_encoder_2/, unet/ and vae/ (and text_encoder/ unless it is a refiner)"
-    return {name: load_module(folder, name, cls, needs) for name, cls in loaders.items()
-            if name in present or name in required}
+    return {name: cls for name, cls in loaders.items() if name in present or name in required}
+
+
+def read_configs(folder: Path) -> dict[str, Any]:
+    """Every component's config, no weights read (see export/sd.py)."""
+    quiet_library_progress()
+    return {name: read_config(folder, name, cls, NEEDS) for name, cls in component_classes(folder).items()}
+
+
+def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
+    """Every component loaded at once (for comparisons against torch; the exporter
+    loads one stage's at a time, `load_stage`)."""
+    quiet_library_progress()
+    return {name: load_module(folder, name, cls, NEEDS) for name, cls in component_classes(folder).items()}
+
+
+def load_stage(folder: Path, name: str, model: dict[str, Any], inputs: SampleInputs) -> StageModule:
+    """Stage `name` with only its own component loaded."""
+    component = STAGE_COMPONENTS[name]
+    quiet_library_progress()
+    module = load_module(folder, component, component_classes(folder)[component], NEEDS)
+    return stage_module(name, module, model, inputs)
 
 
 def _max_length(folder: Path, tokenizer: str, text_config) -> int:
@@ -84,22 +112,24 @@ def _max_length(folder: Path, tokenizer: str, text_config) -> int:
     return length
 
 
-def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    """What the runtime needs to know about the checkpoint, in plain JSON types."""
+def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
+    """What the runtime needs to know about the checkpoint, in plain JSON types, from
+    the components' configs (`read_configs`)."""
     index = read_model_index(folder)
-    encoders = tuple(r for r in (sdxl.TEXT_ENCODER, sdxl.TEXT_ENCODER_2) if r in modules)
-    lengths = {_max_length(folder, sdxl.TOKENIZER_OF[r], modules[r].config) for r in encoders}
+    encoders = tuple(r for r in (sdxl.TEXT_ENCODER, sdxl.TEXT_ENCODER_2) if r in configs)
+    lengths = {_max_length(folder, sdxl.TOKENIZER_OF[r], configs[r]) for r in encoders}
     if len(lengths) != 1:
         raise DiffrtError(f"{folder}: the tokenizers pad to different lengths {sorted(lengths)}; SDXL concatenates "
                           "both encoders' hidden states, which needs one length")
-    unet, vae = modules["unet"], modules["vae"]
-    unet_config, vae_config = unet.config, vae.config
-    text_2 = modules[sdxl.TEXT_ENCODER_2].config
+    unet_config, vae_config = configs["unet"], configs["vae"]
+    text_2 = configs[sdxl.TEXT_ENCODER_2]
     projection = int(text_2.projection_dim)
     if unet_config.addition_embed_type != "text_time":
         raise DiffrtError(f"{folder / 'unet'}: addition_embed_type={unet_config.addition_embed_type!r}; an SDXL UNet "
                           "conditions on 'text_time'")
-    time_ids, rest = divmod(unet.add_embedding.linear_1.in_features - projection, unet_config.addition_time_embed_dim)
+    # the added-condition embedding's input width (add_embedding.linear_1.in_features)
+    time_ids, rest = divmod(unet_config.projection_class_embeddings_input_dim - projection,
+                            unet_config.addition_time_embed_dim)
     pipeline = "img2img" if index["_class_name"] == sdxl.REFINER_CLASS else "text2img"
     aesthetic = bool(index.get("requires_aesthetics_score", False))
     if rest or time_ids != (5 if aesthetic else 6):
@@ -134,14 +164,15 @@ def model_facts(folder: Path, modules: dict[str, torch.nn.Module]) -> dict[str, 
         "unet_first_attention_heads": heads,
         "unet_first_channels": int(unet_config.block_out_channels[0]),
     }
-    if sdxl.TEXT_ENCODER in modules:
-        facts["text_hidden_size"] = int(modules[sdxl.TEXT_ENCODER].config.hidden_size)
+    if sdxl.TEXT_ENCODER in configs:
+        facts["text_hidden_size"] = int(configs[sdxl.TEXT_ENCODER].hidden_size)
     return facts
 
 
-def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
-    """Each stage's wrapper with trace inputs and check inputs of a different shape."""
-    inputs = SampleInputs(model)
+def stage_module(name: str, module: torch.nn.Module, model: dict[str, Any], inputs: SampleInputs) -> StageModule:
+    """Stage `name`'s wrapper around its loaded component, with trace inputs and check
+    inputs of a different shape. `inputs` draws from one generator: build the stages
+    in the family's order to get the same inputs every time."""
     f = model["vae_scale_factor"]
 
     def added(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
@@ -150,9 +181,19 @@ def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) ->
         return {"text_embeds": inputs.randn(batch, model["projection_dim"]),
                 "time_ids": torch.tensor([time_ids] * batch, dtype=torch.float32)}
 
-    stages = {role: inputs.text_encoder(TextEncoderStage(modules[role], role == sdxl.TEXT_ENCODER_2),
-                                        modules[role].config.vocab_size)
-              for role in model["text_encoders"]}
-    stages[sdxl.DENOISER] = inputs.unet(UNetStage(modules["unet"]), added)
-    stages.update(inputs.vae(modules["vae"]))
-    return stages
+    if name in (sdxl.TEXT_ENCODER, sdxl.TEXT_ENCODER_2):
+        stage = inputs.text_encoder(TextEncoderStage(module, name == sdxl.TEXT_ENCODER_2), module.config.vocab_size)
+    elif name == sdxl.DENOISER:
+        stage = inputs.unet(UNetStage(module), added)
+    elif name == sdxl.VAE_DECODER:
+        stage = inputs.vae_decoder(module)
+    else:
+        stage = inputs.vae_encoder(module)
+    return replace(stage, weights=module, component=STAGE_COMPONENTS[name])
+
+
+def stage_modules(modules: dict[str, torch.nn.Module], model: dict[str, Any]) -> dict[str, StageModule]:
+    """Every stage's wrapper over already loaded components (`load_modules`)."""
+    inputs = SampleInputs(model)
+    return {name: stage_module(name, modules[STAGE_COMPONENTS[name]], model, inputs)
+            for name in (*model["text_encoders"], sdxl.DENOISER, sdxl.VAE_DECODER, sdxl.VAE_ENCODER)}

@@ -83,6 +83,7 @@ def derive_stages(
                                    f"({'; '.join(report.not_fused) or 'none found'})")
             spec = dataclasses.replace(source, name=name, variant=FUSED_VARIANT,
                                        passes=(*source.passes, "fuse_attention"))
+            spec = _mapped(spec, source, staging, report.initializers)
             derived[name] = _checked(spec, source, files, staging, feeds[source.name], "ort", FUSED_TOLERANCE)
             logger.info("%s: %d attention blocks fused in %.1fs, max abs error vs %s %.2e", name, report.fused,
                         time.perf_counter() - t0, source.name, derived[name].max_abs_error)
@@ -98,12 +99,24 @@ def derive_stages(
             files, report = to_half(staging / source.name, staging / name, dtype=precision, upcast_attention=upcast)
             spec = dataclasses.replace(source, name=name, precision=precision,
                                        passes=(*source.passes, f"to_half:{precision}" + (":upcast" if upcast else "")))
+            spec = _mapped(spec, source, staging, report.initializers)
             origin = feeds[source.name.removesuffix("-fused")]
             derived[name] = _checked(spec, source, files, staging, origin, CHECK_RUNTIME[precision],
                                      HALF_TOLERANCE[precision])
             logger.info("%s: %s in %.1fs (%d fp32 nodes kept), max abs error vs %s %.2e", name, precision,
                         time.perf_counter() - t0, report.fp32_nodes, source.name, derived[name].max_abs_error)
     return derived
+
+
+def _mapped(spec: StageSpec, source: StageSpec, staging: Path, changes) -> StageSpec:
+    """The derived stage's weight map, from its source's and what the pass did."""
+    from diffrt.export import weight_map
+    from diffrt.weights import read_weight_map
+
+    if source.weight_map is None:
+        return dataclasses.replace(spec, weight_map=None)
+    derived = weight_map.derive(read_weight_map(staging / source.weight_map.path), spec.name, changes)
+    return dataclasses.replace(spec, weight_map=weight_map.write(staging / spec.name, staging, derived))
 
 
 def _checked(spec: StageSpec, source: StageSpec, files: list[Path], staging: Path, feeds, runtime: str,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from diffrt.export.passes.graph import (
     remove_dead_nodes,
     tensor_shapes,
 )
-from diffrt.export.passes.stage import load_graph, write_stage
+from diffrt.export.passes.stage import InitializerChanges, load_graph, write_stage
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class AttentionReport:
     """Blocks replaced by one MultiHeadAttention node."""
     not_fused: tuple[str, ...] = ()
     """'softmax node name: reason' for every block found but left as it was."""
+    initializers: InitializerChanges = InitializerChanges()
+    """Weights are kept as they are; only initializers nothing reads any more go."""
 
     @property
     def complete(self) -> bool:
@@ -97,7 +99,10 @@ def fuse_attention(stage_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     """
     source, out = Path(stage_dir), Path(out_dir)
     model = load_graph(source)
+    before = [t.name for t in model.graph.initializer]
     report = fuse_model(model)
+    after = {t.name for t in model.graph.initializer}
+    report = replace(report, initializers=InitializerChanges(removed=tuple(n for n in before if n not in after)))
     files = write_stage(model, source, out)
     logger.info("%s: fused %d of %d attention blocks -> %s", source, report.fused, report.found, out)
     return files, report

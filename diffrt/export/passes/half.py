@@ -52,11 +52,12 @@ from diffrt.errors import DiffrtError
 from diffrt.export.passes.elem_types import infer_elem_types, input_type_var, output_type_var
 from diffrt.export.passes.graph import attribute, opset_version, skeleton
 from diffrt.export.passes.islands import node_precisions, slot_need
-from diffrt.export.passes.stage import load_graph, write_stage
+from diffrt.export.passes.stage import InitializerChanges, load_graph, write_stage
 
 logger = logging.getLogger(__name__)
 
 HALF_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+_HALF_NUMPY = {"fp16": "float16", "bf16": "bfloat16"}
 BF16_OPSET = 22
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -83,6 +84,8 @@ class HalfReport:
     inputs: tuple[tuple[str, str], ...]
     """(name, dtype) of the graph inputs: float32 (and int64 ids) as before."""
     outputs: tuple[tuple[str, str], ...]
+    initializers: InitializerChanges = InitializerChanges()
+    """Which initializers were cast in place and which got a half copy (read in both precisions)."""
 
 
 def to_half(
@@ -139,6 +142,7 @@ class _Plan:
     fp32_ops: Counter
     shape_nodes: int
     casts_added: int
+    copies: tuple[tuple[str, str], ...] = ()
 
     def report(self, model: onnx.ModelProto) -> HalfReport:
         def io(values):
@@ -150,6 +154,9 @@ class _Plan:
             shape_nodes=self.shape_nodes, casts_added=self.casts_added,
             initializers_converted=len(self.weight_names), clipped_values=self.weights.clipped,
             inputs=io(model.graph.input), outputs=io(model.graph.output),
+            initializers=InitializerChanges(
+                dtype=_HALF_NUMPY[self.dtype], copies=self.copies,
+                cast=tuple(n for n in self.weight_names if n not in {copy for _, copy in self.copies})),
         )
 
 
@@ -181,7 +188,7 @@ def convert_model(model: onnx.ModelProto, dtype: str, upcast_attention: bool = F
     return _Plan(
         dtype=dtype, weights=WeightConverter(dtype), weight_names=weight_names,
         half_nodes=sum(1 for n in graph.node if precision.get(n.name) == "half"), fp32_ops=counts,
-        shape_nodes=shape_nodes, casts_added=rewriter.casts_added,
+        shape_nodes=shape_nodes, casts_added=rewriter.casts_added, copies=tuple(rewriter.copies),
     )
 
 
@@ -244,6 +251,7 @@ class _Rewriter:
         self.casts: dict[tuple[str, int], str] = {}
         self.casts_added = 0
         self.nodes: list[onnx.NodeProto] = []
+        self.copies: list[tuple[str, str]] = []  # (initializer, its half copy)
 
     def run(self) -> None:
         for node in list(self.graph.node):
@@ -314,6 +322,7 @@ class _Rewriter:
             copy.name = f"{name}/{_DTYPE_NAMES[self.half]}"
             self.graph.initializer.append(copy)
             convert.append(copy.name)
+            self.copies.append((name, copy.name))
             for node_name, slot, need in uses:
                 if need == self.half:
                     nodes[node_name].input[slot] = copy.name

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,23 @@ logger = logging.getLogger(__name__)
 
 # Converts one initializer's values; gets the tensor's name and its fp32 (or other) array.
 Convert = Callable[[str, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class InitializerChanges:
+    """What a pass did to the initializers of the graph it read, so the new stage's
+    weight map can follow each torch parameter (diffrt.export.weight_map.derive).
+    Initializers not named here are in the new graph as they were."""
+
+    dtype: str = ""
+    """The dtype `cast` and `copies` convert to ('float16', 'bfloat16')."""
+    cast: tuple[str, ...] = ()
+    """Converted in place to `dtype`, same name."""
+    copies: tuple[tuple[str, str], ...] = ()
+    """(original, copy): a `dtype` copy for the nodes computing in it, beside the
+    original, which the others still read unchanged."""
+    removed: tuple[str, ...] = ()
+    """No longer in the graph: nothing reads them any more."""
 
 
 def load_graph(stage_dir: str | os.PathLike) -> onnx.ModelProto:
