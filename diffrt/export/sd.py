@@ -20,6 +20,7 @@ import torch
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import quiet_library_progress, read_json
 from diffrt.families import sd
+from diffrt.families.base import facts_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,8 @@ def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
         max_length = int(text_config.max_position_embeddings)
     vae_scale_factor = 2 ** (len(vae_config.block_out_channels) - 1)
     level, heads = first_attention_level(unet_config)
-    return {
+    # built as the family's typed facts: a misspelled or missing fact fails here, at export
+    return facts_to_json(sd.Facts(**{
         "text_max_length": max_length,
         "text_hidden_size": int(text_config.hidden_size),
         "cross_attention_dim": int(unet_config.cross_attention_dim),
@@ -231,7 +233,16 @@ def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "unet_first_attention_level": level,
         "unet_first_attention_heads": heads,
         "unet_first_channels": int(unet_config.block_out_channels[0]),
-    }
+        **vae_latent_facts(vae_config),
+    }))
+
+
+def vae_latent_facts(vae_config) -> dict[str, Any]:
+    """The VAE's latent channels (initial noise and the decoder's input) and the shift
+    its latents take before decoding (latents / scaling_factor + shift_factor)."""
+    shift = getattr(vae_config, "shift_factor", None)
+    return {"vae_latent_channels": int(vae_config.latent_channels),
+            "vae_shift_factor": None if shift is None else float(shift)}
 
 
 def first_attention_level(unet_config) -> tuple[int | None, int | None]:

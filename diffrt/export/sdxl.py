@@ -23,8 +23,10 @@ from diffrt.export.sd import (  # noqa: F401 - load_tiny_vae and friends are thi
     read_config,
     tiny_vae_facts,
     tiny_vae_stage,
+    vae_latent_facts,
 )
 from diffrt.families import sdxl
+from diffrt.families.base import facts_to_json
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +165,12 @@ def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "unet_first_attention_level": level,
         "unet_first_attention_heads": heads,
         "unet_first_channels": int(unet_config.block_out_channels[0]),
+        **vae_latent_facts(vae_config),
     }
     if sdxl.TEXT_ENCODER in configs:
         facts["text_hidden_size"] = int(configs[sdxl.TEXT_ENCODER].hidden_size)
-    return facts
+    # built as the family's typed facts: a misspelled or missing fact fails here, at export
+    return facts_to_json(sdxl.Facts(**facts))
 
 
 def stage_module(name: str, module: torch.nn.Module, model: dict[str, Any], inputs: SampleInputs) -> StageModule:
