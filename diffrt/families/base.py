@@ -144,6 +144,9 @@ class DenoisePlan:
     """Inputs that change per step (ControlNet residuals, inpainting masks): none yet."""
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    schedule: Mapping[str, Any] = field(default_factory=dict)
+    """What this model adds to the scheduler's plan, e.g. flow matching's resolution-
+    dependent shift {"mu": ...} (Flux: diffusers' calculate_shift of the image tokens)."""
 
     @property
     def model_rows(self) -> int:

@@ -344,7 +344,7 @@ class Pipeline:
         # 2. The schedule (or the part of it this request runs).
         try:
             run = plan_window(first.scheduler, settings.num_inference_steps, first.denoising_start,
-                              first.denoising_end)
+                              first.denoising_end, **plan.schedule)
         except ValueError as exc:
             raise DiffrtError(str(exc)) from None
 

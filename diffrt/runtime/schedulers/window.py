@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .protocol import Scheduler, SchedulerRun
@@ -81,14 +83,17 @@ def strength_window(num_inference_steps: int, strength: float, order: int = 1, r
 
 
 def plan_window(scheduler: Scheduler, num_inference_steps: int, denoising_start: float | None = None,
-                denoising_end: float | None = None) -> SchedulerRun:
-    """`scheduler.plan(num_inference_steps)` limited to the part of the schedule
-    between the two fractions (None: from the start / to the end)."""
+                denoising_end: float | None = None, **schedule: Any) -> SchedulerRun:
+    """`scheduler.plan(num_inference_steps, **schedule)` limited to the part of the
+    schedule between the two fractions (None: from the start / to the end). `schedule`:
+    what a model adds to the plan, e.g. flow matching's `mu` (the family's DenoisePlan
+    says; None values are left out)."""
+    schedule = {k: v for k, v in schedule.items() if v is not None}
     denoising_start = check_fraction("denoising_start", denoising_start)
     denoising_end = check_fraction("denoising_end", denoising_end)
     if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
         raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
-    run = scheduler.plan(num_inference_steps)
+    run = scheduler.plan(num_inference_steps, **schedule)
     if denoising_start is None and denoising_end is None:
         return run
     if denoising_start is not None and scheduler.name in CANNOT_START_LATE:
@@ -96,7 +101,7 @@ def plan_window(scheduler: Scheduler, num_inference_steps: int, denoising_start:
                          "(denoising_start); choose euler, euler_ancestral, ddim, dpmpp_2m or lcm")
     begin, end = denoising_window(run.timesteps, int(scheduler.config["num_train_timesteps"]),
                                   denoising_start, denoising_end)
-    return scheduler.plan(num_inference_steps, begin=begin, end=end)
+    return scheduler.plan(num_inference_steps, begin=begin, end=end, **schedule)
 
 
 __all__ = ["CANNOT_START_LATE", "STRENGTH_RULES", "check_fraction", "cutoff_timestep", "denoising_window",
