@@ -122,7 +122,7 @@ def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, sch
             raise DiffrtError(f"{folder / component} is missing; the checkpoint is incomplete")
         shutil.copytree(folder / component, staging / component)
         components[component] = folder_records(staging, staging / component)
-    preset = fam.PRESETS[fam.default_preset(pipeline_class)]
+    preset = fam.PRESETS[fam.default_preset(pipeline_class, model)]
     size = model["sample_size"] * model["vae_scale_factor"]
     manifest = Manifest(
         family=fam.NAME,

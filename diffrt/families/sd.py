@@ -159,7 +159,9 @@ def check_options(model: Any, options: Mapping[str, Any], prompts: int = 1) -> O
     return Options()
 
 
-def default_preset(pipeline_class: str) -> str:
+def default_preset(pipeline_class: str, model: Any = None) -> str:
+    """The preset an export records as the checkpoint's defaults (`model`: its facts,
+    for families whose checkpoints of one pipeline class differ, e.g. Flux schnell/dev)."""
     return "lcm-4step" if pipeline_class == LCM_PIPELINE_CLASS else "full-30step"
 
 

@@ -214,7 +214,7 @@ def keeps_fp32(model: Any, spec) -> str:
     return ""
 
 
-def default_preset(pipeline_class: str) -> str:
+def default_preset(pipeline_class: str, model: Any = None) -> str:
     return "full-30step"
 
 
