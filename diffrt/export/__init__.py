@@ -116,11 +116,15 @@ def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, sch
     """Write the whole artifact into `staging`; returns its manifest."""
     model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae)
     stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
+    # the family's exporter may complete a copied component (SD3: a T5 tokenizer.json from spiece.model)
+    finish = getattr(importlib.import_module(fam.EXPORT_MODULE), "finish_component", None)
     components = {}
     for component in (*fam.tokenizers(model), "scheduler"):
         if not (folder / component).is_dir():
             raise DiffrtError(f"{folder / component} is missing; the checkpoint is incomplete")
         shutil.copytree(folder / component, staging / component)
+        if finish is not None:
+            finish(staging / component, component)
         components[component] = folder_records(staging, staging / component)
     preset = fam.PRESETS[fam.default_preset(pipeline_class, model)]
     size = model["sample_size"] * model["vae_scale_factor"]
@@ -180,8 +184,10 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str |
     io = fam.stage_io(model)
     inputs = torch_side.SampleInputs(model)  # one generator, drawn stage by stage in this order
     names = fam.stages(model)
-    jobs = [(name, name, DEFAULT_VARIANT, {}, functools.partial(torch_side.load_stage, folder, name, model, inputs))
-            for name in names]
+    # what a stage's own facts record (SD3's T5: its precision rule); none for most stages
+    stage_facts = getattr(torch_side, "stage_facts", lambda name, model: {})
+    jobs = [(name, name, DEFAULT_VARIANT, dict(stage_facts(name, model)),
+             functools.partial(torch_side.load_stage, folder, name, model, inputs)) for name in names]
     jobs[names.index(fam.VAE_DECODER)][3]["scaling_factor"] = model["vae_scaling_factor"]
     if tiny_vae is not None:
         # checked before the long part starts (small: loaded again at its turn)

@@ -22,6 +22,7 @@ import numpy as np
 
 from diffrt.artifacts import FUSED_VARIANT, Manifest, StageSpec, file_record
 from diffrt.errors import DiffrtError
+from diffrt.runtime.request import FLOW_SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ def derive_stages(
     fp32_stages = {**stages, **derived}
     for precision in (p for p in precisions if p in HALF_PRECISIONS):
         for source in fp32_stages.values():
-            if fam.keeps_fp32(model, source):
-                logger.info("%s: kept in fp32 only (%s)", source.name, fam.keeps_fp32(model, source))
+            # asked per precision: a stage may take one half precision and not the other (T5: bf16, not fp16)
+            reason = fam.keeps_fp32(model, dataclasses.replace(source, precision=precision))
+            if reason:
+                logger.info("%s: no %s graph (%s)", source.name, precision, reason)
                 continue
             name = f"{source.name}-{precision}"
             t0 = time.perf_counter()
@@ -158,7 +161,10 @@ def image_checks(staging: Path, manifest: Manifest, fam) -> dict[str, Any]:
 
     height, width = (min(int(manifest.defaults[k]), 256) // int(manifest.model["size_multiple"])
                      * int(manifest.model["size_multiple"]) for k in ("height", "width"))
-    call = dict(num_inference_steps=2, scheduler="ddim", seed=0, height=height, width=width, output_type="np")
+    # ddim: deterministic for every noise-predicting checkpoint; a flow-matching one runs its own sampler
+    own = manifest.defaults["scheduler"]
+    scheduler = own if own in FLOW_SCHEDULERS else "ddim"
+    call = dict(num_inference_steps=2, scheduler=scheduler, seed=0, height=height, width=width, output_type="np")
     results = {}
     runtime_log = logging.getLogger("diffrt.runtime")
     level = runtime_log.level

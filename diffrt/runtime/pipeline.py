@@ -48,7 +48,7 @@ from diffrt.runtime.request import (
     resolve_settings,
 )
 from diffrt.runtime.schedulers import plan_window
-from diffrt.runtime.tokenizers import CLIPTokenizer
+from diffrt.runtime.tokenizers import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ class Pipeline:
         self.facts = self.family.facts(manifest.model)
         self._sessions = sessions
         roles = [r for r in self.family.runtime_roles(self.facts) if r in self.family.TOKENIZER_OF]
-        self.tokenizers = {role: CLIPTokenizer.from_dir(folder / self.family.TOKENIZER_OF[role]) for role in roles}
+        kinds = getattr(self.family, "TOKENIZER_KIND", {})  # role -> "t5" where not CLIP (SD3, Flux)
+        self.tokenizers = {role: load_tokenizer(folder / self.family.TOKENIZER_OF[role], kinds.get(role, "clip"))
+                           for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
 
     @classmethod
@@ -211,8 +213,10 @@ class Pipeline:
         size, steps, scheduler (with a preset's config), guidance mode (CFG or not), the
         decoder and the part of the schedule."""
         s = request.settings
+        # family options that size the conditioning (SD3's and Flux's max_sequence_length)
+        shaping = tuple(getattr(request.options, name, None) for name in getattr(self.family, "BATCH_OPTIONS", ()))
         return (s.height, s.width, s.num_inference_steps, s.scheduler, s.scheduler_config, request.do_cfg,
-                request.vae, request.denoising_start, request.denoising_end)
+                request.vae, request.denoising_start, request.denoising_end, *shaping)
 
     # -- generation -------------------------------------------------------------
 
@@ -383,10 +387,12 @@ class Pipeline:
         spec = self._sessions[self.family.DENOISER].spec
         return spec.variant != FUSED_VARIANT and not getattr(self.backend, "fuses_attention_itself", False)
 
-    def _encode(self, role: str, texts: list[str]) -> dict[str, np.ndarray]:
+    def _encode(self, role: str, texts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
         """Tokenize with the role's tokenizer and run that text encoder: its outputs by
-        name, on the host (the family combines them there, once per request)."""
-        ids = self.tokenizers[role](texts)
+        name, on the host (the family combines them there, once per request).
+        `max_length`: the token length of a T5 encoder's input (max_sequence_length)."""
+        tokenizer = self.tokenizers[role]
+        ids = tokenizer(texts) if max_length is None else tokenizer(texts, max_length=max_length)
         return {name: self._to_host(array) for name, array in self._sessions[role].run({"input_ids": ids}).items()}
 
     def _to_device(self, array: np.ndarray) -> Any:

@@ -1,4 +1,7 @@
-"""CLIP tokenizer for the runtime: prompt strings -> int64 token ids, torch-free.
+"""CLIP and T5 tokenizers for the runtime: prompt strings -> int64 token ids, torch-free.
+
+T5: diffrt/runtime/t5_tokenizer.py (SD3's and Flux's T5 encoders); `load_tokenizer(folder, kind)`
+reads either. CLIP:
 
 Gives the ids diffusers' Stable Diffusion pipelines get from transformers (>= 5):
 
@@ -70,6 +73,7 @@ _CLIP_DEFAULT_SPECIAL_TOKENS = {
     "unk_token": EOS_TOKEN,
     "pad_token": EOS_TOKEN,
 }
+
 # Larger than any text encoder's context: such a value is transformers' "no limit"
 # placeholder (int(1e30)) or a mistake, and padding to it cannot work.
 _MAX_SANE_MODEL_MAX_LENGTH = 1 << 20
@@ -178,43 +182,51 @@ class CLIPTokenizer:
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """Token ids, int64 [len(prompts), model_max_length]: bos, tokens, eos, padding."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}; wrap one prompt in a list")
-        if not prompts:
-            return np.zeros((0, self.model_max_length), dtype=np.int64)
-        for prompt in prompts:
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as exc:  # the tokenizer would raise a bare TypeError
-                raise DiffrtError(f"prompt text is not valid: a lone UTF-16 surrogate {prompt[exc.start]!r} at "
-                                  f"character {exc.start} (undecodable bytes?); pass Unicode text") from None
-        texts = [prompt[: self.max_prompt_chars] for prompt in prompts]
-        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
-        for prompt, text, encoding in zip(prompts, texts, encodings, strict=True):
-            if encoding.overflowing or len(text) < len(prompt):
-                self._warn_truncated(prompt, text)
-        return np.array([e.ids for e in encodings], dtype=np.int64)
+        return _encode_prompts(self, self._tokenizer, prompts, self.model_max_length)
 
-    def _warn_truncated(self, prompt: str, text: str) -> None:
-        """Say how much of a too-long prompt the text encoder never sees (CLIP takes 77
-        tokens, bos and eos included; diffusers truncates the same way, with a warning):
-        counts and the start of the dropped text, never the whole of it (a log line
-        must not carry a megabyte prompt)."""
-        if self._counter is None:  # the same pipeline without truncation or padding, built once
-            self._counter = Tokenizer.from_str(self._tokenizer.to_str())
-            self._counter.no_truncation()
-            self._counter.no_padding()
-        total = len(self._counter.encode(text, add_special_tokens=True).ids)
-        dropped = total - self.model_max_length
-        excerpt = _excerpt(self._counter, text, max(dropped, 0)) or prompt[len(text):]
-        excerpt = excerpt if len(excerpt) <= EXCERPT_CHARS else excerpt[:EXCERPT_CHARS] + "..."
-        if len(text) == len(prompt):
-            logger.warning("prompt truncated: the text encoder takes %d tokens, the prompt has %d; the last %d "
-                           "were dropped, starting %r", self.model_max_length, total, dropped, excerpt)
-        else:
-            logger.warning("prompt truncated: the text encoder takes %d tokens; the prompt has %d characters, "
-                           "only the first %d were tokenized (%d tokens) and the rest was dropped, starting %r",
-                           self.model_max_length, len(prompt), len(text), total, excerpt)
+
+def _encode_prompts(owner: Any, tokenizer: Tokenizer, prompts: list[str], length: int) -> np.ndarray:
+    """`tokenizer` (truncating and padding to `length`) on every prompt, int64
+    [len(prompts), length]; a prompt cut short is logged (`_warn_truncated`)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}; wrap one prompt in a list")
+    if not prompts:
+        return np.zeros((0, length), dtype=np.int64)
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # the tokenizer would raise a bare TypeError
+            raise DiffrtError(f"prompt text is not valid: a lone UTF-16 surrogate {prompt[exc.start]!r} at "
+                              f"character {exc.start} (undecodable bytes?); pass Unicode text") from None
+    texts = [prompt[: owner.max_prompt_chars] for prompt in prompts]
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
+    for prompt, text, encoding in zip(prompts, texts, encodings, strict=True):
+        if encoding.overflowing or len(text) < len(prompt):
+            _warn_truncated(owner, prompt, text, length)
+    return np.array([e.ids for e in encodings], dtype=np.int64)
+
+
+def _warn_truncated(owner: Any, prompt: str, text: str, length: int) -> None:
+    """Say how much of a too-long prompt the text encoder never sees (CLIP takes 77
+    tokens, bos and eos included; diffusers truncates the same way, with a warning):
+    counts and the start of the dropped text, never the whole of it (a log line
+    must not carry a megabyte prompt)."""
+    if owner._counter is None:  # the same pipeline without truncation or padding, built once
+        counter = Tokenizer.from_str(owner._tokenizer.to_str())
+        counter.no_truncation()
+        counter.no_padding()
+        owner._counter = counter
+    total = len(owner._counter.encode(text, add_special_tokens=True).ids)
+    dropped = total - length
+    excerpt = _excerpt(owner._counter, text, max(dropped, 0)) or prompt[len(text):]
+    excerpt = excerpt if len(excerpt) <= EXCERPT_CHARS else excerpt[:EXCERPT_CHARS] + "..."
+    if len(text) == len(prompt):
+        logger.warning("prompt truncated: the text encoder takes %d tokens, the prompt has %d; the last %d "
+                       "were dropped, starting %r", length, total, dropped, excerpt)
+    else:
+        logger.warning("prompt truncated: the text encoder takes %d tokens; the prompt has %d characters, "
+                       "only the first %d were tokenized (%d tokens) and the rest was dropped, starting %r",
+                       length, len(prompt), len(text), total, excerpt)
 
 
 def _excerpt(counter: Tokenizer, text: str, dropped: int) -> str:
@@ -275,7 +287,8 @@ class _SpecialTokens:
 
 
 def _resolve_special_tokens(
-    config: dict[str, Any], folder: Path, tokenizer_json: dict[str, Any] | None
+    config: dict[str, Any], folder: Path, tokenizer_json: dict[str, Any] | None,
+    defaults: dict[str, str] = _CLIP_DEFAULT_SPECIAL_TOKENS,
 ) -> _SpecialTokens:
     """The special and added tokens, with transformers 5's precedence
     (`PreTrainedTokenizerBase._from_pretrained`):
@@ -285,7 +298,8 @@ def _resolve_special_tokens(
     * without it (the SD 1.x / 2.x checkpoints' layout), special_tokens_map.json overrides
       tokenizer_config.json -- SD 2.x's config says pad "<|endoftext|>", its map "!",
       and the pad is "!" -- and tokenizer.json's "added_tokens" are the added tokens;
-    * a key given by neither takes CLIPTokenizer's default; a key set to null has no token.
+    * a key given by neither takes the tokenizer class's default (`defaults`: CLIPTokenizer's,
+      or T5Tokenizer's); a key set to null has no token.
     """
     named_keys = list(_SPECIAL_TOKEN_KEYS) + [
         k
@@ -318,7 +332,7 @@ def _resolve_special_tokens(
         for token in (tokenizer_json or {}).get("added_tokens") or []:
             token = dict(token)
             added_tokens_decoder[int(token.pop("id"))] = _as_added_token(token)
-    for key, default in _CLIP_DEFAULT_SPECIAL_TOKENS.items():
+    for key, default in defaults.items():
         named.setdefault(key, default)
     # A named token whose text is an added token's takes that token's attributes.
     by_content = {str(t): t for t in added_tokens_decoder.values()}
@@ -411,3 +425,19 @@ def _build_clip_tokenizer(
     tokenizer.pre_tokenizer = clip_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()  # only for debugging: ids never go back to text here
     return tokenizer
+
+
+# The tokenizer kinds a family names per text encoder (its TOKENIZER_KIND; "clip" when unnamed).
+TOKENIZER_KINDS = ("clip", "t5")
+
+
+def load_tokenizer(folder: str | Path, kind: str = "clip") -> Any:
+    """The runtime tokenizer of `kind` ("clip": CLIPTokenizer, "t5": T5Tokenizer) for a
+    tokenizer folder of an artifact."""
+    if kind == "t5":
+        from diffrt.runtime.t5_tokenizer import T5Tokenizer  # it builds on this module's helpers
+
+        return T5Tokenizer.from_dir(folder)
+    if kind != "clip":
+        raise DiffrtError(f"tokenizer kind {kind!r} is not known; known: {', '.join(TOKENIZER_KINDS)}")
+    return CLIPTokenizer.from_dir(folder)
