@@ -423,7 +423,9 @@ def _check_demo_settings(args: argparse.Namespace) -> None:
     from diffrt.runtime.request import check_count, check_guidance, check_seed
     from diffrt.runtime.schedulers import SCHEDULER_NAMES
 
-    family = get_family("sdxl" if args.kind == "sdxl" else "sd")
+    from diffrt.export.tiny import DEMO_KINDS
+
+    family = get_family(DEMO_KINDS[args.kind][0])
     check_seed(args.seed)
     if args.steps is not None:
         check_count("num_inference_steps (--steps)", args.steps)
@@ -471,15 +473,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace, workdir: Path, outputs: list[Path]) -> None:
     args.prompt, args.size = DEMO_PROMPT, None
     from diffrt.export import export
-    from diffrt.export.tiny import SDXL_KINDS, make_tiny_sd, make_tiny_sdxl
+    from diffrt.export.tiny import make_tiny
 
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
     t0 = time.perf_counter()
     _say(args, f"1/3 building a tiny random-weight {args.kind} checkpoint in {checkpoint}")
-    if args.kind in SDXL_KINDS:
-        make_tiny_sdxl(checkpoint, kind=args.kind, sample_size=64)
-    else:
-        make_tiny_sd(checkpoint, kind=args.kind, sample_size=64)
+    make_tiny(checkpoint, kind=args.kind, sample_size=64)
     _say(args, f"2/3 exporting it to {artifact}")
     export(checkpoint, artifact, overwrite=True)
     _say(args, "3/3 generating")
@@ -627,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="tiny random checkpoint -> export -> image, offline")
     p.add_argument("--dir", default=None, help="work folder, kept afterwards (default: a new temp folder)")
-    p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm", "sdxl"),
+    p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm", "sdxl", "sd3", "sd3-no-t5"),
                    help="which tiny model (default sd15)")
     p.add_argument("-o", "--output", default="demo.png", help="image file to write (default demo.png)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")

@@ -9,6 +9,7 @@ generation take seconds on a CPU.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -198,3 +199,80 @@ def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample
     pipe.save_pretrained(folder)
     logger.info("wrote a tiny random-weight %s checkpoint to %s", kind, folder)
     return folder
+
+SD3_KINDS = ("sd3", "sd3-no-t5")
+# stabilityai/stable-diffusion-3.5-medium's (and -large's) scheduler_config.json
+_SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+def make_tiny_sd3(folder: str | Path, kind: str = "sd3", seed: int = 0, sample_size: int = 32) -> Path:
+    """Write a tiny random-weight StableDiffusion3Pipeline of `kind` to `folder`.
+
+    sd3:       SD3.5-medium's kind: CLIP-L-like (quick_gelu, pad "<|endoftext|>") and
+               CLIP-G-like (gelu, pad "!") encoders with projections, a T5 v1.1 encoder
+               with a trained SentencePiece tokenizer, an MMDiT-X transformer (a second
+               self-attention in layer 0, QK RMS norm), a 16-channel VAE with SD3's
+               scaling and shift factors, SD3.5's flow-match scheduler config (shift 3).
+    sd3-no-t5: SD3.5-large's kind (no extra self-attention) saved without
+               text_encoder_3 / tokenizer_3, as diffusers allows.
+    The default image is sample_size * 2 pixels square (the VAE downsamples by 2).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from diffrt.export.checkpoint import quiet_library_progress
+    from diffrt.export.clip_vocab import write_tiny_clip_tokenizer
+    from diffrt.export.t5 import tiny_t5_encoder, write_tiny_t5_tokenizer
+
+    if kind not in SD3_KINDS:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(SD3_KINDS)}")
+    folder = Path(folder)
+    quiet_library_progress()
+    torch.manual_seed(seed)
+    clip = {}
+    for name, pad, act, hidden in (("", "<|endoftext|>", "quick_gelu", 32), ("_2", "!", "gelu", 24)):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tiny_clip_tokenizer(Path(tmp), pad_token=pad)
+            tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37,
+                                num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=77,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, hidden_act=act, projection_dim=hidden)
+        clip[f"tokenizer{name}"], clip[f"text_encoder{name}"] = tokenizer, CLIPTextModelWithProjection(config)
+    joint = 64  # T5's width; CLIP's 32 + 24 are zero-padded to it
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=joint, caption_projection_dim=32, pooled_projection_dim=32 + 24,
+        out_channels=16, pos_embed_max_size=64, dual_attention_layers=(0,) if kind == "sd3" else (),
+        qk_norm="rms_norm")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=16,
+                        norm_num_groups=32, sample_size=sample_size * 2, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(_SD3_SCHEDULER)
+    text_encoder_3 = tokenizer_3 = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "sd3":
+            tokenizer_3 = write_tiny_t5_tokenizer(Path(tmp), seed=seed)
+            text_encoder_3 = tiny_t5_encoder(len(tokenizer_3), d_model=joint, seed=seed)
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                  text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, **clip)
+        pipe.save_pretrained(folder)
+        if kind == "sd3":  # SD3 checkpoints carry the SentencePiece model beside tokenizer.json
+            shutil.copy(Path(tmp) / "spiece.model", folder / "tokenizer_3" / "spiece.model")
+    logger.info("wrote a tiny random-weight %s checkpoint to %s", kind, folder)
+    return folder
+
+
+
+# Every `diffrt demo --kind`: its builder and the family its export is.
+DEMO_KINDS = {**{kind: ("sd", make_tiny_sd) for kind in KINDS}, **{kind: ("sdxl", make_tiny_sdxl) for kind in SDXL_KINDS},
+              **{kind: ("sd3", make_tiny_sd3) for kind in SD3_KINDS}}
+
+def make_tiny(folder: str | Path, kind: str, seed: int = 0, sample_size: int = 32) -> Path:
+    """The tiny checkpoint of any kind (DEMO_KINDS)."""
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(DEMO_KINDS)}")
+    return DEMO_KINDS[kind][1](folder, kind=kind, seed=seed, sample_size=sample_size)
