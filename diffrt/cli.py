@@ -626,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="tiny random checkpoint -> export -> image, offline")
     p.add_argument("--dir", default=None, help="work folder, kept afterwards (default: a new temp folder)")
-    p.add_argument("--kind", default="sd15", choices=("sd15", "sd2", "lcm", "sdxl", "sd3", "sd3-no-t5"),
+    p.add_argument("--kind", default="sd15",
+                   choices=("sd15", "sd2", "lcm", "sdxl", "flux", "flux-dev", "sd3", "sd3-no-t5"),
                    help="which tiny model (default sd15)")
     p.add_argument("-o", "--output", default="demo.png", help="image file to write (default demo.png)")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")

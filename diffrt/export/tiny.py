@@ -200,6 +200,68 @@ def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample
     logger.info("wrote a tiny random-weight %s checkpoint to %s", kind, folder)
     return folder
 
+
+FLUX_KINDS = ("flux", "flux-dev")
+# black-forest-labs/FLUX.1-schnell's and FLUX.1-dev's scheduler_config.json
+_FLUX_SCHEDULERS = {
+    "flux": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+             "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False},
+    "flux-dev": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+                 "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
+}
+
+
+def make_tiny_flux(folder: str | Path, kind: str = "flux", seed: int = 0, sample_size: int | None = None) -> Path:
+    """Write a tiny random-weight FluxPipeline of `kind` to `folder` with save_pretrained.
+
+    flux:     schnell-style: no guidance embedding, the static-shift scheduler config.
+    flux-dev: dev-style: a guidance embedding, dynamic shifting (mu from the image size).
+    Both: a CLIP text encoder (its pooled output is used), a T5 v1.1-style encoder with a
+    trained tiny SentencePiece tokenizer, a FluxTransformer2DModel (1 double-stream and 2
+    single-stream blocks, 2 heads of 16 with QK RMSNorm and rotary axes 4+6+6), and a
+    16-channel AutoencoderKL without quant convs, with FLUX.1's scaling and shift factors
+    (downsampling by 2, so images are multiples of 4 pixels). `sample_size` is unused:
+    FluxPipeline's default size is fixed (128 latent pixels).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from diffrt.export.checkpoint import quiet_library_progress
+    from diffrt.export.clip_vocab import write_tiny_clip_tokenizer
+    from diffrt.export.t5 import tiny_t5_encoder, write_tiny_t5_tokenizer
+
+    if kind not in FLUX_KINDS:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(FLUX_KINDS)}")
+    folder = Path(folder)
+    quiet_library_progress()
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_clip_tokenizer(Path(tmp), pad_token="<|endoftext|>")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer_2 = write_tiny_t5_tokenizer(Path(tmp) / "t5", seed=seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu", projection_dim=32))
+    text_encoder_2 = tiny_t5_encoder(len(tokenizer_2), d_model=32, seed=seed)
+    torch.manual_seed(seed + 1)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=kind == "flux-dev", axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=16,
+                        norm_num_groups=32, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(_FLUX_SCHEDULERS[kind])
+    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.save_pretrained(folder)
+    logger.info("wrote a tiny random-weight %s checkpoint to %s", kind, folder)
+    return folder
+
+
 SD3_KINDS = ("sd3", "sd3-no-t5")
 # stabilityai/stable-diffusion-3.5-medium's (and -large's) scheduler_config.json
 _SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
@@ -266,10 +328,12 @@ def make_tiny_sd3(folder: str | Path, kind: str = "sd3", seed: int = 0, sample_s
     return folder
 
 
-
 # Every `diffrt demo --kind`: its builder and the family its export is.
-DEMO_KINDS = {**{kind: ("sd", make_tiny_sd) for kind in KINDS}, **{kind: ("sdxl", make_tiny_sdxl) for kind in SDXL_KINDS},
+DEMO_KINDS = {**{kind: ("sd", make_tiny_sd) for kind in KINDS},
+              **{kind: ("sdxl", make_tiny_sdxl) for kind in SDXL_KINDS},
+              **{kind: ("flux", make_tiny_flux) for kind in FLUX_KINDS},
               **{kind: ("sd3", make_tiny_sd3) for kind in SD3_KINDS}}
+
 
 def make_tiny(folder: str | Path, kind: str, seed: int = 0, sample_size: int = 32) -> Path:
     """The tiny checkpoint of any kind (DEMO_KINDS)."""

@@ -8,10 +8,10 @@ the runtime's denoising loop asks the family for its conditioning and latent lay
 from __future__ import annotations
 
 from diffrt.errors import DiffrtError
-from diffrt.families import sd, sd3, sdxl
+from diffrt.families import flux, sd, sd3, sdxl
 from diffrt.families.presets import Preset
 
-FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, sd3.NAME: sd3}
+FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, flux.NAME: flux, sd3.NAME: sd3}
 
 
 def family_for_pipeline_class(class_name: str):

@@ -17,6 +17,8 @@ class Preset:
     `timestep_spacing="trailing"`); they apply to whichever scheduler runs.
     `height`/`width`: the size the recipe was distilled at, if not the checkpoint's.
     `source`: where the recipe comes from (the model card or docs it follows).
+    `options`: (name, value) pairs of the family's own request options the recipe sets
+    (Flux-schnell's max_sequence_length=256); explicit options win.
     """
 
     name: str
@@ -28,6 +30,7 @@ class Preset:
     height: int | None = None
     width: int | None = None
     source: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:

@@ -353,13 +353,17 @@ class Pipeline:
             raise DiffrtError(str(exc)) from None
 
         # 3. Initial latents: noise scaled by the scheduler's initial sigma (as diffusers
-        # does), or a base model's latents that a refiner continues as they are.
+        # does), or a base model's latents that a refiner continues as they are. Noise is
+        # drawn in the VAE's layout and packed; `latents=` comes in the denoiser's layout
+        # already, as diffusers' latents= does (Flux: packed 2x2 patches).
+        sigma = np.float32(run.init_noise_sigma)
         if first.image is not None:
             sample = self._to_device(plan.pack(first.image))
+        elif first.latents is not None:
+            sample = self._to_device((first.latents * sigma).astype(np.float32))
         else:
-            noise = first.latents if first.latents is not None else rng.standard_normal(plan.noise_shape,
-                                                                                         dtype=np.float32)
-            sample = self._to_device(plan.pack((noise * np.float32(run.init_noise_sigma)).astype(np.float32)))
+            noise = rng.standard_normal(plan.noise_shape, dtype=np.float32)
+            sample = self._to_device(plan.pack((noise * sigma).astype(np.float32)))
 
         # 4. Denoising loop: one batched denoiser call per step. Progress counts requested
         # steps: extra calls come first (PNDM's warm-up); a refiner continues the base's count.

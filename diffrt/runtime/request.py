@@ -156,7 +156,9 @@ def _resolve(manifest: Manifest, scheduler_config: Mapping[str, Any], preset: st
         raise DiffrtError(f"scheduler {name!r} does not fit this {kind} model; choose one of its kind "
                           f"(the checkpoint's own: {defaults['scheduler']})")
     try:
-        sampler.plan(int(steps))  # the sampler's own bound on steps (e.g. 1..num_train_timesteps), before loading
+        # the sampler's own bound on steps (e.g. 1..num_train_timesteps), before loading; a resolution-
+        # dependent shift (Flux-dev's mu) comes with the model's plan, any value checks the steps
+        sampler.plan(int(steps), mu=0.0 if sampler.needs_mu else None)
     except ValueError as exc:
         raise DiffrtError(f"{name}: {exc}") from None
     return Settings(name, int(steps), guidance, height, width, tuple(overrides)), sampler
@@ -250,8 +252,11 @@ def make_request(
     settings, sampler = _resolve(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
                                  height, width)
     prompts, negatives = prompt_lists(prompt, negative_prompt)
-    # None means "not given" for every option (diffusers' convention), here as there
-    checked_options = family.check_options(facts, {k: v for k, v in options.items() if v is not None}, len(prompts))
+    # None means "not given" for every option (diffusers' convention), here as there; a
+    # preset's options (family.PRESETS[preset].options) come under the explicit ones
+    given = {**dict(family.PRESETS[preset].options if preset is not None else ()),
+             **{k: v for k, v in options.items() if v is not None}}
+    checked_options = family.check_options(facts, given, len(prompts))
     count = check_count("num_images_per_prompt", num_images_per_prompt)
     seed = check_seed(seed)
     if output_type not in OUTPUT_TYPES:
