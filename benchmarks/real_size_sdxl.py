@@ -11,6 +11,9 @@ random weights, offline.
              saved as fp32 safetensors with save_pretrained.
 2. export:   `diffrt.export.export(...)` (fp32, with fused-attention graphs); the UNet
              (~10 GB) and the bigG encoder (~2.8 GB) go through the external-data path.
+             One stage's module at a time: each stage's load, export, weight map and
+             check are steps of their own, and the report names the largest stage's
+             fp32 parameter bytes (`largest_stage`), the bar for the phase's peak RSS.
 3. generate-ort / generate-openvino: `Pipeline.load(..., backend=...)` and one image
              with the sdxl-lightning-4step recipe (Euler, trailing spacing, no CFG).
 

@@ -212,6 +212,8 @@ def _export_torch_stage(spec: StageSpec, load, staging: Path, opset: int, progre
     t0, name = time.perf_counter(), spec.name
     logger.info("%s %s: loading its torch module ...", progress, name)
     stage = load()
+    if sum(p.numel() * p.element_size() for p in stage.module.parameters()) >= LARGE_STAGE_BYTES:
+        fix_mmap_threshold()
     logger.info("%s %s: exporting to ONNX (opset %d) ...", progress, name, opset)
     files = export_graph(stage.module, stage.trace_inputs, spec, staging / name, opset)
     logger.info("%s %s: mapping its torch parameters to initializers ...", progress, name)
@@ -234,6 +236,33 @@ def _export_torch_stage(spec: StageSpec, load, staging: Path, opset: int, progre
     )
     spec = dataclasses.replace(spec, files=records, max_abs_error=error, reference=TORCH_REFERENCE, weight_map=record)
     return spec, feeds
+
+
+# A stage whose weights pass this gets its large temporary copies memory-mapped (fix_mmap_threshold).
+LARGE_STAGE_BYTES = 2**30
+_MMAP_THRESHOLD = 4 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def fix_mmap_threshold() -> None:
+    """Serve allocations of 4 MiB and more with mmap from now on (glibc; elsewhere nothing).
+
+    torch's exporter runs ONNX shape inference node by node, copying each weight the node
+    reads into a one-node model and freeing it again. glibc raises its mmap threshold to
+    the largest block freed (up to 32 MiB), so after the first few those copies come from
+    the heap, which they fragment: SDXL's UNet export held 1.3 to 3 GiB above its 9.6 GiB
+    of weights that way (benchmarks/README.md). With a fixed threshold each copy is mapped
+    and unmapped, and the peak stays within 1.1x the weights. The price: those copies
+    fault in fresh pages (the UNet's export takes longer), and the setting is process-wide
+    and permanent (glibc has no way back to its dynamic threshold), hence only for stages
+    over LARGE_STAGE_BYTES, where it decides whether the export fits in memory."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    if mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1:
+        logger.info("large stage: glibc's mmap threshold fixed at %d MiB for this process (export memory)",
+                    _MMAP_THRESHOLD >> 20)
 
 
 def release_memory() -> None:
