@@ -380,3 +380,11 @@ def test_served_over_http_unchanged(flux):
         status, _, body = server.post("/v1/generate", {"prompt": "a cat", "negative_prompt": "blur", "size": "32x32",
                                                        "num_inference_steps": 1})
         assert status == 400 and "negative_prompt" in json.dumps(body), body
+
+
+def test_an_impossible_size_is_refused_before_any_work(flux):
+    """The up-front memory bound (families/flux.py activation_terms) refuses a size no
+    machine holds, in one line, before a generation starts."""
+    ours, _ = flux("flux")
+    with pytest.raises(DiffrtError, match=r"100000x100000 with 1 image\(s\) needs at least .* of memory"):
+        ours.request("a cat", height=100000, width=100000)

@@ -281,25 +281,26 @@ def noise_shape(model: Any, batch: int, height: int, width: int) -> tuple[int, .
 def activation_terms(model: Any, height: int, width: int, batch: int, do_cfg: bool,
                      attention_scores: bool) -> dict[str, int]:
     """Lower bounds, in bytes, on tensors that certainly exist at once inside each stage
-    (float32 activations):
+    (float32 activations), for any request of this size and batch:
 
-    - transformer_activations: in a single-stream block, the joint sequence (text +
-      image tokens) as the residual, and the concatenated attention + MLP output
-      (dim + 4 * dim wide) that proj_out reads;
+    - transformer_activations: in a single-stream block, the joint sequence as the
+      residual and the concatenated attention + MLP output (dim + 4 * dim wide) that
+      proj_out reads; counted over the image tokens only (the text tokens depend on the
+      request's max_sequence_length, which this bound does not see);
     - transformer_attention_scores (when `attention_scores`: portable graphs on ONNX
-      Runtime): one batch x heads x tokens^2 score tensor;
+      Runtime): one batch x heads x tokens^2 score tensor, image tokens only;
     - vae_decoder_activations / vae_attention_scores: as SD's decoder (its last conv's
       input and output and the image; the mid block's single-head scores);
-    - text_encoder_activations: T5's hidden states for every prompt, twice."""
+    - text_encoder_activations: CLIP's hidden states of one prompt (77 tokens), twice."""
     f = _f(model)
     f4 = 4
-    tokens = image_tokens(f, height, width) + int(f.max_sequence_length)
+    tokens = image_tokens(f, height, width)
     inner = int(f.num_attention_heads) * int(f.attention_head_dim)
     latent = (height // int(f.vae_scale_factor)) * (width // int(f.vae_scale_factor))
     terms = {
         "transformer_activations": batch * tokens * (inner + 5 * inner) * f4,
         "vae_decoder_activations": batch * (2 * int(f.vae_decoder_channels or 0) + 3) * height * width * f4,
-        "text_encoder_activations": batch * 2 * int(f.max_sequence_length) * int(f.t5_hidden_size) * f4,
+        "text_encoder_activations": 2 * int(f.text_max_length) * int(f.text_hidden_size) * f4,
     }
     if attention_scores:
         terms["transformer_attention_scores"] = batch * int(f.num_attention_heads) * tokens * tokens * f4
