@@ -245,3 +245,24 @@ def test_component_without_weights_fails_before_exporting(tiny_checkpoint, tmp_p
     with caplog.at_level(logging.INFO, logger="diffrt"), pytest.raises(DiffrtError, match=r"vae holds no weights"):
         export(src, tmp_path / "out")
     assert "exporting to ONNX" not in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_reader_needs_no_torch_or_onnx(exported):
+    """The runtime may read weight maps: numpy and json only (torch, onnx blocked)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = exported("sdxl")
+    code = textwrap.dedent(f"""
+        import sys
+        for name in ("torch", "diffusers", "transformers", "onnx"):
+            sys.modules[name] = None  # importing them now raises
+        from diffrt.weights import weight_map
+        wm = weight_map({str(folder)!r}, "unet-fused")
+        placement = wm["conv_in.weight"].placements[0]
+        print(placement.initializer, len(wm))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["unet.conv_in.weight", str(len(weight_map(folder, "unet")))]

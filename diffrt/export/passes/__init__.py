@@ -7,6 +7,9 @@ returning the written files (graph first) and a frozen report of what it did:
     files, report = fuse_attention("out/unet", "out/unet-fused")   # report.complete
     files, report = to_half("out/unet", "out/unet-fp16", dtype="fp16")
     compare_graphs("out/unet", "out/unet-fp16", feeds, runtime="openvino").max_abs_error
+
+Each report's `initializers` (InitializerChanges) says what the pass did to the source's
+initializers (cast in place, copied, removed): the new stage's weight map follows from it.
 """
 
 from diffrt.export.passes.attention import AttentionReport, fuse_attention
