@@ -208,9 +208,9 @@ def count_flops(args, models: prepare.Models, cells: list[schedule.Cell]) -> dic
 
     unet = {(c.workload.denoiser_batch(c.batch), c.workload.height, c.workload.width) for c in cells}
     vae = {(c.batch, c.workload.height, c.workload.width) for c in cells}
-    sdxl = models.model == "sdxl"
+    sdxl = models.model in ("sdxl", "sd35m")  # SDXL-size default shapes
     if args.tiny:
-        out = args.workdir / ("flops_tiny_sdxl.json" if sdxl else "flops_tiny.json")
+        out = args.workdir / ("flops_tiny.json" if models.model == "sd15" else f"flops_tiny_{models.model}.json")
     else:  # the SD1.5 table the benchmark README quotes (batch 1 and 2 at 256 and 512); SDXL's at 512 and 1024
         out = args.results / f"flops_{models.model}.json"
         unet |= {flops.parse_shape(s) for s in (flops.DEFAULT_UNET_SDXL if sdxl else flops.DEFAULT_UNET)}

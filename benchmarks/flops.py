@@ -4,8 +4,10 @@ torch.utils.flop_counter.FlopCounterMode and stored as JSON for benchmarks/compa
     python benchmarks/flops.py --checkpoint DIR --out benchmarks/results/flops_sd15.json \
         [--unet 1x256x256,2x256x256,...] [--vae 1x256x256,...]
 
-SD1.x/2.x and SDXL checkpoints (the defaults follow the checkpoint: SDXL's are 512 and
-1024). SDXL's UNet also takes its added conditions, the pooled text embedding
+SD1.x/2.x, SDXL and SD3 checkpoints (the defaults follow the checkpoint: SDXL's and SD3's
+are 512 and 1024). An SD3 checkpoint's denoiser is its MMDiT transformer (counted under
+"unet", the harness's name for the denoiser) on 77 CLIP + 256 T5 text tokens (diffusers'
+default max_sequence_length; a checkpoint without T5 is fed zeros of that length). SDXL's UNet also takes its added conditions, the pooled text embedding
 (text_encoder_2's projection_dim) and the time ids; a UNet whose added conditions this
 script does not know is stored as null with the reason ("unet_error"), never guessed.
 
@@ -46,11 +48,18 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return batch, height, width
 
 
+SD3_TEXT_TOKENS = 77 + 256
+
+
+def is_sd3(checkpoint: Path) -> bool:
+    return (checkpoint / "transformer" / "config.json").is_file()
+
+
 def config_fingerprint(checkpoint: Path) -> str:
-    """Hash of the architecture (unet + vae configs), so a stored count is reused only
+    """Hash of the architecture (denoiser + vae configs), so a stored count is reused only
     for the same model."""
     digest = hashlib.sha256()
-    for component in ("unet", "vae"):
+    for component in ("transformer" if is_sd3(checkpoint) else "unet", "vae"):
         config = json.loads((checkpoint / component / "config.json").read_text())
         config = {k: v for k, v in config.items() if k not in _IGNORED_CONFIG_KEYS}
         digest.update(json.dumps(config, sort_keys=True).encode())
@@ -101,13 +110,15 @@ def added_conditions(checkpoint: Path, unet_config: dict[str, Any]) -> tuple[int
 def count(checkpoint: Path, unet_shapes: list[tuple[int, int, int]], vae_shapes: list[tuple[int, int, int]],
           previous: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet_config = UNet2DConditionModel.load_config(checkpoint / "unet")
+    sd3 = is_sd3(checkpoint)
+    denoiser_class = SD3Transformer2DModel if sd3 else UNet2DConditionModel
+    unet_config = denoiser_class.load_config(checkpoint / ("transformer" if sd3 else "unet"))
     vae_config = AutoencoderKL.load_config(checkpoint / "vae")
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = denoiser_class.from_config(unet_config)
         vae = AutoencoderKL.from_config(vae_config)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     data = previous or {
@@ -116,7 +127,7 @@ def count(checkpoint: Path, unet_shapes: list[tuple[int, int, int]], vae_shapes:
         "config_fingerprint": config_fingerprint(checkpoint),
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "vae_decoder_parameters": sum(p.numel() for p in vae.decoder.parameters()) + sum(
-            p.numel() for p in vae.post_quant_conv.parameters()),
+            p.numel() for p in (vae.post_quant_conv.parameters() if vae.post_quant_conv is not None else ())),
         "unet": {},
         "vae_decoder": {},
     }
@@ -126,9 +137,9 @@ def count(checkpoint: Path, unet_shapes: list[tuple[int, int, int]], vae_shapes:
             fn()
         return int(counter.get_total_flops())
 
-    text_dim = unet.config.cross_attention_dim
+    text_dim = unet.config.joint_attention_dim if sd3 else unet.config.cross_attention_dim
     try:
-        added = added_conditions(checkpoint, unet_config)
+        added = None if sd3 else added_conditions(checkpoint, unet_config)
     except ValueError as exc:
         added, data["unet_error"] = None, str(exc)
     for batch, height, width in unet_shapes:
@@ -139,7 +150,11 @@ def count(checkpoint: Path, unet_shapes: list[tuple[int, int, int]], vae_shapes:
                 continue
             sample = torch.empty(batch, unet.config.in_channels, height // factor, width // factor, device="meta")
             timestep = torch.full((batch,), 500.0, device="meta")
-            text = torch.empty(batch, 77, text_dim, device="meta")
+            text = torch.empty(batch, SD3_TEXT_TOKENS if sd3 else 77, text_dim, device="meta")
+            if sd3:
+                pooled = torch.empty(batch, unet.config.pooled_projection_dim, device="meta")
+                data["unet"][key] = flops_of(lambda: unet(sample, text, pooled, timestep))
+                continue
             kwargs = {}
             if added is not None:  # SDXL: pooled embedding of the second encoder + size/crop time ids
                 kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, added[0], device="meta"),
@@ -163,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", help=f"BATCHxHEIGHTxWIDTH,... (default: SD {','.join(DEFAULT_VAE)}; "
                         f"SDXL {','.join(DEFAULT_VAE_SDXL)})")
     args = parser.parse_args(argv)
-    sdxl = is_sdxl(args.checkpoint)
+    sdxl = is_sd3(args.checkpoint) or is_sdxl(args.checkpoint)  # SD3 takes SDXL's sizes
     if args.unet is None:
         args.unet = ",".join(DEFAULT_UNET_SDXL if sdxl else DEFAULT_UNET)
     if args.vae is None:

@@ -437,3 +437,52 @@ def test_sdxl_workload(sdxl_report):
     assert "tiny random-weight SDXL" in md
     flops_file = Path(data["flops"]["file"])
     assert flops_file == work / "flops_tiny_sdxl.json" and "b1-64x64" in data["flops"]["unet"]
+
+
+def test_sd3_flops_match_a_cpu_count(tmp_path):
+    """The SD3 transformer's count (77 CLIP + 256 T5 text tokens, pooled projections)
+    equals the real tiny module run on CPU with attention on the math path."""
+    pytest.importorskip("sentencepiece")
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffrt.export.tiny import make_tiny_sd3
+
+    flops = _benchmarks_import("flops")
+    checkpoint = make_tiny_sd3(tmp_path / "sd3", kind="sd3-no-t5")
+    assert flops.is_sd3(checkpoint)
+    counted = flops.count(checkpoint, [(2, 32, 48)], [(1, 32, 48)])
+    transformer = SD3Transformer2DModel.from_pretrained(checkpoint / "transformer")
+    config = transformer.config
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        transformer(torch.randn(2, config.in_channels, 16, 24), torch.randn(2, 77 + 256, config.joint_attention_dim),
+                    torch.randn(2, config.pooled_projection_dim), torch.tensor([500.0, 500.0]))
+    assert counted["unet"]["b2-48x32"] == counter.get_total_flops() > 0
+    assert counted["vae_decoder"]["b1-48x32"] > 0
+
+
+def test_sd3_workload(tmp_path):
+    """--tiny --workloads W4-512 on a tiny SD3 without T5 (as the real-size one): diffrt
+    and diffusers run the sd35-large-turbo-4step recipe with the same latents and give
+    the same image (flow-match Euler injects no noise)."""
+    pytest.importorskip("sentencepiece")
+    runners = ("diffrt-ort", "diffusers-fp32")
+    cmd = [sys.executable, str(BENCHMARKS / "compare.py"), "--tiny", "--workdir", str(tmp_path / "work"),
+           "--results", str(tmp_path / "results"), "--venv-root", str(VENVS), "--runners", ",".join(runners),
+           "--workloads", "W4-512", "--runs", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "results" / "compare-tiny-sd35m.json").read_text())
+    assert data["model"]["name"] == "sd35m" and "SD3" in data["model"]["description"]
+    (workload,) = data["workloads"]
+    assert (workload["preset"], workload["scheduler"], workload["steps"]) == ("sd35-large-turbo-4step",
+                                                                             "flow_match_euler", 4)
+    for name, r in data["runners"].items():
+        assert r["status"] == "ok", (name, r["status"])
+        s = r["summary"]["W4-512/b1"]
+        assert s["denoiser_calls_per_image_run"] == 4 and s["denoiser_call_flops"] > 0
+    assert data["runners"]["diffusers-fp32"]["info"]["pipeline"] == "StableDiffusion3Pipeline"
+    for name, diff in data["image_agreement"]["W4-512/b1"]["max_abs_diff"].items():
+        assert diff <= 1e-4, (name, diff)

@@ -3,8 +3,9 @@
 - the checkpoint and diffrt's export of it, in WORKDIR/sd15 (SD1.5 size, through
   benchmarks/real_size_sd15.py's build and export phases: ~30 s + ~2 min, 8 GiB of disk),
   WORKDIR/sdxl (SDXL size, through benchmarks/real_size_sdxl.py's: ~15 min, 15 GiB of
-  memory, 28 GB of disk), or WORKDIR/tiny and WORKDIR/tiny-sdxl for --tiny (`python
-  harness/prepare.py tiny DIR [sd15|sdxl]`);
+  memory, 28 GB of disk), WORKDIR/sd35m (SD3.5-medium size without T5, through
+  benchmarks/real_size_sd3.py's), or WORKDIR/tiny, WORKDIR/tiny-sdxl and
+  WORKDIR/tiny-sd35m for --tiny (`python harness/prepare.py tiny DIR [sd15|sdxl|sd35m]`);
 - a copy of the checkpoint for the peers, readable by their older transformers: its
   tokenizer/ and tokenizer_2/ also have vocab.json and merges.txt (transformers 5 saves
   tokenizer.json only; transformers 4.x's slow CLIPTokenizer needs the two files), and
@@ -33,7 +34,7 @@ from typing import Any
 
 BENCHMARKS = Path(__file__).resolve().parent.parent
 COMPLETE = ".complete"
-REAL_SIZE_SCRIPTS = {"sd15": "real_size_sd15.py", "sdxl": "real_size_sdxl.py"}  # in benchmarks/
+REAL_SIZE_SCRIPTS = {"sd15": "real_size_sd15.py", "sdxl": "real_size_sdxl.py", "sd35m": "real_size_sd3.py"}
 # Bump when make_peer_checkpoint changes: peer checkpoints and peer exports made from an
 # older one are rebuilt. 3: tokenizer_2/ and text_encoder_2/ (SDXL).
 PEER_CHECKPOINT_VERSION = 3
@@ -189,18 +190,22 @@ def write_latents(folder: Path, channels: int, height: int, width: int, batch: i
 
 
 def _make_tiny(folder: Path, model: str = "sd15") -> None:
-    """Child process: a tiny random-weight SD1.x or SDXL checkpoint and its diffrt export
-    (with a tiny VAE decoder too, for the tiny-VAE runner)."""
+    """Child process: a tiny random-weight SD1.x, SDXL or SD3 (without T5, like the
+    real-size one) checkpoint and its diffrt export (with a tiny VAE decoder too, for the
+    tiny-VAE runner; SD3's 16-channel latents have none here)."""
     from diffrt.export import export
-    from diffrt.export.tiny import make_tiny_sd, make_tiny_sdxl, make_tiny_taesd
+    from diffrt.export.tiny import make_tiny_sd, make_tiny_sd3, make_tiny_sdxl, make_tiny_taesd
 
     folder.mkdir(parents=True, exist_ok=True)
+    if model == "sd35m":
+        export(make_tiny_sd3(folder / "checkpoint", kind="sd3-no-t5"), folder / "artifact", overwrite=True)
+        return
     make = make_tiny_sdxl if model == "sdxl" else make_tiny_sd
     checkpoint = make(folder / "checkpoint", kind=model)
     export(checkpoint, folder / "artifact", overwrite=True, tiny_vae=make_tiny_taesd(folder / "taesd"))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 4) or sys.argv[1] != "tiny" or sys.argv[3:] not in ([], ["sd15"], ["sdxl"]):
-        raise SystemExit("usage: python benchmarks/harness/prepare.py tiny DIR [sd15|sdxl]")
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "tiny" or sys.argv[3:] not in ([], ["sd15"], ["sdxl"], ["sd35m"]):
+        raise SystemExit("usage: python benchmarks/harness/prepare.py tiny DIR [sd15|sdxl|sd35m]")
     _make_tiny(Path(sys.argv[2]), *sys.argv[3:])

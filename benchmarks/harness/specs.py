@@ -68,17 +68,27 @@ MODELS = {  # what a run's model is, as the report names it (real size, --tiny)
              "tiny random-weight SD1.x (diffrt.export.tiny)"),
     "sdxl": ("SDXL-size random weights (benchmarks/real_size_sdxl.py)",
              "tiny random-weight SDXL (diffrt.export.tiny.make_tiny_sdxl)"),
+    "sd35m": ("SD3.5-medium-size random weights without T5 (benchmarks/real_size_sd3.py)",
+              "tiny random-weight SD3 without T5 (diffrt.export.tiny.make_tiny_sd3, sd3-no-t5)"),
 }
+# Models whose fp32 weights are ~13-14 GB: their runners get RunnerSpec.sdxl_memory_gib.
+LARGE_MODELS = ("sdxl", "sd35m")
 
 # W1: distilled (LCM, 4 steps, no CFG); W2: full-step (DPM++ 2M, 20 steps, CFG 7.5), both
 # on SD1.5. W3: SDXL, the sdxl-lightning-4step recipe (Euler, trailing spacing, 4 steps,
-# no CFG; Euler injects no noise, so the images are compared).
+# no CFG; Euler injects no noise, so the images are compared). W4/W5: SD3.5-medium.
 WORKLOADS = {
     "W1-256": Workload("W1-256", "lcm", 4, 1.0, 256, 256, (1, 4), deterministic=False),
     "W1-512": Workload("W1-512", "lcm", 4, 1.0, 512, 512, (1,), deterministic=False),
     "W2-256": Workload("W2-256", "dpmpp_2m", 20, 7.5, 256, 256, (1,), deterministic=True),
     "W3-512": Workload("W3-512", "euler", 4, 0.0, 512, 512, (1,), deterministic=True, model="sdxl",
                        preset="sdxl-lightning-4step", scheduler_config=(("timestep_spacing", "trailing"),)),
+    # SD3.5-medium, flow-match Euler (static shift 3): the turbo recipe (4 steps, no CFG) and
+    # the full one (28 steps, CFG 4.5, the sd35 preset for an MMDiT-X transformer).
+    "W4-512": Workload("W4-512", "flow_match_euler", 4, 0.0, 512, 512, (1,), deterministic=True, model="sd35m",
+                       preset="sd35-large-turbo-4step"),
+    "W5-512": Workload("W5-512", "flow_match_euler", 28, 4.5, 512, 512, (1,), deterministic=True, model="sd35m",
+                       preset="sd35"),
 }
 DEFAULT_WORKLOADS = tuple(name for name, w in WORKLOADS.items() if w.model == "sd15")
 QUICK_WORKLOADS = ("W1-256",)
@@ -140,7 +150,7 @@ class RunnerSpec:
             raise ValueError(f"runner {self.name!r}: kind {self.kind!r}; choose one of {', '.join(KINDS)}")
 
     def memory_gib_for(self, model: str) -> float:
-        return self.sdxl_memory_gib if model == "sdxl" else self.memory_gib
+        return self.sdxl_memory_gib if model in LARGE_MODELS else self.memory_gib
 
     def options_with_cache(self, cache_dir: Path) -> dict[str, Any]:
         options = {k: dict(v) if isinstance(v, dict) else v for k, v in self.options.items()}

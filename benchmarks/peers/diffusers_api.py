@@ -17,6 +17,11 @@ import torch
 from worker import StageTimer, load_latents
 
 
+def pipeline_class(folder: str | Path) -> str:
+    """The saved pipeline's class name (model_index.json's _class_name)."""
+    return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+
+
 def is_sdxl(folder: str | Path) -> bool:
     """Whether a saved pipeline folder (a diffusers checkpoint, or optimum's export of
     one, which keeps its model_index.json) is an SDXL text-to-image pipeline."""
@@ -28,7 +33,12 @@ def scheduler_for(name: str, base_config: dict[str, Any], overrides: dict[str, A
     """The workload's scheduler, configured from the checkpoint's scheduler config plus
     the workload's overrides (as diffrt configures its own numpy schedulers from
     scheduler_config.json and a preset's overrides)."""
-    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        LCMScheduler,
+    )
 
     overrides = dict(overrides or {})
     if name == "lcm":
@@ -37,7 +47,9 @@ def scheduler_for(name: str, base_config: dict[str, Any], overrides: dict[str, A
         return DPMSolverMultistepScheduler.from_config(base_config, **{"use_karras_sigmas": False, **overrides})
     if name == "euler":
         return EulerDiscreteScheduler.from_config(base_config, **overrides)
-    raise ValueError(f"scheduler {name!r}: this runner knows lcm, dpmpp_2m and euler")
+    if name == "flow_match_euler":  # SD3: the checkpoint's own FlowMatchEulerDiscreteScheduler
+        return FlowMatchEulerDiscreteScheduler.from_config(base_config, **overrides)
+    raise ValueError(f"scheduler {name!r}: this runner knows lcm, dpmpp_2m, euler and flow_match_euler")
 
 
 class DiffusersApiRunner:
@@ -54,12 +66,14 @@ class DiffusersApiRunner:
             pipe.set_progress_bar_config(disable=True)
 
     def wrap_stages(self) -> None:
-        # diffusers calls text_encoder(...) and unet(...) (-> forward) and vae.decode(...);
-        # SDXL's second encoder counts as text-encoder time too (StageTimer sums a stage's calls).
-        for encoder in ("text_encoder", "text_encoder_2"):
+        # diffusers calls text_encoder(...) and unet(...) / transformer(...) (-> forward) and
+        # vae.decode(...); SDXL's and SD3's other encoders count as text-encoder time too
+        # (StageTimer sums a stage's calls).
+        for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(self.pipe, encoder, None) is not None:
                 self.timer.wrap(getattr(self.pipe, encoder), "forward", "text_encoder")
-        self.timer.wrap(self.pipe.unet, "forward", "denoiser_steps")
+        denoiser = self.pipe.unet if getattr(self.pipe, "unet", None) is not None else self.pipe.transformer
+        self.timer.wrap(denoiser, "forward", "denoiser_steps")
         self.timer.wrap(self.pipe.vae, "decode", "vae_decoder")
 
     def set_scheduler(self, name: str, overrides: dict[str, Any] | None = None) -> None:

@@ -96,8 +96,15 @@ def _write_with_external_data(model: onnx.ModelProto, base: Path, graph: Path, d
     onnx.load(load_external_data=True) would hold a second copy of every weight in
     memory (3.2 GiB for an SD1.5 UNet, ~10 GiB for SDXL's). Here each tensor is
     copied file-to-file in chunks and its external_data entry rewritten. Offsets are
-    aligned to 4 KiB so runtimes can mmap the weights.
+    aligned to 4 KiB so runtimes can mmap the weights. Each of torch's files is deleted
+    once the last tensor it holds is copied, so the disk holds the weights about once,
+    not twice (an SD3.5-medium transformer: 9.9 GB, not 19.8, at the end of its export).
     """
+    readers: dict[str, int] = {}  # torch's file -> tensors still to copy from it
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}["location"]
+            readers[location] = readers.get(location, 0) + 1
     with open(data, "wb") as sink:
         for tensor in model.graph.initializer:
             if uses_external_data(tensor):
@@ -118,6 +125,9 @@ def _write_with_external_data(model: onnx.ModelProto, base: Path, graph: Path, d
                     source.seek(int(info.get("offset", 0)))
                     copied = _copy_stream(source, sink, length)
                 length = copied
+                readers[info["location"]] -= 1
+                if not readers[info["location"]]:
+                    (base / info["location"]).unlink()
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
