@@ -134,6 +134,25 @@ def transformer_steps(tracker: common.StepTracker):
     return callback
 
 
+def attention_counts(pipe, artifact: Path) -> dict[str, Any]:
+    """How the transformer's attention runs: in the ONNX graph the backend was given
+    (MultiHeadAttention = fused for ONNX Runtime, Softmax = unfused), and for OpenVINO in
+    its compiled model (what its CPU plugin fused itself)."""
+    import onnx
+
+    session = pipe._sessions["transformer"]
+    nodes = onnx.load(str(artifact / session.spec.graph_path), load_external_data=False).graph.node
+    counts: dict[str, Any] = {"graph": session.spec.name,
+                              "graph_multi_head_attention": sum(n.op_type == "MultiHeadAttention" for n in nodes),
+                              "graph_softmax": sum(n.op_type == "Softmax" for n in nodes)}
+    compiled = getattr(session, "compiled_models", None)
+    if compiled is not None:
+        from diffrt.runtime.backends import openvino as ovb
+
+        counts["openvino_compiled"] = [ovb.attention_ops(c).to_json() for c in compiled().values()]
+    return counts
+
+
 def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     import numpy as np
 
@@ -161,13 +180,14 @@ def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         settings = result.settings
         backend_name = pipe.backend.describe()
         graphs = {name: s.spec.name for name, s in pipe._sessions.items()}
+        attention = attention_counts(pipe, artifact)
     tracker.end()
     images = result.images
     image_path = args.workdir / f"image-{backend}-{width}x{height}-{args.steps}steps.png"
     to_pil(images)[0].save(image_path)
     timings = {k: ([round(s, 3) for s in v] if isinstance(v, list) else round(v, 3)) for k, v in result.timings.items()}
     return {
-        "backend": backend_name, "graphs": graphs,
+        "backend": backend_name, "graphs": graphs, "transformer_attention": attention,
         "load_seconds": round(load_seconds, 3),
         "load_session_seconds": session_seconds,
         "stage_weight_bytes": weights,

@@ -101,20 +101,22 @@ def _write_with_external_data(model: onnx.ModelProto, base: Path, graph: Path, d
     not twice (an SD3.5-medium transformer: 9.9 GB, not 19.8, at the end of its export).
     """
     readers: dict[str, int] = {}  # torch's file -> tensors still to copy from it
-    for tensor in model.graph.initializer:
+    tensors = [*model.graph.initializer, *_attribute_tensors(model.graph)]
+    for tensor in tensors:
         if uses_external_data(tensor):
             location = {e.key: e.value for e in tensor.external_data}["location"]
             readers[location] = readers.get(location, 0) + 1
+    attributes = len(model.graph.initializer)
     with open(data, "wb") as sink:
-        for tensor in model.graph.initializer:
+        for index, tensor in enumerate(tensors):
             if uses_external_data(tensor):
                 info = {e.key: e.value for e in tensor.external_data}
                 length = int(info["length"]) if "length" in info else None
                 payload = None
-            elif len(tensor.raw_data) >= _INLINE_LIMIT:
+            elif len(tensor.raw_data) >= _INLINE_LIMIT and index < attributes:
                 payload, length = tensor.raw_data, len(tensor.raw_data)
             else:
-                continue  # small tensors stay inside the graph
+                continue  # small tensors (and a Constant node's own inline value) stay inside the graph
             sink.write(b"\0" * (-sink.tell() % _ALIGNMENT))
             offset = sink.tell()
             if payload is not None:
@@ -134,6 +136,20 @@ def _write_with_external_data(model: onnx.ModelProto, base: Path, graph: Path, d
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
     onnx.save_model(model, str(graph))
+
+
+def _attribute_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Tensors held in node attributes (a Constant's value): torch writes a large one to
+    its own external file too (e.g. a LayerNorm without affine weights gets Constant
+    ones and zeros of the hidden width), and it must move with the initializers."""
+    found = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                found.append(attribute.t)
+            elif attribute.type == onnx.AttributeProto.TENSORS:
+                found.extend(attribute.tensors)
+    return found
 
 
 def _copy_stream(source, sink, length: int | None, chunk: int = 1 << 24) -> int:
