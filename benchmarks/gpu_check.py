@@ -274,7 +274,7 @@ class StageTimer:
 
     def __init__(self, pipe):
         self.events: list[tuple[str, float]] = []
-        for key, session in pipe._sessions.items():
+        for key, session in pipe._contexts.items():
             session.run = self._timed(key, session.run)
         to_host = pipe.backend.to_host
 

@@ -181,14 +181,14 @@ def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     logging.getLogger("diffrt").removeHandler(load_log)
     session_seconds = {m.group(1): float(m.group(2)) for _, msg in load_log.messages
                        if (m := re.match(r"loaded (\S+) .*in ([\d.]+)s", msg))}
-    weights = {name: sum(f.size for f in s.spec.files) for name, s in pipe._sessions.items()}
+    weights = {name: sum(f.size for f in s.spec.files) for name, s in pipe.models.items()}
     tracker.start("text encoders + transformer call 1")
     with pipe:
         result = pipe(common.PROMPT, preset=PRESET, num_inference_steps=args.steps, height=height, width=width,
                       seed=args.seed, output_type="np", callback=transformer_steps(tracker))
         settings = result.settings
         backend_name = pipe.backend.describe()
-        graphs = {name: s.spec.name for name, s in pipe._sessions.items()}
+        graphs = {name: s.spec.name for name, s in pipe.models.items()}
         attention = attention_counts(pipe, backend, artifact)
     tracker.end()
     images = result.images
@@ -214,7 +214,7 @@ def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
 def attention_counts(pipe, backend: str, artifact: Path) -> dict[str, Any]:
     """How the transformer's attention ran: ORT the fused graph's MultiHeadAttention
     nodes; OpenVINO the fused attention nodes of its compiled model (portable graph)."""
-    session = pipe._sessions["transformer"]
+    session = pipe.models["transformer"]
     if backend == "openvino":
         from diffrt.runtime.backends.openvino import attention_ops
 

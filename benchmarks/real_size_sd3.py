@@ -140,7 +140,7 @@ def attention_counts(pipe, artifact: Path) -> dict[str, Any]:
     its compiled model (what its CPU plugin fused itself)."""
     import onnx
 
-    session = pipe._sessions["transformer"]
+    session = pipe.models["transformer"]
     nodes = onnx.load(str(artifact / session.spec.graph_path), load_external_data=False).graph.node
     counts: dict[str, Any] = {"graph": session.spec.name,
                               "graph_multi_head_attention": sum(n.op_type == "MultiHeadAttention" for n in nodes),
@@ -172,14 +172,14 @@ def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     logging.getLogger("diffrt").removeHandler(load_log)
     session_seconds = {m.group(1): float(m.group(2)) for _, msg in load_log.messages
                        if (m := re.match(r"loaded (\S+) .*in ([\d.]+)s", msg))}
-    weights = {name: sum(f.size for f in s.spec.files) for name, s in pipe._sessions.items()}
+    weights = {name: sum(f.size for f in s.spec.files) for name, s in pipe.models.items()}
     tracker.start("text encoders + transformer call 1")
     with pipe:
         result = pipe(common.PROMPT, preset=PRESET, num_inference_steps=args.steps, height=height, width=width,
                       seed=args.seed, output_type="np", callback=transformer_steps(tracker))
         settings = result.settings
         backend_name = pipe.backend.describe()
-        graphs = {name: s.spec.name for name, s in pipe._sessions.items()}
+        graphs = {name: s.spec.name for name, s in pipe.models.items()}
         attention = attention_counts(pipe, artifact)
     tracker.end()
     images = result.images

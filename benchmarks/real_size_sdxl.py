@@ -230,7 +230,7 @@ def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     logging.getLogger("diffrt").removeHandler(load_log)
     session_seconds = {m.group(1): float(m.group(2)) for _, msg in load_log.messages
                        if (m := re.match(r"loaded (\S+) .*in ([\d.]+)s", msg))}
-    weights = {name: sum(f.size for f in s.spec.files) for name, s in pipe._sessions.items()}
+    weights = {name: sum(f.size for f in s.spec.files) for name, s in pipe.models.items()}
     tracker.start("text encoders + UNet call 1")
     with pipe:
         result = pipe(common.PROMPT, preset=PRESET, num_inference_steps=args.steps, height=height, width=width,

@@ -647,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
                    help="check file sizes only at load, not sha256")
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the folder's name)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="batches run at once, each by its own worker thread on one copy of the weights "
+                        "(default 1; OpenVINO: one stream each)")
     p.add_argument("--max-batch", type=int, default=4, help="images per pipeline batch (default 4; 1: no batching)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long a request waits for others to batch with (default 10)")

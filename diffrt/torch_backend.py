@@ -5,16 +5,16 @@ the ONNX graphs, behind the same stage IO contract.
 
 It is the GPU baseline and the oracle the other GPU backends (TensorRT, ONNX
 Runtime's CUDA providers) are compared with, and on the CPU a check of the
-pipeline's device-array path (its sessions return torch tensors there too).
+pipeline's device-array path (its contexts return torch tensors there too).
 
 Each stage is the export wrapper it was exported from (diffrt.export.sd / sdxl:
 TextEncoderStage, UNetStage, VaeDecoderStage, ...): the wrappers ARE the stage
-definitions, so a session takes and returns exactly the names of the StageSpec it
+definitions, so a context takes and returns exactly the names of the StageSpec it
 is opened with. The artifact's fp32 spec is opened for its IO contract only; the
 compute dtype is the `dtype` option. A stage the family keeps in fp32 (SDXL's VAE,
 force_upcast) stays fp32 under fp16/bf16, as in the artifact's half graphs.
 
-Sessions take numpy arrays or torch tensors (or DLPack arrays): moved to the device,
+Contexts take numpy arrays or torch tensors (or DLPack arrays): moved to the device,
 float inputs cast to the compute dtype except `timestep`, fed in float32 as
 diffusers feeds it (fractional timesteps would round in fp16); integer ids stay
 integer. They run under torch.inference_mode() and return torch tensors on the
@@ -50,8 +50,10 @@ the CLIP encoders.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -118,16 +120,54 @@ def _as_tensor(value: Any) -> torch.Tensor:
     return torch.as_tensor(value)
 
 
-class TorchSession:
-    """One stage: its export wrapper module on the backend's device."""
+class TorchModel:
+    """One stage: its export wrapper module on the backend's device, shared by its
+    contexts. An eager module in inference mode keeps nothing between calls, so its
+    contexts run at the same time; a torch.compile'd one (and the CUDA graphs it may
+    capture) is not documented as safe to call from several threads, so its contexts
+    take turns."""
 
     def __init__(self, spec: StageSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 cuda_graphs: bool = False):
+                 compiled: bool = False, cuda_graphs: bool = False):
         self.spec = spec
         self.dtype = dtype
-        self._module: Any = module
-        self._device = device
-        self._cuda_graphs = cuda_graphs
+        self.module: Any = module
+        self.device = device
+        self.cuda_graphs = cuda_graphs
+        self.turns = threading.Lock() if compiled or cuda_graphs else None
+
+    def context(self) -> TorchContext:
+        if self.module is None:
+            raise DiffrtError(f"stage {self.spec.name}: the model is closed")
+        return TorchContext(self)
+
+    def update_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        raise DiffrtError("the torch backend runs the source checkpoint's modules, not the ONNX graphs whose "
+                          "initializers update_weights names; load the changed checkpoint, or use backend ort, "
+                          "openvino or tensorrt")
+
+    def close(self) -> None:
+        self.module = None
+
+    def __enter__(self) -> TorchModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TorchContext:
+    """One worker on a TorchModel: nothing of its own but the turn it takes."""
+
+    def __init__(self, model: TorchModel):
+        self.spec = model.spec
+        self._model = model
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def prepare(self, shapes: Mapping[str, Any]) -> None:
+        """Nothing to do: eager torch runs every shape (a compiled module compiles a new
+        shape on its first run)."""
 
     def _input(self, tensor_spec, value: Any) -> torch.Tensor:
         t = _as_tensor(value)
@@ -138,40 +178,43 @@ class TorchSession:
         if tensor_spec.dtype in _INT_DTYPES:
             dtype = _INT_DTYPES[tensor_spec.dtype]
         else:
-            dtype = torch.float32 if tensor_spec.name in FLOAT32_INPUTS else self.dtype
-        return t.to(device=self._device, dtype=dtype)
+            dtype = torch.float32 if tensor_spec.name in FLOAT32_INPUTS else self._model.dtype
+        return t.to(device=self._model.device, dtype=dtype)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        if self._module is None:
-            raise DiffrtError(f"stage {self.spec.name}: the session is closed")
+        module = self._model.module
+        if module is None or self._closed:
+            raise DiffrtError(f"stage {self.spec.name}: the {'context' if self._closed else 'model'} is closed")
         check_feeds(self.spec, feeds)
         tensors = {t.name: self._input(t, feeds[t.name]) for t in self.spec.inputs}
-        with torch.inference_mode():
-            if self._cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            out = self._module(**tensors)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        result = {}
-        # outside inference mode: ordinary tensors the caller owns
-        for tensor_spec, value in zip(self.spec.outputs, outs, strict=True):
-            if value.is_floating_point():
-                value = value.clone() if value.dtype == torch.float32 else value.to(torch.float32)
-            else:
-                value = value.clone()
-            result[tensor_spec.name] = value
+        with self._lock, self._model.turns or contextlib.nullcontext():
+            with torch.inference_mode():
+                if self._model.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = module(**tensors)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            result = {}
+            # outside inference mode: ordinary tensors the caller owns (taken before the
+            # next caller's turn, which a CUDA graph would replay over these outputs)
+            for tensor_spec, value in zip(self.spec.outputs, outs, strict=True):
+                if value.is_floating_point():
+                    value = value.clone() if value.dtype == torch.float32 else value.to(torch.float32)
+                else:
+                    value = value.clone()
+                result[tensor_spec.name] = value
         return result
 
     def close(self) -> None:
-        self._module = None
+        self._closed = True
 
-    def __enter__(self) -> TorchSession:
+    def __enter__(self) -> TorchContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class UnavailableSession:
+class UnavailableModel:
     """A stage the source checkpoint does not hold (the tiny VAE decoder without the
     `tiny_vae` option): loading succeeds, using it says what to pass."""
 
@@ -179,7 +222,16 @@ class UnavailableSession:
         self.spec = spec
         self.reason = reason
 
+    def context(self) -> UnavailableModel:
+        return self
+
+    def prepare(self, shapes: Mapping[str, Any]) -> None:
+        pass
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        raise DiffrtError(self.reason)
+
+    def update_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         raise DiffrtError(self.reason)
 
     def close(self) -> None:
@@ -221,12 +273,14 @@ class TorchBackend:
     fused_attention = False
     fuses_attention_itself = True  # SDPA
     reads_graphs = False  # Pipeline.load checks the ONNX files' sizes only (verify_source= hashes the checkpoint)
+    updates_weights = False  # it runs the checkpoint's modules, not the graphs whose initializers are named
 
     def __init__(self, device: str | None = None, dtype: str | None = None, compile: Any = False,
                  compile_mode: str | None = None, cuda_graphs: Any = False, channels_last: Any = False,
                  source: str | Path | None = None, tiny_vae: str | Path | None = None, verify_source: Any = False,
-                 cache_dir: str | Path | None = None):
-        """`cache_dir` (which Pipeline.load passes to every backend) is unused: nothing is cached."""
+                 cache_dir: str | Path | None = None, workers: int = 1):
+        """`cache_dir` and `workers` (which Pipeline.load passes to every backend) change
+        nothing here: nothing is cached, and the contexts of a module share it as it is."""
         try:
             self.torch_device = torch.device(device if device is not None else
                                              "cuda" if torch.cuda.is_available() else "cpu")
@@ -274,7 +328,8 @@ class TorchBackend:
 
     # -- stages -----------------------------------------------------------------
 
-    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> TorchSession:
+    def open(self, folder: Path, spec: StageSpec,
+             profile: Mapping[str, int] | None = None) -> TorchModel | UnavailableModel:
         # Eager torch runs every shape; compiled modules recompile per new shape.
         folder = Path(folder).resolve()
         if folder not in self._sources:
@@ -282,9 +337,9 @@ class TorchBackend:
         source = self._sources[folder]
         family, model = source.family, source.manifest.model
         if spec.variant == getattr(family, "TINY_VARIANT", None) and self.tiny_vae is None:
-            return UnavailableSession(spec, "vae='tiny': the torch backend runs the source checkpoint's modules and "
-                                            "the tiny VAE is not one of them; pass its AutoencoderTiny folder as "
-                                            "tiny_vae=PATH (-O tiny_vae=PATH)")
+            return UnavailableModel(spec, "vae='tiny': the torch backend runs the source checkpoint's modules and "
+                                          "the tiny VAE is not one of them; pass its AutoencoderTiny folder as "
+                                          "tiny_vae=PATH (-O tiny_vae=PATH)")
         dtype = self.dtype
         if dtype != torch.float32 and family.keeps_fp32(model, spec):
             dtype = torch.float32  # e.g. SDXL's VAE overflows in fp16 (force_upcast), as in the half artifacts
@@ -296,8 +351,9 @@ class TorchBackend:
             if self.compile:
                 logger.info("compiling %s with torch.compile(mode=%r)", spec.name, self.compile_mode)
                 module = torch.compile(module, mode=self.compile_mode)
-        return TorchSession(spec, module, self.torch_device, dtype,
-                            cuda_graphs=self.cuda_graphs and spec.role == family.DENOISER)
+        denoiser = spec.role == family.DENOISER
+        return TorchModel(spec, module, self.torch_device, dtype, compiled=self.compile and denoiser,
+                          cuda_graphs=self.cuda_graphs and denoiser)
 
     def _load(self, source: _Source, spec: StageSpec) -> torch.nn.Module:
         """The stage's export wrapper around the module(s) it needs, fp32, on the host."""

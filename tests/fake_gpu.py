@@ -9,10 +9,15 @@ relies on, and record what it does; the tests assert on the records:
   `.data.ptr` is its address. Implicit conversion to numpy stays allowed (numpy code
   paths are not what is tested here). Streams record synchronizations; a stream in
   capture records executions into a graph that `launch` replays.
-* TensorRT: the builder "serializes" the path of the ONNX graph it parsed; an engine's
-  IO tensors are the graph's; an execution context records every address given to
-  set_tensor_address and, when executed, runs the graph with ONNX Runtime (CPU) on the
-  memory at those addresses: a wrong address or a stale buffer gives a wrong image.
+* TensorRT: the builder "serializes" the path of the ONNX graph it parsed (and whether
+  it was built refittable); an engine's IO tensors are the graph's; an execution context
+  records every address given to set_tensor_address and, when executed, runs the graph
+  with ONNX Runtime (CPU) on the memory at those addresses: a wrong address or a stale
+  buffer gives a wrong image. A Refitter takes weights named as the graph's initializers;
+  like TensorRT, which combines some weights when it optimizes, it reports the other
+  initializers of a node whose weight was set as missing until they are set too, and
+  refit_cuda_engine makes the engine run with the new values (ONNX Runtime's
+  add_initializer).
 
 `install(monkeypatch)` puts both in sys.modules (and re-imports diffrt's TensorRT
 backend against them) for one test.
@@ -20,6 +25,7 @@ backend against them) for one test.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import importlib.machinery
 import json
@@ -42,6 +48,8 @@ class Recorder:
         self.addresses: list[tuple[str, int]] = []
         self.events: list[str] = []
         self.network_flags: list[int] = []
+        self.executed_on: list[int] = []  # the stream handle of every execute_async_v3
+        self.refits: list[dict[str, np.ndarray]] = []  # the weights of every refit_cuda_engine
         self.fail_build = False
         self._blocks: dict[int, weakref.ref] = {}
         self.streams: dict[int, FakeStream] = {}
@@ -189,8 +197,16 @@ _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": n
 TIMING_CACHE = b"timing cache of this fake GPU"
 
 
-def _session(graph: str):
-    return ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+def _session(graph: str, weights: dict | None = None):
+    options = ort.SessionOptions()
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in (weights or {}).values()]
+    for name, value in zip(weights or {}, values):
+        options.add_initializer(name, value)
+    # ORT's NchwcTransformer would keep the graph's own Conv weights (see backends/ort.py)
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=["NchwcTransformer"] if weights else None)
+    session.keep = (weights, values)  # ORT reads them for as long as the session lives
+    return session
 
 
 def make_tensorrt(strongly_typed_flag: bool = True) -> types.ModuleType:
@@ -199,6 +215,7 @@ def make_tensorrt(strongly_typed_flag: bool = True) -> types.ModuleType:
     trt.DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT8 INT32 INT64 UINT8 BOOL")
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
     trt.BuilderFlag = enum.Enum("BuilderFlag", "REFIT")
+    trt.Weights = FakeWeights
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")
     flags = {"STRONGLY_TYPED": 0, "PREFER_JIT_PYTHON_PLUGINS": 1} if strongly_typed_flag else {
         "PREFER_JIT_PYTHON_PLUGINS": 1}
@@ -240,10 +257,10 @@ def make_tensorrt(strongly_typed_flag: bool = True) -> types.ModuleType:
         builder_optimization_level = 3
 
         def __init__(self, log):
-            self.log, self.timing = log, None
+            self.log, self.timing, self.flags = log, None, set()
 
         def set_flag(self, flag):
-            pass
+            self.flags.add(flag.name)
 
         def set_memory_pool_limit(self, pool, size):
             pass
@@ -280,21 +297,64 @@ def make_tensorrt(strongly_typed_flag: bool = True) -> types.ModuleType:
             return SimpleNamespace(set_shape=lambda name, lo, opt, hi: None)
 
         def build_serialized_network(self, network, config):
-            return None if RECORD.fail_build else json.dumps({"graph": network.graph}).encode()
+            if RECORD.fail_build:
+                return None
+            return json.dumps({"graph": network.graph, "refit": "REFIT" in config.flags}).encode()
 
     class Runtime:
         def __init__(self, log):
             pass
 
         def deserialize_cuda_engine(self, plan):
-            return Engine(json.loads(bytes(plan))["graph"], trt)
+            data = json.loads(bytes(plan))
+            return Engine(data["graph"], trt, data.get("refit", False))
 
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    trt.Builder, trt.OnnxParser, trt.Runtime, trt.Refitter = Builder, OnnxParser, Runtime, Refitter
     return trt
 
 
+class FakeWeights:
+    """trt.Weights(array) or trt.Weights(DataType, pointer, count)."""
+
+    def __init__(self, array_or_type, pointer=None, count=None):
+        if pointer is None:
+            self.array = np.array(array_or_type, copy=True)
+        else:  # bfloat16 bit patterns: kept as uint16 (numpy has no bfloat16)
+            self.array = np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(pointer)).copy()
+
+
+class Refitter:
+    def __init__(self, engine, log):
+        import onnx
+
+        self.engine, self.log, self.new = engine, log, {}
+        graph = onnx.load(engine.graph, load_external_data=False).graph
+        self.shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+        # the initializers a node reads together: TensorRT may have combined them
+        self.groups = [[n for n in node.input if n in self.shapes] for node in graph.node]
+
+    def set_named_weights(self, name, weights):
+        if name not in self.shapes or weights.array.size != int(np.prod(self.shapes[name])):
+            self.log.log(type(self.log).Severity.ERROR, f"no refittable weights {name!r} of that size")
+            return False
+        self.new[name] = weights.array.reshape(self.shapes[name])
+        return True
+
+    def get_missing_weights(self):
+        return sorted({n for group in self.groups if set(group) & set(self.new) for n in group} - set(self.new))
+
+    def refit_cuda_engine(self):
+        if self.get_missing_weights() or not self.engine.refittable:
+            return False
+        RECORD.refits.append(dict(self.new))
+        self.engine.weights.update(self.new)
+        self.engine.session = _session(self.engine.graph, self.engine.weights)
+        return True
+
+
 class Engine:
-    def __init__(self, graph: str, trt):
+    def __init__(self, graph: str, trt, refittable: bool = False):
+        self.graph, self.refittable, self.weights = graph, refittable, {}
         self.session = _session(graph)
         self.io = [(t.name, trt.TensorIOMode.INPUT, t.type) for t in self.session.get_inputs()]
         self.io += [(t.name, trt.TensorIOMode.OUTPUT, t.type) for t in self.session.get_outputs()]
@@ -345,6 +405,7 @@ class Context:
     def execute_async_v3(self, stream_handle):
         addresses, shapes = dict(self.addresses), dict(self.shapes)
         stream = RECORD.streams[stream_handle]
+        RECORD.executed_on.append(stream_handle)
         if stream.capturing is not None:
             stream.capturing.append(lambda: self._run(addresses, shapes))
         else:

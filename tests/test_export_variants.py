@@ -42,13 +42,13 @@ def test_backends_pick_their_attention_graphs(exported, tmp_path):
     folder = exported("sd15")
     call = dict(num_inference_steps=3, scheduler="euler", seed=4, guidance_scale=5.0, output_type="np")
     with Pipeline.load(folder) as fused, Pipeline.load(folder, attention="portable") as portable:
-        assert fused._sessions["unet"].spec.name == "unet-fused"
-        assert fused._sessions["vae_decoder"].spec.name == "vae_decoder-fused"
-        assert portable._sessions["unet"].spec.name == "unet"
+        assert fused.models["unet"].spec.name == "unet-fused"
+        assert fused.models["vae_decoder"].spec.name == "vae_decoder-fused"
+        assert portable.models["unet"].spec.name == "unet"
         difference = np.max(np.abs(fused("a cat", **call).images - portable("a cat", **call).images))
     assert difference <= 1e-5
     with Pipeline.load(folder, backend="openvino", precision="fp32", cache_dir=tmp_path) as ov:
-        assert ov._sessions["unet"].spec.name == "unet"  # OpenVINO fuses attention itself
+        assert ov.models["unet"].spec.name == "unet"  # OpenVINO fuses attention itself
 
 
 def test_export_without_fused_attention(tiny_checkpoint, tmp_path):
@@ -59,7 +59,7 @@ def test_export_without_fused_attention(tiny_checkpoint, tmp_path):
     with pytest.raises(ArtifactError, match="no fused-attention unet graph"):
         Pipeline.load(tmp_path / "a", attention="fused")
     with Pipeline.load(tmp_path / "a") as pipe:  # ort falls back to the portable graph
-        assert pipe._sessions["unet"].spec.name == "unet"
+        assert pipe.models["unet"].spec.name == "unet"
 
 
 def _stage_feeds(manifest, role: str, rng) -> dict[str, np.ndarray]:
@@ -141,12 +141,12 @@ def test_half_graphs_run_where_the_backend_can(half_artifact):
     with Pipeline.load(half_artifact, attention="portable") as fp32:
         reference = fp32("a cat", **call).images
     with Pipeline.load(half_artifact, graph_precision="fp16") as fp16:
-        assert fp16._sessions["unet"].spec.name == "unet-fused-fp16"
+        assert fp16.models["unet"].spec.name == "unet-fused-fp16"
         assert np.max(np.abs(fp16("a cat", **call).images - reference)) < 0.05
     with pytest.raises(DiffrtError, match="backend 'ort' cannot run bf16 graphs; it runs: fp32, fp16"):
         Pipeline.load(half_artifact, graph_precision="bf16")
     with Pipeline.load(half_artifact, backend="openvino", precision="fp32", graph_precision="bf16") as bf16:
-        assert bf16._sessions["unet"].spec.name == "unet-bf16"
+        assert bf16.models["unet"].spec.name == "unet-bf16"
         assert np.max(np.abs(bf16("a cat", **call).images - reference)) < 0.05
 
 

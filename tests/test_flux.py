@@ -258,13 +258,13 @@ def test_fused_attention_per_backend(flux, artifacts, checkpoints):
     assert sum(n.op_type == "Softmax" for n in fused) == 0
     assert sum(n.op_type == "Softmax" for n in portable) == blocks
     ours, ref = flux("flux-dev")
-    assert ours._sessions["transformer"].spec.name == "transformer-fused"
+    assert ours.models["transformer"].spec.name == "transformer-fused"
     latents = _packed_latents(ref, 1, 48, 32, seed=4)
     kw = dict(num_inference_steps=3, guidance_scale=3.5, height=48, width=32, output_type="np")
     theirs = ref("a lamp", latents=latents, **kw).images
     with Pipeline.load(folder, backend="openvino", precision="fp32", prepare={"height": 48, "width": 32}) as ov:
         got = ov("a lamp", latents=latents.numpy(), **kw).images
-        transformer = ov._sessions["transformer"]
+        transformer = ov.models["transformer"]
         assert transformer.spec.name == "transformer"
         ops = [ovb.attention_ops(c) for c in transformer.compiled_models().values()]
     print(f"tiny flux-dev transformer: {blocks} blocks; ORT fused graph {blocks} MultiHeadAttention; "
@@ -315,8 +315,8 @@ def test_half_precision_graphs(checkpoints, tmp_path):
         with Pipeline.load(folder, graph_precision=precision) as pipe:
             images[precision] = pipe("a cat", **kw).images
             if precision == "fp16":
-                assert pipe._sessions["text_encoder_2"].spec.precision == "fp32"
-                assert pipe._sessions["vae_decoder"].spec.precision == "fp32"
+                assert pipe.models["text_encoder_2"].spec.precision == "fp32"
+                assert pipe.models["vae_decoder"].spec.precision == "fp32"
     assert np.max(np.abs(images["fp16"] - images["fp32"])) < 2e-2
     assert manifest.checks["fp16"]["image_psnr_db"] > 40 and manifest.checks["bf16"]["image_psnr_db"] > 30
 

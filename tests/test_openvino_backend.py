@@ -152,8 +152,8 @@ def test_alternating_sizes_compile_once_per_shape(pipes, artifact, monkeypatch):
     ours = Pipeline.load(artifact("sd15"), backend="openvino", precision="fp32", max_shapes=2)
     loads = []
     real = ours.backend.load_compiled
-    monkeypatch.setattr(ours.backend, "load_compiled",
-                        lambda folder, spec, shapes: loads.append(spec.name) or real(folder, spec, shapes))
+    monkeypatch.setattr(ours.backend, "load_compiled", lambda folder, spec, shapes, weights=None:
+                        loads.append(spec.name) or real(folder, spec, shapes, weights))
     ref.scheduler = _diffusers_scheduler("euler", ref.scheduler.config)
     references = {}
     for height, width in [(64, 64), (48, 80), (64, 64), (48, 80)]:
@@ -216,7 +216,7 @@ def test_bf16_runs_where_the_cpu_has_it(artifact, tiny_checkpoint):
     theirs = ref("a boat", num_inference_steps=4, guidance_scale=5.0, latents=latents, output_type="np").images
     got = ours("a boat", num_inference_steps=4, guidance_scale=5.0, latents=latents.numpy(), scheduler="euler",
                output_type="np").images
-    compiled = next(iter(ours._sessions["unet"].compiled_models().values()))
+    compiled = next(iter(ours.models["unet"].compiled_models().values()))
     assert compiled.get_property("INFERENCE_PRECISION_HINT") == ovb.ov.Type.bf16
     _compare(got, theirs, "sd15 euler bf16", BF16_TOLERANCE)
 
@@ -267,7 +267,7 @@ def test_partial_profile_compiles_on_first_run(exported):
     backend = get_backend("openvino", precision="fp32", disk_cache=False)
     session = backend.open(folder, spec, profile={"batch": 2})
     assert session.compiled_models() == {}
-    out = session.run(_unet_feeds())["out_sample"]
+    out = session.context().run(_unet_feeds())["out_sample"]
     assert out.shape == (2, 4, 32, 32) and out.dtype == np.float32
     assert len(session.compiled_models()) == 1
 
@@ -290,8 +290,8 @@ def test_graph_with_external_data(exported, tmp_path):
     assert files[1].size > files[0].size  # the weights did move
     external = replace(spec, files=files)
     backend = get_backend("openvino", precision="fp32", cache_dir=tmp_path / "engines")
-    inline = backend.open(folder, spec).run(_unet_feeds())["out_sample"]
-    moved = backend.open(copy, external).run(_unet_feeds())["out_sample"]
+    inline = backend.open(folder, spec).context().run(_unet_feeds())["out_sample"]
+    moved = backend.open(copy, external).context().run(_unet_feeds())["out_sample"]
     np.testing.assert_allclose(moved, inline, rtol=0, atol=1e-6)
 
 
@@ -302,24 +302,25 @@ def test_max_shapes_drops_the_least_recently_used(exported, monkeypatch):
     loads, held, refs = [], [], []
     real = backend.load_compiled
 
-    def load_compiled(f, s, shapes):
+    def load_compiled(f, s, shapes, weights=None):
         loads.append(shapes["sample"])
         held.append(len(session.compiled_models()))  # the memory a compile adds comes on top of these
         # ... and nothing else keeps a dropped model alive (a weight copy each): all freed by now.
         held.append(sum(ref() is not None for ref in refs) - len(session.compiled_models()))
-        compiled = real(f, s, shapes)
+        compiled = real(f, s, shapes, weights)
         refs.append(weakref.ref(compiled))
         return compiled
 
     monkeypatch.setattr(backend, "load_compiled", load_compiled)
     session = backend.open(folder, spec)
-    first = session.run(_unet_feeds(size=16))["out_sample"]
+    context = session.context()
+    first = context.run(_unet_feeds(size=16))["out_sample"]
     for size in (24, 16, 32, 16):  # 32 evicts 24 (16 was used more recently)
-        session.run(_unet_feeds(size=size))
+        context.run(_unet_feeds(size=size))
     assert [s[2] for s in loads] == [16, 24, 32]
     assert held == [0, 0, 1, 0, 1, 0]  # 24 was dropped, and freed, before 32 compiled
     assert [k[0][2] for k in session.compiled_models()] == [32, 16]
-    np.testing.assert_array_equal(session.run(_unet_feeds(size=16))["out_sample"], first)
+    np.testing.assert_array_equal(context.run(_unet_feeds(size=16))["out_sample"], first)
 
 
 # -- the engine cache ------------------------------------------------------------------
@@ -362,7 +363,7 @@ def _no_compile(*args, **kwargs):
 def test_second_start_imports_instead_of_compiling(exported, tmp_path, monkeypatch, caplog):
     folder = exported("sd15")
     first = _open_unet(folder, tmp_path, num_threads=2)
-    expected = first.run(_unet_feeds())["out_sample"]
+    expected = first.context().run(_unet_feeds())["out_sample"]
     entries = list((tmp_path / "openvino").iterdir())
     assert len(entries) == 1 and (entries[0] / "model.blob").is_file()
     meta = json.loads((entries[0] / "meta.json").read_text())
@@ -372,7 +373,7 @@ def test_second_start_imports_instead_of_compiling(exported, tmp_path, monkeypat
     with caplog.at_level(logging.INFO, logger="diffrt"):
         second = _open_unet(folder, tmp_path, num_threads=1)
     assert "openvino engine cache hit" in caplog.text
-    np.testing.assert_array_equal(second.run(_unet_feeds())["out_sample"], expected)
+    np.testing.assert_array_equal(second.context().run(_unet_feeds())["out_sample"], expected)
     # Thread settings are not in the key: the importing backend's own apply.
     compiled = next(iter(second.compiled_models().values()))
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
@@ -387,7 +388,7 @@ def test_blob_is_written_by_openvino_and_older_entries_still_import(exported, tm
 
     folder = exported("sd15")
     first = _open_unet(folder, tmp_path)
-    expected = first.run(_unet_feeds())["out_sample"]
+    expected = first.context().run(_unet_feeds())["out_sample"]
     entry = next((tmp_path / "openvino").iterdir())
     blob = entry / "model.blob"
     assert sorted(p.name for p in entry.iterdir()) == ["attention.json", "meta.json", "model.blob"]
@@ -417,7 +418,7 @@ def test_default_cache_is_in_the_artifact(exported, tmp_path):
 @pytest.mark.parametrize("damage", ["blob", "meta", "truncated"])
 def test_corrupt_entry_is_rebuilt(exported, tmp_path, monkeypatch, caplog, damage):
     folder = exported("sd15")
-    expected = _open_unet(folder, tmp_path).run(_unet_feeds())["out_sample"]
+    expected = _open_unet(folder, tmp_path).context().run(_unet_feeds())["out_sample"]
     entry = next((tmp_path / "openvino").iterdir())
     blob = entry / "model.blob"
     if damage == "blob":  # same size, so only the import notices
@@ -433,10 +434,10 @@ def test_corrupt_entry_is_rebuilt(exported, tmp_path, monkeypatch, caplog, damag
         session = _open_unet(folder, tmp_path)
     assert len(compiles) == 1
     assert "is unusable" in caplog.text and "rebuilding" in caplog.text
-    np.testing.assert_array_equal(session.run(_unet_feeds())["out_sample"], expected)
+    np.testing.assert_array_equal(session.context().run(_unet_feeds())["out_sample"], expected)
     # ... and the rebuilt entry is good: a third start imports it.
     monkeypatch.setattr(ovb, "compile_graph", _no_compile)
-    np.testing.assert_array_equal(_open_unet(folder, tmp_path).run(_unet_feeds())["out_sample"], expected)
+    np.testing.assert_array_equal(_open_unet(folder, tmp_path).context().run(_unet_feeds())["out_sample"], expected)
 
 
 def test_unwritable_cache_root_runs_without_a_cache(exported, tmp_path, caplog):
@@ -454,7 +455,7 @@ def test_unwritable_cache_root_runs_without_a_cache(exported, tmp_path, caplog):
                      profile={"batch": 1, "latent_height": 32, "latent_width": 32})
     warnings = [r for r in caplog.records if "cannot be written" in r.getMessage()]
     assert len(warnings) == 1, caplog.text  # said once per root, not per stage
-    assert unet.run(_unet_feeds())["out_sample"].shape == (2, 4, 32, 32)
+    assert unet.context().run(_unet_feeds())["out_sample"].shape == (2, 4, 32, 32)
     assert blocker.is_file()
 
 
@@ -509,7 +510,7 @@ def test_corrupt_graph_is_a_one_line_error(exported, tmp_path, content, at_open)
         if at_open:
             backend.open(folder, spec, profile=UNET_PROFILE)
         else:
-            backend.open(folder, spec).run(_unet_feeds())
+            backend.open(folder, spec).context().run(_unet_feeds())
     message = _one_line(exc_info)
     assert str(graph) in message and "cannot be loaded by OpenVINO" in message and "re-export" in message
 
@@ -526,7 +527,7 @@ def test_corrupt_graph_is_a_one_line_error(exported, tmp_path, content, at_open)
 def test_wrong_feed_shapes_are_one_line_errors(exported, change, fragment):
     folder = exported("sd15")
     backend = get_backend("openvino", precision="fp32", disk_cache=False)
-    session = backend.open(folder, read_manifest(folder).stage("unet"))
+    session = backend.open(folder, read_manifest(folder).stage("unet")).context()
     with pytest.raises(DiffrtError) as exc_info:
         session.run({**_unet_feeds(), **change})
     assert fragment in _one_line(exc_info)

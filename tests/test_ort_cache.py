@@ -27,27 +27,27 @@ def artifact(exported, tmp_path):
 def opened(monkeypatch):
     """Records (graph path, optimization level) of every ORT session created."""
     seen = []
-    real = ort_backend.OrtSession.__init__
+    real = ort_backend.create_session
 
-    def spy(self, path, spec, providers, options, binding=None):
+    def spy(path, spec, providers, options, *args):
         seen.append((str(path), options.graph_optimization_level))
-        real(self, path, spec, providers, options, binding)
+        return real(path, spec, providers, options, *args)
 
-    monkeypatch.setattr(ort_backend.OrtSession, "__init__", spy)
+    monkeypatch.setattr(ort_backend, "create_session", spy)
     return seen
 
 
 def test_second_open_loads_the_optimized_graph(artifact, opened):
     spec = read_manifest(artifact).stage("unet-fused")
     feeds = _feeds()
-    first = get_backend("ort").open(artifact, spec).run(feeds)["out_sample"]
+    first = get_backend("ort").open(artifact, spec).context().run(feeds)["out_sample"]
     entries = list((artifact / "engines" / "ort").iterdir())
     assert len(entries) == 1 and (entries[0] / "model.onnx").is_file() and (entries[0] / "meta.json").is_file()
-    second = get_backend("ort").open(artifact, spec).run(feeds)["out_sample"]
+    second = get_backend("ort").open(artifact, spec).context().run(feeds)["out_sample"]
     assert opened[0] == (str(artifact / spec.graph_path), ort_backend.ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     assert opened[1] == (str(entries[0] / "model.onnx"), ort_backend.ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     np.testing.assert_array_equal(first, second)
-    uncached = get_backend("ort", disk_cache=False).open(artifact, spec).run(feeds)["out_sample"]
+    uncached = get_backend("ort", disk_cache=False).open(artifact, spec).context().run(feeds)["out_sample"]
     np.testing.assert_array_equal(first, uncached)
 
 
@@ -70,11 +70,11 @@ def test_cache_key_covers_what_changes_the_graph(artifact, monkeypatch):
 def test_damaged_entry_is_rebuilt(artifact, opened, caplog):
     spec = read_manifest(artifact).stage("unet")
     feeds = _feeds()
-    expected = get_backend("ort").open(artifact, spec).run(feeds)["out_sample"]
+    expected = get_backend("ort").open(artifact, spec).context().run(feeds)["out_sample"]
     entry = next((artifact / "engines" / "ort").iterdir())
     graph = entry / "model.onnx"
     graph.write_bytes(b"\0" * graph.stat().st_size)  # same size: only loading notices
-    got = get_backend("ort").open(artifact, spec).run(feeds)["out_sample"]
+    got = get_backend("ort").open(artifact, spec).context().run(feeds)["out_sample"]
     np.testing.assert_array_equal(got, expected)
     assert "unusable" in caplog.text and "rebuilding" in caplog.text
     assert opened[-1][1] == ort_backend.ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # optimized again
@@ -84,7 +84,7 @@ def test_damaged_entry_is_rebuilt(artifact, opened, caplog):
 def test_unwritable_cache_root_still_runs(artifact, caplog):
     (artifact / "blocked").write_text("a file where the cache folder would be")
     spec = read_manifest(artifact).stage("text_encoder")
-    session = get_backend("ort", cache_dir=artifact / "blocked" / "engines").open(artifact, spec)
+    session = get_backend("ort", cache_dir=artifact / "blocked" / "engines").open(artifact, spec).context()
     out = session.run({"input_ids": np.zeros((1, 77), np.int64)})
     assert out["last_hidden_state"].shape == (1, 77, 32)
     assert "cannot be written" in caplog.text
@@ -100,9 +100,9 @@ def test_external_data_graph_round_trips(tiny_checkpoint, tmp_path, monkeypatch,
     spec = read_manifest(out).stage("unet-fused")
     assert len(spec.files) == 2
     feeds = _feeds()
-    first = get_backend("ort").open(out, spec).run(feeds)["out_sample"]
+    first = get_backend("ort").open(out, spec).context().run(feeds)["out_sample"]
     entry = next((out / "engines" / "ort").iterdir())
     assert (entry / "model.onnx.data").stat().st_size > (entry / "model.onnx").stat().st_size
-    second = get_backend("ort").open(out, spec).run(feeds)["out_sample"]
+    second = get_backend("ort").open(out, spec).context().run(feeds)["out_sample"]
     assert opened[-1][1] == ort_backend.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     np.testing.assert_array_equal(first, second)

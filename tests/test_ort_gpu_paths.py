@@ -20,6 +20,7 @@ from diffrt.artifacts import read_manifest
 from diffrt.errors import DiffrtError
 from diffrt.runtime.backends import get_backend
 from diffrt.runtime.backends import ort as ort_backend
+from diffrt.runtime.backends import ort_binding
 from diffrt.runtime.pipeline import Pipeline
 
 
@@ -40,9 +41,9 @@ def test_io_binding_equals_plain_run(exported, stage):
         feeds = {"input_ids": rng.integers(0, 99, (2, 77)).astype(np.int64)}
     else:
         feeds = {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}
-    plain = get_backend("ort", disk_cache=False).open(artifact, spec).run(feeds)
+    plain = get_backend("ort", disk_cache=False).open(artifact, spec).context().run(feeds)
     bound_backend = get_backend("ort", disk_cache=False, io_binding=True)
-    bound = bound_backend.open(artifact, spec).run(feeds)
+    bound = bound_backend.open(artifact, spec).context().run(feeds)
     assert bound.keys() == plain.keys()
     for name in plain:
         assert isinstance(bound[name], np.ndarray)
@@ -52,7 +53,7 @@ def test_io_binding_equals_plain_run(exported, stage):
 def test_io_binding_casts_and_reports_missing_inputs(exported):
     artifact = exported("sd15")
     spec = read_manifest(artifact).stage("unet-fused")
-    session = get_backend("ort", disk_cache=False, io_binding=True).open(artifact, spec)
+    session = get_backend("ort", disk_cache=False, io_binding=True).open(artifact, spec).context()
     feeds = _unet_feeds(np.random.default_rng(1))
     as_float64 = {k: v.astype(np.float64) for k, v in feeds.items()}
     np.testing.assert_array_equal(session.run(as_float64)["out_sample"], session.run(feeds)["out_sample"])
@@ -145,10 +146,10 @@ def test_gpu_device_without_a_gpu_is_one_line():
 def test_cuda_graph_output_shapes_come_from_input_dims(exported):
     spec = read_manifest(exported("sd15")).stage("unet-fused")
     fixed = {"sample": np.zeros((2, 4, 12, 20), np.float32)}
-    assert ort_backend._output_shape(spec, spec.outputs[0], fixed) == [2, 4, 12, 20]
+    assert ort_binding._output_shape(spec, spec.outputs[0], fixed) == [2, 4, 12, 20]
     decoder = read_manifest(exported("sd15")).stage("vae_decoder")
     with pytest.raises(DiffrtError, match="CUDA graphs need static output shapes"):
-        ort_backend._output_shape(decoder, decoder.outputs[0], {"latent_sample": np.zeros((1, 4, 8, 8), np.float32)})
+        ort_binding._output_shape(decoder, decoder.outputs[0], {"latent_sample": np.zeros((1, 4, 8, 8), np.float32)})
 
 
 # -- the GPU providers, without a GPU: what diffrt asks of onnxruntime -----------------------------
@@ -226,7 +227,7 @@ def test_a_provider_that_fails_to_start_is_not_retried_elsewhere(exported, monke
 
 def _fed_shapes(pipe) -> dict[str, set]:
     shapes: dict[str, set] = {}
-    for key, session in pipe._sessions.items():
+    for key, session in pipe._contexts.items():
         def record(feeds, run=session.run, name=session.spec.name):
             shapes.setdefault(name, set()).add(tuple((k, tuple(np.shape(v))) for k, v in sorted(feeds.items())))
             return run(feeds)
@@ -309,7 +310,7 @@ class CupyLike:
 
 def test_a_session_without_io_binding_takes_device_arrays(exported):
     spec = read_manifest(exported("sd15")).stage("unet")
-    session = get_backend("ort", disk_cache=False).open(exported("sd15"), spec)
+    session = get_backend("ort", disk_cache=False).open(exported("sd15"), spec).context()
     feeds = _unet_feeds(np.random.default_rng(4))
     on_device = session.run({k: CupyLike(v) for k, v in feeds.items()})["out_sample"]
     np.testing.assert_array_equal(on_device, session.run(feeds)["out_sample"])

@@ -183,7 +183,7 @@ def test_seeded_generation_is_reproducible_and_pil(exported):
 @pytest.mark.parametrize(("guidance", "batch"), [(7.5, 4), (1.0, 2)])
 def test_cfg_is_one_batched_denoiser_call_per_step(exported, guidance, batch):
     pipe = Pipeline.load(exported("sd15"))
-    unet = pipe._sessions["unet"]
+    unet = pipe._contexts["unet"]
     calls = []
     real_run = unet.run
 

@@ -94,7 +94,7 @@ def test_matches_diffusers_batch_with_negatives(sd3, kind):
     theirs = ref(prompts, latents=latents, output_type="np", **kw).images
     result = ours(prompts, latents=latents.numpy(), output_type="np", **kw)
     assert result.settings.scheduler == "flow_match_euler"
-    assert ours._sessions["transformer"].spec.name == "transformer-fused"  # ORT runs the fused MMDiT
+    assert ours.models["transformer"].spec.name == "transformer-fused"  # ORT runs the fused MMDiT
     _compare(result.images, theirs, f"{kind}/batch")
 
 
@@ -285,8 +285,8 @@ def test_half_precision_graphs(checkpoints, tmp_path):
     assert manifest.checks["fp16"]["image_psnr_db"] > 25
     kw = dict(num_inference_steps=2, seed=0, height=32, width=32, output_type="np")
     with Pipeline.load(tmp_path / "half", graph_precision="fp16") as pipe:
-        assert pipe._sessions["text_encoder_3"].spec.precision == "fp32"
-        assert pipe._sessions["transformer"].spec.precision == "fp16"
+        assert pipe.models["text_encoder_3"].spec.precision == "fp32"
+        assert pipe.models["transformer"].spec.precision == "fp16"
         half = pipe("a cat", **kw).images
     with Pipeline.load(tmp_path / "half", graph_precision="fp32") as pipe:
         full = pipe("a cat", **kw).images
@@ -333,7 +333,7 @@ def test_attention_per_backend_and_openvino_matches_diffusers(sd3, artifacts, ch
     with Pipeline.load(folder, backend="openvino", precision="fp32", cache_dir=tmp_path / "ov",
                        prepare={"height": 48, "width": 32}) as ov:
         got = ov("a lamp", latents=latents.numpy(), **kw).images
-        transformer = ov._sessions["transformer"]
+        transformer = ov.models["transformer"]
         assert transformer.spec.name == "transformer"
         ops = [ovb.attention_ops(c) for c in transformer.compiled_models().values()]
     print(f"tiny sd3 transformer: {blocks} attention blocks; ORT fused graph {blocks} MultiHeadAttention; "

@@ -272,8 +272,8 @@ def test_half_precision_keeps_the_sdxl_vae_fp32(tiny_checkpoint, tmp_path):
                        "vae_decoder": {"fp32"}, "vae_encoder": {"fp32"}}
     assert out.checks["fp16"]["image_psnr_db"] > 20
     with Pipeline.load(tmp_path / "fp16", graph_precision="fp16") as pipe:
-        assert pipe._sessions["unet"].spec.precision == "fp16"
-        assert pipe._sessions["vae_decoder"].spec.precision == "fp32"
+        assert pipe.models["unet"].spec.precision == "fp16"
+        assert pipe.models["vae_decoder"].spec.precision == "fp32"
         image = pipe("a cat", num_inference_steps=2, seed=0, output_type="np").images
         assert np.isfinite(image).all()
     assert read_manifest(tmp_path / "fp16").model["vae_force_upcast"] is True

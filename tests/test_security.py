@@ -126,7 +126,8 @@ def test_an_altered_openvino_blob_is_never_imported(exported, tmp_path, monkeypa
     profile = {"batch": 2, "latent_height": 32, "latent_width": 32}
 
     def open_unet():
-        return get_backend("openvino", precision="fp32", cache_dir=tmp_path).open(folder, spec, profile=profile)
+        return get_backend("openvino", precision="fp32", cache_dir=tmp_path).open(folder, spec,
+                                                                                  profile=profile).context()
 
     expected = open_unet().run(UNET_FEEDS)["out_sample"]
     blob = next((tmp_path / "openvino").iterdir()) / "model.blob"

@@ -183,7 +183,7 @@ class Overflowing:
         return getattr(self.pipe, name)
 
     def generate(self, requests, progress=None):
-        decoder = self.pipe._sessions[self.pipe.family.VAE_DECODER]
+        decoder = self.pipe._contexts[self.pipe.family.VAE_DECODER]
         if not any("overflow" in r.prompts[0] for r in requests):
             return self.pipe.generate(requests, progress)
         real = decoder.run

@@ -95,6 +95,7 @@ def test_serve_cli_errors_are_one_line(tmp_path):
     (tmp_path / "empty-keys").write_text("# nothing\n", encoding="utf-8")
     for args, needle in (([str(tmp_path / "missing")], "no such folder"),
                          ([str(tmp_path), "--max-batch", "0"], "--max-batch must be >= 1"),
+                         ([str(tmp_path), "--workers", "0"], "--workers must be >= 1"),
                          ([str(tmp_path), "--replicas", "2"], "add --ray"),
                          ([str(tmp_path), "--timeout-s", "0"], "--timeout-s must be a number > 0"),
                          ([str(tmp_path), "--max-cost", "nan"], "--max-cost must be a number > 0"),

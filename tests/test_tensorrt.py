@@ -261,13 +261,83 @@ def test_closing_waits_for_the_stream_before_freeing_contexts(fake_gpu, exported
     _build(folder, tmp_path)
     pipe = Pipeline.load(folder, backend="tensorrt", cache_dir=tmp_path, cuda_graphs=True)
     pipe("a cat", num_inference_steps=2, height=64, width=64, seed=0, output_type="np")
-    stream = f"synchronize {pipe.backend.stream.ptr}"
+    used = set(fake_gpu.executed_on)  # the streams of the contexts that ran
     fake_gpu.events.clear()
     pipe.close()
     events = fake_gpu.events
-    frees = [i for i, e in enumerate(events) if e.startswith("free")]
-    assert frees and "free context" in events and "free graph" in events  # the close freed them
-    assert stream in events[:frees[0]], events  # ...after the stream was waited for
+    assert "free context" in events and "free graph" in events  # the close freed them
+    # each context waits for its own stream, then frees what it holds: every free comes
+    # after a synchronize, and each synchronize is followed by its context's frees
+    starts = [i for i, e in enumerate(events) if e.startswith("synchronize")]
+    assert starts and starts[0] == 0, events
+    segments = [events[a + 1:b] for a, b in zip(starts, [*starts[1:], len(events)], strict=True)]
+    assert all("free context" in segment for segment in segments), events
+    assert {int(events[i].split()[1]) for i in starts} == used and len(starts) == len(used) == 3, events
+
+
+def _unet_weight(folder):
+    """A UNet initializer that TensorRT-style refitting finds combined with another (a
+    Conv's weight, whose bias the fake Refitter then reports missing), its new value, and
+    the graph file's copy with that value written in (the oracle, made with onnx)."""
+    import onnx
+    from onnx import numpy_helper
+
+    spec = read_manifest(folder).stage("unet")
+    model = onnx.load(str(folder / spec.graph_path))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and len(n.input) == 3)
+    initializer = next(i for i in model.graph.initializer if i.name == conv.input[1])
+    new = (numpy_helper.to_array(initializer) * -1.5).astype(np.float32)
+    initializer.CopyFrom(numpy_helper.from_array(new, initializer.name))
+    return spec, conv.input[1], conv.input[2], new, model
+
+
+def test_contexts_run_on_their_own_streams_and_a_refit_reaches_every_context(fake_gpu, exported, tmp_path):
+    """Two workers of one pipeline: their contexts enqueue on different streams, on one
+    engine per stage (deserialized once). update_weights refits that engine: both workers
+    then compute what ONNX Runtime computes on the graph with the new weight written in,
+    the Conv's bias (missing to the refitter) supplied from the graph's own value."""
+    import onnx
+
+    from diffrt.build.tensorrt import BuildOptions, build_plan
+    from diffrt.runtime.backends import get_backend
+    from diffrt.runtime.pipeline import Pipeline
+
+    folder = copy_artifact(exported("sd15"), tmp_path / "artifact")
+    build_plan(plan_build(folder, batch="1", size=(64, 64), options=BuildOptions(refit=True)), cache_dir=tmp_path)
+    spec, name, bias, new, edited = _unet_weight(folder)
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 32, 32), dtype=np.float32),
+             "timestep": np.array([10.0, 700.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    with Pipeline.load(folder, backend="tensorrt", cache_dir=tmp_path, workers=2) as pipe:
+        other = pipe.worker()
+        before = [p._contexts["unet"].run(feeds)["out_sample"].get() for p in (pipe, other)]
+        first, second = (set(fake_gpu.executed_on[i::2]) for i in (0, 1))
+        assert len(first) == len(second) == 1 and first != second
+        pipe.models["unet"].update_weights({name: new})
+        after = [p._contexts["unet"].run(feeds)["out_sample"].get() for p in (pipe, other)]
+        other.close()
+    assert set(fake_gpu.refits[-1]) == {name, bias}
+    onnx.save(edited, str(folder / spec.graph_path))  # the oracle: the weight in the graph itself
+    reference = get_backend("ort", disk_cache=False).open(folder, spec).context().run(feeds)["out_sample"]
+    np.testing.assert_array_equal(before[0], before[1])
+    assert np.abs(before[0] - reference).max() > 1e-3  # the new weight matters
+    for got in after:
+        np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_refitting_an_engine_built_without_refit_says_how_to_build_it(fake_gpu, exported, tmp_path):
+    from diffrt.runtime.pipeline import Pipeline
+
+    folder = exported("sd15")
+    _build(folder, tmp_path)
+    spec, name, _, new, _ = _unet_weight(folder)
+    with Pipeline.load(folder, backend="tensorrt", cache_dir=tmp_path) as pipe:
+        with pytest.raises(DiffrtError) as info:
+            pipe.models["unet"].update_weights({name: new})
+        with pytest.raises(DiffrtError, match="no initializer 'nope'"):
+            pipe.models["unet"].update_weights({"nope": new})
+    assert "--refittable" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_foreign_timing_cache_is_not_blamed_for_a_later_failure(fake_gpu, exported, tmp_path):

@@ -42,7 +42,7 @@ PLATFORM = "manylinux_2_28_x86_64"  # the scan below reads x86-64 code, whatever
 OBJECTS = {
     "builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser", "config": "IBuilderConfig",
     "opt_profile": "IOptimizationProfile", "timing": "ITimingCache", "tensor": "ITensor", "errors": "ParserError",
-    "runtime": "Runtime", "engine": "ICudaEngine", "context": "IExecutionContext",
+    "runtime": "Runtime", "engine": "ICudaEngine", "context": "IExecutionContext", "refitter": "Refitter",
 }
 OTHER_MODULES = ("cupy", "cp", "np", "numpy")
 # Methods whose result is a TensorRT object used directly (`config.get_timing_cache().serialize()`).
@@ -227,7 +227,11 @@ def test_every_tensorrt_name_we_use_exists_in_the_current_bindings(bindings):
                      "trt.IBuilderConfig.builder_optimization_level", "trt.BuilderFlag.REFIT",
                      "trt.Runtime.deserialize_cuda_engine", "trt.IExecutionContext.execute_async_v3",
                      "trt.IExecutionContext.set_tensor_address", "trt.IExecutionContext.set_input_shape",
-                     "trt.ICudaEngine.get_tensor_name", "trt.ICudaEngine.num_io_tensors", "trt.ParserError.desc"):
+                     "trt.ICudaEngine.get_tensor_name", "trt.ICudaEngine.num_io_tensors", "trt.ParserError.desc",
+                     # refit (TensorRTModel.update_weights)
+                     "trt.Refitter", "trt.Refitter.set_named_weights", "trt.Refitter.get_missing_weights",
+                     "trt.Refitter.refit_cuda_engine", "trt.ICudaEngine.refittable", "trt.Weights",
+                     "trt.DataType.BF16", "trt.ICudaEngine.create_execution_context"):
         assert expected in used, expected
     assert bindings.problems(uses) == []
 

@@ -63,7 +63,8 @@ def test_each_stage_matches_ort(exported, kind):
     for role in roles:
         spec = manifest.select(role, "default", "fp32")
         feeds = _feeds(folder, spec)
-        with torch_backend.open(folder, spec) as ours, ort_backend.open(folder, spec) as reference:
+        with torch_backend.open(folder, spec) as model, ort_backend.open(folder, spec) as reference_model:
+            ours, reference = model.context(), reference_model.context()
             got = ours.run(feeds)
             want = reference.run(feeds)
             again = ours.run({k: torch.from_numpy(v) for k, v in feeds.items()})  # torch tensors in, too
@@ -148,7 +149,7 @@ def test_generation_keeps_torch_tensors_on_the_device(exported):
     denoiser and the decoder are fed torch tensors, never numpy arrays."""
     with Pipeline.load(exported("sdxl"), backend="torch") as pipe:
         fed: dict[str, set] = {}
-        for key, session in pipe._sessions.items():
+        for key, session in pipe._contexts.items():
             real = session.run
 
             def spy(feeds, key=key, real=real):
@@ -170,8 +171,8 @@ def test_bf16_on_cpu_close_to_fp32_and_sdxl_vae_stays_fp32(exported):
     with Pipeline.load(folder, backend="torch", dtype="fp32") as pipe:
         fp32 = pipe("a cat", **kw).images
     with Pipeline.load(folder, backend="torch", dtype="bf16") as pipe:
-        assert pipe._sessions["unet"].dtype == torch.bfloat16
-        assert pipe._sessions["vae_decoder"].dtype == torch.float32  # force_upcast, as the half artifacts
+        assert pipe.models["unet"].dtype == torch.bfloat16
+        assert pipe.models["vae_decoder"].dtype == torch.float32  # force_upcast, as the half artifacts
         assert "bf16" in pipe.backend.describe()
         bf16 = pipe("a cat", **kw).images
     diff = float(np.abs(bf16 - fp32).max())
@@ -265,20 +266,21 @@ def test_tiny_vae_needs_its_folder(tiny_vae_artifact):
     assert diff <= TOLERANCE
 
 
-def test_sessions_load_only_what_the_stage_needs(exported):
+def test_models_load_only_what_the_stage_needs(exported):
     folder = exported("sd15")
     manifest = read_manifest(folder)
     backend = get_backend("torch")
     decoder = backend.open(folder, manifest.select("vae_decoder", "default", "fp32"))
-    vae = decoder._module.vae
+    vae = decoder.module.vae
     assert vae.encoder is None and vae.decoder is not None
     assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in vae.attn_processors.values())
-    unet = backend.open(folder, manifest.select("unet", "default", "fp32"))._module.unet
+    unet = backend.open(folder, manifest.select("unet", "default", "fp32")).module.unet
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+    context = decoder.context()
     decoder.close()
     with pytest.raises(DiffrtError, match="closed"):
-        decoder.run({"latent_sample": np.zeros((1, 4, 4, 4), np.float32)})
+        context.run({"latent_sample": np.zeros((1, 4, 4, 4), np.float32)})
 
 
 def test_choosing_another_backend_does_not_import_torch():

@@ -4,18 +4,24 @@
     result = pipe("a photo of a cat", num_inference_steps=30, seed=0)
     result.images[0].save("cat.png"); print(result.timings)
 
+A Pipeline is immutable once loaded and runs one generation at a time. For several
+at once, give each thread its own `pipe.worker()`: a view on the same compiled models
+(one copy of the weights) with its own contexts (run state); see backends/base.py.
+
 With the same weights, prompt, scheduler config and `latents`, a deterministic
 scheduler reproduces diffusers' image (tests/test_pipeline_parity.py).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -33,7 +39,8 @@ from diffrt.artifacts import (
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.families.base import DenoisePlan, stack_plans
-from diffrt.runtime.backends import Session, get_backend
+from diffrt.runtime.backends import CompiledModel, Context, get_backend
+from diffrt.runtime.backends.base import profile_shapes
 from diffrt.runtime.denoise import denoise, device_plan
 from diffrt.runtime.images import postprocess, to_pil
 from diffrt.runtime.request import (
@@ -95,18 +102,25 @@ class PerImageNoise:
 
 
 class Pipeline:
-    def __init__(self, folder: Path, manifest: Manifest, backend, sessions: dict[str, Session]):
+    def __init__(self, folder: Path, manifest: Manifest, backend, models: dict[str, CompiledModel],
+                 shapes: Mapping[str, Mapping[str, tuple[int, ...]] | None] | None = None):
+        """`models`: a compiled model per stage key (see `load`), which this pipeline owns
+        and closes; `shapes`: full input shapes per stage key to get its contexts ready
+        for (Context.prepare), for this pipeline and every `worker()` of it."""
         self.folder = folder
         self.manifest = manifest
         self.backend = backend
         self.family = get_family(manifest.family)
         self.facts = self.family.facts(manifest.model)
-        self._sessions = sessions
+        self._models = dict(models)
+        self._shapes = {key: value for key, value in (shapes or {}).items() if value}
+        self._owner = True  # closes the models; a worker() view closes its own contexts only
         roles = [r for r in self.family.runtime_roles(self.facts) if r in self.family.TOKENIZER_OF]
         kinds = getattr(self.family, "TOKENIZER_KIND", {})  # role -> "t5" where not CLIP (SD3, Flux)
         self.tokenizers = {role: load_tokenizer(folder / self.family.TOKENIZER_OF[role], kinds.get(role, "clip"))
                            for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
+        self._contexts = _open_contexts(self._models, self._shapes)
 
     @classmethod
     def load(
@@ -118,6 +132,7 @@ class Pipeline:
         prepare: Mapping[str, Any] | None = None,
         graph_precision: str | None = None,
         attention: str | None = None,
+        workers: int = 1,
         **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder.
@@ -134,6 +149,8 @@ class Pipeline:
         "bf16" (default: the backend's preference among those exported).
         `attention`: "fused" or "portable" graphs where the artifact has both (default:
         the backend's preference: ORT fused, OpenVINO portable).
+        `workers`: how many generations will run at once (this pipeline and its
+        `worker()` views); OpenVINO compiles one stream per worker.
         `backend_options` go to the backend (e.g. providers, precision, num_threads).
         """
         folder = Path(folder)
@@ -141,24 +158,46 @@ class Pipeline:
         manifest = read_manifest(folder)
         family = get_family(manifest.family)
         profiles = _profiles(manifest, family, prepare or {})
-        engine = get_backend(backend, cache_dir=cache_root, **backend_options)
+        workers = check_count("workers", workers)
+        engine = get_backend(backend, cache_dir=cache_root, workers=workers, **backend_options)
         specs = select_stages(manifest, family, engine, graph_precision, attention)
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
-        if mode == "stamp" and not getattr(engine, "reads_graphs", True):
+        if mode == "stamp" and not engine.reads_graphs:
             mode = "size"  # the torch backend never opens the ONNX files: do not hash GBs of them
         verify_files(folder, manifest, mode, stages=[s.name for s in specs.values()],
                      stamps_path=cache_root / STAMPS_NAME)
-        sessions = {}
+        models: dict[str, CompiledModel] = {}
         try:
             for key, spec in specs.items():
                 t0 = time.perf_counter()
-                sessions[key] = engine.open(folder, spec, profile=profiles.get(spec.role))
+                models[key] = engine.open(folder, spec, profile=profiles.get(spec.role))
                 logger.info("loaded %s in %.2fs", spec.describe(), time.perf_counter() - t0)
-            return cls(folder, manifest, engine, sessions)
+            shapes = {key: profile_shapes(spec, profiles.get(spec.role)) for key, spec in specs.items()}
+            return cls(folder, manifest, engine, models, shapes)
         except BaseException:
-            for session in sessions.values():
-                session.close()
+            for model in models.values():
+                model.close()
             raise
+
+    def worker(self) -> Pipeline:
+        """Another pipeline on the same compiled models (no second copy of the weights)
+        with contexts of its own, for one more thread to generate at the same time as
+        this one: `[pipe] + [pipe.worker() for _ in range(n - 1)]`, one per thread. Load
+        with `workers=n` so that backends that split the device between runs (OpenVINO's
+        streams) do. Close a worker when done with it; closing the pipeline it came from
+        closes the models, after which its workers fail."""
+        view = copy.copy(self)
+        view._owner = False
+        view._contexts = _open_contexts(self._models, self._shapes)
+        return view
+
+    @property
+    def models(self) -> Mapping[str, CompiledModel]:
+        """The compiled model of each stage (by role, e.g. "unet"; other decoder
+        variants as "vae_decoder:tiny"), shared by every worker: `.spec` is the stage
+        it runs, and `pipe.models["unet"].update_weights({initializer: array})`
+        changes the weights all of them run."""
+        return MappingProxyType(self._models)
 
     # -- settings ---------------------------------------------------------------
 
@@ -371,7 +410,7 @@ class Pipeline:
         windowed = first.denoising_start is not None or first.denoising_end is not None
         extra = 0 if windowed else len(run.timesteps) - steps
         done = steps - len(run.timesteps) if first.denoising_start is not None else 0
-        sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._sessions[self.family.DENOISER],
+        sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._contexts[self.family.DENOISER],
                                                     rng, self._to_device, progress, (done, steps, extra))
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, plan, timings
@@ -379,7 +418,7 @@ class Pipeline:
     def _decode(self, sample: Any, plan: DenoisePlan, vae: str, timings: dict[str, Any]) -> np.ndarray:
         """5. Latents -> float32 NHWC images in [0, 1] on the host."""
         t0 = time.perf_counter()
-        decoder = self._sessions[_decoder_key(self.family, vae)]
+        decoder = self._contexts[_decoder_key(self.family, vae)]
         decoded = decoder.run({"latent_sample": plan.to_decoder(sample, decoder.spec.facts)})["sample"]
         images = postprocess(_check_finite(self._to_host(decoded), "decoded images"))  # the one device -> host copy
         timings["vae_decoder"] = time.perf_counter() - t0
@@ -388,8 +427,8 @@ class Pipeline:
     def _materializes_attention(self) -> bool:
         """Whether the UNet graph running here builds full attention score tensors: a
         portable graph on a backend that does not fuse attention itself (ONNX Runtime)."""
-        spec = self._sessions[self.family.DENOISER].spec
-        return spec.variant != FUSED_VARIANT and not getattr(self.backend, "fuses_attention_itself", False)
+        spec = self._models[self.family.DENOISER].spec
+        return spec.variant != FUSED_VARIANT and not self.backend.fuses_attention_itself
 
     def _encode(self, role: str, texts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
         """Tokenize with the role's tokenizer and run that text encoder: its outputs by
@@ -397,20 +436,23 @@ class Pipeline:
         `max_length`: the token length of a T5 encoder's input (max_sequence_length)."""
         tokenizer = self.tokenizers[role]
         ids = tokenizer(texts) if max_length is None else tokenizer(texts, max_length=max_length)
-        return {name: self._to_host(array) for name, array in self._sessions[role].run({"input_ids": ids}).items()}
+        return {name: self._to_host(array) for name, array in self._contexts[role].run({"input_ids": ids}).items()}
 
     def _to_device(self, array: np.ndarray) -> Any:
-        to_device = getattr(self.backend, "to_device", None)
-        return array if to_device is None else to_device(array)
+        return self.backend.to_device(array)
 
     def _to_host(self, array: Any) -> np.ndarray:
-        to_host = getattr(self.backend, "to_host", None)
-        return np.asarray(array) if to_host is None else to_host(array)
+        return self.backend.to_host(array)
 
     def close(self) -> None:
-        for session in self._sessions.values():
-            session.close()
-        self._sessions = {}
+        """Release this pipeline's contexts and, unless it is a `worker()` view, the
+        compiled models (the weights)."""
+        for context in self._contexts.values():
+            context.close()
+        self._contexts = {}
+        if self._owner:
+            for model in self._models.values():
+                model.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -482,12 +524,12 @@ def select_stages(manifest: Manifest, family, backend, graph_precision: str | No
     if graph_precision is not None:
         if graph_precision not in PRECISIONS:
             raise DiffrtError(f"graph_precision={graph_precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if graph_precision not in getattr(backend, "graph_precisions", PRECISIONS):
+        if graph_precision not in backend.graph_precisions:
             raise DiffrtError(f"backend {backend.name!r} cannot run {graph_precision} graphs; it runs: "
                               f"{', '.join(backend.graph_precisions)}")
-    precisions = [graph_precision] if graph_precision else list(getattr(backend, "graph_precisions", PRECISIONS))
+    precisions = [graph_precision] if graph_precision else list(backend.graph_precisions)
     precisions = [p for p in precisions if p in manifest.precisions] or precisions
-    fused = attention == "fused" or (attention is None and getattr(backend, "fused_attention", False))
+    fused = attention == "fused" or (attention is None and backend.fused_attention)
     specs = {}
     for role in family.runtime_roles(manifest.model):
         has_fused = any(s.variant == FUSED_VARIANT for s in manifest.variants(role))
@@ -512,3 +554,19 @@ def _profiles(manifest: Manifest, family, prepare: Mapping[str, Any]) -> dict[st
     guidance = check_guidance(prepare.get("guidance_scale", manifest.defaults["guidance_scale"]))
     batch = check_count("prepare num_images", prepare.get("num_images", 1))
     return family.stage_profiles(manifest.model, height, width, batch, family.uses_cfg(manifest.model, guidance))
+
+
+def _open_contexts(models: Mapping[str, CompiledModel],
+                   shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> dict[str, Context]:
+    """A context on each model, made ready for its stage's prepared shapes."""
+    contexts: dict[str, Context] = {}
+    try:
+        for key, model in models.items():
+            contexts[key] = model.context()
+            if key in shapes:
+                contexts[key].prepare(shapes[key])
+    except BaseException:
+        for context in contexts.values():
+            context.close()
+        raise
+    return contexts

@@ -5,9 +5,10 @@ with progress for the playground, health, readiness and metrics.
 
 `pipeline` is anything with the Pipeline's batching contract: `manifest`,
 `request(**call) -> Request` (validated once, at submission), `batch_key(request)` and
-`generate(requests, progress)`. One worker thread runs it
-(see batching.py for the queue order); the event loop only validates, queues, waits
-and encodes images in a thread pool.
+`generate(requests, progress)`, and with `config.workers` > 1 `worker()` (another view
+on the same weights with its own contexts) and `close()`. One worker thread per view
+runs it (see batching.py for the queue order); the event loop only validates, queues,
+waits and encodes images in a thread pool.
 """
 
 from __future__ import annotations
@@ -98,10 +99,16 @@ class Server:
     def __init__(self, pipeline: Any, config: ServeConfig):
         for key in config.keys:
             check_api_key(key, "the server's configuration")
+        if isinstance(config.workers, bool) or not isinstance(config.workers, int) or config.workers < 1:
+            raise DiffrtError(f"workers must be an integer >= 1, got {config.workers!r}")
         self.pipeline, self.config = pipeline, config
         self.size_multiple = int(pipeline.manifest.model.get("size_multiple", 8))
-        self.scheduler = BatchScheduler(pipeline.generate, config.max_batch, config.batch_wait_ms,
-                                        config.max_queue, warmup=self._warmup if config.warmup else None,
+        # the first worker runs the pipeline itself; each other one a view on the same
+        # compiled models with contexts of its own (closed when the server stops)
+        self.views = [pipeline.worker() for _ in range(config.workers - 1)]
+        self.scheduler = BatchScheduler([view.generate for view in (pipeline, *self.views)], config.max_batch,
+                                        config.batch_wait_ms, config.max_queue,
+                                        warmup=self._warmup if config.warmup else None,
                                         on_batch=lambda *a: self.metrics.observe_batch(*a))
         self.metrics = Metrics(lambda: self.scheduler.depth, lambda: float(self.is_ready),
                                lambda: len(self.scheduler.running))
@@ -113,10 +120,17 @@ class Server:
     def is_ready(self) -> bool:
         return self.scheduler.ready.is_set() and self.scheduler.warmup_error is None and not self.draining
 
-    def _warmup(self) -> None:
+    def _warmup(self, generate) -> None:
         t0 = time.perf_counter()
-        self.pipeline.generate([self.pipeline.request(**WARMUP_CALL)])
+        generate([self.pipeline.request(**WARMUP_CALL)], None)
         logger.info("warm-up generation in %.2fs", time.perf_counter() - t0)
+
+    def stop(self) -> None:
+        """Drain the queue, then close the worker views (the pipeline is the caller's)."""
+        self.draining = True
+        self.scheduler.stop()
+        for view in self.views:
+            view.close()
 
     # -- one generation -----------------------------------------------------------------
 
@@ -327,8 +341,7 @@ def create_app(pipeline: Any, config: ServeConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         server.scheduler.start()
         yield
-        server.draining = True
-        await asyncio.to_thread(server.scheduler.stop)
+        await asyncio.to_thread(server.stop)
 
     app = FastAPI(title="diffrt", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server

@@ -1,4 +1,6 @@
-"""Dynamic batching: one worker thread runs the pipeline, one batch at a time.
+"""Dynamic batching: N worker threads (default 1), each with its own runner (a pipeline
+view with its own contexts, see Pipeline.worker), take batches from one queue; each
+runs one batch at a time.
 
 Queue order. Waiting requests are grouped by the pipeline's `batch_key` (calls with
 equal keys can share denoiser calls). The groups form a rotation, ordered first by
@@ -11,7 +13,8 @@ one `generate`, and moves the group to the end of the rotation if requests are
 left in it. So within a key the order is first come first served, and across keys it is
 round-robin: a busy key cannot starve another, which waits at most one batch per
 other group ahead of it. While no group is ready the worker sleeps until the earliest
-one will be, or a request arrives.
+one will be, or a request arrives. With several workers, each free one takes the next
+batch by these rules (the queue's order is the same; batches start side by side).
 
 The queue holds at most `max_queue` waiting requests (running ones do not count); a
 submit beyond that raises `QueueFull`.
@@ -23,10 +26,10 @@ pipeline's progress callback raises `Cancelled`), so abandoned work does not hol
 worker for the rest of its steps.
 
 Isolation. A request's failure must not fail the requests batched with it: when a
-batch of several requests raises, each of them is run again alone, so only the one(s)
-that fail alone get the error.
+batch of several requests raises, each of them is run again alone (by the same worker),
+so only the one(s) that fail alone get the error.
 
-Tests: `pause()` holds the worker before it takes the next batch, `wait_for(predicate)`
+Tests: `pause()` holds the workers before they take their next batch, `wait_for(predicate)`
 waits (bounded) for the queue to reach a state, and `clock` is injectable, so tests can
 build a queue and release it without depending on timing.
 """
@@ -39,7 +42,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,13 +95,18 @@ class Job:
 
 class BatchScheduler:
     """`runner(requests, progress)` -> one result per request (the pipeline's
-    `generate`); `on_batch(jobs, seconds, results_or_exception)` observes each
-    pipeline run. `warmup()` (optional) runs on the worker thread before the first batch."""
+    `generate`); a sequence of runners starts one worker thread per runner, each
+    running its own. `on_batch(jobs, seconds, results_or_exception)` observes each
+    pipeline run. `warmup(runner)` (optional) runs on each worker thread, with its
+    runner, before its first batch."""
 
-    def __init__(self, runner: Callable, max_batch: int = 4, batch_wait_ms: float = 10.0, max_queue: int = 64,
-                 warmup: Callable[[], None] | None = None, on_batch: Callable | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.runner, self.max_batch, self.max_queue = runner, max(1, max_batch), max(1, max_queue)
+    def __init__(self, runner: Callable | Sequence[Callable], max_batch: int = 4, batch_wait_ms: float = 10.0,
+                 max_queue: int = 64, warmup: Callable[[Callable], None] | None = None,
+                 on_batch: Callable | None = None, clock: Callable[[], float] = time.monotonic):
+        self.runners = [runner] if callable(runner) else list(runner)
+        if not self.runners:
+            raise ValueError("BatchScheduler needs at least one runner")
+        self.max_batch, self.max_queue = max(1, max_batch), max(1, max_queue)
         self.batch_wait = max(0.0, batch_wait_ms) / 1000.0
         self.clock = clock
         self._warmup, self._on_batch = warmup, on_batch
@@ -108,16 +116,28 @@ class BatchScheduler:
         self._stopping = False
         self._paused = False
         self._ids = itertools.count(1)
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # every worker warmed up
+        self._warmed = 0
         self.warmup_error: BaseException | None = None
-        self.running: list[Job] = []
+        self._running: dict[int, list[Job]] = {}  # worker index -> the jobs of its batch
         self.batch_seconds = 0.0  # moving average, for Retry-After
-        self._thread = threading.Thread(target=self._work, name="diffrt-batch-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"diffrt-batch-worker-{i}", daemon=True)
+                         for i in range(len(self.runners))]
+
+    @property
+    def workers(self) -> int:
+        return len(self.runners)
+
+    @property
+    def running(self) -> list[Job]:
+        """The jobs of every batch running now."""
+        return [job for jobs in list(self._running.values()) for job in jobs]
 
     # -- the event loop's side ------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -155,11 +175,11 @@ class BatchScheduler:
         return True
 
     def retry_after(self) -> int:
-        batches_ahead = self._waiting / self.max_batch + 1
+        batches_ahead = (self._waiting / self.max_batch + 1) / self.workers
         return max(1, min(60, int(batches_ahead * max(self.batch_seconds, 0.1) + 0.999)))
 
     def pause(self) -> None:
-        """Hold the worker before its next batch (the running one finishes)."""
+        """Hold the workers before their next batch (running ones finish)."""
         with self._cond:
             self._paused = True
 
@@ -174,12 +194,15 @@ class BatchScheduler:
             return self._cond.wait_for(predicate, timeout)
 
     def stop(self, timeout: float | None = None) -> None:
-        """Drain: run what is queued, then end the worker."""
+        """Drain: run what is queued, then end the workers."""
         with self._cond:
             self._stopping = True
             self._paused = False
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # -- the worker's side ----------------------------------------------------------
 
@@ -193,7 +216,7 @@ class BatchScheduler:
             wake = due if wake is None else min(wake, due)
         return None, wake
 
-    def _take(self) -> list[Job] | None:
+    def _take(self, worker: int) -> list[Job] | None:
         with self._cond:
             while True:
                 if self._stopping and not self._groups:
@@ -213,31 +236,35 @@ class BatchScheduler:
             self._waiting -= len(jobs)
             for job in jobs:
                 job.state, job.batch_size = "running", images
-            self.running = jobs
+            self._running[worker] = jobs
             self._cond.notify_all()
             return jobs
 
-    def _work(self) -> None:
+    def _work(self, worker: int) -> None:
+        runner = self.runners[worker]
         if self._warmup is not None:
             try:
-                self._warmup()
+                self._warmup(runner)
             except BaseException as exc:  # noqa: BLE001 - reported by /readyz, requests still run
-                logger.exception("warm-up generation failed")
+                logger.exception("warm-up generation failed (worker %d)", worker)
                 self.warmup_error = exc
-        self.ready.set()
+        with self._cond:
+            self._warmed += 1
+            if self._warmed == self.workers:
+                self.ready.set()
         while True:
-            jobs = self._take()
+            jobs = self._take(worker)
             if jobs is None:
                 return
             try:
-                self._run(jobs)
+                self._run(worker, jobs)
             finally:
                 with self._cond:
-                    self.running = []
+                    self._running.pop(worker, None)
                     self._cond.notify_all()
 
-    def _run(self, jobs: list[Job]) -> None:
-        outcome = self._attempt(jobs)
+    def _run(self, worker: int, jobs: list[Job]) -> None:
+        outcome = self._attempt(self.runners[worker], jobs)
         if not isinstance(outcome, BaseException):
             for job, result in zip(jobs, outcome):
                 job.state = "done"
@@ -250,8 +277,9 @@ class BatchScheduler:
                            type(outcome).__name__, outcome)
             for job in jobs:
                 job.batch_size = job.images
-                self.running = [job]
-                self._run([job])
+                with self._cond:
+                    self._running[worker] = [job]
+                self._run(worker, [job])
             return
         if isinstance(outcome, Cancelled):
             logger.info("stopped a batch of %d abandoned request(s) between denoiser steps", len(jobs))
@@ -261,7 +289,7 @@ class BatchScheduler:
             job.state = "cancelled" if job.abandoned else "failed"
             job.fail(outcome)
 
-    def _attempt(self, jobs: list[Job]) -> list[Any] | BaseException:
+    def _attempt(self, runner: Callable, jobs: list[Job]) -> list[Any] | BaseException:
         """One pipeline run of `jobs`: their results, or the exception it raised."""
         def progress(step: int, total: int) -> None:
             for job in jobs:
@@ -273,7 +301,7 @@ class BatchScheduler:
         try:
             if all(job.abandoned for job in jobs):
                 raise Cancelled("abandoned before it started")
-            outcome = self.runner([job.call for job in jobs], progress)
+            outcome = runner([job.call for job in jobs], progress)
             if len(outcome) != len(jobs):
                 raise RuntimeError(f"the pipeline returned {len(outcome)} results for {len(jobs)} calls")
         except BaseException as exc:  # noqa: BLE001 - fails these requests only

@@ -57,7 +57,8 @@ def build_app(folder: str, config: ServeConfig, backend: str = "ort", verify: bo
             from diffrt.serve.app import WARMUP_CALL, create_app
             from diffrt.serve.server import load_pipeline
 
-            pipe = load_pipeline(folder, backend=backend, verify=verify, backend_options=backend_options)
+            pipe = load_pipeline(folder, backend=backend, verify=verify, backend_options=backend_options,
+                                 workers=config.workers)
             if config.warmup:
                 t0 = time.perf_counter()
                 pipe.generate([pipe.request(**WARMUP_CALL)])

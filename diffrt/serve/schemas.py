@@ -27,6 +27,7 @@ class ServeConfig:
     """The server's settings and limits (the `diffrt serve` options)."""
 
     model_name: str = "diffrt"
+    workers: int = 1              # worker threads, each running batches on its own contexts
     max_batch: int = 4            # images per pipeline batch
     batch_wait_ms: float = 10.0   # how long the oldest request of a group waits for company
     max_queue: int = 64           # requests waiting (not running); beyond: 429

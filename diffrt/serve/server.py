@@ -20,10 +20,10 @@ logger = logging.getLogger(__name__)
 
 
 def load_pipeline(folder: str | Path, backend: str = "ort", verify: bool | str = True,
-                  backend_options: dict[str, Any] | None = None):
+                  backend_options: dict[str, Any] | None = None, workers: int = 1):
     from diffrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, backend=backend, verify=verify, **(backend_options or {}))
+    pipe = Pipeline.load(folder, backend=backend, verify=verify, workers=workers, **(backend_options or {}))
     if pipe.family.takes_image(pipe.manifest.model):
         pipe.close()
         raise DiffrtError(f"{folder} is an SDXL refiner (it continues a base model's latents); serve a base artifact")
@@ -158,7 +158,7 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
     _require_serve_extra(args.ray)
     if not 1 <= args.port <= 65535:
         raise DiffrtError(f"--port must be from 1 to 65535, got {args.port}")
-    for name in ("max_batch", "max_queue", "max_n", "max_steps", "max_size", "max_prompt_chars"):
+    for name in ("workers", "max_batch", "max_queue", "max_n", "max_steps", "max_size", "max_prompt_chars"):
         if getattr(args, name) < 1:
             raise DiffrtError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.batch_wait_ms >= 0:
@@ -172,7 +172,8 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
         raise DiffrtError(f"--{ray_only[0].replace('_', '-')} is a Ray option; add --ray")
     folder = Path(args.out)
     keys = api_keys(args.api_key, args.api_key_file)
-    config = ServeConfig(model_name=args.model_name or model_name(folder), max_batch=args.max_batch,
+    config = ServeConfig(model_name=args.model_name or model_name(folder), workers=args.workers,
+                         max_batch=args.max_batch,
                          batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
                          api_keys=keys, max_n=args.max_n, max_steps=args.max_steps, max_side=args.max_size,
                          max_cost=args.max_cost, max_prompt_chars=args.max_prompt_chars, warmup=args.warmup)
@@ -192,8 +193,10 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
                       num_replicas=args.replicas, autoscaling=autoscaling)
         return
     check_port_free(args.host, args.port)  # before the minutes a real-size load takes
-    pipe = load_pipeline(folder, backend=args.backend, verify=verify, backend_options=backend_options)
+    pipe = load_pipeline(folder, backend=args.backend, verify=verify, backend_options=backend_options,
+                         workers=args.workers)
     check_port_free(args.host, args.port)  # and again: taken while loading
-    print(f"diffrt serve: {config.model_name} on http://{args.host}:{args.port}/ (playground at /, "
+    workers = f" ({args.workers} workers)" if args.workers > 1 else ""
+    print(f"diffrt serve: {config.model_name}{workers} on http://{args.host}:{args.port}/ (playground at /, "
           f"OpenAI API at /v1){f'; API key required ({len(keys)} keys)' if keys else ''}", file=sys.stderr)
     serve_http(pipe, config, host=args.host, port=args.port, log_level="debug" if args.verbose else "warning")

@@ -1,6 +1,7 @@
 """Backends: one file each, behind the small protocol in base.py.
 
-A backend opens one `Session` per stage. Only the chosen backend's library is
+A backend opens one `CompiledModel` per stage (the weights, shared) and each worker
+takes a `Context` of it (its run state). Only the chosen backend's library is
 imported, when it is chosen: a backend whose library is not installed says which
 extra to install.
 """
@@ -11,9 +12,11 @@ import importlib
 import importlib.util
 
 from diffrt.errors import DiffrtError
-from diffrt.runtime.backends.base import Backend, Session
+from diffrt.runtime.backends.base import Backend, CompiledModel, Context
 
 # name -> module; the module defines `make_backend(**options)`, returning a base.Backend.
+# Every backend takes the options `cache_dir` (the engine cache root) and `workers`
+# (how many contexts of a model will run at once; OpenVINO compiles one stream each).
 _MODULES = {
     "ort": "diffrt.runtime.backends.ort",
     "openvino": "diffrt.runtime.backends.openvino",
@@ -57,4 +60,4 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-__all__ = ["Backend", "Session", "backend_names", "get_backend"]
+__all__ = ["Backend", "CompiledModel", "Context", "backend_names", "get_backend"]

@@ -6,6 +6,11 @@ shape. Compiled models are kept in memory per shape (a pipeline that alternates 
 does not recompile) and on disk under <cache root>/openvino/<key>/ (engine_cache.py),
 so the next process imports the compiled blob instead of compiling.
 
+A stage's compiled models (its weights, in OpenVINO's layout) are shared by its
+contexts; each context owns its InferRequests (their activations), so workers run the
+same compiled model side by side: with `workers=N` the models compile with N streams,
+one per worker, each on its share of the cores.
+
 Precision: bf16 where the CPU has bf16 dot products (AMX or AVX512-BF16) and
 OpenVINO agrees, fp32 elsewhere, or as asked. OpenVINO silently runs fp32 when asked
 for a precision the CPU lacks, so such a request is refused here instead.
@@ -13,104 +18,52 @@ for a precision the CPU lacks, so such a request is refused here instead.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import StageSpec, file_mode
+from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
-from diffrt.runtime.backends.base import check_feeds, raise_if_out_of_memory
+from diffrt.runtime.backends.base import check_feeds, profile_shapes, raise_if_out_of_memory
+from diffrt.runtime.backends.initializers import check_weights, read_initializers
 from diffrt.runtime.cpu import CpuInfo, cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
 
 try:
     import openvino as ov
-    import openvino.properties as props
-    import openvino.properties.hint as hints
 except ImportError:
     raise DiffrtError('backend \'openvino\' needs OpenVINO: pip install "diffrt[openvino]"') from None
 
+from diffrt.runtime.backends.openvino_compiled import (  # noqa: E402 - after the one-line error above
+    BLOB_NAME,
+    DEVICE,
+    PERFORMANCE_HINTS,
+    PRECISIONS,
+    AttentionOps,
+    CompileSettings,
+    adopt_blob,
+    attention_ops,
+    blob_header_size,
+    choose_precision,
+    device_capabilities,
+    import_blob,
+)
+
 logger = logging.getLogger(__name__)
 
-DEVICE = "CPU"
 VERSION = ov.get_version().split("-")[0]  # "2026.4.1"; the key uses the full build string
-PRECISIONS = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "fp16": ov.Type.f16}
-# How OPTIMIZATION_CAPABILITIES names the half precisions this CPU plugin can run.
-_CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
-PERFORMANCE_HINTS = {"latency": hints.PerformanceMode.LATENCY, "throughput": hints.PerformanceMode.THROUGHPUT}
-BLOB_NAME = "model.blob"
-ATTENTION_NAME = "attention.json"  # attention_ops() of the compiled model, for describe_graph()
 # Bump when what this file does to a model before compiling changes: old blobs then differ.
 RECIPE = 1
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
 
 Shapes = Mapping[str, Sequence[int]]
-
-
-def choose_precision(requested: str | None, cpu: CpuInfo, capabilities: Sequence[str]) -> str:
-    """The inference precision to compile with. None: bf16 where the CPU has bf16 dot
-    products and OpenVINO lists BF16 for it, else fp32."""
-    if requested is None:
-        return "bf16" if cpu.has_bf16 and "BF16" in capabilities else "fp32"
-    if not isinstance(requested, str) or requested not in PRECISIONS:
-        raise DiffrtError(f"precision={requested!r}; choose one of: {', '.join(PRECISIONS)} (or None: the CPU's best)")
-    needed = _CAPABILITY.get(requested)
-    if needed and needed not in capabilities:
-        raise DiffrtError(
-            f"precision={requested!r}: OpenVINO cannot run {requested} on this CPU ({cpu.model}; it offers "
-            f"{', '.join(capabilities)}); use precision='fp32' or leave precision unset"
-        )
-    return requested
-
-
-def device_capabilities(core: ov.Core) -> list[str]:
-    return list(core.get_property(DEVICE, props.device.capabilities))
-
-
-@dataclass(frozen=True)
-class CompileSettings:
-    """How a stage is compiled and run. Only `precision` changes the compiled blob: the
-    thread/stream settings are applied again when a blob is imported (checked in
-    tests/test_openvino_backend.py), so they are not part of the cache key."""
-
-    precision: str
-    num_threads: int = 0
-    """INFERENCE_NUM_THREADS; 0: OpenVINO's choice (the cores this process may use)."""
-    num_streams: int | None = None
-    """NUM_STREAMS; None: what the performance hint picks (1 for latency)."""
-    performance_hint: str = "latency"
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise DiffrtError(f"precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 0:
-            raise DiffrtError(f"num_threads must be an integer >= 0 (0: OpenVINO's choice), got {self.num_threads!r}")
-        streams = self.num_streams
-        if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
-            raise DiffrtError(f"num_streams must be an integer >= 1 or None (from the hint), got {streams!r}")
-        if not isinstance(self.performance_hint, str) or self.performance_hint not in PERFORMANCE_HINTS:
-            raise DiffrtError(
-                f"performance_hint={self.performance_hint!r}; choose one of: {', '.join(PERFORMANCE_HINTS)}"
-            )
-
-    def properties(self) -> dict[str, Any]:
-        config = {
-            hints.inference_precision: PRECISIONS[self.precision],
-            hints.performance_mode: PERFORMANCE_HINTS[self.performance_hint],
-            props.inference_num_threads: self.num_threads,
-        }
-        if self.num_streams is not None:
-            config[props.streams.num] = self.num_streams
-        return config
 
 
 def cache_fields(spec: StageSpec, shapes: Shapes, precision: str, cpu: CpuInfo | None = None,
@@ -130,48 +83,12 @@ def cache_fields(spec: StageSpec, shapes: Shapes, precision: str, cpu: CpuInfo |
     }
 
 
-@dataclass(frozen=True)
-class AttentionOps:
-    """Attention in a compiled model: `fused` counts runtime nodes that each run a whole
-    MatMul-Softmax-MatMul (the CPU plugin's snippets "Subgraph" MHA kernel, or its
-    "ScaledDotProductAttention" node); `unfused` counts Softmax nodes left on their own."""
-
-    fused: int
-    unfused: int
-
-    def to_json(self) -> dict[str, int]:
-        return {"fused": self.fused, "unfused": self.unfused}
-
-
-def attention_ops(compiled: ov.CompiledModel, op_types: Mapping[str, str] | None = None) -> AttentionOps:
-    """Count from the runtime graph, whose nodes list the original ops they fused.
-    `op_types` maps those names to op types (from the model before compiling); without
-    it, a name's last part stands for its type ("/unet/.../attn1/Softmax", as torch's
-    ONNX exporter names nodes). A model imported from a blob has lost those lists, so
-    it answers with the count made when it was compiled (recorded beside the blob)."""
-    recorded = getattr(compiled, "_diffrt_attention", None)
-    if recorded is not None:
-        return recorded
-    fused = unfused = 0
-    for node in compiled.get_runtime_model().get_ordered_ops():
-        info = node.get_rt_info()
-        layer = info["layerType"].astype(str)
-        names = info["originalLayersNames"].astype(str).split(",")
-        kinds = [op_types.get(n, "") if op_types else n.rsplit("/", 1)[-1] for n in names]
-        softmax = sum(k.startswith("Softmax") for k in kinds)
-        matmuls = sum(k.startswith("MatMul") for k in kinds)
-        if layer == "ScaledDotProductAttention" or (softmax and matmuls >= 2):
-            fused += 1
-        elif layer == "Softmax":
-            unfused += 1
-    return AttentionOps(fused, unfused)
-
-
 def compile_graph(core: ov.Core, path: Path, shapes: Shapes, config: Mapping[str, Any],
-                  blob_folder: Path | None = None) -> ov.CompiledModel:
-    """Read the ONNX graph (weights in model.onnx.data are memory-mapped), fix every
-    input shape, compile. The model is not kept: a later shape reads it again, which
-    costs far less than the compile it precedes.
+                  blob_folder: Path | None = None, weights: Mapping[str, np.ndarray] | None = None) -> ov.CompiledModel:
+    """Read the ONNX graph (weights in model.onnx.data are memory-mapped), put in the
+    `weights` (initializer name -> new value, checked by the caller), fix every input
+    shape, compile. The model is not kept: a later shape reads it again, which costs
+    far less than the compile it precedes.
 
     `blob_folder`: an empty folder where OpenVINO writes the compiled blob itself while
     compiling (its CACHE_DIR: one `<hash>.blob`, a one-line XML header and then what
@@ -183,6 +100,8 @@ def compile_graph(core: ov.Core, path: Path, shapes: Shapes, config: Mapping[str
         model = core.read_model(str(path))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises untyped RuntimeErrors
         raise ArtifactError(f"{path} cannot be loaded by OpenVINO ({_message(exc)}); re-export the model") from None
+    if weights:
+        replace_constants(model, weights, path)
     try:
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
     except Exception as exc:  # noqa: BLE001
@@ -196,106 +115,135 @@ def compile_graph(core: ov.Core, path: Path, shapes: Shapes, config: Mapping[str
     return compiled
 
 
-def import_blob(core: ov.Core, blob: Path, config: Mapping[str, Any]) -> ov.CompiledModel:
-    """Import from a memory map of the blob. The CPU plugin keeps pointing into the
-    buffer it imported from (some constants are used in place), so the map must live
-    as long as the compiled model: it hangs on the Python object. A map rather than a
-    read: the pages the plugin does not keep stay file-backed (reclaimable page cache)
-    instead of a second resident copy of every weight (measured: a 537 MB blob costs
-    1.07 GB resident when read into an OpenVINO tensor, 0.54 GB + map when mapped)."""
-    # copy-on-write: the file is never written; past OpenVINO's cache header, if any
-    data = np.memmap(blob, dtype=np.uint8, mode="c", offset=blob_header_size(blob))
-    tensor = ov.Tensor(data, shared_memory=True)
-    compiled = core.import_model(tensor, DEVICE, dict(config))
-    compiled._diffrt_blob = (data, tensor)  # released with the compiled model, never before
-    try:
-        counts = json.loads((blob.parent / ATTENTION_NAME).read_text(encoding="utf-8"))
-        compiled._diffrt_attention = AttentionOps(int(counts["fused"]), int(counts["unfused"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # only describe_graph() reads it
-    return compiled
+def replace_constants(model: ov.Model, weights: Mapping[str, np.ndarray], path: Path) -> None:
+    """Swap the Constants OpenVINO's ONNX reader made of the named initializers (it names
+    each Constant's output after its initializer) for Constants of the new values."""
+    constants = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            for name in op.output(0).get_names():
+                constants[name] = op
+    for name, array in weights.items():
+        old = constants.get(name)
+        if old is None:
+            raise ArtifactError(f"{path}: OpenVINO's reading of the graph has no constant {name!r}; re-export the "
+                                "model")
+        if array.dtype.name in ("bfloat16", "uint16") and old.get_element_type() == ov.Type.bf16:
+            tensor = ov.Tensor(ov.Type.bf16, list(array.shape))
+            np.asarray(tensor.data).view(np.uint16)[...] = array.view(np.uint16)  # the bit patterns as they are
+            new = ov.op.Constant(tensor)
+        else:
+            new = ov.op.Constant(array)  # a copy: OpenVINO owns it
+        new.set_friendly_name(old.get_friendly_name())
+        new.output(0).set_names(old.output(0).get_names())
+        old.output(0).replace(new.output(0))
 
 
-def blob_header_size(blob: Path) -> int:
-    """Bytes before the exported model in a blob: 0 for what export_model() wrote, the
-    `<?xml ...<compiled_blob .../>` line plus its newline for a blob OpenVINO wrote to
-    its CACHE_DIR (header_size_alignment 0: nothing else comes between)."""
-    with open(blob, "rb") as f:
-        head = f.read(4096)
-    if not head.startswith(b"<?xml"):
-        return 0
-    end = head.find(b"/>\n")
-    if end < 0 or b"<compiled_blob" not in head[:end]:
-        raise ValueError(f"{blob}: an OpenVINO cache header this version cannot read")
-    return end + 3
+class OpenVinoModel:
+    """One stage: a compiled model per concrete input shape, shared by the contexts,
+    each of which creates its own InferRequest on it (OpenVINO runs the requests of one
+    compiled model at the same time, one per stream: the backend compiles with one
+    stream per worker).
 
-
-def adopt_blob(blob_folder: Path, compiled: ov.CompiledModel, folder: Path) -> None:
-    """Write an engine cache entry's files into `folder`, moving the blob OpenVINO wrote
-    into `blob_folder` while compiling (a rename: no copy, no serialization)."""
-    blobs = sorted(blob_folder.glob("*.blob"))
-    if len(blobs) != 1:
-        raise RuntimeError(f"OpenVINO wrote {len(blobs)} blobs to {blob_folder}, expected 1")
-    target = folder / BLOB_NAME
-    blobs[0].replace(target)
-    target.chmod(file_mode())  # OpenVINO writes 0440; cache entries get the umask's mode like other files
-    (folder / ATTENTION_NAME).write_text(json.dumps(attention_ops(compiled).to_json()) + "\n", encoding="utf-8")
-
-
-class OpenVinoSession:
-    """One stage: a compiled model and infer request per concrete input shape."""
+    Memory: each compiled shape holds its own copy of the weights in OpenVINO's layout,
+    so at most `max_shapes` are kept, the least recently used dropped *before* a new
+    one compiles (a compile needs about one more copy while it runs). A dropped shape's
+    requests are dropped from every context at once; a call running on one keeps it
+    alive until it returns."""
 
     def __init__(self, backend: OpenVinoBackend, folder: Path, spec: StageSpec):
         self.spec = spec
-        self._backend = backend
-        self._folder = folder
-        self._models: OrderedDict[tuple, tuple[ov.CompiledModel, ov.InferRequest]] = OrderedDict()
-        self._output_names = [t.name for t in spec.outputs]
-        self._lock = threading.Lock()  # an InferRequest serves one call at a time
+        self._backend, self._folder = backend, folder
+        self._compiled: OrderedDict[tuple, ov.CompiledModel] = OrderedDict()
+        self._contexts: list[OpenVinoContext] = []
+        self._weights: dict[str, np.ndarray] = {}  # update_weights so far: in every later compile
+        self._lock = threading.Lock()  # the dicts above and the contexts' requests
+        self._compiling = threading.Lock()  # one compile (or update) at a time; runs go on meanwhile
+        self._closed = False
+
+    def context(self) -> OpenVinoContext:
+        with self._lock:
+            self._check_open()
+            context = OpenVinoContext(self)
+            self._contexts.append(context)
+        return context
 
     def prepare(self, shapes: Shapes) -> None:
         """Compile (or load from the engine cache) for these input shapes now."""
-        shapes = {t.name: tuple(int(d) for d in shapes[t.name]) for t in self.spec.inputs}
-        _bind_dims(self.spec, shapes)
-        with self._lock:
-            self._request(shapes)
+        self._compiled_for(_shape_key(self.spec, shapes), shapes)
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        check_feeds(self.spec, feeds)
-        arrays = {}
-        for tensor in self.spec.inputs:
-            arrays[tensor.name] = np.ascontiguousarray(feeds[tensor.name], dtype=_NUMPY_DTYPES[tensor.dtype])
-        shapes = {name: array.shape for name, array in arrays.items()}
-        _bind_dims(self.spec, shapes)
+    def request(self, context: OpenVinoContext, shapes: Shapes) -> tuple[ov.CompiledModel, ov.InferRequest]:
+        """The context's request for these shapes, compiling them first if needed."""
+        key = _shape_key(self.spec, shapes)
         with self._lock:
-            try:
-                results = self._request(shapes).infer(arrays, share_inputs=True, share_outputs=False)
-            except Exception as exc:  # OpenVINO raises RuntimeError; an allocation failure is the user's size
-                raise_if_out_of_memory(exc, self.spec, arrays)
-                raise
-            return {name: results[name] for name in self._output_names}
+            self._check_open()
+            held = context.requests.get(key)
+            if held is not None and self._compiled.get(key) is held[0]:
+                self._compiled.move_to_end(key)
+                return held
+        compiled = self._compiled_for(key, shapes)
+        with self._lock:
+            self._check_open()
+            # (compiled, request): a tuple drops its items last to first, so the request
+            # goes before the compiled model (and the blob map that model holds).
+            held = context.requests[key] = (compiled, compiled.create_infer_request())
+            return held
 
-    def _request(self, shapes: Shapes) -> ov.InferRequest:
-        key = tuple(tuple(shapes[t.name]) for t in self.spec.inputs)
-        if key in self._models:
-            self._models.move_to_end(key)
-            return self._models[key][1]
-        # Drop the least recently used shape *before* compiling the new one: each compiled
-        # shape holds its own copy of the weights, and a compile needs about one more
-        # while it runs, so dropping afterwards would hold max_shapes + 2 copies at once.
-        while len(self._models) >= self._backend.max_shapes:
-            evicted = self._models.popitem(last=False)[0]  # no name may keep the dropped model alive
-            logger.info("openvino: %s keeps %d shapes in memory; dropped %s", self.spec.name,
-                        self._backend.max_shapes, evicted)
-        compiled = self._backend.load_compiled(self._folder, self.spec, shapes)
-        # (compiled, request): a tuple drops its items last to first, so the request
-        # goes before the compiled model (and the blob map that model holds).
-        self._models[key] = (compiled, compiled.create_infer_request())
-        return self._models[key][1]
+    def _compiled_for(self, key: tuple, shapes: Shapes) -> ov.CompiledModel:
+        with self._compiling:
+            with self._lock:
+                self._check_open()
+                if key in self._compiled:
+                    self._compiled.move_to_end(key)
+                    return self._compiled[key]
+                while len(self._compiled) >= self._backend.max_shapes:
+                    self._drop(next(iter(self._compiled)))
+                weights = dict(self._weights)
+            compiled = self._backend.load_compiled(self._folder, self.spec, shapes, weights)
+            with self._lock:
+                self._check_open()
+                self._compiled[key] = compiled
+            return compiled
+
+    def _drop(self, key: tuple) -> None:
+        """Forget a shape here and in every context (the caller holds the lock), so that
+        nothing but a call running on it keeps its weight copy alive."""
+        self._compiled.pop(key)
+        for context in self._contexts:
+            context.requests.pop(key, None)
+        logger.info("openvino: %s keeps %d shapes in memory; dropped %s", self.spec.name, self._backend.max_shapes,
+                    key)
+
+    def update_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Recompile every shape held with the new values in place of the graph's
+        initializers (OpenVINO has no documented way to change a compiled model's
+        weights). The compiled shapes are dropped first, so the new ones compile with
+        one weight copy fewer held; a call running meanwhile keeps its old copy until
+        it returns. Compiled without the engine cache: its keys cover the files' weights."""
+        checked = check_weights(self.spec.name, read_initializers(self._folder / self.spec.graph_path), weights)
+        with self._compiling:
+            with self._lock:
+                self._check_open()
+                shapes = [dict(zip((t.name for t in self.spec.inputs), key, strict=True)) for key in self._compiled]
+                for key in list(self._compiled):
+                    self._drop(key)
+                self._weights.update(checked)
+        started = time.perf_counter()
+        for shape in shapes:
+            self.prepare(shape)
+        logger.info("openvino: %s runs %d new initializer value(s) (%d in all); %d shape(s) recompiled in %.2fs",
+                    self.spec.name, len(checked), len(self._weights), len(shapes), time.perf_counter() - started)
+
+    def forget(self, context: OpenVinoContext) -> None:
+        with self._lock:
+            if context in self._contexts:
+                self._contexts.remove(context)
+            context.requests.clear()
 
     def compiled_models(self) -> dict[tuple, ov.CompiledModel]:
         """The compiled models held now, by input shapes (in spec.inputs order)."""
-        return {key: compiled for key, (compiled, _) in self._models.items()}
+        with self._lock:
+            return dict(self._compiled)
 
     def describe_graph(self) -> str:
         """One line per compiled shape: how much of the attention OpenVINO fused."""
@@ -305,11 +253,64 @@ class OpenVinoSession:
             lines.append(f"{self.spec.name} {key}: {ops.fused} fused attention, {ops.unfused} unfused softmax")
         return "\n".join(lines)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DiffrtError(f"stage {self.spec.name}: the model is closed")
+
     def close(self) -> None:
         with self._lock:
-            self._models.clear()
+            self._closed = True
+            for context in self._contexts:
+                context.requests.clear()
+            self._contexts.clear()
+            self._compiled.clear()
 
-    def __enter__(self) -> OpenVinoSession:
+    def __enter__(self) -> OpenVinoModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OpenVinoContext:
+    """One worker on an OpenVinoModel: its own InferRequest per compiled shape (the
+    activations' memory), one call at a time."""
+
+    def __init__(self, model: OpenVinoModel):
+        self.spec = model.spec
+        self._model = model
+        self.requests: dict[tuple, tuple[ov.CompiledModel, ov.InferRequest]] = {}  # guarded by the model's lock
+        self._output_names = [t.name for t in model.spec.outputs]
+        self._lock = threading.Lock()  # an InferRequest serves one call at a time
+
+    def prepare(self, shapes: Shapes) -> None:
+        """Compile (or load) these input shapes and create this context's request now."""
+        shapes = {t.name: tuple(int(d) for d in shapes[t.name]) for t in self.spec.inputs}
+        _bind_dims(self.spec, shapes)
+        with self._lock:
+            self._model.request(self, shapes)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        check_feeds(self.spec, feeds)
+        arrays = {}
+        for tensor in self.spec.inputs:
+            arrays[tensor.name] = np.ascontiguousarray(feeds[tensor.name], dtype=_NUMPY_DTYPES[tensor.dtype])
+        shapes = {name: array.shape for name, array in arrays.items()}
+        _bind_dims(self.spec, shapes)
+        with self._lock:
+            _, request = self._model.request(self, shapes)  # held here until the call returns
+            try:
+                results = request.infer(arrays, share_inputs=True, share_outputs=False)
+            except Exception as exc:  # OpenVINO raises RuntimeError; an allocation failure is the user's size
+                raise_if_out_of_memory(exc, self.spec, arrays)
+                raise
+            return {name: results[name] for name in self._output_names}
+
+    def close(self) -> None:
+        with self._lock:
+            self._model.forget(self)
+
+    def __enter__(self) -> OpenVinoContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -326,7 +327,9 @@ class OpenVinoBackend:
     graph_precisions = ("fp32", "fp16", "bf16")
     fused_attention = False
     fuses_attention_itself = True  # its CPU plugin's SDPA fusion (attention_ops() counts it)
-    device = "cpu"  # its sessions take and return numpy arrays
+    reads_graphs = True
+    updates_weights = True
+    device = "cpu"  # its contexts take and return numpy arrays
 
     @staticmethod
     def to_device(array: Any) -> Any:
@@ -345,6 +348,7 @@ class OpenVinoBackend:
         cache_dir: str | Path | None = None,
         disk_cache: bool = True,
         max_shapes: int = 1,
+        workers: int = 1,
     ):
         """`cache_dir`: the engine cache root (default: the artifact's engines/);
         `max_shapes`: compiled shapes kept in memory per stage (each holds its own copy
@@ -353,9 +357,16 @@ class OpenVinoBackend:
         (SD1.5 size, fp32: 4.8 GB of anonymous memory in all, each more UNet shape
         ~3.4 GB). Another shape then costs an import from the engine cache (a few
         seconds) or a compile (UNet: 10-15 s, the blob written as it compiles); raise it
-        where memory allows and requests switch sizes often."""
+        where memory allows and requests switch sizes often.
+        `workers`: how many contexts of a model run at once; unless `num_streams` is
+        given, models compile with one stream each, so that their requests run side by
+        side, each on its share of the cores (with one stream they would take turns)."""
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise DiffrtError(f"workers must be an integer >= 1, got {workers!r}")
         self.core = ov.Core()
         chosen = choose_precision(precision, cpu_info(), device_capabilities(self.core))
+        if num_streams is None and workers > 1:
+            num_streams = workers
         self.settings = CompileSettings(chosen, num_threads, num_streams, performance_hint)
         if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
             raise DiffrtError(f"max_shapes must be an integer >= 1, got {max_shapes!r}")
@@ -368,21 +379,25 @@ class OpenVinoBackend:
     def precision(self) -> str:
         return self.settings.precision
 
-    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OpenVinoSession:
-        folder = Path(folder)
-        session = OpenVinoSession(self, folder, spec)
-        shapes = _profile_shapes(spec, profile)
+    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OpenVinoModel:
+        model = OpenVinoModel(self, Path(folder), spec)
+        shapes = profile_shapes(spec, profile)
         if shapes is not None:
-            session.prepare(shapes)
-        return session
+            model.prepare(shapes)
+        else:
+            logger.debug("openvino: profile %s leaves dims of %s unbound; compiling on the first run", profile,
+                         spec.name)
+        return model
 
-    def load_compiled(self, folder: Path, spec: StageSpec, shapes: Shapes) -> ov.CompiledModel:
+    def load_compiled(self, folder: Path, spec: StageSpec, shapes: Shapes,
+                      weights: Mapping[str, np.ndarray] | None = None) -> ov.CompiledModel:
         """The compiled model for `shapes`: imported from the engine cache, else compiled
-        (and published to the cache)."""
+        (and published to the cache). With `weights` (initializer values that replace
+        the graph's), compiled and not cached."""
         config = self.settings.properties()
         cache = self._cache(folder)
-        if cache is None:
-            return self._compile(folder, spec, shapes, config)
+        if cache is None or weights:
+            return self._compile(folder, spec, shapes, config, weights=weights)
         fields = cache_fields(spec, shapes, self.precision)
         key = cache_key(fields)
         entry = cache.lookup(key, fields)
@@ -418,9 +433,9 @@ class OpenVinoBackend:
         return self._compile(folder, spec, shapes, config)  # the cache root is not writable
 
     def _compile(self, folder: Path, spec: StageSpec, shapes: Shapes, config: Mapping[str, Any],
-                 blob_folder: Path | None = None) -> ov.CompiledModel:
+                 blob_folder: Path | None = None, weights: Mapping[str, np.ndarray] | None = None) -> ov.CompiledModel:
         started = time.perf_counter()
-        compiled = compile_graph(self.core, folder / spec.graph_path, shapes, config, blob_folder)
+        compiled = compile_graph(self.core, folder / spec.graph_path, shapes, config, blob_folder, weights)
         logger.info("openvino: compiled %s %s (%s) in %.2fs", spec.name, _shape_text(spec, shapes),
                     self.precision, time.perf_counter() - started)
         return compiled
@@ -455,20 +470,8 @@ def _bind_dims(spec: StageSpec, shapes: Shapes) -> dict[str, int]:
     return bound
 
 
-def _profile_shapes(spec: StageSpec, profile: Mapping[str, int] | None) -> dict[str, tuple[int, ...]] | None:
-    """Full input shapes when `profile` binds every named dim of the stage, else None.
-    Names the stage does not use are ignored: one profile serves every stage."""
-    if not profile:
-        return None
-    named = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
-    for name, value in profile.items():
-        if name in named and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise DiffrtError(f"profile[{name!r}] must be a positive integer, got {value!r}")
-    unbound = sorted(named - set(profile))
-    if unbound:
-        logger.debug("openvino: profile leaves %s of %s unbound; compiling on the first run", unbound, spec.name)
-        return None
-    return {t.name: tuple(int(profile[d]) if isinstance(d, str) else d for d in t.shape) for t in spec.inputs}
+def _shape_key(spec: StageSpec, shapes: Shapes) -> tuple:
+    return tuple(tuple(int(d) for d in shapes[t.name]) for t in spec.inputs)
 
 
 def _shape_text(spec: StageSpec, shapes: Shapes) -> str:
@@ -484,3 +487,8 @@ def _message(exc: BaseException) -> str:
 
 def make_backend(**options: Any) -> OpenVinoBackend:
     return OpenVinoBackend(**options)
+
+
+__all__ = ["AttentionOps", "CompileSettings", "OpenVinoBackend", "OpenVinoContext", "OpenVinoModel", "PERFORMANCE_HINTS",
+           "PRECISIONS", "VERSION", "attention_ops", "blob_header_size", "cache_fields", "choose_precision",
+           "compile_graph", "device_capabilities", "import_blob", "make_backend", "replace_constants"]

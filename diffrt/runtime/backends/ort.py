@@ -38,7 +38,10 @@ off. A damaged entry is rebuilt; an unwritable cache root only costs the speed-u
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +52,14 @@ from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.runtime import arrays as device_arrays
 from diffrt.runtime.backends.base import check_feeds, raise_if_out_of_memory
+from diffrt.runtime.backends.initializers import check_weights, read_initializers
+from diffrt.runtime.backends.ort_binding import NUMPY_DTYPES, IoBinding
 from diffrt.runtime.cpu import cpu_info
 from diffrt.runtime.engine_cache import EngineCache, cache_key
 from diffrt.runtime.gpu import gpu_info
 
 logger = logging.getLogger(__name__)
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
-# ORT's type strings (OrtValue.data_type()) -> numpy
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-              "tensor(int64)": np.int64}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 DEVICES = {
     "cpu": ("CPUExecutionProvider",),
@@ -69,57 +70,153 @@ OPTIMIZED_NAME = "model.onnx"
 OPTIMIZED_DATA_NAME = "model.onnx.data"
 # Bump when what open() asks ORT to do when optimizing changes: old entries then differ.
 RECIPE = 1
+# Graph optimizers that read a graph's initializers from the file, ignoring add_initializer's.
+UNSAFE_WITH_NEW_WEIGHTS = ("NchwcTransformer",)
 
 
-class OrtSession:
-    """One stage on one onnxruntime InferenceSession."""
+def create_session(path: Path, spec: StageSpec, providers: Sequence[Any], options: ort.SessionOptions,
+                   disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
+    """An InferenceSession on exactly the provider asked for (see the module docstring)."""
+    wanted = _provider_name(providers[0]) if providers else "CPUExecutionProvider"
+    try:
+        # enable_fallback=0: a provider that fails to start is an error, not a silent retry
+        # on CUDA or the CPU (InferenceSession's default; older versions ignore the key)
+        session = ort.InferenceSession(str(path), options, providers=list(providers), enable_fallback=0,
+                                       disabled_optimizers=list(disabled_optimizers) or None)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for corrupt graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if wanted in GPU_PROVIDERS:  # the graph loaded elsewhere; the provider's libraries are the suspects
+            raise DiffrtError(f"onnxruntime {ort.__version__} could not start {wanted} for stage {spec.name} "
+                              f"({first}); check that onnxruntime-gpu matches this machine's CUDA, cuDNN and "
+                              "TensorRT libraries, or use device='cpu'") from None
+        raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({first}); re-export the model") from None
+    session.disable_fallback()  # nor at run time (onnxruntime < 1.2x: the key above is ignored)
+    got = session.get_providers()
+    if not got or got[0] != wanted:
+        raise DiffrtError(f"stage {spec.name}: asked onnxruntime {ort.__version__} for {wanted}, but the session "
+                          f"runs on {got[0] if got else 'no provider'} (its warnings say why; it lists "
+                          f"{', '.join(ort.get_available_providers())}); the GPU providers need onnxruntime-gpu "
+                          "and its CUDA, cuDNN and TensorRT libraries, or use device='cpu'")
+    return session
 
-    def __init__(self, path: Path, spec: StageSpec, providers: Sequence[Any], options: ort.SessionOptions,
-                 binding: IoBinding | None = None):
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A session and, when it replays a CUDA graph, the one IoBinding (fixed buffers at
+    the captured addresses) and lock that every context of the model shares: ORT
+    captures one graph per session, so those contexts take turns."""
+
+    session: ort.InferenceSession
+    graph_binding: IoBinding | None = None
+    graph_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class OrtModel:
+    """One stage on one InferenceSession, shared by its contexts: ONNX Runtime's
+    `run` may be called from several threads at once (each call allocates its own
+    activations from the shared arena), so contexts need no lock between them."""
+
+    def __init__(self, backend: OrtBackend, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None,
+                 session: ort.InferenceSession):
         self.spec = spec
-        wanted = _provider_name(providers[0]) if providers else "CPUExecutionProvider"
-        try:
-            # enable_fallback=0: a provider that fails to start is an error, not a silent retry
-            # on CUDA or the CPU (InferenceSession's default; older versions ignore the key)
-            self._session = ort.InferenceSession(str(path), options, providers=list(providers), enable_fallback=0)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors for corrupt graphs
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if wanted in GPU_PROVIDERS:  # the graph loaded elsewhere; the provider's libraries are the suspects
-                raise DiffrtError(f"onnxruntime {ort.__version__} could not start {wanted} for stage {spec.name} "
-                                  f"({first}); check that onnxruntime-gpu matches this machine's CUDA, cuDNN and "
-                                  "TensorRT libraries, or use device='cpu'") from None
-            raise ArtifactError(f"{path} cannot be loaded by onnxruntime ({first}); re-export the model") from None
-        self._session.disable_fallback()  # nor at run time (onnxruntime < 1.2x: the key above is ignored)
-        got = self._session.get_providers()
-        if not got or got[0] != wanted:
-            raise DiffrtError(f"stage {spec.name}: asked onnxruntime {ort.__version__} for {wanted}, but the session "
-                              f"runs on {got[0] if got else 'no provider'} (its warnings say why; it lists "
-                              f"{', '.join(ort.get_available_providers())}); the GPU providers need onnxruntime-gpu "
-                              "and its CUDA, cuDNN and TensorRT libraries, or use device='cpu'")
-        self._output_names = [t.name for t in spec.outputs]
-        self._binding = binding
+        self._backend, self._folder, self._profile = backend, folder, dict(profile or {})
+        self._loaded: _Loaded | None = _Loaded(session, backend.graph_binding(spec))
+        # name -> (array, the OrtValue over it): ORT reads the array's memory for as long
+        # as the session lives (SessionOptions.add_initializer's contract)
+        self._overrides: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}
+        self._updating = threading.Lock()
+
+    def loaded(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            raise DiffrtError(f"stage {self.spec.name}: the model is closed")
+        return loaded
+
+    def context(self) -> OrtContext:
+        self.loaded()
+        return OrtContext(self, self._backend.binding(self.spec))
+
+    def update_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """A new session from the exported graph with the new values as initializers
+        (SessionOptions.add_initializer: ORT uses them instead of the graph's, before it
+        optimizes), replacing the current one once it is built: its optimization takes
+        what a first start takes (the saved optimized graph holds the old weights, and
+        nothing is saved for the new ones). Both sessions are held while it builds."""
+        graph = self._folder / self.spec.graph_path
+        checked = check_weights(self.spec.name, read_initializers(graph), weights)
+        with self._updating:
+            self.loaded()
+            overrides = {**self._overrides,
+                         **{name: (array, ort.OrtValue.ortvalue_from_numpy(array)) for name, array in checked.items()}}
+            started = time.perf_counter()
+            session = self._backend.session_with(self._folder, self.spec, self._profile,
+                                                 {name: value for name, (_, value) in overrides.items()})
+            self._loaded, self._overrides = _Loaded(session, self._backend.graph_binding(self.spec)), overrides
+        logger.info("ort: %s runs %d new initializer value(s) (%d in all); session rebuilt in %.2fs", self.spec.name,
+                    len(checked), len(overrides), time.perf_counter() - started)
+
+    def close(self) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded.graph_binding is not None:
+            loaded.graph_binding.close()
+
+    def __enter__(self) -> OrtModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OrtContext:
+    """One worker on an OrtModel: its own IOBinding (when the backend binds), one call
+    at a time."""
+
+    def __init__(self, model: OrtModel, binding: IoBinding | None):
+        self.spec = model.spec
+        self._model, self._binding = model, binding
+        self._output_names = [t.name for t in model.spec.outputs]
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def prepare(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Nothing to do: ONNX Runtime runs every shape of the dynamic graph as it comes."""
+        self._check_open()
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        if self._binding is not None:
-            return self._binding.run(self._session, self.spec, feeds)
+        self._check_open()
+        loaded = self._model.loaded()  # the session of the weights current now, for all of this call
+        with self._lock:
+            if loaded.graph_binding is not None:
+                with loaded.graph_lock:
+                    return loaded.graph_binding.run(loaded.session, self.spec, feeds)
+            if self._binding is not None:
+                return self._binding.run(loaded.session, self.spec, feeds)
+            return self._run(loaded.session, feeds)
+
+    def _run(self, session: ort.InferenceSession, feeds: Mapping[str, Any]) -> dict[str, Any]:
         check_feeds(self.spec, feeds)
         arrays = {}
         for tensor in self.spec.inputs:
             host = device_arrays.to_host(feeds[tensor.name])  # a CuPy array refuses implicit conversion
-            arrays[tensor.name] = np.ascontiguousarray(host, dtype=_NUMPY_DTYPES[tensor.dtype])
+            arrays[tensor.name] = np.ascontiguousarray(host, dtype=NUMPY_DTYPES[tensor.dtype])
         try:
-            outputs = self._session.run(self._output_names, arrays)
+            outputs = session.run(self._output_names, arrays)
         except Exception as exc:  # onnxruntime raises its own types; an allocation failure is the user's size
             raise_if_out_of_memory(exc, self.spec, arrays)
             raise
         return dict(zip(self._output_names, outputs, strict=True))
 
-    def close(self) -> None:
-        if self._binding is not None:
-            self._binding.close()
-        self._session = None
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DiffrtError(f"stage {self.spec.name}: the context is closed")
 
-    def __enter__(self) -> OrtSession:
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._binding is not None:
+                self._binding.close()
+
+    def __enter__(self) -> OrtContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -143,128 +240,6 @@ def _use_shared_cpu_arena(options: ort.SessionOptions) -> None:
         ort.create_and_register_allocator(info, None)
         _shared_arena_registered = True
     options.add_session_config_entry("session.use_env_allocators", "1")
-
-
-class IoBinding:
-    """Runs a session through ORT's IOBinding on one device ("cpu" or "cuda").
-
-    Inputs are bound in place (numpy by host pointer; CuPy by device pointer, numpy
-    inputs copied to the device first), cast to the graph's input dtype where needed;
-    outputs are allocated by ORT on the device and returned without a copy: numpy on
-    the CPU, CuPy arrays owning ORT's buffers on CUDA. `cuda_graph`: the session was
-    created with the CUDA provider's enable_cuda_graph; inputs are copied into fixed
-    buffers and outputs out of fixed ones (ORT replays the captured graph on the
-    addresses it captured)."""
-
-    def __init__(self, device: str, device_id: int = 0, cuda_graph: bool = False):
-        if device not in ("cpu", "cuda"):
-            raise DiffrtError(f"IoBinding device={device!r}; allowed: cpu, cuda")
-        self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
-        self._fixed: dict[str, Any] = {}  # cuda_graph: name -> (input array | output OrtValue), one shape
-
-    def run(self, session: ort.InferenceSession, spec: StageSpec, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        binding = session.io_binding()
-        keep = []  # inputs must outlive the run
-        check_feeds(spec, feeds)
-        for tensor in spec.inputs:
-            array = self._input(tensor.name, feeds[tensor.name], _NUMPY_DTYPES[tensor.dtype])
-            keep.append(array)
-            binding.bind_input(tensor.name, self.device, self.device_id, array.dtype, list(array.shape),
-                               _pointer(array))
-        outputs = self._bind_outputs(session, binding, spec)
-        if self.device == "cuda":
-            _cuda_sync()  # the inputs were written on CuPy's stream; ORT computes on its own
-        try:
-            session.run_with_iobinding(binding)
-        except Exception as exc:  # onnxruntime raises its own types; an allocation failure is the user's size
-            raise_if_out_of_memory(exc, spec, feeds)
-            raise
-        values = outputs if outputs is not None else binding.get_outputs()
-        result = {}
-        for tensor, value in zip(spec.outputs, values, strict=True):
-            array = value.numpy() if self.device == "cpu" else _cupy_view(value)
-            result[tensor.name] = array.copy() if self.cuda_graph else array
-        return result
-
-    def _input(self, name: str, array: Any, dtype: Any) -> Any:
-        if self.device == "cpu":
-            return np.ascontiguousarray(np.asarray(array), dtype=dtype)
-        import cupy
-
-        # aligned: the TensorRT provider hands bound addresses to TensorRT (256-byte rule)
-        array = device_arrays.aligned(cupy.ascontiguousarray(cupy.asarray(array, dtype=dtype)))
-        if not self.cuda_graph:
-            return array
-        fixed = self._fixed.get(name)
-        if fixed is None or fixed.shape != array.shape:
-            if fixed is not None:
-                raise DiffrtError(f"input {name!r}: shape {tuple(array.shape)} differs from the captured CUDA graph's "
-                                  f"{tuple(fixed.shape)}; load with cuda_graphs=False to run several shapes")
-            fixed = self._fixed[name] = array.copy()
-        else:
-            fixed[...] = array
-        return fixed
-
-    def close(self) -> None:
-        """Free the fixed buffers once CuPy's stream is done with them (the last
-        output copy may still be queued there)."""
-        if self.device == "cuda" and self._fixed:
-            _cuda_sync()
-        self._fixed.clear()
-
-    def _bind_outputs(self, session: ort.InferenceSession, binding: Any, spec: StageSpec) -> list | None:
-        if not self.cuda_graph:
-            for tensor in spec.outputs:
-                binding.bind_output(tensor.name, self.device, self.device_id)
-            return None
-        values = []
-        for tensor in spec.outputs:
-            key = f"out:{tensor.name}"
-            if key not in self._fixed:  # allocated once, at the captured shape
-                shape = [d if isinstance(d, int) else -1 for d in tensor.shape]
-                if -1 in shape:
-                    shape = _output_shape(spec, tensor, self._fixed)
-                self._fixed[key] = ort.OrtValue.ortvalue_from_shape_and_type(
-                    shape, _NUMPY_DTYPES[tensor.dtype], "cuda", self.device_id)
-            binding.bind_ortvalue_output(tensor.name, self._fixed[key])
-            values.append(self._fixed[key])
-        return values
-
-
-def _output_shape(spec: StageSpec, tensor: Any, fixed: Mapping[str, Any]) -> list[int]:
-    """An output's shape from the named dims its inputs bound (CUDA graphs need it up front)."""
-    dims: dict[str, int] = {}
-    for spec_input in spec.inputs:
-        if spec_input.name in fixed:
-            dims.update({d: int(v) for d, v in zip(spec_input.shape, fixed[spec_input.name].shape) if isinstance(d, str)})
-    unbound = [d for d in tensor.shape if isinstance(d, str) and d not in dims]
-    if unbound:
-        raise DiffrtError(f"stage {spec.name}: output {tensor.name!r} has dims {', '.join(unbound)} no input fixes; "
-                          "CUDA graphs need static output shapes (use cuda_graphs only for the denoiser)")
-    return [dims[d] if isinstance(d, str) else d for d in tensor.shape]
-
-
-def _pointer(array: Any) -> int:
-    if isinstance(array, np.ndarray):
-        return array.ctypes.data
-    return array.data.ptr  # CuPy
-
-
-def _cuda_sync() -> None:
-    import cupy
-
-    cupy.cuda.get_current_stream().synchronize()
-
-
-def _cupy_view(value: ort.OrtValue) -> Any:
-    """A CuPy array over an OrtValue's device buffer, keeping the OrtValue alive."""
-    import cupy
-
-    dtype = np.dtype(_ORT_TYPES[value.data_type()])
-    shape = tuple(value.shape())
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    memory = cupy.cuda.UnownedMemory(value.data_ptr(), size, value)
-    return cupy.ndarray(shape, dtype=dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
 
 
 def _provider_name(provider: Any) -> str:
@@ -346,15 +321,20 @@ class OrtBackend:
     name = "ort"
     fused_attention = True  # per instance: False with the TensorRT provider
     fuses_attention_itself = False
+    reads_graphs = True
+    updates_weights = True
 
     def __init__(self, providers: Sequence[str] | str | None = None, intra_op_num_threads: int = 0,
                  cache_dir: str | Path | None = None, disk_cache: bool = True, device: str | None = None,
-                 io_binding: bool | None = None, cuda_graphs: bool = False, device_id: int = 0):
+                 io_binding: bool | None = None, cuda_graphs: bool = False, device_id: int = 0,
+                 workers: int = 1):
         """`cache_dir`: the engine cache root (default: the artifact's engines/);
         `disk_cache=False` optimizes the graphs at every start instead. `device`: "cpu"
         (default), "cuda" or "tensorrt" (onnxruntime-gpu), or name `providers` instead.
         `io_binding` (default: on with a GPU provider) runs through IOBinding, keeping
-        outputs on the device; `cuda_graphs` captures the denoiser (CUDA provider)."""
+        outputs on the device; `cuda_graphs` captures the denoiser (CUDA provider).
+        `workers` (contexts running at once) changes nothing here: their calls share
+        the session's thread pool (`intra_op_num_threads`) and its arena."""
         available = ort.get_available_providers()
         self.providers = provider_list(device, providers)
         missing = [p for p in self.providers if p not in available]
@@ -390,50 +370,62 @@ class OrtBackend:
     def to_host(self, array: Any) -> np.ndarray:
         return device_arrays.to_host(array)  # numpy as it is; CuPy by .get()
 
-    def _binding(self, spec: StageSpec) -> IoBinding | None:
-        if not self.io_binding:
-            return None
-        return IoBinding(self.device, self.device_id, cuda_graph=self.cuda_graphs and spec.role in ("unet", "transformer"))
+    def _captures(self, spec: StageSpec) -> bool:
+        return self.cuda_graphs and spec.role in ("unet", "transformer")
 
-    def _providers(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None) -> list[Any]:
+    def binding(self, spec: StageSpec) -> IoBinding | None:
+        """A context's own IOBinding (None when the backend does not bind, or when the
+        stage replays a CUDA graph: then the model's one binding serves every context)."""
+        if not self.io_binding or self._captures(spec):
+            return None
+        return IoBinding(self.device, self.device_id)
+
+    def graph_binding(self, spec: StageSpec) -> IoBinding | None:
+        """The binding a CUDA-graph session's contexts share (its fixed buffers are the
+        addresses ORT captured), else None."""
+        return IoBinding(self.device, self.device_id, cuda_graph=True) if self._captures(spec) else None
+
+    def _providers(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None,
+                   engine_cache: bool = True) -> list[Any]:
         """Provider names, with options for the GPU providers (TensorRT's caches under
-        <cache root>/ort-trt/<key>/, made before the session builds its engine)."""
+        <cache root>/ort-trt/<key>/, made before the session builds its engine; none
+        with `engine_cache=False`: weights other than the files' would not be in its key)."""
         listed: list[Any] = []
         for provider in self.providers:
             if provider not in GPU_PROVIDERS:
                 listed.append(provider)
                 continue
             trt_cache = None
-            if provider == "TensorrtExecutionProvider" and self.disk_cache:
+            if provider == "TensorrtExecutionProvider" and self.disk_cache and engine_cache:
                 root = Path(self.cache_dir) if self.cache_dir is not None else folder / "engines"
                 fields = {**self.cache_fields(spec), "profile": dict(profile or {}), "gpu": _gpu_name(self.device_id)}
                 trt_cache = root / "ort-trt" / cache_key(fields)
                 trt_cache.mkdir(parents=True, exist_ok=True)
-            cuda_graph = self.cuda_graphs and spec.role in ("unet", "transformer")
             shapes = trt_profile_shapes(spec, profile) if provider == "TensorrtExecutionProvider" else None
-            listed.append((provider, gpu_provider_options(provider, trt_cache, spec.precision == "fp16", cuda_graph,
-                                                          self.device_id, shapes)))
+            listed.append((provider, gpu_provider_options(provider, trt_cache, spec.precision == "fp16",
+                                                          self._captures(spec), self.device_id, shapes)))
         return listed
 
-    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OrtSession:
+    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> OrtModel:
         # ORT runs every shape of the dynamic graph; only its TensorRT provider uses the profile.
         folder = Path(folder)
+        return OrtModel(self, folder, spec, profile, self._session(folder, spec, profile))
+
+    def _session(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None) -> ort.InferenceSession:
         graph = folder / spec.graph_path
         if self.on_gpu:
             # GPU providers optimize for the device at session creation (TensorRT's engines
             # are cached by the provider itself); the CPU's saved-graph cache does not apply.
-            return OrtSession(graph, spec, self._providers(folder, spec, profile), self._options(),
-                              self._binding(spec))
+            return create_session(graph, spec, self._providers(folder, spec, profile), self._options())
         cache = self._cache(folder)
         if cache is None:
-            return OrtSession(graph, spec, self.providers, self._options(), self._binding(spec))
+            return create_session(graph, spec, self.providers, self._options())
         fields = self.cache_fields(spec)
         key = cache_key(fields)
         entry = cache.lookup(key, fields)
         if entry is not None:
             try:
-                return OrtSession(entry / OPTIMIZED_NAME, spec, self.providers, self._options(optimize=False),
-                                  self._binding(spec))
+                return create_session(entry / OPTIMIZED_NAME, spec, self.providers, self._options(optimize=False))
             except ArtifactError as exc:
                 cache.discard(key, str(exc))
         sessions = []
@@ -446,10 +438,26 @@ class OrtBackend:
                                                  OPTIMIZED_DATA_NAME)
                 options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                                  "1024")
-            sessions.append(OrtSession(graph, spec, self.providers, options, self._binding(spec)))
+            sessions.append(create_session(graph, spec, self.providers, options))
 
         cache.publish(key, fields, optimize_into)
-        return sessions[0] if sessions else OrtSession(graph, spec, self.providers, self._options(), self._binding(spec))
+        return sessions[0] if sessions else create_session(graph, spec, self.providers, self._options())
+
+    def session_with(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None,
+                     initializers: Mapping[str, ort.OrtValue]) -> ort.InferenceSession:
+        """A session of the exported graph with these initializers in place of its own,
+        optimized from scratch and saved nowhere (no cache key covers these weights).
+
+        Without ORT's NchwcTransformer (the CPU's blocked Conv layout): it builds its
+        reordered Conv weights from the graph file's values, not from add_initializer's
+        (onnxruntime 1.32: every Conv weight of the tiny test UNet kept its old value;
+        with it off, each of the tiny UNet's, VAE's and text encoder's initializers runs
+        as if written into the graph, tests/test_contexts.py)."""
+        options = self._options()
+        for name, value in initializers.items():
+            options.add_initializer(name, value)
+        providers = self._providers(folder, spec, profile, engine_cache=False) if self.on_gpu else self.providers
+        return create_session(folder / spec.graph_path, spec, providers, options, UNSAFE_WITH_NEW_WEIGHTS)
 
     def cache_fields(self, spec: StageSpec) -> dict[str, Any]:
         """Everything the saved optimized graph depends on."""

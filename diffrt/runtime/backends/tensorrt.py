@@ -5,34 +5,48 @@
     diffrt generate OUT "a prompt" --backend tensorrt [-O cuda_graphs=1]
     Pipeline.load(OUT, backend="tensorrt", cuda_graphs=True)
 
-`open()` finds the stage's engine in the engine cache (OUT/engines/tensorrt/, or
+`open()` finds the stage's engines in the engine cache (OUT/engines/tensorrt/, or
 `cache_dir`): built for this stage's files, this TensorRT version and this GPU, with a
 profile covering the shape Pipeline.load prepares (the narrowest such engine wins: a
 static engine for exactly that shape is the fastest). Nothing is built at load: a
 stage without an engine is a one-line error saying what to run.
 
-Each call checks the feed shapes against the engine's profile (a shape outside is an
-error naming the shape and the built range; another engine of the stage that covers
-it is loaded instead when there is one), sets the input shapes and the tensor
-addresses, and enqueues the engine on one CUDA stream of the backend. Inputs may be
+The model (TensorRTModel) holds the deserialized engines, the weights, shared by its
+contexts; each context (TensorRTContext) owns an execution context per engine (its
+activation memory), its CUDA graphs and its own CUDA stream, so contexts run at the
+same time. Each call checks the feed shapes against the engine's profile (a shape
+outside is an error naming the shape and the built range; another engine of the stage
+that covers it is loaded instead when there is one), sets the input shapes and the
+tensor addresses, and enqueues the engine on the context's stream. Inputs may be
 numpy arrays (copied to the GPU) or CuPy arrays (cast to the engine's dtype on the GPU
 where needed; a view that does not start on a 256-byte boundary, such as one step's
 row of the pipeline's timestep array, is copied: TensorRT requires every tensor address
-to be 256-byte aligned); outputs are fresh CuPy arrays the caller owns. The backend's
+to be 256-byte aligned); outputs are fresh CuPy arrays the caller owns. The context's
 stream waits for the caller's current stream before running and the caller's stream
 waits for it after, so no host synchronization is needed between stages. Closing a
-session waits for its stream before freeing its contexts and buffers.
+context waits for its stream before freeing its execution contexts and buffers.
 
 `cuda_graphs=True` captures each engine's run into a CUDA graph per input shape (after
 a warm-up run), replays it on later calls, and copies the outputs out of the graph's
 fixed buffers into fresh arrays: less launch overhead for small or static engines.
+
+`model.update_weights` refits the engines in place (trt.Refitter: set_named_weights,
+then refit_cuda_engine; the ONNX parser names an engine's weights after the graph's
+initializers), for engines built with `diffrt build --refittable`. TensorRT's refit
+API cannot run while the engine runs: it waits for every context's running call and
+stream first, and holds new calls until done; captured CUDA graphs are dropped (they
+are captured again on their next call). Weights TensorRT says it needs with the given
+ones (get_missing_weights: it combined them with others when it optimized) are
+supplied from the values set before, else from the artifact's graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +58,7 @@ from diffrt.artifacts import StageSpec
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.runtime.arrays import DEVICE_ALIGNMENT, aligned
 from diffrt.runtime.backends.base import check_feeds
+from diffrt.runtime.backends.initializers import check_weights, read_initializers, read_values
 from diffrt.runtime.engine_cache import EngineCache
 from diffrt.runtime.tensorrt_engines import (
     BACKEND,
@@ -80,7 +95,7 @@ class _Captured:
 
 
 class _Engine:
-    """One deserialized engine and its execution context."""
+    """One deserialized engine (the weights), shared by the contexts of a model."""
 
     def __init__(self, built: BuiltEngine, spec: StageSpec, backend: TensorRTBackend):
         self.built, self.profile, self.backend = built, built.profile, backend
@@ -91,12 +106,7 @@ class _Engine:
             raise ArtifactError(f"{built.plan} cannot be loaded by TensorRT {trt.__version__} "
                                 f"({backend.log.why()}); delete {built.path} and run "
                                 "`diffrt build OUT --backend tensorrt` again")
-        context = engine.create_execution_context()
-        if context is None:
-            why = backend.log.why("out of GPU memory?")
-            raise DiffrtError(f"TensorRT engine {self.label}: no execution context ({why}); close other GPU "
-                              "programs or build for smaller shapes")
-        self.engine, self.context = engine, context
+        self.engine = engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -111,18 +121,69 @@ class _Engine:
                 raise DiffrtError(f"TensorRT engine {self.label}: tensor {name} is {dtype}, which CuPy cannot hold; "
                                   "export the stage with float32 inputs and outputs")
             self.dtypes[name] = np.dtype(_DTYPES[dtype])
-        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+
+    def execution_context(self) -> Any:
+        self.backend.log.clear()
+        context = self.engine.create_execution_context()
+        if context is None:
+            why = self.backend.log.why("out of GPU memory?")
+            raise DiffrtError(f"TensorRT engine {self.label}: no execution context ({why}); close other GPU "
+                              "programs, run fewer workers or build for smaller shapes")
+        return context
+
+    def refit(self, weights: Mapping[str, np.ndarray], supply: Callable[[list[str]], Mapping[str, np.ndarray]]) -> None:
+        """Set `weights` in the engine (the caller made sure nothing runs on it), with
+        the ones TensorRT says it needs besides from `supply(names)`."""
+        log = self.backend.log
+        if not self.engine.refittable:
+            raise DiffrtError(f"TensorRT engine {self.label} was not built refittable; build it again with "
+                              "`diffrt build OUT --backend tensorrt --refittable` to update its weights")
+        log.clear()
+        refitter = trt.Refitter(self.engine, log)
+        keep = []  # the Weights point into these arrays until refit_cuda_engine returns
+
+        def put(values: Mapping[str, np.ndarray]) -> None:
+            for name, array in values.items():
+                keep.append(array)
+                if not refitter.set_named_weights(name, _weights(array)):
+                    raise DiffrtError(f"TensorRT engine {self.label}: set_named_weights({name!r}) failed "
+                                      f"({log.why('not a refittable weight of this engine')})")
+
+        put(weights)
+        missing = [name for name in refitter.get_missing_weights() if name not in weights]
+        if missing:
+            put(supply(missing))
+        if not refitter.refit_cuda_engine():
+            raise DiffrtError(f"TensorRT engine {self.label}: refit_cuda_engine failed ({log.why()})")
+
+
+def _weights(array: np.ndarray) -> Any:
+    """A trt.Weights over the array's memory (bfloat16: its bit patterns, typed BF16)."""
+    if array.dtype.name in ("bfloat16", "uint16"):
+        return trt.Weights(trt.DataType.BF16, array.ctypes.data, array.size)
+    return trt.Weights(array)
+
+
+class _Runner:
+    """One context's execution context on one engine, and its CUDA graphs."""
+
+    def __init__(self, loaded: _Engine):
+        self.loaded, self.label, self.profile = loaded, loaded.label, loaded.profile
+        self.inputs, self.outputs, self.dtypes = loaded.inputs, loaded.outputs, loaded.dtypes
+        self.context = loaded.execution_context()
+        self.log = loaded.backend.log
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     # -- the TensorRT calls, each status checked ---------------------------------------
 
     def set_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
         """Set the input shapes (checked against the profile first); the output shapes."""
         check_shapes(self.label, self.profile, shapes)
-        self.backend.log.clear()
+        self.log.clear()
         for name in self.inputs:
             if not self.context.set_input_shape(name, tuple(int(d) for d in shapes[name])):
                 raise DiffrtError(f"TensorRT engine {self.label}: set_input_shape({name}, {list(shapes[name])}) failed "
-                                  f"({self.backend.log.why()})")
+                                  f"({self.log.why()})")
         out = {}
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
@@ -133,7 +194,7 @@ class _Engine:
         return out
 
     def set_addresses(self, arrays: Mapping[str, cp.ndarray]) -> None:
-        self.backend.log.clear()
+        self.log.clear()
         for name, array in arrays.items():
             pointer = array.data.ptr
             if pointer % DEVICE_ALIGNMENT:  # TensorRT's rule (setTensorAddress, NvInferRuntime.h)
@@ -141,23 +202,23 @@ class _Engine:
                                   f"{DEVICE_ALIGNMENT}-byte aligned")
             if not self.context.set_tensor_address(name, pointer):
                 raise DiffrtError(f"TensorRT engine {self.label}: set_tensor_address({name}) failed "
-                                  f"({self.backend.log.why()})")
+                                  f"({self.log.why()})")
 
     def execute(self, stream: cp.cuda.Stream) -> None:
-        self.backend.log.clear()
+        self.log.clear()
         if not self.context.execute_async_v3(stream.ptr):
-            raise DiffrtError(f"TensorRT engine {self.label}: execute_async_v3 failed ({self.backend.log.why()})")
+            raise DiffrtError(f"TensorRT engine {self.label}: execute_async_v3 failed ({self.log.why()})")
 
     # -- one run -----------------------------------------------------------------------
 
     def run(self, arrays: dict[str, cp.ndarray], stream: cp.cuda.Stream, cuda_graphs: bool) -> dict[str, cp.ndarray]:
         """Enqueue a run on `stream`; outputs are allocated on the caller's current
-        stream before `stream` is made to wait for it (see TensorRTSession.run)."""
+        stream before `stream` is made to wait for it (see TensorRTContext.run)."""
         shapes = {name: arrays[name].shape for name in self.inputs}
         output_shapes = self.set_shapes(shapes)
         outputs = {name: cp.empty(shape, dtype=self.dtypes[name]) for name, shape in output_shapes.items()}
         key = tuple(shapes[name] for name in self.inputs)
-        captured = self._graphs.get(key) if cuda_graphs else None
+        captured = self.graphs.get(key) if cuda_graphs else None
         if cuda_graphs and captured is None:
             captured = self._fixed_buffers(arrays, output_shapes)
         _wait_for_caller(stream)
@@ -171,7 +232,7 @@ class _Engine:
         if captured.graph is None:
             self._capture(captured, stream)  # the warm-up run inside leaves this call's outputs
         else:
-            self._graphs.move_to_end(key)
+            self.graphs.move_to_end(key)
             captured.graph.launch(stream=stream)
         with stream:
             for name in self.outputs:
@@ -180,11 +241,11 @@ class _Engine:
 
     def _fixed_buffers(self, arrays: Mapping[str, cp.ndarray], output_shapes: Mapping[str, tuple]) -> _Captured:
         key = tuple(arrays[name].shape for name in self.inputs)
-        while len(self._graphs) >= MAX_GRAPHS:
-            self._graphs.popitem(last=False)
+        while len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
         captured = _Captured({n: cp.empty(arrays[n].shape, dtype=self.dtypes[n]) for n in self.inputs},
                              {n: cp.empty(s, dtype=self.dtypes[n]) for n, s in output_shapes.items()}, None)
-        self._graphs[key] = captured
+        self.graphs[key] = captured
         return captured
 
     def _capture(self, captured: _Captured, stream: cp.cuda.Stream) -> None:
@@ -203,41 +264,170 @@ class _Engine:
                     {n: list(b.shape) for n, b in captured.inputs.items()})
 
     def close(self) -> None:
-        """Free the graphs, their buffers and the context (the caller synchronized the
-        stream: work still queued there may read them)."""
-        self._graphs.clear()
+        """Free the graphs, their buffers and the execution context (the caller
+        synchronized the stream: work still queued there may read them)."""
+        self.graphs.clear()
         self.context = None
-        self.engine = None
 
 
 def _wait_for_caller(stream: cp.cuda.Stream) -> None:
     stream.wait_event(cp.cuda.get_current_stream().record())
 
 
-class TensorRTSession:
-    """One stage: its engines (loaded as shapes need them) on the backend's stream."""
+class _Gate:
+    """Runs go through side by side; a refit waits for the running ones to leave and
+    holds new ones until it is done (TensorRT's refit must not overlap inference)."""
 
-    def __init__(self, spec: StageSpec, engines: Sequence[BuiltEngine], first: BuiltEngine, backend: TensorRTBackend):
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._runs = 0
+        self._refitting = False
+
+    @contextlib.contextmanager
+    def run(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._refitting)
+            self._runs += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._runs -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def refit(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._refitting)
+            self._refitting = True
+            self._cond.wait_for(lambda: self._runs == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._refitting = False
+                self._cond.notify_all()
+
+
+class TensorRTModel:
+    """One stage: its engines (deserialized as shapes need them), shared by its contexts."""
+
+    def __init__(self, folder: Path, spec: StageSpec, engines: Sequence[BuiltEngine], first: BuiltEngine,
+                 backend: TensorRTBackend):
         self.spec = spec
-        self._backend = backend
+        self._folder, self._backend = folder, backend
         self._built = list(engines)
+        self._first = first
         self._engines: dict[Path, _Engine] = {}
-        self._current = self._load(first)
+        self._contexts: list[TensorRTContext] = []
+        self._weights: dict[str, np.ndarray] = {}  # update_weights so far: set in every engine loaded later
+        self._lock = threading.Lock()
+        self._gate = _Gate()
+        self._closed = False
+        self.engine(first)
 
-    def _load(self, built: BuiltEngine) -> _Engine:
-        if built.path not in self._engines:
-            logger.info("TensorRT: loading %s for stage %s (%s)", built.plan, self.spec.name, built.profile.describe())
-            self._engines[built.path] = _Engine(built, self.spec, self._backend)
-        return self._engines[built.path]
+    def engine(self, built: BuiltEngine) -> _Engine:
+        with self._lock:
+            if self._closed:
+                raise DiffrtError(f"stage {self.spec.name}: the model is closed")
+            if built.path not in self._engines:
+                logger.info("TensorRT: loading %s for stage %s (%s)", built.plan, self.spec.name,
+                            built.profile.describe())
+                loaded = _Engine(built, self.spec, self._backend)
+                if self._weights:
+                    loaded.refit(self._weights, self._graph_values)
+                self._engines[built.path] = loaded
+            return self._engines[built.path]
 
-    def _engine_for(self, shapes: Mapping[str, Sequence[int]]) -> _Engine:
-        if not self._current.profile.problem(shapes):
-            return self._current
-        others = [b for b in self._built if not b.profile.problem(shapes)]
-        if not others:
-            check_shapes(self._current.label, self._current.profile, shapes)  # raises, naming the range
-        self._current = self._load(min(others, key=lambda b: b.profile.span()))
-        return self._current
+    def engine_for(self, shapes: Mapping[str, Sequence[int]], current: _Engine | None) -> _Engine:
+        """`current` if its profile covers `shapes`, else the narrowest built engine that does."""
+        if current is not None and not current.profile.problem(shapes):
+            return current
+        covering = [b for b in self._built if not b.profile.problem(shapes)]
+        if not covering:
+            nearest = current or self.engine(self._first)
+            check_shapes(nearest.label, nearest.profile, shapes)  # raises, naming the range
+        return self.engine(min(covering, key=lambda b: b.profile.span()))
+
+    def context(self) -> TensorRTContext:
+        context = TensorRTContext(self, self._backend)
+        with self._lock:
+            self._contexts.append(context)
+        return context
+
+    def running(self):
+        return self._gate.run()
+
+    def update_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        checked = check_weights(self.spec.name, read_initializers(self._folder / self.spec.graph_path), weights)
+        with self._gate.refit():
+            with self._lock:
+                engines, contexts = list(self._engines.values()), list(self._contexts)
+            for worker in contexts:  # nothing may still run on the old weights
+                worker.synchronize()
+            for loaded in engines:
+                loaded.refit(checked, self._graph_values)
+            self._weights.update(checked)
+            for worker in contexts:
+                worker.drop_graphs()  # captured before the refit
+        logger.info("TensorRT: %s refit with %d new weight(s) (%d in all)", self.spec.name, len(checked),
+                    len(self._weights))
+
+    def _graph_values(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The values of weights TensorRT needs besides the new ones: set before, or the graph's."""
+        values = {name: self._weights[name] for name in names if name in self._weights}
+        rest = [name for name in names if name not in values]
+        if rest:
+            values.update(read_values(self._folder / self.spec.graph_path, rest))
+        return values
+
+    def forget(self, context: TensorRTContext) -> None:
+        with self._lock:
+            if context in self._contexts:
+                self._contexts.remove(context)
+
+    def close(self) -> None:
+        with self._lock:
+            contexts, self._contexts = list(self._contexts), []
+            self._closed = True
+        for worker in contexts:
+            worker.close()
+        with self._lock:
+            self._engines.clear()
+
+    def __enter__(self) -> TensorRTModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TensorRTContext:
+    """One worker on a TensorRTModel: an execution context per engine it has used, its
+    CUDA graphs and its own stream; one call at a time."""
+
+    def __init__(self, model: TensorRTModel, backend: TensorRTBackend):
+        self.spec = model.spec
+        self._model, self._backend = model, backend
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._runners: dict[Path, _Runner] = {}
+        self._current: _Runner | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _runner_for(self, shapes: Mapping[str, Sequence[int]]) -> _Runner:
+        loaded = self._model.engine_for(shapes, self._current.loaded if self._current is not None else None)
+        runner = self._runners.get(loaded.built.path)
+        if runner is None:
+            runner = self._runners[loaded.built.path] = _Runner(loaded)
+        self._current = runner
+        return runner
+
+    def prepare(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Choose the engine for these shapes and create the execution context on it now."""
+        with self._lock, self._model.running():  # an engine it loads is refit like the others
+            self._check_open()
+            self._runner_for({t.name: tuple(shapes[t.name]) for t in self.spec.inputs}).set_shapes(shapes)
 
     def _device_input(self, name: str, value: Any, dtype: np.dtype) -> cp.ndarray:
         if isinstance(value, cp.ndarray):
@@ -254,28 +444,43 @@ class TensorRTSession:
         return aligned(cp.ascontiguousarray(array))
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, cp.ndarray]:
-        if self._current is None:
-            raise DiffrtError(f"stage {self.spec.name}: the session is closed")
         check_feeds(self.spec, feeds)
         shapes = {t.name: tuple(np.shape(feeds[t.name])) for t in self.spec.inputs}
-        runner = self._engine_for(shapes)
-        arrays = {name: self._device_input(name, feeds[name], runner.dtypes[name]) for name in runner.inputs}
-        stream = self._backend.stream
-        outputs = runner.run(arrays, stream, self._backend.cuda_graphs)
-        cp.cuda.get_current_stream().wait_event(stream.record())
+        with self._lock, self._model.running():
+            self._check_open()
+            runner = self._runner_for(shapes)
+            arrays = {name: self._device_input(name, feeds[name], runner.dtypes[name]) for name in runner.inputs}
+            outputs = runner.run(arrays, self.stream, self._backend.cuda_graphs)
+            cp.cuda.get_current_stream().wait_event(self.stream.record())
         return {t.name: outputs[t.name] for t in self.spec.outputs}
 
-    def close(self) -> None:
-        if self._engines:
-            # CuPy returns freed memory to its pool at once and TensorRT frees a context's
-            # memory at once: wait for what is still queued on the stream to finish first.
-            self._backend.stream.synchronize()
-        for runner in self._engines.values():
-            runner.close()
-        self._engines.clear()
-        self._current = None
+    def synchronize(self) -> None:
+        self.stream.synchronize()
 
-    def __enter__(self) -> TensorRTSession:
+    def drop_graphs(self) -> None:
+        for runner in self._runners.values():
+            runner.graphs.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DiffrtError(f"stage {self.spec.name}: the context is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._runners:
+                # CuPy returns freed memory to its pool at once and TensorRT frees a context's
+                # memory at once: wait for what is still queued on the stream to finish first.
+                self.stream.synchronize()
+            for runner in self._runners.values():
+                runner.close()
+            self._runners.clear()
+            self._current = None
+        self._model.forget(self)
+
+    def __enter__(self) -> TensorRTContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -287,11 +492,14 @@ class TensorRTBackend:
     graph_precisions = GRAPH_PRECISIONS
     fused_attention = False
     fuses_attention_itself = True
+    reads_graphs = True
+    updates_weights = True  # engines built with --refittable (refit says so of others)
     device = "cuda"
 
-    def __init__(self, cache_dir: str | Path | None = None, cuda_graphs: bool | int = False):
+    def __init__(self, cache_dir: str | Path | None = None, cuda_graphs: bool | int = False, workers: int = 1):
         """`cache_dir`: the engine cache root (default: the artifact's engines/), as
-        given to `diffrt build --cache-dir`; `cuda_graphs`: capture and replay."""
+        given to `diffrt build --cache-dir`; `cuda_graphs`: capture and replay.
+        `workers` changes nothing here: each context has its own stream."""
         if cuda_graphs not in (True, False, 0, 1):
             raise DiffrtError(f"cuda_graphs={cuda_graphs!r}; use 1 or 0 (True or False)")
         self.cache_dir = cache_dir
@@ -299,7 +507,6 @@ class TensorRTBackend:
         self.log = trt_logger(trt)
         self.runtime = trt.Runtime(self.log)
         self.gpu: GpuInfo = gpu_info()
-        self.stream = cp.cuda.Stream(non_blocking=True)
 
     def to_device(self, array: Any) -> cp.ndarray:
         return cp.asarray(array)
@@ -307,7 +514,7 @@ class TensorRTBackend:
     def to_host(self, array: Any) -> np.ndarray:
         return array.get() if isinstance(array, cp.ndarray) else np.asarray(array)
 
-    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> TensorRTSession:
+    def open(self, folder: Path, spec: StageSpec, profile: Mapping[str, int] | None = None) -> TensorRTModel:
         folder = Path(folder)
         cache = EngineCache(Path(self.cache_dir) if self.cache_dir is not None else folder / "engines", BACKEND)
         engines = find_engines(cache, spec, trt.__version__, self.gpu)
@@ -321,7 +528,7 @@ class TensorRTBackend:
             raise DiffrtError(f"the TensorRT engines of stage {spec.name} do not cover {dict(profile or {})} (built: "
                               f"{built}); run `diffrt build {folder} --backend tensorrt` with a --batch/--size range "
                               "that includes it")
-        return TensorRTSession(spec, engines, chosen, self)
+        return TensorRTModel(folder, spec, engines, chosen, self)
 
     def describe(self) -> str:
         graphs = ", CUDA graphs" if self.cuda_graphs else ""
