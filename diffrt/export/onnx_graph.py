@@ -100,23 +100,37 @@ def _write_with_external_data(model: onnx.ModelProto, base: Path, graph: Path, d
     once the last tensor it holds is copied, so the disk holds the weights about once,
     not twice (an SD3.5-medium transformer: 9.9 GB, not 19.8, at the end of its export).
     """
-    readers: dict[str, int] = {}  # torch's file -> tensors still to copy from it
-    tensors = [*model.graph.initializer, *_attribute_tensors(model.graph)]
-    for tensor in tensors:
+    readers: dict[str, int] = {}  # torch's file -> tensors still to read from it
+    constants = _attribute_tensors(model.graph)
+    for tensor in [*model.graph.initializer, *constants]:
         if uses_external_data(tensor):
             location = {e.key: e.value for e in tensor.external_data}["location"]
             readers[location] = readers.get(location, 0) + 1
-    attributes = len(model.graph.initializer)
+
+    def done_with(location: str) -> None:
+        readers[location] -= 1
+        if not readers[location]:
+            (base / location).unlink()
+
+    for tensor in constants:  # a node's value goes back into the graph: the passes read attributes inline
+        if uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            with open(base / info["location"], "rb") as source:
+                source.seek(int(info.get("offset", 0)))
+                tensor.raw_data = source.read(int(info["length"])) if "length" in info else source.read()
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            done_with(info["location"])
     with open(data, "wb") as sink:
-        for index, tensor in enumerate(tensors):
+        for tensor in model.graph.initializer:
             if uses_external_data(tensor):
                 info = {e.key: e.value for e in tensor.external_data}
                 length = int(info["length"]) if "length" in info else None
                 payload = None
-            elif len(tensor.raw_data) >= _INLINE_LIMIT and index < attributes:
+            elif len(tensor.raw_data) >= _INLINE_LIMIT:
                 payload, length = tensor.raw_data, len(tensor.raw_data)
             else:
-                continue  # small tensors (and a Constant node's own inline value) stay inside the graph
+                continue  # small tensors stay inside the graph
             sink.write(b"\0" * (-sink.tell() % _ALIGNMENT))
             offset = sink.tell()
             if payload is not None:
@@ -127,9 +141,7 @@ def _write_with_external_data(model: onnx.ModelProto, base: Path, graph: Path, d
                     source.seek(int(info.get("offset", 0)))
                     copied = _copy_stream(source, sink, length)
                 length = copied
-                readers[info["location"]] -= 1
-                if not readers[info["location"]]:
-                    (base / info["location"]).unlink()
+                done_with(info["location"])
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
@@ -141,7 +153,8 @@ def _write_with_external_data(model: onnx.ModelProto, base: Path, graph: Path, d
 def _attribute_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     """Tensors held in node attributes (a Constant's value): torch writes a large one to
     its own external file too (e.g. a LayerNorm without affine weights gets Constant
-    ones and zeros of the hidden width), and it must move with the initializers."""
+    ones and zeros of the hidden width); they go back into the graph file (kilobytes),
+    where the graph passes, which move initializers only, leave them be."""
     found = []
     for node in graph.node:
         for attribute in node.attribute:
