@@ -360,9 +360,10 @@ class TorchBackend:
         from diffrt.export import sd as export_sd
 
         family, model, path = source.family, source.manifest.model, source.path
-        if not hasattr(family, "EXPORT_MODULE"):
-            raise DiffrtError(f"the torch backend does not run the {family.NAME} family")
         export_family = importlib.import_module(family.EXPORT_MODULE)
+        if not hasattr(export_family, "UNetStage"):  # the stages below are a UNet family's
+            raise DiffrtError(f"the torch backend runs UNet families (SD 1.x/2.x, SDXL); this artifact is "
+                              f"{family.NAME}: use the ort or openvino backend")
         needs = f"the torch backend runs the modules of the source checkpoint {path}"
 
         def load(name: str, cls) -> torch.nn.Module:
@@ -377,9 +378,7 @@ class TorchBackend:
             projection = role == "text_encoder_2"
             encoder = load(role, CLIPTextModelWithProjection if projection else CLIPTextModel)
             encoder.set_attn_implementation("sdpa")
-            if family.NAME == "sd":
-                return export_family.TextEncoderStage(encoder)
-            return export_family.TextEncoderStage(encoder, projection)
+            return export_family.text_encoder_stage(encoder, role)
         if role == family.DENOISER:
             unet = load("unet", UNet2DConditionModel)
             unet.set_attn_processor(AttnProcessor2_0())

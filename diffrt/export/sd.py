@@ -49,6 +49,11 @@ class TextEncoderStage(torch.nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
+def text_encoder_stage(encoder: torch.nn.Module, role: str) -> torch.nn.Module:
+    """The export wrapper of a text encoder role (the torch backend builds its stages so)."""
+    return TextEncoderStage(encoder)
+
+
 class UNetStage(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module):
         super().__init__()

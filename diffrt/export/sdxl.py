@@ -47,6 +47,12 @@ class TextEncoderStage(torch.nn.Module):
         return out.hidden_states[-2]
 
 
+def text_encoder_stage(encoder: torch.nn.Module, role: str) -> torch.nn.Module:
+    """The export wrapper of a text encoder role (the torch backend builds its stages so):
+    the bigG encoder (text_encoder_2) also gives its projected pooled embeds."""
+    return TextEncoderStage(encoder, with_projection=role == sdxl.TEXT_ENCODER_2)
+
+
 class UNetStage(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
