@@ -6,7 +6,7 @@ random weights, offline.
 
 1. build:    a random-weight StableDiffusion3Pipeline with SD3.5-medium's real
              transformer (SD3Transformer2DModel, 24 MMDiT-X layers, 24 heads of 64, the
-             extra self-attention in layers 0-12, QK RMS norm: 2.47B parameters), CLIP
+             extra self-attention in layers 0-12, QK RMS norm: 2.24B parameters), CLIP
              ViT-L/14 and OpenCLIP bigG/14 text encoders with projections, SD3's
              16-channel VAE (scaling 1.5305, shift 0.0609), SD3.5's flow-match config
              (shift 3.0), the real CLIP BPE vocabulary; saved WITHOUT text_encoder_3 (T5-XXL,
