@@ -439,7 +439,7 @@ def install(monkeypatch, strongly_typed_flag: bool = True) -> Recorder:
     RECORD = Recorder()
     monkeypatch.setitem(sys.modules, "cupy", make_cupy())
     monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(strongly_typed_flag))
-    backend = "diffrt.runtime.backends.tensorrt"
-    monkeypatch.setitem(sys.modules, backend, None)  # restored (removed) after the test
-    del sys.modules[backend]
+    for module in ("diffrt.runtime.backends.tensorrt", "diffrt.runtime.backends.tensorrt_runner"):
+        monkeypatch.setitem(sys.modules, module, None)  # restored (removed) after the test
+        del sys.modules[module]
     return RECORD

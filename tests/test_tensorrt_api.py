@@ -32,7 +32,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = (ROOT / "diffrt/build/tensorrt.py", ROOT / "diffrt/runtime/tensorrt_engines.py",
-           ROOT / "diffrt/runtime/backends/tensorrt.py")
+           ROOT / "diffrt/runtime/backends/tensorrt.py", ROOT / "diffrt/runtime/backends/tensorrt_runner.py")
 # Pinned, as .ci/run pins it: the version this check was written against. Bump both on
 # purpose (a newer TensorRT may remove a name we use; that is what this test is for).
 WHEEL = "tensorrt-cu13-bindings==11.4.0.106"
