@@ -100,21 +100,35 @@ def _read_json(path: Path) -> dict[str, Any]:
 def make_peer_checkpoint(checkpoint: Path, out: Path) -> None:
     """`out`: the checkpoint's folders as symlinks (the same weight files), except
     tokenizer/ and tokenizer_2/ (copied, plus vocab.json and merges.txt from
-    tokenizer.json) and text_encoder/ and text_encoder_2/ (the same tensors, keys
-    prefixed "text_model." where they are neither that nor "text_projection.")."""
+    tokenizer.json) and text_encoder/ and text_encoder_2/ when their keys need it (the
+    same tensors, keys prefixed "text_model." where they are neither that nor
+    "text_projection.")."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for entry in checkpoint.iterdir():
         if entry.name in TOKENIZERS and entry.is_dir():
             shutil.copytree(entry, out / entry.name)
             write_slow_tokenizer_files(out / entry.name)
-        elif entry.name in TEXT_ENCODERS and entry.is_dir():
+        elif entry.name in TEXT_ENCODERS and entry.is_dir() and needs_prefix(entry):
             write_prefixed_text_encoder(entry, out / entry.name)
         elif entry.is_dir():
             (out / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
         else:
             shutil.copy2(entry, out / entry.name)
     (out / COMPLETE).write_text(json.dumps({"version": PEER_CHECKPOINT_VERSION}))
+
+
+def needs_prefix(src: Path) -> bool:
+    """Whether a text encoder folder's weights have keys outside TOP_LEVEL_KEYS (read from
+    the safetensors headers only: SD3's CLIPTextModelWithProjection encoders, saved in
+    bf16, which numpy cannot load, are already in the old layout and are linked as they are)."""
+    from safetensors import safe_open
+
+    for weights in sorted(src.glob("*.safetensors")):
+        with safe_open(weights, framework="numpy") as f:
+            if any(not key.startswith(TOP_LEVEL_KEYS) for key in f.keys()):
+                return True
+    return False
 
 
 def write_prefixed_text_encoder(src: Path, out: Path, prefix: str = "text_model.") -> None:
