@@ -162,12 +162,12 @@ def test_cli_corrupted_artifact(artifact_copy):
 
 
 def test_cli_export_unsupported_pipeline(tmp_path):
-    src = tmp_path / "sd3"
+    src = tmp_path / "kandinsky"
     src.mkdir()
-    (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
     result = cli("export", str(src), str(tmp_path / "out"))
-    assert_one_line_error(result, "'StableDiffusion3Pipeline' is not supported", "StableDiffusionPipeline",
-                          "StableDiffusionXLPipeline")
+    assert_one_line_error(result, "'KandinskyV22Pipeline' is not supported", "StableDiffusionPipeline",
+                          "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
     assert not (tmp_path / "out").exists()
 
 
