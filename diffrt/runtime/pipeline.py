@@ -43,6 +43,7 @@ from diffrt.runtime.backends import CompiledModel, Context, get_backend
 from diffrt.runtime.backends.base import profile_shapes
 from diffrt.runtime.denoise import denoise, device_plan
 from diffrt.runtime.images import postprocess, to_pil
+from diffrt.runtime.loras import MergedLoras
 from diffrt.runtime.request import (
     Request,
     Settings,
@@ -121,6 +122,7 @@ class Pipeline:
                            for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
         self._contexts = _open_contexts(self._models, self._shapes)
+        self._loras = MergedLoras(folder, self._models)  # shared with worker() views, as the models are
 
     @classmethod
     def load(
@@ -133,6 +135,7 @@ class Pipeline:
         graph_precision: str | None = None,
         attention: str | None = None,
         workers: int = 1,
+        loras: Mapping[str, str | Path] | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder.
@@ -151,6 +154,8 @@ class Pipeline:
         the backend's preference: ORT fused, OpenVINO portable).
         `workers`: how many generations will run at once (this pipeline and its
         `worker()` views); OpenVINO compiles one stream per worker.
+        `loras`: LoRA files to load by name, {"style": "style.safetensors"} (see
+        `load_lora`); a call then names the ones it runs with, `loras={"style": 0.8}`.
         `backend_options` go to the backend (e.g. providers, precision, num_threads).
         """
         folder = Path(folder)
@@ -173,7 +178,10 @@ class Pipeline:
                 models[key] = engine.open(folder, spec, profile=profiles.get(spec.role))
                 logger.info("loaded %s in %.2fs", spec.describe(), time.perf_counter() - t0)
             shapes = {key: profile_shapes(spec, profiles.get(spec.role)) for key, spec in specs.items()}
-            return cls(folder, manifest, engine, models, shapes)
+            pipe = cls(folder, manifest, engine, models, shapes)
+            for name, path in (loras or {}).items():
+                pipe.load_lora(name, path)
+            return pipe
         except BaseException:
             for model in models.values():
                 model.close()
@@ -190,6 +198,20 @@ class Pipeline:
         view._owner = False
         view._contexts = _open_contexts(self._models, self._shapes)
         return view
+
+    def load_lora(self, name: str, path: str | Path) -> Any:
+        """Load a LoRA .safetensors file (diffusers/PEFT or kohya layout, see
+        diffrt.lora) under `name`, checked against this model: keys that match nothing
+        or shapes that do not fit are a one-line error and nothing changes. Calls name
+        it with a strength, `loras={name: 0.8}`; it is merged into the weights
+        (`update_weights`) while a call that names it runs, and taken out again when a
+        call names another set. Shared with every `worker()`. Returns the parsed Lora."""
+        return self._loras.add(name, path)
+
+    @property
+    def loras(self) -> Mapping[str, Any]:
+        """The loaded LoRAs by name (diffrt.lora.Lora)."""
+        return MappingProxyType(self._loras.loaded)
 
     @property
     def models(self) -> Mapping[str, CompiledModel]:
@@ -232,6 +254,7 @@ class Pipeline:
         denoising_start: float | None = None,
         denoising_end: float | None = None,
         image: np.ndarray | None = None,
+        loras: Mapping[str, float] | None = None,
         **options: Any,
     ) -> Request:
         """Validate a generation once, before any work: a `Request` for `generate`.
@@ -239,23 +262,25 @@ class Pipeline:
         original_size, crops_coords_top_left, target_size, their negative_ forms,
         aesthetic_score, negative_aesthetic_score); an unknown one is a one-line error
         naming those accepted. A request whose activations cannot fit in the memory
-        available is refused here too."""
+        available is refused here too. `loras`: {name: strength} of loaded LoRAs
+        (`load_lora`) to run with; strength 0 is the same as leaving one out."""
         request = make_request(self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps,
                                guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
                                latents, output_type, vae, denoising_start=denoising_start,
                                denoising_end=denoising_end, image=image, **options)
+        request = dataclasses.replace(request, loras=self._loras.check(loras))
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
 
     def batch_key(self, request: Request) -> tuple:
         """What requests must share to run in the same denoiser calls (`generate`): the
         size, steps, scheduler (with a preset's config), guidance mode (CFG or not), the
-        decoder and the part of the schedule."""
+        decoder, the part of the schedule and the LoRA set (merged into the weights)."""
         s = request.settings
         # family options that size the conditioning (SD3's and Flux's max_sequence_length)
         shaping = tuple(getattr(request.options, name, None) for name in getattr(self.family, "BATCH_OPTIONS", ()))
         return (s.height, s.width, s.num_inference_steps, s.scheduler, s.scheduler_config, request.do_cfg,
-                request.vae, request.denoising_start, request.denoising_end, *shaping)
+                request.vae, request.denoising_start, request.denoising_end, request.loras, *shaping)
 
     # -- generation -------------------------------------------------------------
 
@@ -282,6 +307,7 @@ class Pipeline:
         image: np.ndarray | None = None,
         refiner: Pipeline | None = None,
         high_noise_frac: float | None = None,
+        loras: Mapping[str, float] | None = None,
         **options: Any,
     ) -> PipelineOutput:
         """Generate images, diffusers-style: `pipe.request(...)` then `pipe.generate([...])`.
@@ -309,7 +335,8 @@ class Pipeline:
         call = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, height=height, width=width,
                     num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler, preset=preset,
-                    latents=latents, vae=vae, denoising_start=denoising_start, image=image, **options)
+                    latents=latents, vae=vae, denoising_start=denoising_start, image=image, loras=loras,
+                    **options)
         if refiner is None:
             if high_noise_frac is not None:
                 raise DiffrtError("high_noise_frac is where a refiner takes over; pass refiner= too")
@@ -338,8 +365,8 @@ class Pipeline:
         if not requests:
             return []
         if len({self.batch_key(r) for r in requests}) > 1:
-            raise DiffrtError("generate: the requests differ in size, steps, scheduler, guidance mode, VAE or "
-                              "schedule window; group them by batch_key()")
+            raise DiffrtError("generate: the requests differ in size, steps, scheduler, guidance mode, VAE, "
+                              "schedule window or LoRAs; group them by batch_key()")
         if len(requests) > 1 and any(r.latents is not None or r.image is not None for r in requests):
             raise DiffrtError("requests with latents= or image= run alone: give generate() one of them")
         first = requests[0]
@@ -351,7 +378,8 @@ class Pipeline:
         # image j of request r draws from default_rng(seed_r + j), exactly as alone
         rng = generator if generator is not None else PerImageNoise.from_seeds(
             [r.seed + j for r in requests for j in range(r.batch)])
-        sample, plan, timings = self._denoise(requests, rng, progress)
+        with self._loras.using(first.loras):  # the weights hold this LoRA set while it runs
+            sample, plan, timings = self._denoise(requests, rng, progress)
         if len(requests) > 1:
             timings["batch_images"] = int(plan.rows)
         # One decoder call for the whole batch (the VAE is half the work of a few-step

@@ -85,6 +85,8 @@ class Request:
     denoising_end: float | None = None
     latents: np.ndarray | None = None
     image: np.ndarray | None = None
+    loras: tuple[tuple[str, float], ...] = ()
+    """(name, strength) of the LoRAs merged while it runs, sorted, none at 0 (Pipeline.request)."""
 
     @property
     def batch(self) -> int:
