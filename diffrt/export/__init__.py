@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from diffrt import __version__
@@ -39,8 +40,20 @@ from diffrt.artifacts import (
     write_manifest,
 )
 from diffrt.errors import DiffrtError
-from diffrt.export.checkpoint import checkpoint_hash, read_json, read_model_index, resolve_source
-from diffrt.export.publish import export_lock, publish, replaceable, staging_path, sweep_partials
+from diffrt.export.checkpoint import (
+    checkpoint_hash,
+    read_json,
+    read_model_index,
+    resolve_source,
+)
+from diffrt.export.lora import check_components, fuse, read_loras
+from diffrt.export.publish import (
+    export_lock,
+    publish,
+    replaceable,
+    staging_path,
+    sweep_partials,
+)
 from diffrt.export.variants import derive_stages, image_checks, parse_precisions
 from diffrt.families import family_for_pipeline_class, get_family
 from diffrt.runtime.cpu import installed_versions
@@ -66,6 +79,7 @@ def export(
     overwrite: bool = False,
     tiny_vae: str | os.PathLike | None = None,
     fused_attention: bool = True,
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
 ) -> Manifest:
     """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`.
 
@@ -76,7 +90,9 @@ def export(
     exported as an alternative VAE decoder that generation can choose per call.
     `fused_attention`: also write the UNet and VAE decoder with each attention block as
     one MultiHeadAttention op (what ONNX Runtime runs best; the portable graph stays
-    for OpenVINO and TensorRT, which fuse attention themselves)."""
+    for OpenVINO and TensorRT, which fuse attention themselves).
+    `loras`: (LoRA file, strength) pairs fused into the exported weights (diffrt/export/lora.py);
+    each stage they change records them in its facts["loras"]."""
     started = time.perf_counter()
     out = Path(out)
     precisions = parse_precisions(precision)
@@ -91,6 +107,7 @@ def export(
     if pipeline_class not in fam.PIPELINE_CLASSES:
         raise DiffrtError(f"{folder} holds a {pipeline_class}, not a {fam.NAME} pipeline; use --family auto")
     scheduler = _default_scheduler(folder)  # before the long part: a bad config fails fast
+    fused = read_loras(loras)  # likewise a bad LoRA file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with export_lock(out):  # held until OUT is in place: a second exporter is refused
@@ -101,7 +118,7 @@ def export(
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
         try:
             manifest = _export_into(staging, src, folder, fam, pipeline_class, scheduler, precisions, opset,
-                                    tiny_vae, fused_attention)
+                                    tiny_vae, fused_attention, fused)
             _apply_umask_modes(staging)
             publish(staging, out, replaces)
         except BaseException:
@@ -112,9 +129,10 @@ def export(
 
 
 def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, scheduler: str,
-                 precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool) -> Manifest:
+                 precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool,
+                 loras: Sequence = ()) -> Manifest:
     """Write the whole artifact into `staging`; returns its manifest."""
-    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae)
+    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras)
     stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
     # the family's exporter may complete a copied component (SD3: a T5 tokenizer.json from spiece.model)
     finish = getattr(importlib.import_module(fam.EXPORT_MODULE), "finish_component", None)
@@ -173,7 +191,8 @@ def _default_scheduler(folder: Path) -> str:
     return name
 
 
-def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None):
+def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None,
+                   loras: Sequence = ()):
     """Export and check every stage of the family (and the opt-in tiny VAE decoder),
     one torch module in memory at a time; returns (model facts, stage specs, each
     stage's check inputs as numpy)."""
@@ -184,6 +203,7 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str |
     io = fam.stage_io(model)
     inputs = torch_side.SampleInputs(model)  # one generator, drawn stage by stage in this order
     names = fam.stages(model)
+    check_components(loras, names)
     # what a stage's own facts record (SD3's T5: its precision rule); none for most stages
     stage_facts = getattr(torch_side, "stage_facts", lambda name, model: {})
     jobs = [(name, name, DEFAULT_VARIANT, dict(stage_facts(name, model)),
@@ -198,11 +218,12 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str |
     for index, (name, role, variant, facts, load) in enumerate(jobs, start=1):
         inputs_, outputs = io[role]
         spec = StageSpec(name=name, inputs=inputs_, outputs=outputs, role=role, variant=variant, facts=facts)
-        stages[name], feeds[name] = _export_torch_stage(spec, load, staging, opset, f"[{index}/{len(jobs)}]")
+        stages[name], feeds[name] = _export_torch_stage(spec, load, staging, opset, f"[{index}/{len(jobs)}]",
+                                                        loras)
     return model, stages, feeds
 
 
-def _export_torch_stage(spec: StageSpec, load, staging: Path, opset: int, progress: str):
+def _export_torch_stage(spec: StageSpec, load, staging: Path, opset: int, progress: str, loras: Sequence = ()):
     """load() -> torch module -> staging/<name>/model.onnx, its weight map, checked
     against torch at another shape; the module is freed before the next stage loads.
     Returns the stage's spec and the (numpy) check inputs, for checking derived graphs."""
@@ -212,6 +233,8 @@ def _export_torch_stage(spec: StageSpec, load, staging: Path, opset: int, progre
     t0, name = time.perf_counter(), spec.name
     logger.info("%s %s: loading its torch module ...", progress, name)
     stage = load()
+    if fused := fuse(stage, loras):  # before export: the graph, its weight map and check see the fused weights
+        spec = dataclasses.replace(spec, facts={**spec.facts, "loras": fused})
     if sum(p.numel() * p.element_size() for p in stage.module.parameters()) >= LARGE_STAGE_BYTES:
         fix_mmap_threshold()
     logger.info("%s %s: exporting to ONNX (opset %d) ...", progress, name, opset)
