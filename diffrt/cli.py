@@ -221,7 +221,8 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     frac = getattr(args, "high_noise_frac", None)
     if frac is not None and refiner is None:
         raise DiffrtError("--high-noise-frac is where a refiner takes over; give --refiner OUT2 too")
-    options = {"prompt_2": getattr(args, "prompt_2", None), "negative_prompt_2": getattr(args, "negative_2", None)}
+    options = {"prompt_2": getattr(args, "prompt_2", None), "negative_prompt_2": getattr(args, "negative_2", None),
+               "clip_skip": getattr(args, "clip_skip", None)}
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
         num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
@@ -581,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
     p.add_argument("--negative-2", default=None,
                    help="SDXL: the second text encoder's negative prompt (default: --negative)")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="SD/SDXL: condition on the text encoder's state N layers before the usual one "
+                        "(diffusers' clip_skip; prompts only, not negative prompts)")
     p.add_argument("--refiner", default=None, metavar="OUT2",
                    help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
     p.add_argument("--high-noise-frac", type=float, default=None,

@@ -193,6 +193,8 @@ class TorchContext:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = module(**tensors)
             outs = out if isinstance(out, (tuple, list)) else (out,)
+            # a text encoder's last output (skip_hidden_states) is absent from artifacts exported before clip_skip
+            outs = tuple(outs)[:len(self.spec.outputs)]
             result = {}
             # outside inference mode: ordinary tensors the caller owns (taken before the
             # next caller's turn, which a CUDA graph would replay over these outputs)

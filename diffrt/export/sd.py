@@ -40,13 +40,22 @@ class StageModule:
 
 
 class TextEncoderStage(torch.nn.Module):
+    """last_hidden_state, pooler_output, and skip_hidden_states (batch, layers, seq,
+    hidden): entry k is the final layer norm of hidden_states[-(k + 1)], diffusers'
+    conditioning at clip_skip=k, so clip_skip is chosen per call without a re-export.
+    One LayerNorm over the stack; the encoder itself runs once."""
+
     def __init__(self, text_encoder: torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        states = torch.stack(out.hidden_states[:0:-1], dim=1)  # the last layer's first; not the embeddings
+        # transformers 5 dropped CLIPTextModel's `text_model` level (4.x: text_model.final_layer_norm)
+        norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        skip = norm(states)
+        return out.last_hidden_state, out.pooler_output, skip
 
 
 def text_encoder_stage(encoder: torch.nn.Module, role: str) -> torch.nn.Module:
@@ -238,6 +247,7 @@ def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "unet_first_attention_level": level,
         "unet_first_attention_heads": heads,
         "unet_first_channels": int(unet_config.block_out_channels[0]),
+        "text_num_layers": int(text_config.num_hidden_layers),
         **vae_latent_facts(vae_config),
     }))
 

@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 
 
 class TextEncoderStage(torch.nn.Module):
-    """Penultimate hidden states (SDXL's conditioning; no final layer norm), and for the
-    bigG encoder (CLIPTextModelWithProjection) the projected pooled `text_embeds`."""
+    """Penultimate hidden states (SDXL's conditioning; no final layer norm), for the
+    bigG encoder (CLIPTextModelWithProjection) the projected pooled `text_embeds`, and
+    skip_hidden_states (batch, layers, seq, hidden): entry k is hidden_states[-(k + 2)],
+    diffusers' SDXL conditioning at clip_skip=k (chosen per call, no re-export)."""
 
     def __init__(self, text_encoder: torch.nn.Module, with_projection: bool):
         super().__init__()
@@ -42,9 +44,10 @@ class TextEncoderStage(torch.nn.Module):
 
     def forward(self, input_ids):
         out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        skip = torch.stack(out.hidden_states[-2::-1], dim=1)  # the penultimate first, down to the embeddings
         if self.with_projection:
-            return out.hidden_states[-2], out.text_embeds
-        return out.hidden_states[-2]
+            return out.hidden_states[-2], out.text_embeds, skip
+        return out.hidden_states[-2], skip
 
 
 def text_encoder_stage(encoder: torch.nn.Module, role: str) -> torch.nn.Module:
@@ -173,8 +176,10 @@ def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "unet_first_channels": int(unet_config.block_out_channels[0]),
         **vae_latent_facts(vae_config),
     }
+    facts["text_num_layers_2"] = int(text_2.num_hidden_layers)
     if sdxl.TEXT_ENCODER in configs:
         facts["text_hidden_size"] = int(configs[sdxl.TEXT_ENCODER].hidden_size)
+        facts["text_num_layers"] = int(configs[sdxl.TEXT_ENCODER].num_hidden_layers)
     # built as the family's typed facts: a misspelled or missing fact fails here, at export
     return facts_to_json(sdxl.Facts(**facts))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,9 @@ class Facts:
     unet_first_attention_level: int | None = None
     unet_first_attention_heads: int | None = None
     unet_first_channels: int | None = None
+    text_num_layers: int | None = None
+    """The text encoder's layers; set when its stage outputs `skip_hidden_states` (what
+    clip_skip selects from). None: exported before clip_skip, which it cannot take."""
 
     @property
     def noise_channels(self) -> int:
@@ -111,9 +114,17 @@ POSITIVE_FACTS = ("text_max_length", "cross_attention_dim", "latent_channels", "
 RENAMED_FACTS = {"unetfirst_attention_level": "unet_first_attention_level"}
 
 
+# The text encoder output clip_skip selects from: (batch, layers, seq, hidden), entry k
+# the conditioning diffusers builds with clip_skip=k (entry 0: last_hidden_state).
+SKIP_OUTPUT = "skip_hidden_states"
+
+
 @dataclass(frozen=True)
 class Options:
-    """Request options only this family takes: none for SD 1.x/2.x."""
+    """Request options only this family takes: `clip_skip` (diffusers' meaning: the
+    conditioning from that many layers before the text encoder's last; None or 0: the last)."""
+
+    clip_skip: int | None = None
 
 
 def facts(model: Mapping[str, Any]) -> Facts:
@@ -151,12 +162,40 @@ def keeps_fp32(model: Any, spec) -> str:
 
 
 def check_options(model: Any, options: Mapping[str, Any], prompts: int = 1) -> Options:
-    """SD takes no family options: any is refused by name."""
-    if options:
-        raise DiffrtError(f"{', '.join(sorted(options))}: not an option of this Stable Diffusion 1.x/2.x artifact "
-                          "(it takes none beyond the common ones; only SDXL checkpoints take prompt_2 and size "
+    """SD takes `clip_skip` only; anything else is refused by name."""
+    unknown = sorted(set(options) - {"clip_skip"})
+    if unknown:
+        raise DiffrtError(f"{', '.join(unknown)}: not an option of this Stable Diffusion 1.x/2.x artifact "
+                          "(it takes clip_skip beyond the common ones; only SDXL checkpoints take prompt_2 and size "
                           "conditioning)")
-    return Options()
+    return Options(clip_skip=check_clip_skip(options.get("clip_skip"), [_f(model).text_num_layers]))
+
+
+def check_clip_skip(value: Any, layers: Sequence[int | None]) -> int | None:
+    """clip_skip: None, or an integer from 0 to the fewest `layers` of the text encoders
+    it applies to, minus one; an artifact whose encoder stages lack the per-layer
+    output (exported before clip_skip) refuses it in one line."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise DiffrtError(f"clip_skip must be an integer >= 0, got {value!r}")
+    if any(n is None for n in layers):
+        from diffrt import __version__  # at call time: diffrt's package imports the families
+
+        raise DiffrtError(f"clip_skip: this artifact's text encoder stage has no per-layer outputs (exported before "
+                          f"clip_skip support); re-export it with diffrt >= {__version__}")
+    fewest = min(int(n) for n in layers)
+    if value >= fewest:
+        raise DiffrtError(f"clip_skip must be below the text encoder's {fewest} layers, got {value}")
+    return int(value)
+
+
+def skipped(out: Mapping[str, np.ndarray], default: str, clip_skip: int | None, negatives: int) -> np.ndarray:
+    """The encoder's conditioning at `clip_skip` for every row after the first `negatives`
+    (diffusers applies clip_skip to the prompts only, never to negative prompts)."""
+    if not clip_skip:
+        return out[default]
+    return np.concatenate([out[default][:negatives], out[SKIP_OUTPUT][negatives:, clip_skip]])
 
 
 def default_preset(pipeline_class: str, model: Any = None) -> str:
@@ -194,6 +233,8 @@ def stage_io(model: Any) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[Tensor
     f = _f(model)
     seq = int(f.text_max_length)
     hidden = int(f.text_hidden_size)
+    skip = (TensorSpec(SKIP_OUTPUT, "float32", ("batch", int(f.text_num_layers), seq, hidden)),) \
+        if f.text_num_layers else ()
     vae_channels = int(f.noise_channels)
     vae_latent = ("batch", vae_channels, "latent_height", "latent_width")
     image = ("batch", 3, "height", "width")
@@ -203,6 +244,7 @@ def stage_io(model: Any) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[Tensor
             (
                 TensorSpec("last_hidden_state", "float32", ("batch", seq, hidden)),
                 TensorSpec("pooler_output", "float32", ("batch", hidden)),
+                *skip,
             ),
         ),
         DENOISER: (denoiser_inputs(f), (TensorSpec("out_sample", "float32", vae_latent),)),
@@ -335,7 +377,10 @@ def prepare(model: Any, request, encode: Callable[[str, list[str]], Mapping[str,
     guidance_scale = request.settings.guidance_scale
     prompts, negatives = list(request.prompts), list(request.negative_prompts)
     texts = (negatives + prompts) if request.do_cfg else prompts
-    embeds = np.repeat(encode(TEXT_ENCODER, texts)["last_hidden_state"], request.num_images_per_prompt, axis=0)
+    out = encode(TEXT_ENCODER, texts)
+    clip_skip = request.options.clip_skip if request.options is not None else None
+    conditioning = skipped(out, "last_hidden_state", clip_skip, len(texts) - len(prompts))
+    embeds = np.repeat(conditioning, request.num_images_per_prompt, axis=0)
     feeds = {"encoder_hidden_states": embeds}
     if f.time_cond_proj_dim:
         w = np.full((request.batch,), guidance_scale - 1.0, dtype=np.float32)

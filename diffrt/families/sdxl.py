@@ -131,6 +131,10 @@ class Facts:
     unet_first_attention_level: int | None = None
     unet_first_attention_heads: int | None = None
     unet_first_channels: int | None = None
+    text_num_layers: int | None = None
+    text_num_layers_2: int | None = None
+    """Each encoder's layers; set when its stage outputs `skip_hidden_states` (what
+    clip_skip selects from). None: exported before clip_skip, which it cannot take."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
@@ -157,6 +161,9 @@ class Options:
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
+    clip_skip: int | None = None
+    """diffusers' meaning for SDXL: hidden_states[-(clip_skip + 2)] of both encoders
+    (the penultimate state is clip_skip 0), for the prompts only."""
 
 
 def facts(model: Mapping[str, Any]) -> Facts:
@@ -238,6 +245,7 @@ def stage_io(model: Any) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[Tensor
         TEXT_ENCODER_2: (ids, (
             TensorSpec("hidden_states", "float32", ("batch", seq, int(f.text_hidden_size_2))),
             TensorSpec("text_embeds", "float32", ("batch", int(f.projection_dim))),
+            *_skip_output(f.text_num_layers_2, seq, int(f.text_hidden_size_2)),
         )),
         DENOISER: (unet_inputs, (TensorSpec("out_sample", "float32", latent),)),
         VAE_DECODER: ((TensorSpec("latent_sample", "float32", latent),), (TensorSpec("sample", "float32", image),)),
@@ -246,8 +254,15 @@ def stage_io(model: Any) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[Tensor
                                                                    "latent_width")),)),
     }
     if TEXT_ENCODER in f.text_encoders:  # a refiner has only the second
-        io[TEXT_ENCODER] = (ids, (TensorSpec("hidden_states", "float32", ("batch", seq, int(f.text_hidden_size))),))
+        io[TEXT_ENCODER] = (ids, (TensorSpec("hidden_states", "float32", ("batch", seq, int(f.text_hidden_size))),
+                                  *_skip_output(f.text_num_layers, seq, int(f.text_hidden_size))))
     return {role: io[role] for role in stages(f)}
+
+
+def _skip_output(layers: int | None, seq: int, hidden: int) -> tuple[TensorSpec, ...]:
+    """Entry k of (batch, layers, seq, hidden): hidden_states[-(k + 2)], what clip_skip=k
+    conditions on; none in artifacts exported before clip_skip."""
+    return (TensorSpec(sd.SKIP_OUTPUT, "float32", ("batch", int(layers), seq, hidden)),) if layers else ()
 
 
 def encodes_negative(model: Any, do_cfg: bool, negative_given: bool) -> bool:
@@ -301,6 +316,8 @@ def check_options(model: Any, options: Mapping[str, Any], prompts: int = 1) -> O
                                                      and v >= 0 for v in pair):
             raise DiffrtError(f"{key} must be two non-negative integers (height, width) or (top, left), got {value!r}")
         checked[key] = (int(pair[0]), int(pair[1]))
+    layers = {TEXT_ENCODER: f.text_num_layers, TEXT_ENCODER_2: f.text_num_layers_2}
+    checked["clip_skip"] = sd.check_clip_skip(options.get("clip_skip"), [layers[r] for r in f.text_encoders])
     return Options(**checked)
 
 
@@ -383,7 +400,7 @@ def prepare(model: Any, request, encode: Callable[[str, list[str]], Mapping[str,
         if with_negative:
             texts = (negatives_2 if index == 1 else negatives) + texts
         out = encode(role, texts)
-        hidden.append(out["hidden_states"])
+        hidden.append(sd.skipped(out, "hidden_states", options.clip_skip, len(texts) - len(prompts)))
         if role == TEXT_ENCODER_2:
             pooled = out["text_embeds"]
     embeds = np.concatenate(hidden, axis=-1)
