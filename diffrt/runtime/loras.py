@@ -122,14 +122,14 @@ class MergedLoras:
         """Where each layer of `lora` goes in each model, and the base values still to read."""
         targets: dict[str, dict[str, str]] = {}
         fresh: list[tuple[_Stage, set[str]]] = []
+        missing = [c for c in lora.components if not self._stages_of(c)]
+        if missing:
+            raise DiffrtError(f"LoRA {lora.path} changes the {', '.join(missing)}, which this pipeline does not have "
+                              f"(it has {', '.join(self._components()) or 'no LoRA-able stage'}); "
+                              "it was made for another base model")
         for component in lora.components:
-            stages = self._stages_of(component)
-            if not stages:
-                raise DiffrtError(f"LoRA {lora.path} changes the {component}, which this pipeline does not have "
-                                  f"(it has {', '.join(self._components()) or 'no LoRA-able stage'}); "
-                                  "it was made for another base model")
             layers = lora.of(component)
-            for stage in stages:
+            for stage in self._stages_of(component):
                 placed = {m: resolve(component, m, stage.weights.entries) for m in layers}
                 unknown = [f"{component}.{m}" for m, p in placed.items() if p is None]
                 if unknown:
