@@ -274,8 +274,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from diffrt.export import export
 
     t0 = time.perf_counter()
+    from diffrt.lora import parse_file_strength
+
     manifest = export(args.src, args.out, family=args.family, precision=args.precision, opset=args.opset,
-                      overwrite=args.overwrite, tiny_vae=args.tiny_vae, fused_attention=args.fused_attention)
+                      overwrite=args.overwrite, tiny_vae=args.tiny_vae, fused_attention=args.fused_attention,
+                      loras=[parse_file_strength(item) for item in args.lora or ()])
     size = sum(f.size for f in manifest.all_files()) / 2**20
     print(f"wrote {args.out} ({len(manifest.stages)} stages, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s")
 
@@ -285,9 +288,14 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
 
     request, refiner_request = _prepare_request(args, folder, batch=len(outputs))
     settings = request.settings
+    loras = _lora_args(args)  # parsed before the load: a bad file fails fast
     with contextlib.ExitStack() as stack:
         pipe = stack.enter_context(Pipeline.load(folder, backend=args.backend, verify=args.verify,
-                                                 prepare=_prepare(request), **_backend_options(args)))
+                                                 prepare=_prepare(request),
+                                                 loras={name: lora for name, (lora, _) in loras.items()},
+                                                 **_backend_options(args)))
+        if loras:
+            request = pipe.with_loras(request, {name: strength for name, (_, strength) in loras.items()})
         refiner = None
         if refiner_request is not None:
             refiner = stack.enter_context(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify,
@@ -307,6 +315,17 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
         image.save(path)
         print(f"wrote {path} (seed {result.seed + index})")
     print(_timings_line(result.timings, settings.num_inference_steps))
+
+
+def _lora_args(args: argparse.Namespace) -> dict:
+    """--lora FILE[:STRENGTH] (repeatable) -> {name: (parsed Lora, strength)}."""
+    from diffrt.lora import parse_file_strength, read_lora
+
+    out = {}
+    for index, item in enumerate(getattr(args, "lora", None) or ()):
+        path, strength = parse_file_strength(item)
+        out[f"lora{index}"] = (read_lora(path), strength)
+    return out
 
 
 @contextlib.contextmanager
@@ -568,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not add the fused-attention UNet/VAE graphs (what the ort backend runs by default)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is done)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
+                   help="a LoRA .safetensors fused into the exported weights (strength default 1); repeatable")
     p.add_argument("--tiny-vae", default=None, metavar="PATH",
                    help="also export this AutoencoderTiny (TAESD) folder as a fast decoder, chosen with --vae tiny")
     p.set_defaults(func=cmd_export)
@@ -585,6 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="SD/SDXL: condition on the text encoder's state N layers before the usual one "
                         "(diffusers' clip_skip; prompts only, not negative prompts)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
+                   help="a LoRA .safetensors merged at run time (strength default 1); repeatable")
     p.add_argument("--refiner", default=None, metavar="OUT2",
                    help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
     p.add_argument("--high-noise-frac", type=float, default=None,
@@ -651,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
                    help="check file sizes only at load, not sha256")
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the folder's name)")
+    p.add_argument("--lora", action="append", default=None, metavar="NAME=FILE",
+                   help="a LoRA .safetensors requests can name ({\"loras\": {NAME: strength}}); repeatable")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="load every DIR/*.safetensors as a LoRA named after its file")
     p.add_argument("--workers", type=int, default=1,
                    help="batches run at once, each by its own worker thread on one copy of the weights "
                         "(default 1; OpenVINO: one stream each)")

@@ -208,6 +208,10 @@ class Pipeline:
         call names another set. Shared with every `worker()`. Returns the parsed Lora."""
         return self._loras.add(name, path)
 
+    def with_loras(self, request: Request, loras: Mapping[str, float] | None) -> Request:
+        """`request` run with these {name: strength} LoRAs instead (checked as in `request`)."""
+        return dataclasses.replace(request, loras=self._loras.check(loras))
+
     @property
     def loras(self) -> Mapping[str, Any]:
         """The loaded LoRAs by name (diffrt.lora.Lora)."""
@@ -268,7 +272,7 @@ class Pipeline:
                                guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
                                latents, output_type, vae, denoising_start=denoising_start,
                                denoising_end=denoising_end, image=image, **options)
-        request = dataclasses.replace(request, loras=self._loras.check(loras))
+        request = self.with_loras(request, loras)
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
 

@@ -24,6 +24,7 @@ import socket
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -409,6 +410,14 @@ def create_app(pipeline: Any, config: ServeConfig | None = None) -> FastAPI:
             "limits": {"max_n": config.max_n, "max_steps": config.max_steps, "max_side": config.max_side,
                        "max_batch": config.max_batch, "max_cost": config.max_cost,
                        "max_prompt_chars": config.max_prompt_chars}}]}
+
+    @app.get("/v1/loras")
+    async def loras():
+        loaded = getattr(pipeline, "loras", {}) or {}
+        return {"object": "list", "data": [{
+            "id": name, "object": "lora", "file": Path(lora.path).name, "sha256": lora.sha256,
+            "layout": lora.layout, "components": list(lora.components), "layers": len(lora.layers)}
+            for name, lora in sorted(loaded.items())]}
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():

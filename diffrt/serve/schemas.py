@@ -92,6 +92,8 @@ class ImagesRequest(BaseModel):
     size: str | None = None
     response_format: str | None = "b64_json"
     output_format: str | None = None
+    loras: dict[str, float] | None = None
+    """diffrt's extra field: {name: strength} of LoRAs the server loaded (GET /v1/loras)."""
 
 
 class GenerateRequest(BaseModel):
@@ -112,6 +114,7 @@ class GenerateRequest(BaseModel):
     n: int = 1
     output_format: Literal["png", "jpeg", "webp", "npy"] = "png"
     vae: str | None = None
+    loras: dict[str, float] | None = Field(default=None, description="{name: strength} of loaded LoRAs")
 
 
 # DiffrtError messages from the runtime start with the argument they are about.
@@ -119,7 +122,7 @@ _FIELD_OF_MESSAGE = (
     ("num_inference_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
     ("height", "height"), ("width", "width"), ("scheduler", "scheduler"), ("unknown preset", "preset"),
     ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"), ("prompt", "prompt"),
-    ("num_images_per_prompt", "n"),
+    ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"),
 )
 
 
@@ -184,7 +187,8 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
     call = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
             "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
             "height": height, "width": width, "num_images_per_prompt": body.n, "seed": body.seed,
-            "scheduler": body.scheduler, "preset": body.preset, "vae": body.vae, "output_type": "np"}
+            "scheduler": body.scheduler, "preset": body.preset, "vae": body.vae, "loras": body.loras,
+            "output_type": "np"}
     return {k: v for k, v in call.items() if v is not None}
 
 
@@ -203,7 +207,7 @@ def images_to_generate(body: ImagesRequest, config: ServeConfig) -> GenerateRequ
         raise ApiError(400, f"output_format must be png, jpeg or webp, got {output_format!r}", "output_format")
     size = None if body.size in (None, "auto") else body.size
     return GenerateRequest(prompt=body.prompt, n=1 if body.n is None else body.n, size=size,
-                           output_format=output_format)
+                           output_format=output_format, loras=body.loras)
 
 
 def check_cost(steps: int, height: int, width: int, images: int, config: ServeConfig) -> None:

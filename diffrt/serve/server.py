@@ -20,10 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_pipeline(folder: str | Path, backend: str = "ort", verify: bool | str = True,
-                  backend_options: dict[str, Any] | None = None, workers: int = 1):
+                  backend_options: dict[str, Any] | None = None, workers: int = 1,
+                  loras: dict[str, Path] | None = None):
     from diffrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, backend=backend, verify=verify, workers=workers, **(backend_options or {}))
+    pipe = Pipeline.load(folder, backend=backend, verify=verify, workers=workers, loras=loras,
+                         **(backend_options or {}))
     if pipe.family.takes_image(pipe.manifest.model):
         pipe.close()
         raise DiffrtError(f"{folder} is an SDXL refiner (it continues a base model's latents); serve a base artifact")
@@ -152,6 +154,29 @@ def api_keys(given: list[str] | None, key_file: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(check_api_key(key, source) for key, source in keys))
 
 
+def lora_files(given: list[str] | None, folder: str | None) -> dict[str, Path]:
+    """--lora NAME=FILE (repeatable) and the *.safetensors of --lora-dir DIR (named
+    after the file) -> {name: file}; a name given twice is a one-line error."""
+    loras: dict[str, Path] = {}
+    pairs = []
+    if folder is not None:
+        if not Path(folder).is_dir():
+            raise DiffrtError(f"--lora-dir {folder}: not a folder; give a folder of .safetensors LoRA files")
+        pairs += [(path.stem, path) for path in sorted(Path(folder).glob("*.safetensors"))]
+        if not pairs:
+            raise DiffrtError(f"--lora-dir {folder} holds no .safetensors file")
+    for item in given or ():
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise DiffrtError(f"--lora {item!r}: use NAME=FILE, e.g. --lora style=style.safetensors")
+        pairs.append((name, Path(file)))
+    for name, path in pairs:
+        if name in loras:
+            raise DiffrtError(f"LoRA name {name!r} is given twice ({loras[name]} and {path}); rename one")
+        loras[name] = path
+    return loras
+
+
 def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
     """`diffrt serve`: check the options, load the artifact (errors are one line),
     then serve until SIGTERM (uvicorn) or Ctrl-C (Ray)."""
@@ -170,6 +195,9 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
                             "autoscaling_config", "ray_address") if getattr(args, n) is not None]
     if ray_only and not args.ray:
         raise DiffrtError(f"--{ray_only[0].replace('_', '-')} is a Ray option; add --ray")
+    loras = lora_files(getattr(args, "lora", None), getattr(args, "lora_dir", None))
+    if loras and args.ray:
+        raise DiffrtError("--lora/--lora-dir are not supported with --ray yet; serve them without --ray")
     folder = Path(args.out)
     keys = api_keys(args.api_key, args.api_key_file)
     config = ServeConfig(model_name=args.model_name or model_name(folder), workers=args.workers,
@@ -194,7 +222,7 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
         return
     check_port_free(args.host, args.port)  # before the minutes a real-size load takes
     pipe = load_pipeline(folder, backend=args.backend, verify=verify, backend_options=backend_options,
-                         workers=args.workers)
+                         workers=args.workers, loras=loras)
     check_port_free(args.host, args.port)  # and again: taken while loading
     workers = f" ({args.workers} workers)" if args.workers > 1 else ""
     print(f"diffrt serve: {config.model_name}{workers} on http://{args.host}:{args.port}/ (playground at /, "
