@@ -185,7 +185,7 @@ class MergedLoras:
         unknown = [n for n in loras if n not in self._loras]
         if unknown:
             loaded = ", ".join(sorted(self._loras)) or "none"
-            raise DiffrtError(f"unknown LoRA {first_names([str(n) for n in unknown])}; loaded: {loaded}")
+            raise DiffrtError(f"unknown LoRA {first_names([repr(n) for n in unknown])}; loaded: {loaded}")
         checked = ((name, check_strength(name, strength)) for name, strength in loras.items())
         return tuple(sorted((n, s) for n, s in checked if s != 0.0))
 
