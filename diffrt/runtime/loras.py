@@ -79,8 +79,10 @@ class _Stage:
 class MergedLoras:
     """The LoRAs loaded into a pipeline (by name) and the set merged into its models."""
 
-    def __init__(self, folder: Path, models: Mapping[str, Any]):
+    def __init__(self, folder: Path, models: Mapping[str, Any], backend: Any = None):
+        """`backend`: the models' backend, asked whether it can change weights after load."""
         self._folder = Path(folder)
+        self._backend = backend
         self._models = models
         self._stages: dict[str, list[_Stage]] = {}  # component -> the models holding its weights
         self._loras: dict[str, Lora] = {}
@@ -108,6 +110,9 @@ class MergedLoras:
             raise DiffrtError(f"LoRA name {name!r}: use a short name without spaces, '=', ':', ',' or slashes")
         if name in self._loras:
             raise DiffrtError(f"a LoRA named {name!r} is already loaded; choose another name")
+        if self._backend is not None and not self._backend.updates_weights:
+            raise DiffrtError(f"the {self._backend.name} backend cannot change weights after loading; fuse the "
+                              "LoRA at export instead (diffrt export --lora FILE) or use ort or openvino")
         lora = source if isinstance(source, Lora) else read_lora(source)
         with self._loading:
             targets, fresh = self._match(lora)
