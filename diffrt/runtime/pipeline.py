@@ -122,7 +122,7 @@ class Pipeline:
                            for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
         self._contexts = _open_contexts(self._models, self._shapes)
-        self._loras = MergedLoras(folder, self._models)  # shared with worker() views, as the models are
+        self._loras = MergedLoras(folder, self._models, backend)  # shared with worker() views, as the models are
 
     @classmethod
     def load(
