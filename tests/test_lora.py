@@ -295,3 +295,39 @@ def test_cli_generate_with_lora_equals_the_api(sd, tmp_path):
     bad = cli("generate", str(folder), "a cat", "--lora", str(tmp_path / "none.safetensors"), "-o",
               str(tmp_path / "y.png"))
     assert bad.returncode != 0 and "none.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tensorrt_merges_through_refit_as_ort_does(sd, tmp_path, monkeypatch):
+    """On the fake TensorRT (tests/fake_gpu.py: TensorRT's API over ONNX Runtime), a LoRA
+    goes through the refitter; its image is ORT's with the same LoRA, and no LoRA after
+    it is the base image again."""
+    import fake_gpu
+    from conftest import copy_artifact
+
+    from diffrt.build.tensorrt import BuildOptions, build_plan, plan_build
+
+    fake = fake_gpu.install(monkeypatch)
+    _, exported_folder, files, _ = sd
+    folder = copy_artifact(exported_folder, tmp_path / "artifact")
+    build_plan(plan_build(folder, batch="1", size=(64, 64), options=BuildOptions(refit=True)), cache_dir=tmp_path)
+    latents = sd[3].numpy()
+    call = dict(latents=latents, scheduler="euler", guidance_scale=1.0, num_inference_steps=2, output_type="np")
+    with Pipeline.load(folder, backend="tensorrt", cache_dir=tmp_path, loras={"a": files["a"]}) as pipe:
+        base = pipe("a red cat", **call).images
+        got = pipe("a red cat", loras={"a": 0.7}, **call).images
+        back = pipe("a red cat", **call).images
+    assert fake.refits, "the LoRA reached TensorRT's refitter"
+    with Pipeline.load(folder, backend="ort", attention="portable", disk_cache=False,
+                       loras={"a": files["a"]}) as pipe:
+        want = pipe("a red cat", loras={"a": 0.7}, **call).images
+        want_base = pipe("a red cat", **call).images
+    assert float(np.abs(want - want_base).max()) > 2e-2
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(back, base, rtol=0, atol=1e-5)
+
+
+def test_a_backend_that_cannot_change_weights_refuses_loras(sd):
+    _, folder, files, _ = sd
+    with pytest.raises(DiffrtError, match="fuse the LoRA at export") as info:
+        Pipeline.load(folder, backend="torch", loras={"a": files["a"]})
+    assert "\n" not in str(info.value)
