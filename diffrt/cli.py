@@ -350,32 +350,45 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from diffrt.runtime.pipeline import Pipeline
+    from diffrt.bench import bench, configs_from, read_prompts, table
     from diffrt.runtime.request import check_count
 
-    args.prompt = "a photo of an astronaut riding a horse"
     check_count("--runs", args.runs)
-    request, _ = _prepare_request(args, Path(args.out), batch=check_count("--batch", args.batch))
-    request = dataclasses.replace(request, output_type="np")
-    settings = request.settings
-    with Pipeline.load(args.out, backend=args.backend, verify=args.verify, prepare=_prepare(request),
-                       **_backend_options(args)) as pipe:
-        pipe.generate([dataclasses.replace(request, prompts=("warm-up",) * len(request.prompts))])
-        runs = []
-        for i in range(args.runs):
-            t = pipe.generate([request])[0].timings
-            runs.append(t)
-            if not args.quiet:
-                print(f"run {i + 1}/{args.runs}: {t['total']:.3f}s", file=sys.stderr)
-        backend = pipe.backend.describe()
-    median = {k: statistics.median(r[k] for r in runs) for k in ("text_encoder", "denoiser", "vae_decoder", "total")}
-    median["denoiser_per_call"] = statistics.median(s for r in runs for s in r["denoiser_calls"])
-    report = {"artifact": str(args.out), "backend": backend, "batch": args.batch, "settings": settings.__dict__,
-              "denoiser_calls": len(runs[0]["denoiser_calls"]), "runs": args.runs, "median_seconds": median}
-    print(json.dumps(report, indent=2))
-    print("\n| stage | median s |\n|---|---|")
-    for key, value in median.items():
-        print(f"| {key} | {value:.4f} |")
+    if args.warmup < 0:
+        raise DiffrtError(f"--warmup must be an integer >= 0, got {args.warmup}")
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    if args.seed is None:
+        args.seed = 0  # run i uses seed + i: the same images for every configuration and every rerun
+    batch = check_count("--batch", args.batch)
+    requests = {}
+    for prompt in dict.fromkeys(prompts):  # each prompt validated once, before anything loads
+        args.prompt = prompt
+        request, _ = _prepare_request(args, Path(args.out), batch=batch)
+        requests[prompt] = dataclasses.replace(request, output_type="np")
+    first = requests[prompts[0]]
+    options = _backend_options(args)
+    options.pop("graph_precision")
+    attention = options.pop("attention")
+    if args.precision and args.graph_precision:
+        raise DiffrtError("give --precision LIST (bench compares graph precisions) or --graph-precision, not both")
+    configs = configs_from(args.backend, args.precision or args.graph_precision, options)
+
+    def load(folder, config):
+        from diffrt.runtime.pipeline import Pipeline
+
+        return Pipeline.load(folder, backend=config.backend, verify=args.verify, prepare=_prepare(first),
+                             graph_precision=config.graph_precision, attention=attention, **dict(config.options))
+
+    def request_for(_pipe, prompt, index):
+        return dataclasses.replace(requests[prompt], seed=args.seed + index)
+
+    report = bench(args.out, configs, request_for, prompts, runs=args.runs, warmup=args.warmup, load=load,
+                   progress=None if args.quiet else (lambda text: print(text, file=sys.stderr)))
+    report["settings"] = {**first.settings.__dict__, "batch": batch, "seed": args.seed}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        _say(args, f"wrote {args.json}")
+    print(table(report), end="")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -619,7 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, with_prompt=False)
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up run (default 3)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs (rounds) per configuration (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="calls per configuration before the timed ones, kept out of the statistics (default 1)")
+    p.add_argument("--precision", default=None, metavar="LIST",
+                   help="graph precisions to compare, comma-separated: default, fp32, fp16, bf16 (with --backend "
+                        "ort,openvino: every pair); default: the backend's choice")
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse", help="the prompt of every run")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="a prompt set, one per line: runs cycle through it (the same prompt for every "
+                        "configuration within a round)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write everything (machine, artifact hash, every run's timings, statistics) here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", parents=[common], help="describe an artifact folder and check its files")

@@ -50,12 +50,14 @@ def test_generate_inspect_bench(exported, tmp_path):
     assert result.returncode == 0 and "StableDiffusionPipeline" in result.stdout
     assert "unet-fused [unet, fused-attention, fp32, passes fuse_attention]" in result.stdout
 
-    result = cli("bench", folder, "--steps", "2", "--runs", "2", "--scheduler", "ddim", "--no-verify")
+    report_path = tmp_path / "bench.json"
+    result = cli("bench", folder, "--steps", "2", "--runs", "2", "--scheduler", "ddim", "--no-verify",
+                 "--json", str(report_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout[: result.stdout.index("\n| stage")])
+    report = json.loads(report_path.read_text())
     assert report["runs"] == 2 and report["settings"]["num_inference_steps"] == 2
-    assert report["denoiser_calls"] == 2 and report["median_seconds"]["denoiser_per_call"] > 0
-    assert report["median_seconds"]["total"] > 0
+    run = report["configs"]["ort/default"]
+    assert run["denoiser_calls_per_run"] == 2 and len(run["runs"]) == 2 and run["stages"]["total"]["p50"] > 0
 
 
 def test_sdxl_presets_and_refiner_from_the_cli(exported, tmp_path):
