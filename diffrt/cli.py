@@ -276,9 +276,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     from diffrt.lora import parse_file_strength
 
-    manifest = export(args.src, args.out, family=args.family, precision=args.precision, opset=args.opset,
-                      overwrite=args.overwrite, tiny_vae=args.tiny_vae, fused_attention=args.fused_attention,
-                      loras=[parse_file_strength(item) for item in args.lora or ()])
+    options = dict(family=args.family, precision=args.precision, opset=args.opset, overwrite=args.overwrite,
+                   tiny_vae=args.tiny_vae, fused_attention=args.fused_attention,
+                   loras=[parse_file_strength(item) for item in args.lora or ()],
+                   textual_inversion=args.textual_inversion or ())
+    if args.config is not None or Path(args.src).expanduser().is_file():  # a single-file checkpoint
+        from diffrt.export.single_file import export_single_file
+
+        manifest = export_single_file(args.src, args.out, args.config, **options)
+    else:
+        manifest = export(args.src, args.out, **options)
     size = sum(f.size for f in manifest.all_files()) / 2**20
     print(f"wrote {args.out} ({len(manifest.stages)} stages, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s")
 
@@ -590,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("export", parents=[common], help="export a diffusers checkpoint to an artifact folder")
-    p.add_argument("src", help="local diffusers folder (with model_index.json) or hub id 'org/name'")
+    p.add_argument("src", help="local diffusers folder (with model_index.json), hub id 'org/name', or a "
+                               "single-file checkpoint with --config")
     p.add_argument("out", help="artifact folder to write (appears only when complete)")
     p.add_argument("--family", default="auto", help="model family: sd or sdxl; auto: from model_index.json")
     p.add_argument("--precision", default="fp32",
@@ -604,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA .safetensors fused into the exported weights (strength default 1); repeatable")
     p.add_argument("--tiny-vae", default=None, metavar="PATH",
                    help="also export this AutoencoderTiny (TAESD) folder as a fast decoder, chosen with --vae tiny")
+    p.add_argument("--config", default=None, metavar="DIFFUSERS_FOLDER",
+                   help="SRC is a single-file checkpoint (.safetensors/.ckpt, original layout): the diffusers "
+                        "folder of its architecture (configs, tokenizer, scheduler; nothing is downloaded)")
+    p.add_argument("--textual-inversion", action="append", default=None, metavar="FILE[:TOKEN]",
+                   help="bake a textual-inversion embedding (.safetensors or A1111 .pt) into the text encoder(s), "
+                        "under TOKEN (default: the file's); repeatable")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", parents=[common], help="generate images from an artifact folder")

@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from diffrt.artifacts import read_manifest
 from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.textual_inversion import SPARE_TOKEN_ROWS
 from diffrt.weights import WeightMap, cast, weight_map
 
 KINDS = ("sd15", "sd2", "lcm", "sdxl", "sdxl-refiner")
@@ -38,7 +39,12 @@ def _checkpoint_parameters(checkpoint, component: str, tiny_vae=None) -> dict[st
     """The component's parameters as diffusers/transformers load them (state-dict names)."""
     folder = tiny_vae if component == "tiny_vae" else checkpoint / component
     module = _component_class(component).from_pretrained(folder)
-    return {n: p.detach().numpy().copy() for n, p in module.named_parameters(remove_duplicate=False)}
+    params = {n: p.detach().numpy().copy() for n, p in module.named_parameters(remove_duplicate=False)}
+    for name in [n for n in params if n.endswith("token_embedding.weight")]:
+        # the exporter appends zero rows to a CLIP token table, for textual-inversion tokens (diffrt.textual_inversion)
+        table = params[name]
+        params[name] = np.concatenate([table, np.zeros((SPARE_TOKEN_ROWS, table.shape[1]), table.dtype)])
+    return params
 
 
 def _initializers(folder, spec) -> dict[str, np.ndarray]:

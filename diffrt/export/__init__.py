@@ -54,6 +54,8 @@ from diffrt.export.publish import (
     staging_path,
     sweep_partials,
 )
+from diffrt.export.single_file import NEEDS_CONFIG, is_single_file
+from diffrt.export.textual_inversion import prepare as prepare_embeddings
 from diffrt.export.variants import derive_stages, image_checks, parse_precisions
 from diffrt.families import family_for_pipeline_class, get_family
 from diffrt.runtime.cpu import installed_versions
@@ -80,6 +82,8 @@ def export(
     tiny_vae: str | os.PathLike | None = None,
     fused_attention: bool = True,
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
+    textual_inversion: Sequence = (),
+    source_id: str | None = None,
 ) -> Manifest:
     """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`.
 
@@ -92,7 +96,12 @@ def export(
     one MultiHeadAttention op (what ONNX Runtime runs best; the portable graph stays
     for OpenVINO and TensorRT, which fuse attention themselves).
     `loras`: (LoRA file, strength) pairs fused into the exported weights (diffrt/export/lora.py);
-    each stage they change records them in its facts["loras"]."""
+    each stage they change records them in its facts["loras"].
+    `textual_inversion`: embedding files ("FILE[:TOKEN]" or (file, token)) written into
+    the text encoders' token tables, their tokens recorded for the runtime tokenizers
+    (diffrt/export/textual_inversion.py).
+    `source_id`: what the manifest names as the source (default `src`; a single-file
+    checkpoint converted to a temporary folder, diffrt/export/single_file.py)."""
     started = time.perf_counter()
     out = Path(out)
     precisions = parse_precisions(precision)
@@ -100,6 +109,9 @@ def export(
         raise DiffrtError(f"--opset {opset} is out of range; use 14..20 (default {DEFAULT_OPSET})")
     if out.exists() and not overwrite:
         raise DiffrtError(f"{out} already exists; choose another OUT or pass --overwrite")
+    if is_single_file(src):  # a file, not a folder: it needs the architecture's configs
+        raise DiffrtError(f"{src}: a file, not a diffusers folder; {NEEDS_CONFIG} "
+                          "(Python: diffrt.export.single_file.export_single_file)")
     folder = resolve_source(str(src))
     model_index = read_model_index(folder)
     pipeline_class = model_index["_class_name"]
@@ -108,6 +120,7 @@ def export(
         raise DiffrtError(f"{folder} holds a {pipeline_class}, not a {fam.NAME} pipeline; use --family auto")
     scheduler = _default_scheduler(folder)  # before the long part: a bad config fails fast
     fused = read_loras(loras)  # likewise a bad LoRA file
+    baked = prepare_embeddings(textual_inversion, folder, fam)  # and a bad embedding file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with export_lock(out):  # held until OUT is in place: a second exporter is refused
@@ -117,8 +130,8 @@ def export(
         staging.mkdir()
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
         try:
-            manifest = _export_into(staging, src, folder, fam, pipeline_class, scheduler, precisions, opset,
-                                    tiny_vae, fused_attention, fused)
+            manifest = _export_into(staging, source_id or src, folder, fam, pipeline_class, scheduler, precisions,
+                                    opset, tiny_vae, fused_attention, fused, baked)
             _apply_umask_modes(staging)
             publish(staging, out, replaces)
         except BaseException:
@@ -130,9 +143,9 @@ def export(
 
 def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, scheduler: str,
                  precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool,
-                 loras: Sequence = ()) -> Manifest:
+                 loras: Sequence = (), baked=None) -> Manifest:
     """Write the whole artifact into `staging`; returns its manifest."""
-    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras)
+    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras, baked)
     stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
     # the family's exporter may complete a copied component (SD3: a T5 tokenizer.json from spiece.model)
     finish = getattr(importlib.import_module(fam.EXPORT_MODULE), "finish_component", None)
@@ -143,6 +156,8 @@ def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, sch
         shutil.copytree(folder / component, staging / component)
         if finish is not None:
             finish(staging / component, component)
+        if baked is not None:
+            baked.finish_tokenizer(staging / component, component)
         components[component] = folder_records(staging, staging / component)
     preset = fam.PRESETS[fam.default_preset(pipeline_class, model)]
     size = model["sample_size"] * model["vae_scale_factor"]
@@ -192,7 +207,7 @@ def _default_scheduler(folder: Path) -> str:
 
 
 def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None,
-                   loras: Sequence = ()):
+                   loras: Sequence = (), baked=None):
     """Export and check every stage of the family (and the opt-in tiny VAE decoder),
     one torch module in memory at a time; returns (model facts, stage specs, each
     stage's check inputs as numpy)."""
@@ -214,6 +229,8 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str |
         facts = torch_side.tiny_vae_facts(torch_side.load_tiny_vae(Path(tiny_vae), model))
         jobs.append((fam.TINY_VAE_DECODER, fam.VAE_DECODER, fam.TINY_VARIANT, facts,
                      lambda: torch_side.tiny_vae_stage(torch_side.load_tiny_vae(Path(tiny_vae), model), model)))
+    if baked is not None:  # textual-inversion vectors into the text encoders' token tables
+        jobs = [(name, role, variant, facts, baked.wrap(name, load)) for name, role, variant, facts, load in jobs]
     stages, feeds = {}, {}
     for index, (name, role, variant, facts, load) in enumerate(jobs, start=1):
         inputs_, outputs = io[role]

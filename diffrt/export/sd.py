@@ -19,6 +19,7 @@ import torch
 
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import quiet_library_progress, read_json
+from diffrt.export.textual_inversion import reserve_token_rows
 from diffrt.families import sd
 from diffrt.families.base import facts_to_json
 
@@ -330,6 +331,7 @@ def stage_module(name: str, module: torch.nn.Module, model: dict[str, Any], inpu
     inputs of a different shape. `inputs` draws from one generator: build the stages
     in the family's order to get the same inputs every time."""
     if name == sd.TEXT_ENCODER:
+        reserve_token_rows(module)  # room for textual-inversion tokens loaded at run time
         stage = inputs.text_encoder(TextEncoderStage(module), module.config.vocab_size)
     elif name == sd.DENOISER:
         stage = inputs.unet(UNetStage(module))

@@ -25,6 +25,7 @@ from diffrt.export.sd import (  # noqa: F401 - load_tiny_vae and friends are thi
     tiny_vae_stage,
     vae_latent_facts,
 )
+from diffrt.export.textual_inversion import reserve_token_rows
 from diffrt.families import sdxl
 from diffrt.families.base import facts_to_json
 
@@ -197,6 +198,7 @@ def stage_module(name: str, module: torch.nn.Module, model: dict[str, Any], inpu
                 "time_ids": torch.tensor([time_ids] * batch, dtype=torch.float32)}
 
     if name in (sdxl.TEXT_ENCODER, sdxl.TEXT_ENCODER_2):
+        reserve_token_rows(module)  # room for textual-inversion tokens loaded at run time
         stage = inputs.text_encoder(TextEncoderStage(module, name == sdxl.TEXT_ENCODER_2), module.config.vocab_size)
     elif name == sdxl.DENOISER:
         stage = inputs.unet(UNetStage(module), added)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from diffrt.artifacts import (
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.families.base import DenoisePlan, stack_plans
+from diffrt.runtime import img2img
 from diffrt.runtime.backends import CompiledModel, Context, get_backend
 from diffrt.runtime.backends.base import profile_shapes
 from diffrt.runtime.denoise import denoise, device_plan
@@ -55,7 +57,6 @@ from diffrt.runtime.request import (
     read_scheduler_config,
     resolve_settings,
 )
-from diffrt.runtime.schedulers import plan_window
 from diffrt.runtime.tokenizers import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 # the record of verified files. Not part of the manifest: deleting it loses nothing.
 ENGINES_DIR = "engines"
 ATTENTION_FORMS = ("fused", "portable")
+# Held while a pipeline opens its VAE encoder (img2img), so concurrent workers open it once.
+_ENCODER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -103,6 +106,8 @@ class PerImageNoise:
 
 
 class Pipeline:
+    _verify_encoder: tuple[str, Path | None] = ("size", None)  # set by `load`
+
     def __init__(self, folder: Path, manifest: Manifest, backend, models: dict[str, CompiledModel],
                  shapes: Mapping[str, Mapping[str, tuple[int, ...]] | None] | None = None):
         """`models`: a compiled model per stage key (see `load`), which this pipeline owns
@@ -123,6 +128,7 @@ class Pipeline:
         self.scheduler_config = read_scheduler_config(folder)
         self._contexts = _open_contexts(self._models, self._shapes)
         self._loras = MergedLoras(folder, self._models, backend)  # shared with worker() views, as the models are
+        self._token_tables: dict[str, np.ndarray] = {}  # textual inversion: each role's table as it runs now
 
     @classmethod
     def load(
@@ -179,6 +185,7 @@ class Pipeline:
                 logger.info("loaded %s in %.2fs", spec.describe(), time.perf_counter() - t0)
             shapes = {key: profile_shapes(spec, profiles.get(spec.role)) for key, spec in specs.items()}
             pipe = cls(folder, manifest, engine, models, shapes)
+            pipe._verify_encoder = (mode, cache_root / STAMPS_NAME)  # how img2img's VAE encoder is checked
             for name, path in (loras or {}).items():
                 pipe.load_lora(name, path)
             return pipe
@@ -216,6 +223,16 @@ class Pipeline:
     def loras(self) -> Mapping[str, Any]:
         """The loaded LoRAs by name (diffrt.lora.Lora)."""
         return MappingProxyType(self._loras.loaded)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
+        """Load a textual-inversion embedding (.safetensors; diffusers' single-token,
+        multi-vector and SDXL clip_l/clip_g forms, see diffrt.textual_inversion): its
+        tokens join the tokenizers and its vectors the text encoders' token tables
+        (`update_weights`, no reload). `token` names it (default: the file's). Call it
+        between generations; shared with every `worker()`. Returns the tokens added."""
+        from diffrt.runtime.textual_inversion import load_into
+
+        return load_into(self, path, token)
 
     @property
     def models(self) -> Mapping[str, CompiledModel]:
@@ -257,8 +274,12 @@ class Pipeline:
         *,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
-        image: np.ndarray | None = None,
+        image: Any = None,
         loras: Mapping[str, float] | None = None,
+        strength: float | None = None,
+        noise: np.ndarray | None = None,
+        image_noise: np.ndarray | None = None,
+        sample_mode: str | None = None,
         **options: Any,
     ) -> Request:
         """Validate a generation once, before any work: a `Request` for `generate`.
@@ -267,11 +288,22 @@ class Pipeline:
         aesthetic_score, negative_aesthetic_score); an unknown one is a one-line error
         naming those accepted. A request whose activations cannot fit in the memory
         available is refused here too. `loras`: {name: strength} of loaded LoRAs
-        (`load_lora`) to run with; strength 0 is the same as leaving one out."""
+        (`load_lora`) to run with; strength 0 is the same as leaving one out.
+
+        img2img: `image` is a picture (PIL RGB image, file path, or (H, W, 3) array:
+        uint8, or float in [0, 1]) or latents (batch, latent channels, h, w); the output
+        has the picture's size rounded down to a multiple of the VAE's scale factor
+        unless height/width are given (then it is resized to them). `strength` in (0, 1]
+        (default diffusers': SD 0.8, SDXL 0.3) is how much of the schedule is redone.
+        `noise` (batch, C, h, w), the noise added at the start step, and `image_noise`
+        (1 or batch, C, h, w), the VAE encoder's sample noise, replace those draws;
+        `sample_mode="argmax"` takes the encoder's mode instead of a sample
+        (diffrt.runtime.img2img)."""
         request = make_request(self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps,
                                guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
                                latents, output_type, vae, denoising_start=denoising_start,
-                               denoising_end=denoising_end, image=image, **options)
+                               denoising_end=denoising_end, image=image, strength=strength, noise=noise,
+                               image_noise=image_noise, sample_mode=sample_mode, **options)
         request = self.with_loras(request, loras)
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
@@ -279,12 +311,14 @@ class Pipeline:
     def batch_key(self, request: Request) -> tuple:
         """What requests must share to run in the same denoiser calls (`generate`): the
         size, steps, scheduler (with a preset's config), guidance mode (CFG or not), the
-        decoder, the part of the schedule and the LoRA set (merged into the weights)."""
+        decoder, the part of the schedule and the LoRA set (merged into the weights).
+        A request that starts from an image shares with none."""
         s = request.settings
         # family options that size the conditioning (SD3's and Flux's max_sequence_length)
         shaping = tuple(getattr(request.options, name, None) for name in getattr(self.family, "BATCH_OPTIONS", ()))
         return (s.height, s.width, s.num_inference_steps, s.scheduler, s.scheduler_config, request.do_cfg,
-                request.vae, request.denoising_start, request.denoising_end, request.loras, *shaping)
+                request.vae, request.denoising_start, request.denoising_end, request.loras, *shaping,
+                id(request) if request.from_image else None)  # a start from an image runs alone
 
     # -- generation -------------------------------------------------------------
 
@@ -308,7 +342,7 @@ class Pipeline:
         *,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
-        image: np.ndarray | None = None,
+        image: Any = None,
         refiner: Pipeline | None = None,
         high_noise_frac: float | None = None,
         loras: Mapping[str, float] | None = None,
@@ -335,6 +369,11 @@ class Pipeline:
         `denoising_start`. Or in one call: `refiner=` a loaded refiner Pipeline and
         `high_noise_frac` (default 0.8): the base denoises the first 80% of the
         schedule, the refiner the rest, in latent space, and decodes.
+
+        img2img: `image=` a picture (PIL image, path or array) and `strength=` (see
+        `request`; also `noise`, `image_noise`, `sample_mode`), as diffusers'
+        StableDiffusionImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline. Its random
+        draws, in order: the VAE encoder's sample, the noise added at the start step.
         """
         call = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, height=height, width=width,
@@ -371,7 +410,7 @@ class Pipeline:
         if len({self.batch_key(r) for r in requests}) > 1:
             raise DiffrtError("generate: the requests differ in size, steps, scheduler, guidance mode, VAE, "
                               "schedule window or LoRAs; group them by batch_key()")
-        if len(requests) > 1 and any(r.latents is not None or r.image is not None for r in requests):
+        if len(requests) > 1 and any(r.latents is not None or r.from_image for r in requests):
             raise DiffrtError("requests with latents= or image= run alone: give generate() one of them")
         first = requests[0]
         rows = tuple(p for r in requests for p in r.prompts for _ in range(r.num_images_per_prompt))
@@ -418,18 +457,21 @@ class Pipeline:
 
         # 2. The schedule (or the part of it this request runs).
         try:
-            run = plan_window(first.scheduler, settings.num_inference_steps, first.denoising_start,
-                              first.denoising_end, **plan.schedule)
+            run = img2img.plan_run(first, **plan.schedule)
         except ValueError as exc:
             raise DiffrtError(str(exc)) from None
 
         # 3. Initial latents: noise scaled by the scheduler's initial sigma (as diffusers
-        # does), or a base model's latents that a refiner continues as they are. Noise is
+        # does), or an image's latents noised to the run's first step (img2img), or a
+        # base model's latents that a refiner continues as they are. Noise is
         # drawn in the VAE's layout and packed; `latents=` comes in the denoiser's layout
         # already, as diffusers' latents= does (Flux: packed 2x2 patches).
         sigma = np.float32(run.init_noise_sigma)
-        if first.image is not None:
-            sample = self._to_device(plan.pack(first.image))
+        if first.from_image:
+            t0 = time.perf_counter()
+            start = img2img.start_latents(first, plan, run, rng, self._encode_image)
+            timings["vae_encoder"] = time.perf_counter() - t0
+            sample = self._to_device(plan.pack(start))
         elif first.latents is not None:
             sample = self._to_device((first.latents * sigma).astype(np.float32))
         else:
@@ -442,8 +484,9 @@ class Pipeline:
         windowed = first.denoising_start is not None or first.denoising_end is not None
         extra = 0 if windowed else len(run.timesteps) - steps
         done = steps - len(run.timesteps) if first.denoising_start is not None else 0
+        counted = (0, len(run.timesteps), 0) if first.strength is not None else (done, steps, extra)  # img2img: its part
         sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._contexts[self.family.DENOISER],
-                                                    rng, self._to_device, progress, (done, steps, extra))
+                                                    rng, self._to_device, progress, counted)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, plan, timings
 
@@ -455,6 +498,30 @@ class Pipeline:
         images = postprocess(_check_finite(self._to_host(decoded), "decoded images"))  # the one device -> host copy
         timings["vae_decoder"] = time.perf_counter() - t0
         return images
+
+    def _encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """The VAE encoder stage on a preprocessed picture: its latent distribution's
+        parameters (mean and logvar on channels), on the host."""
+        context = self._image_encoder()
+        return self._to_host(context.run({"sample": self._to_device(pixels)})["latent_parameters"])
+
+    def _image_encoder(self) -> Context:
+        """The VAE encoder's context. Its model is opened by the first call that starts
+        from a picture (text-to-image never loads it), in the decoder's precision,
+        verified as `load` verified the rest, and shared with every worker() view."""
+        key = self.family.VAE_ENCODER
+        with _ENCODER_LOCK:
+            if key not in self._models:
+                precision = self._models[self.family.VAE_DECODER].spec.precision
+                spec = self.manifest.select(key, DEFAULT_VARIANT, [precision, "fp32"])
+                mode, stamps_path = self._verify_encoder
+                verify_files(self.folder, self.manifest, mode, stages=[spec.name], stamps_path=stamps_path)
+                t0 = time.perf_counter()
+                self._models[key] = self.backend.open(self.folder, spec, profile=None)
+                logger.info("loaded %s in %.2fs (img2img)", spec.describe(), time.perf_counter() - t0)
+            if key not in self._contexts:
+                self._contexts[key] = self._models[key].context()
+        return self._contexts[key]
 
     def _materializes_attention(self) -> bool:
         """Whether the UNet graph running here builds full attention score tensors: a

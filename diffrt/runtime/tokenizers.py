@@ -53,6 +53,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from diffrt.errors import DiffrtError
+from diffrt.textual_inversion import TOKENS_FILE, read_tokens_file
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class CLIPTokenizer:
         self.pad_token_id = pad_token_id
         self.max_prompt_chars = MAX_PROMPT_CHARS  # text past this is not tokenized (see MAX_PROMPT_CHARS)
         self._counter: Tokenizer | None = None
+        self._expansions: dict[str, str] = {}  # multi-vector textual-inversion token -> "token token_1 ..."
 
     @property
     def backend_tokenizer(self) -> Tokenizer:
@@ -178,10 +180,61 @@ class CLIPTokenizer:
             direction=padding_side, pad_id=ids["pad_token"], pad_type_id=0, pad_token=pad, length=model_max_length
         )
         logger.debug("loaded CLIP tokenizer from %s (pad_token=%r, id %d)", folder, pad, ids["pad_token"])
-        return cls(tokenizer, model_max_length, pad, ids["pad_token"])
+        loaded = cls(tokenizer, model_max_length, pad, ids["pad_token"])
+        baked = read_tokens_file(folder)  # textual-inversion tokens an export baked in
+        if baked is not None:
+            first, groups = baked
+            if loaded.size != first:
+                raise DiffrtError(f"{folder / TOKENS_FILE}: its tokens start at id {first}, the tokenizer's next id is "
+                                  f"{loaded.size}; re-export the model")
+            for group in groups:
+                loaded.add_embedding_tokens(group)
+        return loaded
+
+    # -- textual inversion (diffrt/textual_inversion.py) -------------------------------
+
+    @property
+    def size(self) -> int:
+        """The number of ids in use, added tokens included: the id the next added token gets."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def has_token(self, token: str) -> bool:
+        return self._tokenizer.token_to_id(token) is not None
+
+    def add_embedding_tokens(self, tokens: tuple[str, ...]) -> list[int]:
+        """Add one embedding's tokens (token, token_1, ...) as transformers' add_tokens adds
+        a string (normalized, not special); a prompt's `token` then expands to all of
+        them (diffusers' maybe_convert_prompt). Returns their ids."""
+        self._tokenizer.add_tokens([AddedToken(t, normalized=True, special=False) for t in tokens])
+        self._counter = None
+        if len(tokens) > 1:
+            self._expansions[tokens[0]] = " ".join(tokens)
+        return [self._tokenizer.token_to_id(t) for t in tokens]
+
+    def expand_prompt(self, prompt: str) -> str:
+        """diffusers' `_maybe_convert_prompt`: each multi-vector token found among the
+        prompt's tokens is replaced (as a substring, everywhere) by its whole sequence."""
+        if not self._expansions:
+            return prompt
+        plain = self._plain()
+        for token in set(plain.encode(prompt, add_special_tokens=False).tokens):
+            if token in self._expansions:
+                prompt = prompt.replace(token, self._expansions[token])
+        return prompt
+
+    def _plain(self) -> Tokenizer:
+        """The same tokenizer without truncation or padding (tokenize() in transformers)."""
+        if self._counter is None:
+            counter = Tokenizer.from_str(self._tokenizer.to_str())
+            counter.no_truncation()
+            counter.no_padding()
+            self._counter = counter
+        return self._counter
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """Token ids, int64 [len(prompts), model_max_length]: bos, tokens, eos, padding."""
+        if self._expansions and isinstance(prompts, list) and all(isinstance(p, str) for p in prompts):
+            prompts = [self.expand_prompt(p) for p in prompts]
         return _encode_prompts(self, self._tokenizer, prompts, self.model_max_length)
 
 
@@ -435,7 +488,9 @@ def load_tokenizer(folder: str | Path, kind: str = "clip") -> Any:
     """The runtime tokenizer of `kind` ("clip": CLIPTokenizer, "t5": T5Tokenizer) for a
     tokenizer folder of an artifact."""
     if kind == "t5":
-        from diffrt.runtime.t5_tokenizer import T5Tokenizer  # it builds on this module's helpers
+        from diffrt.runtime.t5_tokenizer import (
+            T5Tokenizer,  # it builds on this module's helpers
+        )
 
         return T5Tokenizer.from_dir(folder)
     if kind != "clip":
