@@ -292,24 +292,43 @@ def main(argv: list[str] | None = None) -> int:
                          memory_gib=args.worker_gib, growth_gib=growth_gib(args, cells), workdir=args.workdir,
                          venv_root=args.venv_root, model_dirs=model_dirs, latents=latents,
                          vae_scale_factor=models.vae_scale_factor, log=log)
+    times = {"started": started, "prepared": prepared}
+    # After each group, what is measured so far (runners still to come: "not run yet"), so
+    # a run stopped midway (a large model: ~10 min per runner) leaves its finished rows.
+    plan.after_group = lambda groups: write_outputs(
+        build_result(args, date, cells, states, groups, plan, best_gemm([gemm_before]), flops_data, models,
+                     {**times, "finished": time.perf_counter()}, partial=True), args.results, quiet=True)
     groups = schedule.run_all(plan, states)
-    finished = time.perf_counter()
+    times["finished"] = time.perf_counter()
     if args.tiny:  # seconds of work: nothing to drift over
         gemm = best_gemm([gemm_before])
     else:
         log("measuring dense GEMM throughput again")
         gemm = best_gemm([gemm_before, measure_gemm(args.tiny)])
+    write_outputs(build_result(args, date, cells, states, groups, plan, gemm, flops_data, models, times),
+                  args.results)
+    return 0
 
+
+def build_result(args, date: str, cells: list[schedule.Cell], states: list[schedule.RunnerState],
+                 groups: list[list[str]], plan: schedule.Plan, gemm: dict[str, Any], flops_data: dict[str, Any],
+                 models: prepare.Models, times: dict[str, float], partial: bool = False) -> dict[str, Any]:
+    """The run's JSON. partial: written between groups; runners not measured yet say so
+    (copies: the states themselves are left as they are)."""
     workloads = list({c.workload.name: c.workload for c in cells}.values())
+    done = {name for group in groups for name in group}
     runners = {}
     for state in states:
         r = state.result
         peaks = [p["peak_rss_gib"] for p in r["processes"] if p["peak_rss_gib"] is not None]
         r["peak_rss_gib"] = max(peaks) if peaks else None
+        if partial and r["status"] == "ok" and state.spec.name not in done:
+            r = {**r, "status": "not run yet (partial result: written after a group, before the run ended)"}
         runners[state.spec.name] = r
     result = {
         "benchmark": "compare",
         "mode": args.tag,
+        **({"partial": f"written after group {len(groups)}; the run had not finished"} if partial else {}),
         "date_utc": date,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
@@ -325,16 +344,16 @@ def main(argv: list[str] | None = None) -> int:
                       for w in workloads],
         "groups": groups,
         "sequence": [list(item) for item in plan.sequence],
-        "wall_seconds": {"prepare": round(prepared - started, 1), "measure": round(finished - prepared, 1),
-                         "total": round(time.perf_counter() - started, 1)},
+        "wall_seconds": {"prepare": round(times["prepared"] - times["started"], 1),
+                         "measure": round(times["finished"] - times["prepared"], 1),
+                         "total": round(time.perf_counter() - times["started"], 1)},
         "runners": runners,
     }
     summarize(result, {w.name: w for w in workloads})
-    write_outputs(result, args.results)
-    return 0
+    return result
 
 
-def write_outputs(result: dict[str, Any], folder: Path) -> None:
+def write_outputs(result: dict[str, Any], folder: Path, quiet: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"compare-{result['mode']}"
     text = report.markdown(result)
@@ -344,7 +363,8 @@ def write_outputs(result: dict[str, Any], folder: Path) -> None:
     drawn = report.chart(result, png)
     result["chart"] = str(png) if drawn else "not drawn: matplotlib is not installed"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    if not quiet:
+        print(text)
     log(f"wrote {stem}.json, .md{', .png' if drawn else ''} ({result['wall_seconds']['total']:.0f} s)")
 
 

@@ -130,6 +130,8 @@ def markdown(report: dict[str, Any]) -> str:
     machine, gemm = report["machine"], report["gemm"]
     gemm_others = ", ".join(f"{100 * m.get('others_cpu_share', 0):.0f}%" for m in gemm.get("measurements", []))
     lines = [f"# diffrt vs peers, side by side ({report['mode']})", ""]
+    if report.get("partial"):  # compare.py writes one after each group of runners
+        lines += [f"**Partial result** ({report['partial']}): runners marked \"not run yet\" have no numbers.", ""]
     again = (f" (summarized again on {report['reported_again']} from the same runs: "
              f"`python benchmarks/compare.py --report-from compare-{report['mode']}.json`)"
              if report.get("reported_again") else "")

@@ -66,6 +66,9 @@ class Plan:
     log: Callable[[str], None]
     sequence: list[tuple[str, str, int]] = field(default_factory=list)
     """(runner, cell, run) in the order the runs happened: the round-robin, for the record."""
+    after_group: Callable[[list[list[str]]], None] | None = None
+    """Called with the groups so far each time a group is done (its warm starts included):
+    compare.py writes what is measured so far, so a run stopped midway leaves it."""
 
     @property
     def model(self) -> str:
@@ -282,6 +285,8 @@ def run_all(plan: Plan, states: list[RunnerState]) -> list[list[str]]:
             # A compiled SD1.5 UNet is ~3.4 GB per shape: drop each runner's engines once
             # it is done, so the disk holds only the live group's.
             shutil.rmtree(plan.workdir / "engine-cache" / state.spec.name, ignore_errors=True)
+        if plan.after_group is not None and pending:
+            plan.after_group(groups)
     return groups
 
 

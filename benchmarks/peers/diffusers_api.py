@@ -1,8 +1,8 @@
 """What the diffusers-API peers share: diffusers + torch, optimum-onnx's
-ORTStableDiffusion(XL)Pipeline and optimum-intel's OVStableDiffusion(XL)Pipeline are all
-subclasses of diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL),
-so one call, one scheduler switch and one set of stage timers serve all three. Imported
-only inside a peer's own venv.
+ORTStableDiffusion(XL|3)Pipeline and optimum-intel's OVStableDiffusion(XL|3)Pipeline are
+all subclasses of diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for
+SDXL, StableDiffusion3Pipeline for SD3), so one call, one scheduler switch and one set
+of stage timers serve all three. Imported only inside a peer's own venv.
 """
 
 from __future__ import annotations
@@ -27,6 +27,28 @@ def is_sdxl(folder: str | Path) -> bool:
     one, which keeps its model_index.json) is an SDXL text-to-image pipeline."""
     index = json.loads((Path(folder) / "model_index.json").read_text())
     return index.get("_class_name") == "StableDiffusionXLPipeline"
+
+
+def is_sd3(folder: str | Path) -> bool:
+    """Whether a saved pipeline folder (a checkpoint or optimum's export of one) is SD3."""
+    return "StableDiffusion3" in pipeline_class(folder)
+
+
+def absent_components(folder: str | Path) -> dict[str, None]:
+    """The components model_index.json lists as absent ([null, null]: SD3 saved without
+    T5), as None keywords: diffusers' from_pretrained refuses a pipeline folder that lacks
+    a non-optional component unless it is passed explicitly."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if not k.startswith("_") and v in (None, [None, None])}
+
+
+def load_sd3_for_export(checkpoint: str | Path):
+    """The fp32 StableDiffusion3Pipeline optimum's exporters take (their main_export
+    cannot pass the absent components above, so the runners export from this object)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    absent = absent_components(checkpoint)
+    return StableDiffusion3Pipeline.from_pretrained(checkpoint, torch_dtype=torch.float32, **absent)
 
 
 def scheduler_for(name: str, base_config: dict[str, Any], overrides: dict[str, Any] | None = None):

@@ -1,16 +1,21 @@
-"""Runner: optimum-intel's OVStableDiffusionPipeline, or OVStableDiffusionXLPipeline for an
-SDXL checkpoint (OpenVINO, CPU), in the optimum-intel venv (`bash benchmarks/peers/setup.sh`).
+"""Runner: optimum-intel's OVStableDiffusionPipeline, OVStableDiffusionXLPipeline for an
+SDXL checkpoint or OVStableDiffusion3Pipeline for an SD3 one (OpenVINO, CPU), in the
+optimum-intel venv (`bash benchmarks/peers/setup.sh`).
 
     --prepare CHECKPOINT OUT   optimum-intel's own OpenVINO IR export, weights kept fp32
-                               (OVConfig(dtype="fp32"): no fp16 compression, no int8).
+                               (OVConfig(dtype="fp32"): no fp16 compression, no int8);
+                               an SD3 checkpoint saved without T5 gets its absent
+                               components passed as None (model_loading_kwargs), as
+                               diffusers needs.
 Options:
     cache_dir   OpenVINO's compiled-model cache (ov_config CACHE_DIR), set by the harness.
     static      reshape every stage to the request's static shapes, then compile(): the
-                speed-up optimum-intel documents. Its reshape() doubles the UNet batch
-                for CFG unless the UNet takes timestep_cond, so without CFG the UNet is
-                reshaped again here by hand to the batch it really gets.
+                speed-up optimum-intel documents. Its reshape() doubles the denoiser
+                batch for CFG (the UNet's unless it takes timestep_cond; SD3's
+                transformer always), so without CFG the denoiser is reshaped again here
+                by hand to the batch it really gets.
 Inference precision is OpenVINO's default for the CPU (bf16 where the CPU has AMX /
-AVX512-BF16, else f32); `info` reports what the compiled UNet uses.
+AVX512-BF16, else f32); `info` reports what the compiled denoiser uses.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusers_api import DiffusersApiRunner, is_sdxl  # noqa: E402
+from diffusers_api import DiffusersApiRunner, absent_components, is_sd3, is_sdxl  # noqa: E402
 from worker import serve  # noqa: E402
 
 PROPERTIES = ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS")
@@ -32,7 +37,7 @@ def prepare(checkpoint: str, out: str) -> dict[str, Any]:
     from optimum.intel import OVConfig
 
     main_export(model_name_or_path=checkpoint, output=out, task="text-to-image", library_name="diffusers",
-                ov_config=OVConfig(dtype="fp32"))
+                ov_config=OVConfig(dtype="fp32"), model_loading_kwargs=absent_components(checkpoint))
     return {"model": out}
 
 
@@ -53,8 +58,11 @@ class OptimumIntelRunner(DiffusersApiRunner):
         if shape == self.shape:
             return
         self.pipe.reshape(batch_size=1, height=request["height"], width=request["width"], num_images_per_prompt=images)
-        if not cfg:
+        if not cfg and self.pipe.unet is not None:
             self.pipe.unet.model = reshape_unet(self.pipe, shape[1], request["height"], request["width"])
+        elif not cfg:
+            self.pipe.transformer.model = reshape_sd3_transformer(self.pipe, shape[1], request["height"],
+                                                                  request["width"])
         self.pipe.compile()
         self.shape = shape
 
@@ -93,14 +101,38 @@ def reshape_unet(pipe, unet_batch: int, height: int, width: int):
     return model
 
 
+def reshape_sd3_transformer(pipe, batch: int, height: int, width: int):
+    """optimum-intel's _reshape_transformer for SD3 with the batch given (no CFG
+    doubling); the text sequence stays dynamic, as optimum-intel leaves it."""
+    model = pipe.transformer.model
+    factor = pipe.vae_scale_factor
+    shapes = {}
+    for tensor in model.inputs:
+        name = tensor.get_any_name()
+        shape = tensor.get_partial_shape()
+        if name == "timestep":
+            shape[0] = batch
+        elif name == "hidden_states":
+            shape = [batch, pipe.transformer.config["in_channels"], height // factor, width // factor]
+        elif name == "pooled_projections":
+            shape = [batch, pipe.transformer.config["pooled_projection_dim"]]
+        else:  # encoder_hidden_states: CLIP-L/G (+ T5) tokens
+            shape[0] = batch
+            shape[1] = -1
+        shapes[tensor] = shape
+    model.reshape(shapes)
+    return model
+
+
 def compiled_properties(pipe) -> dict[str, Any]:
-    request = getattr(pipe.unet, "request", None)
+    stage = "unet" if pipe.unet is not None else "transformer"
+    request = getattr(getattr(pipe, stage), "request", None)
     if request is None:
         return {}
     props = {}
     for name in PROPERTIES:
         try:
-            props[f"unet {name}"] = str(request.get_property(name))
+            props[f"{stage} {name}"] = str(request.get_property(name))
         except Exception:  # noqa: BLE001 - a property this OpenVINO version does not report
             pass
     return props
@@ -109,12 +141,18 @@ def compiled_properties(pipe) -> dict[str, Any]:
 def load(model: str, options: dict[str, Any]) -> OptimumIntelRunner:
     from importlib import metadata
 
-    from optimum.intel import OVStableDiffusionPipeline, OVStableDiffusionXLPipeline
+    from optimum.intel import (
+        OVStableDiffusion3Pipeline,
+        OVStableDiffusionPipeline,
+        OVStableDiffusionXLPipeline,
+    )
 
     ov_config = {"CACHE_DIR": options["cache_dir"]} if options.get("cache_dir") else None
     static = bool(options.get("static"))
     # Dynamic: compile now, as from_pretrained does by default. Static: compile after reshape.
-    if is_sdxl(model):  # no invisible watermark: it would change the image the others are compared with
+    if is_sd3(model):  # its export has no text_encoder_3: the pipeline runs without T5 (zeros, as diffusers)
+        pipe = OVStableDiffusion3Pipeline.from_pretrained(model, ov_config=ov_config, compile=not static)
+    elif is_sdxl(model):  # no invisible watermark: it would change the image the others are compared with
         pipe = OVStableDiffusionXLPipeline.from_pretrained(model, ov_config=ov_config, compile=not static,
                                                            add_watermarker=False)
     else:
