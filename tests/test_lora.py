@@ -331,3 +331,21 @@ def test_a_backend_that_cannot_change_weights_refuses_loras(sd):
     with pytest.raises(DiffrtError, match="fuse the LoRA at export") as info:
         Pipeline.load(folder, backend="torch", loras={"a": files["a"]})
     assert "\n" not in str(info.value)
+
+
+def test_half_and_bfloat16_files_read_as_torch_reads_them(sd, tmp_path):
+    """LoRAs ship in fp16 and bf16: the numpy reader's float32 values are torch's."""
+    from safetensors.torch import load_file, save_file
+
+    from diffrt.lora import read_lora
+
+    _, _, files, _ = sd
+    tensors = load_file(str(files["a"]))
+    for dtype in (torch.float16, torch.bfloat16):
+        path = tmp_path / f"{dtype}.safetensors"
+        save_file({k: v.to(dtype) for k, v in tensors.items()}, str(path))
+        lora = read_lora(path)
+        module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+        layer = lora.layers[("unet", module)]
+        np.testing.assert_array_equal(layer.down, tensors[f"unet.{module}.lora_A.weight"].to(dtype).float().numpy())
+        np.testing.assert_array_equal(layer.up, tensors[f"unet.{module}.lora_B.weight"].to(dtype).float().numpy())

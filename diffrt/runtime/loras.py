@@ -244,7 +244,8 @@ class MergedLoras:
             if merged:
                 updates.update(stage.weights.updates(merged))
             for p in params - set(merged):  # back to the exported values, as stored
-                updates.update({pl.initializer: stage.base[pl.initializer] for pl in stage.weights[p].placements})
+                updates.update({pl.initializer: _stored(stage.base[pl.initializer], pl.dtype)
+                                for pl in stage.weights[p].placements})
             stage.model.update_weights(updates)
             changed += len(params)
         self._active = wanted
@@ -270,6 +271,18 @@ class MergedLoras:
 
     def _stage(self, key: str) -> _Stage:
         return next(s for stages in self._stages.values() for s in stages if s.key == key)
+
+
+def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    """A graph's stored values as `WeightMap.updates` hands them over: bfloat16 bit
+    patterns (how the graph reader returns them) as ml_dtypes.bfloat16 where installed."""
+    if dtype != "bfloat16" or values.dtype != np.uint16:
+        return values
+    try:
+        import ml_dtypes
+    except ImportError:
+        return values
+    return values.view(ml_dtypes.bfloat16)
 
 
 def _describe(loras: LoraSet) -> str:
