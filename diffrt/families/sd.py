@@ -62,6 +62,8 @@ PRESETS = {
 DECODER_MEMORY_FACTS = ("vae_decoder_channels", "vae_mid_attention")
 # Options a base hands on to a refiner with its latents.
 HANDOFF_OPTIONS: tuple[str, ...] = ()
+# img2img's default strength: diffusers' StableDiffusionImg2ImgPipeline's.
+IMG2IMG_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ LCM_GUIDANCE_SCALE = 8.0
 # diffusers' StableDiffusionXLImg2ImgPipeline defaults.
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
+IMG2IMG_STRENGTH = 0.3
 
 PRESETS = {
     "full-30step": Preset(
@@ -335,7 +336,7 @@ def second_prompts(name: str, value: Any, count: int) -> tuple[str, ...] | None:
 
 
 def add_time_ids(model: Any, options: Options, height: int, width: int,
-                 batch: int, do_cfg: bool) -> np.ndarray:
+                 batch: int, do_cfg: bool, img2img: bool = False) -> np.ndarray:
     """The UNet's `time_ids` rows, as diffusers builds them.
 
     Base (text-to-image): original_size + crops_coords_top_left + target_size; the
@@ -344,8 +345,11 @@ def add_time_ids(model: Any, options: Options, height: int, width: int,
     image (`cat([neg, pos]).repeat(batch, 1)`), so with several images and negative
     sizes that differ from the positive ones, rows are interleaved while the text
     embeddings are [negatives..., positives...]; kept as is, for identical images.
-    Refiner (img2img): original_size + crops + (aesthetic_score,), negatives with
-    negative_aesthetic_score; each repeated per image, then [negatives, positives].
+    Refiner, or any checkpoint starting from an image (`img2img`, diffusers'
+    StableDiffusionXLImg2ImgPipeline): original_size + crops + (aesthetic_score,)
+    where the checkpoint requires aesthetics scores (negatives with
+    negative_aesthetic_score), else + target_size; each repeated per image, then
+    [negatives, positives].
     """
     f = _f(model)
     given = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
@@ -353,7 +357,7 @@ def add_time_ids(model: Any, options: Options, height: int, width: int,
     crops = given.get("crops_coords_top_left", (0, 0))
     target = given.get("target_size", (height, width))
     neg_crops = given.get("negative_crops_coords_top_left", (0, 0))
-    if f.pipeline == "img2img":
+    if f.pipeline == "img2img" or img2img:
         neg_original = given.get("negative_original_size", original)
         if f.requires_aesthetics_score:
             pos = [*original, *crops, given.get("aesthetic_score", AESTHETIC_SCORE)]
@@ -412,7 +416,8 @@ def prepare(model: Any, request, encode: Callable[[str, list[str]], Mapping[str,
     feeds = {
         "encoder_hidden_states": np.repeat(embeds, count, axis=0),
         "text_embeds": np.repeat(pooled, count, axis=0),
-        "time_ids": add_time_ids(f, options, settings.height, settings.width, batch, do_cfg),
+        "time_ids": add_time_ids(f, options, settings.height, settings.width, batch, do_cfg,
+                                 img2img=request.from_image),
     }
     if f.time_cond_proj_dim:
         w = np.full((batch,), settings.guidance_scale - 1.0, dtype=np.float32)

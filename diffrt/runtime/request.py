@@ -21,8 +21,9 @@ import numpy as np
 from diffrt.artifacts import DEFAULT_VARIANT, FUSED_VARIANT, Manifest
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import get_family
+from diffrt.runtime import img2img
 from diffrt.runtime.memory import available_memory_bytes, format_gib
-from diffrt.runtime.schedulers import make_scheduler
+from diffrt.runtime.schedulers import make_scheduler, strength_window
 from diffrt.runtime.schedulers.window import CANNOT_START_LATE, check_fraction
 from diffrt.verification import artifact_file
 
@@ -68,7 +69,12 @@ class Request:
     negative embeddings when not); `options`: the family's own options, a frozen
     dataclass (SDXL: prompt_2, original_size, ...); `denoising_start`/`_end`: the part
     of the schedule to run (a base/refiner hand-off); `latents`: initial noise given
-    by the caller; `image`: the latents a refiner continues."""
+    by the caller; `image`: the latents an img2img run (or a refiner) starts from,
+    given as such; `pixels`: the picture it starts from instead, preprocessed (1, 3, H,
+    W) in [-1, 1] (diffrt.runtime.img2img); `strength`: how much of the schedule it
+    redoes (None: it continues from denoising_start, adding no noise); `noise`,
+    `image_noise`: the caller's draws for the noise added at the start step and the
+    VAE encoder's sample (`sample_mode` "sample"; "argmax" takes the mode)."""
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
@@ -87,6 +93,16 @@ class Request:
     image: np.ndarray | None = None
     loras: tuple[tuple[str, float], ...] = ()
     """(name, strength) of the LoRAs merged while it runs, sorted, none at 0 (Pipeline.request)."""
+    pixels: np.ndarray | None = None
+    strength: float | None = None
+    noise: np.ndarray | None = None
+    image_noise: np.ndarray | None = None
+    sample_mode: str = "sample"
+
+    @property
+    def from_image(self) -> bool:
+        """Whether it starts from an image (img2img, or a refiner's latents), not from noise."""
+        return self.image is not None or self.pixels is not None
 
     @property
     def batch(self) -> int:
@@ -241,6 +257,10 @@ def make_request(
     denoising_start: float | None = None,
     denoising_end: float | None = None,
     image: Any = None,
+    strength: float | None = None,
+    noise: Any = None,
+    image_noise: Any = None,
+    sample_mode: str | None = None,
     **options: Any,
 ) -> Request:
     """Validate every argument of a generation once (a one-line DiffrtError on the first
@@ -249,8 +269,10 @@ def make_request(
     `check_memory`."""
     family = get_family(manifest.family)
     facts = family.facts(manifest.model)
-    if family.takes_image(facts) and image is not None:  # a refiner: the size follows from the latents
-        height, width = _size_of_latents(facts, image, height, width)
+    start_image = None
+    if image is not None:  # img2img: the size follows from the picture or the latents
+        start_image = read_start_image(family, facts, image, height, width)
+        height, width = start_image.height, start_image.width
     settings, sampler = _resolve(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
                                  height, width)
     prompts, negatives = prompt_lists(prompt, negative_prompt)
@@ -274,51 +296,86 @@ def make_request(
         raise DiffrtError(f"the {settings.scheduler} sampler cannot start part-way through a schedule "
                           "(denoising_start); choose euler, euler_ancestral, ddim, dpmpp_2m or lcm")
     shape = family.latent_shape(facts, len(prompts) * count, settings.height, settings.width)
-    latents, image = _check_start(family, facts, shape, latents, image, start)
+    latents = _check_latents(family, facts, shape, latents, start_image)
+    starting = check_image_start(family, settings, sampler, shape, start_image, start, strength, noise, image_noise,
+                                 sample_mode)
     return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, sampler,
                    family.uses_cfg(facts, settings.guidance_scale), vae, negative_given=negative_prompt is not None,
-                   options=checked_options, denoising_start=start, denoising_end=end, latents=latents, image=image)
+                   options=checked_options, denoising_start=start, denoising_end=end, latents=latents, **starting)
 
 
-def _size_of_latents(facts, image: Any, height: Any, width: Any) -> tuple[int, int]:
-    image = np.asarray(image)
-    channels = int(facts.noise_channels)
-    if image.ndim != 4 or image.shape[1] != channels:
-        raise DiffrtError(f"image must be latents of shape (batch, {channels}, height/8, width/8) from a base "
-                          f"model's output_type='latent', got shape {image.shape}")
-    factor = int(facts.vae_scale_factor)
-    size = (image.shape[2] * factor, image.shape[3] * factor)
-    if (height, width) not in ((None, None), size):
-        raise DiffrtError(f"height/width {height}x{width} disagree with the image latents' size {size[0]}x{size[1]}; "
-                          "leave them out")
-    return size
-
-
-def _check_start(family, facts, shape: tuple[int, ...], latents: Any, image: Any,
-                 start: float | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Initial noise (`latents`) or, for a model that continues latents (a refiner), the
-    latents it continues (`image`): float32 arrays of the batch's latent shape."""
+def _check_latents(family, facts, shape: tuple[int, ...], latents: Any,
+                   start_image: Any) -> np.ndarray | None:
+    """Initial noise (`latents`): only for a text-to-image start, a float32 array of the
+    batch's latent shape. A refiner starts from an image only."""
     if family.takes_image(facts):
         if latents is not None:
             raise DiffrtError("latents= is initial noise; a refiner starts from a base model's latents: "
                               "pass them as image=")
-        if image is None or start is None:
-            raise DiffrtError("a refiner continues a base model's latents: pass image=<the base's latents, "
-                              "output_type='latent'> and denoising_start=<the base's denoising_end, e.g. 0.8> "
-                              "(or call the base with refiner=this pipeline)")
-        image = np.asarray(image, dtype=np.float32)
-        if image.shape != shape:
-            raise DiffrtError(f"image must be latents of shape {shape} from a base model's output_type='latent' "
-                              f"for this batch and size, got shape {image.shape}")
-        return None, image
-    if image is not None:
-        raise DiffrtError("image= is for a refiner artifact (it continues a base model's latents); "
-                          "this artifact generates from noise")
-    if latents is not None:
-        latents = np.asarray(latents, dtype=np.float32)
-        if latents.shape != shape:
-            raise DiffrtError(f"latents must have shape {shape} for this batch and size, got {latents.shape}")
-    return latents, None
+        if start_image is None:
+            raise DiffrtError("a refiner continues a base model's latents or refines a picture: pass image=<the "
+                              "base's latents, output_type='latent'> and denoising_start=<the base's denoising_end, "
+                              "e.g. 0.8> (or call the base with refiner=this pipeline), or image=<a picture> and "
+                              "strength=")
+    if latents is None:
+        return None
+    if start_image is not None:
+        raise DiffrtError("latents= is the initial noise of text-to-image; with image= give noise= (the noise "
+                          "added at the start step) instead")
+    latents = np.asarray(latents, dtype=np.float32)
+    if latents.shape != shape:
+        raise DiffrtError(f"latents must have shape {shape} for this batch and size, got {latents.shape}")
+    return latents
+
+
+def read_start_image(family, facts, image: Any, height: Any, width: Any) -> Any:
+    if getattr(family, "IMG2IMG_STRENGTH", None) is None:
+        raise DiffrtError(f"image= (img2img) is not supported for {family.NAME} artifacts yet; "
+                          "Stable Diffusion 1.x/2.x and SDXL take it")
+    start = img2img.read_start_image(facts, image, height, width)
+    multiple = int(facts.size_multiple)
+    if start.pixels is not None and (start.height % multiple or start.width % multiple):
+        raise DiffrtError(f"image: its size {start.width}x{start.height} (rounded down to a multiple of "
+                          f"{facts.vae_scale_factor}) is not a multiple of {multiple}; pass height= and width= "
+                          f"(multiples of {multiple}) to resize it")
+    return start
+
+
+def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int, ...], start_image: Any,
+                      start: float | None, strength: Any, noise: Any, image_noise: Any,
+                      sample_mode: Any) -> dict[str, Any]:
+    """The img2img fields of a Request: the start latents or picture, the strength (the
+    family's default, diffusers' per pipeline; none when it continues from
+    denoising_start), the caller's noise arrays, the encoder's sample mode."""
+    if start_image is None:
+        for name, value in (("strength", strength), ("noise", noise), ("image_noise", image_noise),
+                            ("sample_mode", sample_mode)):
+            if value is not None:
+                raise DiffrtError(f"{name} is for a generation that starts from an image: pass image= too")
+        return {}
+    if start_image.latents is not None and start_image.latents.shape != shape:
+        raise DiffrtError(f"image must be latents of shape {shape} (e.g. a base model's output_type='latent') "
+                          f"for this batch and size, got shape {start_image.latents.shape}")
+    mode = img2img.check_sample_mode(sample_mode)
+    if start is not None:
+        if strength is not None or noise is not None:
+            raise DiffrtError("strength and noise= are for a start from the image's noised latents; "
+                              "denoising_start continues the latents as they are (diffusers adds no noise): "
+                              "give one or the other")
+        value = None
+    else:
+        value = img2img.check_strength(strength, family.IMG2IMG_STRENGTH)
+        try:
+            strength_window(settings.num_inference_steps, value, sampler.order)
+        except ValueError as exc:
+            raise DiffrtError(str(exc)) from None
+    sampled = start_image.pixels is not None and mode == "sample"
+    if image_noise is not None and not sampled:
+        raise DiffrtError("image_noise is the VAE encoder's sample noise: only with a picture as image= and "
+                          "sample_mode='sample'")
+    return {"image": start_image.latents, "pixels": start_image.pixels, "strength": value, "sample_mode": mode,
+            "noise": img2img.check_noise("noise", noise, [shape]),
+            "image_noise": img2img.check_noise("image_noise", image_noise, [(1, *shape[1:]), shape])}
 
 
 def check_vae(manifest: Manifest, vae: str | None) -> str:

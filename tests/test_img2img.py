@@ -1,0 +1,220 @@
+"""img2img against diffusers' StableDiffusionImg2ImgPipeline and
+StableDiffusionXLImg2ImgPipeline on tiny random models, with the same random draws:
+diffusers draws, from its torch generator and in this order, the VAE encoder's sample
+noise (one image's shape) and the noise added at the start step (the batch's); the
+test draws the same two arrays from a generator seeded alike and hands them to ours
+as image_noise= and noise= (an ancestral sampler then continues that generator).
+
+The bar is 2e-3 on the [0, 1] image scale; we assert 1e-4 as test_pipeline_parity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffrt.errors import DiffrtError
+from diffrt.runtime.img2img import preprocess
+from diffrt.runtime.pipeline import Pipeline
+
+from test_pipeline_parity import TOLERANCE, TorchNoise, _diffusers_pipeline, _diffusers_scheduler
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_checkpoint, exported):
+    """get(kind) -> (our Pipeline, diffusers' img2img pipeline, the scheduler config)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            ref = _diffusers_pipeline(tiny_checkpoint(kind))
+            if kind in ("sd15", "sd2"):
+                ref = StableDiffusionImg2ImgPipeline.from_pipe(ref)
+            elif kind == "sdxl":
+                ref = StableDiffusionXLImg2ImgPipeline.from_pipe(ref)
+            ref.set_progress_bar_config(disable=True)
+            cache[kind] = (Pipeline.load(exported(kind)), ref, dict(ref.scheduler.config))
+        return cache[kind]
+
+    yield get
+    for ours, _, _ in cache.values():
+        ours.close()
+
+
+def _picture(height, width, seed=0):
+    """A smooth RGB test picture (gradients plus a little noise), as PIL."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8), "RGB")
+
+
+def _draws(seed, image_shape, shape):
+    """diffusers' first two draws from a generator seeded with `seed`, and a fresh such
+    generator for diffusers itself."""
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(image_shape, generator=generator, dtype=torch.float32)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return eps.numpy(), noise.numpy(), torch.Generator().manual_seed(seed)
+
+
+def _compare(ours, theirs, what):
+    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+    print(f"{what}: max abs difference {diff:.2e}")
+    assert np.shape(ours) == np.shape(theirs)
+    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
+
+
+CASES = [  # kind, scheduler, strength, steps, (picture height, width), images
+    ("sd15", "pndm", 0.6, 10, (48, 64), 1),
+    ("sd15", "ddim", 0.3, 10, (64, 48), 2),
+    ("sd15", "euler", 1.0, 6, (48, 64), 1),
+    ("sd15", "dpmpp_2m", 0.6, 8, (64, 64), 2),
+    ("sd2", "dpmpp_2m_karras", 0.3, 10, (48, 64), 1),
+    ("sd2", "ddim", 1.0, 5, (64, 48), 1),
+    ("sdxl", "euler", 0.3, 10, (48, 64), 2),
+    ("sdxl", "ddim", 0.6, 8, (64, 48), 1),
+    ("sdxl", "pndm", 1.0, 6, (48, 64), 1),
+    ("sdxl", "dpmpp_2m", 0.6, 10, (64, 64), 1),
+    ("sdxl-refiner", "dpmpp_2m_karras", 0.6, 8, (48, 64), 1),
+]
+
+
+@pytest.mark.parametrize(("kind", "scheduler", "strength", "steps", "size", "images"), CASES)
+def test_img2img_matches_diffusers(pipes, kind, scheduler, strength, steps, size, images):
+    ours, ref, config = pipes(kind)
+    ref.scheduler = _diffusers_scheduler(scheduler, config)
+    picture = _picture(*size)
+    latent = (4, size[0] // 2, size[1] // 2)  # the tiny VAE downsamples by 2
+    eps, noise, generator = _draws(5, (1, *latent), (images, *latent))
+    kw = dict(num_inference_steps=steps, guidance_scale=6.0, negative_prompt="blurry", strength=strength,
+              num_images_per_prompt=images)
+    theirs = ref("a red barn in the snow", image=picture, generator=generator, output_type="np", **kw).images
+    progress = []
+    got = ours("a red barn in the snow", image=picture, image_noise=eps, noise=noise, scheduler=scheduler,
+               output_type="np", callback=lambda done, total: progress.append((done, total)), **kw)
+    _compare(got.images, theirs, f"{kind}/{scheduler}/{strength}")
+    calls = len(got.timings["denoiser_calls"])
+    assert progress[-1] == (calls, calls) and "vae_encoder" in got.timings
+
+
+def test_ancestral_sampler_continues_the_generator(pipes):
+    """Euler ancestral: its step noise comes after the two start draws, as in diffusers."""
+    ours, ref, config = pipes("sd15")
+    ref.scheduler = _diffusers_scheduler("euler_ancestral", config)
+    picture = _picture(64, 48, seed=3)
+    eps, noise, generator = _draws(11, (1, 4, 32, 24), (1, 4, 32, 24))
+    kw = dict(num_inference_steps=8, guidance_scale=7.0, strength=0.6)
+    theirs = ref("a boat", image=picture, generator=generator, output_type="np", **kw).images
+    rest = TorchNoise(0)
+    rest.generator = torch.Generator().manual_seed(11)
+    for shape in ((1, 4, 32, 24), (1, 4, 32, 24)):  # skip the two start draws
+        rest.standard_normal(shape)
+    got = ours("a boat", image=picture, image_noise=eps, noise=noise, scheduler="euler_ancestral",
+               generator=rest, output_type="np", **kw).images
+    _compare(got, theirs, "sd15/euler_ancestral")
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_argmax_and_latents_as_image(pipes, kind):
+    """sample_mode="argmax" takes the encoder's mode: diffusers given those latents
+    (the distribution's mode times scaling_factor, computed by its own VAE) as `image`
+    continues them the same way; ours also takes latents as image= directly."""
+    ours, ref, config = pipes(kind)
+    ref.scheduler = _diffusers_scheduler("euler", config)
+    picture = _picture(48, 64, seed=4)
+    pixels = ref.image_processor.preprocess(picture)
+    with torch.no_grad():
+        mode = ref.vae.encode(pixels).latent_dist.mode() * ref.vae.config.scaling_factor
+    # given latents, diffusers draws no encoder sample: the start noise is its first draw
+    noise = torch.randn((1, 4, 24, 32), generator=torch.Generator().manual_seed(2)).numpy()
+    generator = torch.Generator().manual_seed(2)
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, strength=0.6, output_type="np")
+    theirs = ref("a kite", image=mode, generator=generator, **kw).images
+    got = ours("a kite", image=picture, sample_mode="argmax", noise=noise, scheduler="euler", **kw).images
+    _compare(got, theirs, f"{kind}/argmax")
+    from_latents = ours("a kite", image=mode.numpy(), noise=noise, scheduler="euler", **kw).images
+    _compare(from_latents, theirs, f"{kind}/latents")
+
+
+def test_preprocessing_matches_vae_image_processor(pipes):
+    """Our preprocessing against VaeImageProcessor: a PIL picture whose size is no
+    multiple of the scale factor (Lanczos, rounded down), one resized to a given size,
+    and a float array in [0, 1] (nearest-neighbour resize, torch's interpolate)."""
+    _, ref, _ = pipes("sd15")
+    processor = ref.image_processor
+    picture = _picture(53, 71, seed=6)
+    float_array = np.asarray(_picture(37, 45, seed=7), dtype=np.float32) / 255
+    for image, height, width in ((picture, None, None), (picture, 40, 24), (float_array, None, None),
+                                 (float_array, 24, 64)):
+        theirs = processor.preprocess(image, height=height, width=width).numpy()
+        got = preprocess(image, height, width, 2)
+        assert got.shape == theirs.shape
+        np.testing.assert_allclose(got, theirs, atol=1e-6)
+
+
+def test_draws_come_from_the_seed_and_images_do_not_depend_on_the_batch(pipes):
+    """Without arrays, image i draws from default_rng(seed + i) alone: a batch of two
+    gives the images of seeds s and s + 1 run one by one."""
+    ours, _, _ = pipes("sd15")
+    picture = _picture(48, 48, seed=8)
+    kw = dict(num_inference_steps=6, strength=0.6, scheduler="ddim", output_type="np")
+    both = ours("a cup", image=picture, num_images_per_prompt=2, seed=40, **kw).images
+    for i in range(2):
+        _compare(ours("a cup", image=picture, seed=40 + i, **kw).images[0], both[i], f"row {i}")
+    assert float(np.max(np.abs(both[0] - both[1]))) > 1e-3  # the rows drew different noise
+
+
+def test_refiner_handoff_takes_the_latent_path(pipes):
+    """A refiner given latents and denoising_start continues them without noise, as
+    before; given strength instead, it noises them at the strength's step (diffusers'
+    SDXL img2img with 4-channel image)."""
+    ours, ref, config = pipes("sdxl-refiner")
+    ref.scheduler = _diffusers_scheduler("euler", config)
+    latents = torch.randn((1, 4, 24, 32), generator=torch.Generator().manual_seed(12))
+    kw = dict(num_inference_steps=8, guidance_scale=5.0, output_type="np")
+    theirs = ref("a tree", image=latents, denoising_start=0.6, **kw).images
+    _compare(ours("a tree", image=latents.numpy(), denoising_start=0.6, scheduler="euler", **kw).images, theirs,
+             "refiner/denoising_start")
+    noise = torch.randn((1, 4, 24, 32), generator=torch.Generator().manual_seed(13)).numpy()
+    generator = torch.Generator().manual_seed(13)
+    theirs = ref("a tree", image=latents, strength=0.5, generator=generator, **kw).images
+    _compare(ours("a tree", image=latents.numpy(), strength=0.5, noise=noise, scheduler="euler", **kw).images,
+             theirs, "refiner/strength")
+
+
+def test_bad_inputs_are_one_line_errors(pipes, tmp_path):
+    ours, _, _ = pipes("sd15")
+    picture = _picture(48, 48)
+    rgba = picture.convert("RGBA")
+    truncated = tmp_path / "cut.png"
+    picture.save(tmp_path / "full.png")
+    truncated.write_bytes((tmp_path / "full.png").read_bytes()[:200])
+    cases = [
+        (dict(image=rgba), "is a RGBA image; img2img takes RGB"),
+        (dict(image=picture.convert("L")), "is a L image"),
+        (dict(image=str(truncated)), "cannot read"),
+        (dict(image=str(tmp_path / "missing.png")), "cannot read"),
+        (dict(image=picture, strength=0.0), r"strength must be a number in \(0, 1\]"),
+        (dict(image=picture, strength=1.5), r"strength must be a number in \(0, 1\]"),
+        (dict(image=picture, strength=0.05, num_inference_steps=10), "leaves no step"),
+        (dict(strength=0.5), "strength is for a generation that starts from an image"),
+        (dict(image=picture, latents=np.zeros((1, 4, 24, 24), np.float32)), "with image= give noise="),
+        (dict(image=picture, noise=np.zeros((2, 4, 24, 24), np.float32)), r"noise must be a finite float array"),
+        (dict(image=picture, sample_mode="argmax", image_noise=np.zeros((1, 4, 24, 24))), "image_noise is"),
+        (dict(image=picture, sample_mode="median"), "sample_mode='median'"),
+        (dict(image=np.zeros((48, 48, 3), np.float32) + 2), r"values in \[0, 1\]"),
+        (dict(image=np.zeros((48, 48, 4), np.uint8)), "got an array of shape"),
+        (dict(image=_picture(50, 66)), "is not a multiple of 8; pass height= and width="),
+        (dict(image=3), "image must be a PIL image"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(DiffrtError, match=message) as info:
+            ours("a cat", **{"num_inference_steps": 4, **kwargs})
+        assert "\n" not in str(info.value)
+    # still serving
+    assert ours("a cat", image=picture, num_inference_steps=4, output_type="np").images.shape == (1, 48, 48, 3)
