@@ -213,22 +213,23 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     from diffrt.runtime.request import check_memory, make_request, read_scheduler_config
 
     manifest = read_manifest(folder)
-    if get_family(manifest.family).takes_image(manifest.model):
+    image = getattr(args, "image", None)
+    if get_family(manifest.family).takes_image(manifest.model) and image is None:
         raise DiffrtError(f"{folder} is an SDXL refiner: it continues a base model's latents; run "
-                          f'diffrt generate BASE_ARTIFACT "prompt" --refiner {folder}')
+                          f'diffrt generate BASE_ARTIFACT "prompt" --refiner {folder} (or give it --image PATH)')
     height, width = args.size if args.size else (None, None)
     refiner = getattr(args, "refiner", None)
     frac = getattr(args, "high_noise_frac", None)
     if frac is not None and refiner is None:
         raise DiffrtError("--high-noise-frac is where a refiner takes over; give --refiner OUT2 too")
     options = {"prompt_2": getattr(args, "prompt_2", None), "negative_prompt_2": getattr(args, "negative_2", None),
-               "clip_skip": getattr(args, "clip_skip", None)}
+               "clip_skip": getattr(args, "clip_skip", None), "strength": getattr(args, "strength", None)}
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
         num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
         num_images_per_prompt=batch, seed=args.seed, scheduler=args.scheduler, preset=args.preset, vae=args.vae,
         output_type="latent" if refiner else "pil", denoising_end=(0.8 if frac is None else frac) if refiner else None,
-        **options,
+        image=image, **options,
     )
     check_memory(manifest, request, weights_loaded=False)
     if refiner is None:
@@ -309,6 +310,8 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
                                                         prepare=_prepare(request), **_backend_options(args)))
         if not args.quiet:
             handoff = f", refiner from {request.denoising_end:g}" if refiner is not None else ""
+            if request.strength is not None:
+                handoff += f", from {args.image} at strength {request.strength:g}"
             print(f"generating {request.batch} image(s) {settings.width}x{settings.height}, {settings.scheduler}, "
                   f"{settings.num_inference_steps} steps{handoff}, guidance {settings.guidance_scale:g}, "
                   f"seed {request.seed}, backend {pipe.backend.describe()}", file=sys.stderr)
@@ -635,6 +638,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(diffusers' clip_skip; prompts only, not negative prompts)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
                    help="a LoRA .safetensors merged at run time (strength default 1); repeatable")
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help="img2img: start from this RGB picture (PNG/JPEG; the output takes its size, rounded down to "
+                        "a multiple of the VAE's scale factor, unless --size)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much of the schedule to redo, in (0, 1] (default diffusers': SD 0.8, "
+                        "SDXL 0.3)")
     p.add_argument("--refiner", default=None, metavar="OUT2",
                    help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
     p.add_argument("--high-noise-frac", type=float, default=None,

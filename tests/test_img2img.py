@@ -218,3 +218,26 @@ def test_bad_inputs_are_one_line_errors(pipes, tmp_path):
         assert "\n" not in str(info.value)
     # still serving
     assert ours("a cat", image=picture, num_inference_steps=4, output_type="np").images.shape == (1, 48, 48, 3)
+
+
+def test_cli_image_and_strength(pipes, exported, tmp_path):
+    """`diffrt generate --image --strength` writes the API's image; a truncated PNG is
+    one error line before anything loads."""
+    from test_cli import cli
+
+    ours, _, _ = pipes("sd15")
+    path = tmp_path / "start.png"
+    _picture(48, 64, seed=9).save(path)
+    out = tmp_path / "out.png"
+    result = cli("generate", str(exported("sd15")), "a barn", "--image", str(path), "--strength", "0.5",
+                 "--scheduler", "ddim", "--steps", "6", "--seed", "3", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = ours("a barn", image=str(path), strength=0.5, scheduler="ddim", num_inference_steps=6, seed=3,
+                    output_type="np").images[0]
+    written = np.asarray(Image.open(out), dtype=np.float32) / 255
+    assert written.shape == (48, 64, 3) and float(np.max(np.abs(written - expected))) <= 1 / 255 + 1e-6
+    path.write_bytes(path.read_bytes()[:100])
+    result = cli("generate", str(exported("sd15")), "a barn", "--image", str(path), "-o", str(tmp_path / "x.png"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "cannot read" in errors[0], result.stderr[-2000:]
+    assert "generating" not in result.stderr and not (tmp_path / "x.png").exists()
