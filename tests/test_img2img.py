@@ -241,3 +241,41 @@ def test_cli_image_and_strength(pipes, exported, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "cannot read" in errors[0], result.stderr[-2000:]
     assert "generating" not in result.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_http_generate_with_image(pipes):
+    """/v1/generate with a base64 PNG and strength serves the pipeline's image; a
+    corrupt or truncated image, an RGBA one and a bad strength are 400s naming the field."""
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from serve_util import LiveServer, decode_npy
+
+    ours, _, _ = pipes("sd15")
+    picture = _picture(48, 64, seed=10)
+
+    def b64(image, fmt="PNG"):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    call = {"prompt": "a barn", "num_inference_steps": 6, "scheduler": "ddim", "seed": 21, "output_format": "npy"}
+    with LiveServer(ours, warmup=False) as server:
+        status, _, answer = server.post("/v1/generate", {**call, "image": b64(picture), "strength": 0.5})
+        assert status == 200, answer
+        expected = ours("a barn", image=picture, strength=0.5, num_inference_steps=6, scheduler="ddim", seed=21,
+                        output_type="np").images[0]
+        np.testing.assert_array_equal(decode_npy(answer["images"][0]["b64"]), expected)
+        whole = base64.b64decode(b64(picture))
+        for body, fragment in (
+            ({"image": "not base64 at all!"}, "base64-encoded PNG or JPEG"),
+            ({"image": base64.b64encode(whole[:120]).decode()}, "not a complete PNG"),
+            ({"image": b64(picture.convert("RGBA"))}, "RGBA image"),
+            ({"image": b64(picture), "strength": 1.5}, "strength must be"),
+            ({"strength": 0.5}, "strength is for"),
+        ):
+            status, _, answer = server.post("/v1/generate", {**call, **body})
+            param = "strength" if "strength" in fragment else "image"
+            assert status == 400 and answer["error"]["param"] == param, answer
+            assert fragment in answer["error"]["message"], answer

@@ -115,6 +115,8 @@ class GenerateRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp", "npy"] = "png"
     vae: str | None = None
     loras: dict[str, float] | None = Field(default=None, description="{name: strength} of loaded LoRAs")
+    image: str | None = Field(default=None, description="img2img: the start picture, a base64 RGB PNG or JPEG")
+    strength: float | None = Field(default=None, description="with image: how much of the schedule to redo, (0, 1]")
 
 
 # DiffrtError messages from the runtime start with the argument they are about.
@@ -122,8 +124,10 @@ _FIELD_OF_MESSAGE = (
     ("num_inference_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
     ("height", "height"), ("width", "width"), ("scheduler", "scheduler"), ("unknown preset", "preset"),
     ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"), ("prompt", "prompt"),
-    ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"),
+    ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"), ("image", "image"),
+    ("strength", "strength"),
 )
+IMAGE_FORMATS = ("PNG", "JPEG")
 
 
 def field_of(message: str) -> str | None:
@@ -188,8 +192,38 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
             "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
             "height": height, "width": width, "num_images_per_prompt": body.n, "seed": body.seed,
             "scheduler": body.scheduler, "preset": body.preset, "vae": body.vae, "loras": body.loras,
-            "output_type": "np"}
+            "strength": body.strength, "output_type": "np"}
+    if body.image is not None:
+        call["image"] = decode_image(body.image, config.max_side)
     return {k: v for k, v in call.items() if v is not None}
+
+
+def decode_image(value: str, max_side: int, param: str = "image") -> Any:
+    """A base64 PNG or JPEG (a data: URL prefix allowed) as a fully read PIL image; its
+    size is checked from the header before any pixel is decoded. The pipeline checks
+    the mode (RGB) and the rest."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    data = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        raw = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(raw))
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ApiError(400, f"{param} must be a base64-encoded PNG or JPEG", param) from None
+    if image.format not in IMAGE_FORMATS:
+        raise ApiError(400, f"{param} is a {image.format} file; send a PNG or JPEG", param)
+    if not 0 < image.width <= max_side or not 0 < image.height <= max_side:
+        raise ApiError(400, f"{param} is {image.width}x{image.height}; this server takes at most {max_side} "
+                            "pixels each way", param)
+    try:
+        image.load()
+    except (OSError, ValueError) as exc:  # truncated or corrupt data
+        raise ApiError(400, f"{param} is not a complete {image.format} image ({exc})", param) from None
+    return image
 
 
 def images_to_generate(body: ImagesRequest, config: ServeConfig) -> GenerateRequest:
