@@ -14,6 +14,7 @@ scheduler reproduces diffusers' image (tests/test_pipeline_parity.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -45,6 +46,12 @@ from diffrt.runtime.backends import CompiledModel, Context, get_backend
 from diffrt.runtime.backends.base import profile_shapes
 from diffrt.runtime.denoise import denoise, device_plan
 from diffrt.runtime.images import postprocess, to_pil
+from diffrt.runtime.lora_branches import (
+    FUSED_LORA_VARIANT,
+    BranchLayout,
+    BranchLoras,
+    select_branches,
+)
 from diffrt.runtime.loras import MergedLoras
 from diffrt.runtime.request import (
     Request,
@@ -127,7 +134,13 @@ class Pipeline:
                            for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
         self._contexts = _open_contexts(self._models, self._shapes)
-        self._loras = MergedLoras(folder, self._models, backend)  # shared with worker() views, as the models are
+        # LoRA: merged into the weights, or (a denoiser with LoRA branches) fed per row, text encoders merged
+        layout = BranchLayout.of(self._models[self.family.DENOISER].spec) if self.family.DENOISER in self._models \
+            else None
+        merged = self._models if layout is None else {k: m for k, m in self._models.items()
+                                                      if k != self.family.DENOISER}
+        self._loras = MergedLoras(folder, merged, backend)  # shared with worker() views, as the models are
+        self._branches = BranchLoras(layout, self._loras) if layout is not None else None
         self._token_tables: dict[str, np.ndarray] = {}  # textual inversion: each role's table as it runs now
 
     @classmethod
@@ -142,6 +155,7 @@ class Pipeline:
         attention: str | None = None,
         workers: int = 1,
         loras: Mapping[str, str | Path] | None = None,
+        lora_branches: bool | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder.
@@ -162,6 +176,9 @@ class Pipeline:
         `worker()` views); OpenVINO compiles one stream per worker.
         `loras`: LoRA files to load by name, {"style": "style.safetensors"} (see
         `load_lora`); a call then names the ones it runs with, `loras={"style": 0.8}`.
+        `lora_branches`: run the artifact's LoRA-branch UNet (`diffrt lora-branches`), so
+        requests with different LoRAs share a batch (diffrt.runtime.lora_branches);
+        None (default): when the artifact has one; False: merge LoRAs into the weights.
         `backend_options` go to the backend (e.g. providers, precision, num_threads).
         """
         folder = Path(folder)
@@ -172,6 +189,7 @@ class Pipeline:
         workers = check_count("workers", workers)
         engine = get_backend(backend, cache_dir=cache_root, workers=workers, **backend_options)
         specs = select_stages(manifest, family, engine, graph_precision, attention)
+        specs[family.DENOISER] = select_branches(manifest, specs[family.DENOISER], lora_branches, engine)
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
         if mode == "stamp" and not engine.reads_graphs:
             mode = "size"  # the torch backend never opens the ONNX files: do not hash GBs of them
@@ -213,16 +231,19 @@ class Pipeline:
         it with a strength, `loras={name: 0.8}`; it is merged into the weights
         (`update_weights`) while a call that names it runs, and taken out again when a
         call names another set. Shared with every `worker()`. Returns the parsed Lora."""
-        return self._loras.add(name, path)
+        return self._loras.add(name, path) if self._branches is None else self._branches.add(name, path)
 
     def with_loras(self, request: Request, loras: Mapping[str, float] | None) -> Request:
         """`request` run with these {name: strength} LoRAs instead (checked as in `request`)."""
-        return dataclasses.replace(request, loras=self._loras.check(loras))
+        wanted = self._loras.check(loras)
+        if self._branches is not None:
+            self._branches.check_set(wanted)  # the set's ranks fit the branches
+        return dataclasses.replace(request, loras=wanted)
 
     @property
     def loras(self) -> Mapping[str, Any]:
         """The loaded LoRAs by name (diffrt.lora.Lora)."""
-        return MappingProxyType(self._loras.loaded)
+        return MappingProxyType(self._loras.loaded if self._branches is None else self._branches.loaded)
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> list[str]:
         """Load a textual-inversion embedding (.safetensors; diffusers' single-token,
@@ -311,13 +332,15 @@ class Pipeline:
     def batch_key(self, request: Request) -> tuple:
         """What requests must share to run in the same denoiser calls (`generate`): the
         size, steps, scheduler (with a preset's config), guidance mode (CFG or not), the
-        decoder, the part of the schedule and the LoRA set (merged into the weights).
+        decoder, the part of the schedule and the LoRA set (merged into the weights; not
+        with LoRA branches, where each row gets its own).
         A request that starts from an image shares with none."""
         s = request.settings
         # family options that size the conditioning (SD3's and Flux's max_sequence_length)
         shaping = tuple(getattr(request.options, name, None) for name in getattr(self.family, "BATCH_OPTIONS", ()))
         return (s.height, s.width, s.num_inference_steps, s.scheduler, s.scheduler_config, request.do_cfg,
-                request.vae, request.denoising_start, request.denoising_end, request.loras, *shaping,
+                request.vae, request.denoising_start, request.denoising_end,
+                request.loras if self._branches is None else (), *shaping,  # branches: each row its own
                 id(request) if request.from_image else None)  # a start from an image runs alone
 
     # -- generation -------------------------------------------------------------
@@ -421,7 +444,8 @@ class Pipeline:
         # image j of request r draws from default_rng(seed_r + j), exactly as alone
         rng = generator if generator is not None else PerImageNoise.from_seeds(
             [r.seed + j for r in requests for j in range(r.batch)])
-        with self._loras.using(first.loras):  # the weights hold this LoRA set while it runs
+        # the weights hold this LoRA set while it runs (with LoRA branches: each request's, as it encodes)
+        with self._loras.using(first.loras) if self._branches is None else contextlib.nullcontext():
             sample, plan, timings = self._denoise(requests, rng, progress)
         if len(requests) > 1:
             timings["batch_images"] = int(plan.rows)
@@ -451,7 +475,7 @@ class Pipeline:
         timings: dict[str, Any] = {}
         # 1. The family's plan: conditioning built on the host (small arrays), moved to the device once.
         t0 = time.perf_counter()
-        plan = stack_plans([self.family.prepare(self.facts, r, self._encode) for r in requests])
+        plan = stack_plans([self._prepare(r) for r in requests])
         on_device = device_plan(plan, self._to_device)
         timings["text_encoder"] = time.perf_counter() - t0
 
@@ -490,6 +514,15 @@ class Pipeline:
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, plan, timings
 
+    def _prepare(self, request: Request) -> DenoisePlan:
+        """The family's plan for one request; with LoRA branches, its text encoded under
+        its text-encoder LoRAs and its rows fed its UNet LoRAs' factors."""
+        if self._branches is None:
+            return self.family.prepare(self.facts, request, self._encode)
+        with self._loras.using(self._branches.text_set(request.loras)):
+            plan = self.family.prepare(self.facts, request, self._encode)
+        return self._branches.with_feeds(plan, request.loras)
+
     def _decode(self, sample: Any, plan: DenoisePlan, vae: str, timings: dict[str, Any]) -> np.ndarray:
         """5. Latents -> float32 NHWC images in [0, 1] on the host."""
         t0 = time.perf_counter()
@@ -527,7 +560,7 @@ class Pipeline:
         """Whether the UNet graph running here builds full attention score tensors: a
         portable graph on a backend that does not fuse attention itself (ONNX Runtime)."""
         spec = self._models[self.family.DENOISER].spec
-        return spec.variant != FUSED_VARIANT and not self.backend.fuses_attention_itself
+        return spec.variant not in (FUSED_VARIANT, FUSED_LORA_VARIANT) and not self.backend.fuses_attention_itself
 
     def _encode(self, role: str, texts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
         """Tokenize with the role's tokenizer and run that text encoder: its outputs by
