@@ -62,10 +62,11 @@ _MAX_HEADER = 100 << 20
 
 @dataclass(frozen=True)
 class LoraLayer:
-    """One low-rank update: delta = strength * scale * up @ down (float32).
+    """One low-rank update: delta = strength * scale * up @ down, computed in float32.
 
     Linear: down (rank, in), up (out, rank). Conv: down (rank, in, kh, kw), up
-    (out, rank, 1, 1); the delta is (out, in, kh, kw)."""
+    (out, rank, 1, 1); the delta is (out, in, kh, kw). `down` and `up` are float16
+    when the file stores float16, else float32 (bf16 widened)."""
 
     down: np.ndarray
     up: np.ndarray
@@ -81,8 +82,8 @@ class LoraLayer:
 
     def delta(self, strength: float = 1.0) -> np.ndarray:
         """strength * scale * up @ down, in the weight's shape (float32)."""
-        up = self.up.reshape(self.up.shape[0], -1)
-        down = self.down.reshape(self.rank, -1)
+        up = self.up.reshape(self.up.shape[0], -1).astype(np.float32, copy=False)
+        down = self.down.reshape(self.rank, -1).astype(np.float32, copy=False)
         product = (up * np.float32(strength * self.scale)) @ down
         return product.reshape(self.delta_shape)
 
@@ -120,7 +121,7 @@ class Lora:
 # -- the file ---------------------------------------------------------------------------------
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a .safetensors file (float32; bf16/fp16 widened) and its
+    """Every tensor of a .safetensors file (float16 kept, others as float32) and its
     `__metadata__`, read without the safetensors package: an 8-byte little-endian
     header length, a JSON header (name -> dtype, shape, data_offsets), the data."""
     path = Path(path)
@@ -165,7 +166,8 @@ def _tensor(path: Path, name: str, info: Any, body: memoryview) -> np.ndarray:
                           "the file is damaged")
     if dtype == "BF16":
         array = (array.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return array.astype(np.float32).reshape(shape)
+    # fp16 stays fp16 (half the memory of float32; deltas are computed in float32)
+    return array.astype(np.float16 if dtype == "F16" else np.float32).reshape(shape)
 
 
 def file_sha256(path: str | Path) -> str:

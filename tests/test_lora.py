@@ -106,8 +106,18 @@ def sd(tiny_checkpoint, exported, tmp_path_factory):
     return checkpoint, folder, files, latents
 
 
+_THEIRS: dict[tuple, np.ndarray] = {}
+
+
 def theirs(sd, loras):
-    """diffusers' image with these {name: strength} adapters set."""
+    """diffusers' image with these {name: strength} adapters set (computed once per set)."""
+    key = tuple(loras.items())
+    if key not in _THEIRS:
+        _THEIRS[key] = _theirs(sd, loras)
+    return _THEIRS[key]
+
+
+def _theirs(sd, loras):
     checkpoint, _, files, latents = sd
     pipe = _diffusers(checkpoint)
     for name in loras:

@@ -10,11 +10,12 @@ of the artifact, one set of LoRAs live at a time.
 Switching sets computes, for each targeted parameter, base + sum(strength * scale *
 up @ down) in float32 and hands the result to the backend through the stage's weight
 map (`WeightMap.updates`: transposes and casts as exported) and
-`CompiledModel.update_weights`. What is kept to go back: the base values of the
-targeted parameters only, read from the artifact's graph files (as stored: restoring
-writes those arrays back, so no LoRA is the exported graph bit for bit), never a second
-copy of all the weights. A strength of 0 drops the LoRA from the set, so it is the
-same set as without it.
+`CompiledModel.update_weights`. Nothing is kept to go back: a switch reads the base
+values of the parameters it changes from the artifact's graph file (memory-mapped, one
+tensor at a time, as stored: restoring writes those arrays back, so no LoRA is the
+exported graph bit for bit), so the loaded LoRAs cost their own size and no copy of
+the weights. A strength of 0 drops the LoRA from the set, so it is the same set as
+without it.
 
 Several workers share the compiled models, so the merged set is the models': a worker
 that needs another set waits until the runs on the current one have finished (and
@@ -54,20 +55,24 @@ LoraSet = tuple[tuple[str, float], ...]
 
 @dataclass
 class _Stage:
-    """One compiled model LoRAs reach: its weight map and the base values (as stored
-    in the graph, by initializer) of the parameters a loaded LoRA targets."""
+    """One compiled model LoRAs reach, and its weight map."""
 
     key: str
     model: Any
     weights: WeightMap
-    base: dict[str, np.ndarray]
+    folder: Path
 
-    def base_value(self, parameter: str) -> np.ndarray:
+    def read(self, parameters: set[str]) -> dict[str, np.ndarray]:
+        """The exported values (as stored, by initializer) of these parameters' placements."""
+        names = {p.initializer for name in parameters for p in self.weights[name].placements}
+        return read_values(self.folder / self.model.spec.graph_path, sorted(names))
+
+    def base_value(self, parameter: str, base: Mapping[str, np.ndarray]) -> np.ndarray:
         """The parameter's exported value as float32, in its torch shape (from an fp32
         placement where there is one: a half graph keeps fp32 copies for its islands)."""
         entry = self.weights[parameter]
         placement = min(entry.placements, key=lambda p: p.dtype != "float32")
-        value = self.base[placement.initializer]
+        value = base[placement.initializer]
         if value.dtype == np.uint16 or value.dtype.name == "bfloat16":  # bfloat16 bit patterns
             value = (value.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
         value = value.astype(np.float32)
@@ -115,18 +120,14 @@ class MergedLoras:
                               "LoRA at export instead (diffrt export --lora FILE) or use ort or openvino")
         lora = source if isinstance(source, Lora) else read_lora(source)
         with self._loading:
-            targets, fresh = self._match(lora)
-            for stage, initializers in fresh:
-                stage.base.update(read_values(self._folder / stage.model.spec.graph_path, sorted(initializers)))
-            self._targets[name], self._loras[name] = targets, lora
+            self._targets[name], self._loras[name] = self._match(lora), lora
         logger.info("LoRA %s: %s (%s, %d layers, %.1f MB)", name, lora.path, lora.layout, len(lora.layers),
                     lora.nbytes / 2**20)
         return lora
 
-    def _match(self, lora: Lora) -> tuple[dict[str, dict[str, str]], list[tuple[_Stage, set[str]]]]:
-        """Where each layer of `lora` goes in each model, and the base values still to read."""
+    def _match(self, lora: Lora) -> dict[str, dict[str, str]]:
+        """stage key -> module -> the parameter each layer of `lora` changes there."""
         targets: dict[str, dict[str, str]] = {}
-        fresh: list[tuple[_Stage, set[str]]] = []
         missing = [c for c in lora.components if not self._stages_of(c)]
         if missing:
             raise DiffrtError(f"LoRA {lora.path} changes the {', '.join(missing)}, which this pipeline does not have "
@@ -142,10 +143,7 @@ class MergedLoras:
                                       f"{first_names(unknown)}; it was made for another base model")
                 self._check_fits(lora, component, layers, placed, stage.weights)
                 targets[stage.key] = {m: p for m, p in placed.items() if stage.weights[p].placements}
-                needed = {pl.initializer for p in targets[stage.key].values()
-                          for pl in stage.weights[p].placements} - set(stage.base)
-                fresh.append((stage, needed))
-        return targets, fresh
+        return targets
 
     def _check_fits(self, lora: Lora, component: str, layers: Mapping[str, Any], placed: Mapping[str, str],
                     weights: WeightMap) -> None:
@@ -173,7 +171,7 @@ class MergedLoras:
     def _stages_of(self, component: str) -> list[_Stage]:
         if component not in self._stages:
             self._stages[component] = [
-                _Stage(key, model, weight_map(self._folder, model.spec), {})
+                _Stage(key, model, weight_map(self._folder, model.spec), self._folder)
                 for key, model in self._models.items() if model.spec.role == component]
         return self._stages[component]
 
@@ -240,11 +238,12 @@ class MergedLoras:
             if not params:
                 continue
             updates: dict[str, np.ndarray] = {}
-            merged = {p: self._merged(stage, new[key][p]) for p in params if p in new.get(key, {})}
+            base = stage.read(params)
+            merged = {p: self._merged(stage, new[key][p], base) for p in params if p in new.get(key, {})}
             if merged:
                 updates.update(stage.weights.updates(merged))
             for p in params - set(merged):  # back to the exported values, as stored
-                updates.update({pl.initializer: _stored(stage.base[pl.initializer], pl.dtype)
+                updates.update({pl.initializer: _stored(base[pl.initializer], pl.dtype)
                                 for pl in stage.weights[p].placements})
             stage.model.update_weights(updates)
             changed += len(params)
@@ -261,9 +260,10 @@ class MergedLoras:
                     out.setdefault(key, {}).setdefault(parameter, []).append((name, module, strength))
         return {k: {p: tuple(v) for p, v in params.items()} for k, params in out.items()}
 
-    def _merged(self, stage: _Stage, contributions: tuple[tuple[str, str, float], ...]) -> np.ndarray:
+    def _merged(self, stage: _Stage, contributions: tuple[tuple[str, str, float], ...],
+                base: Mapping[str, np.ndarray]) -> np.ndarray:
         first = contributions[0]
-        value = stage.base_value(self._targets[first[0]][stage.key][first[1]])
+        value = stage.base_value(self._targets[first[0]][stage.key][first[1]], base)
         for name, module, strength in contributions:
             layer = self._loras[name].layers[(stage.weights.component, module)]
             value = value + layer.delta(strength).reshape(value.shape)
