@@ -279,3 +279,19 @@ def test_http_generate_with_image(pipes):
             param = "strength" if "strength" in fragment else "image"
             assert status == 400 and answer["error"]["param"] == param, answer
             assert fragment in answer["error"]["message"], answer
+
+
+@pytest.mark.parametrize(("backend", "options"), [("openvino", {"precision": "fp32"}), ("torch", {})])
+def test_other_backends_open_the_encoder_like_ort(pipes, exported, backend, options):
+    """OpenVINO (fp32 inference) and the torch backend open the VAE encoder lazily too,
+    and a worker() view shares it: the images equal ONNX Runtime's (which equal diffusers')."""
+    pytest.importorskip("openvino" if backend == "openvino" else "torch")
+    ours, _, _ = pipes("sd15")
+    picture = _picture(48, 64, seed=14)
+    kw = dict(image=picture, strength=0.6, seed=5, num_inference_steps=6, scheduler="ddim", output_type="np")
+    expected = ours("a barn", **kw).images
+    with Pipeline.load(exported("sd15"), backend=backend, **options) as other:
+        _compare(other("a barn", **kw).images, expected, f"{backend}/img2img")
+        worker = other.worker()
+        _compare(worker("a barn", **kw).images, expected, f"{backend}/worker")
+        worker.close()
