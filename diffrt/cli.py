@@ -277,6 +277,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     from diffrt.lora import parse_file_strength
 
+    if args.lora_branches is not None:
+        from diffrt.export.lora_branches import check_options
+
+        check_options(args.lora_branches, args.lora_targets)
+
     options = dict(family=args.family, precision=args.precision, opset=args.opset, overwrite=args.overwrite,
                    tiny_vae=args.tiny_vae, fused_attention=args.fused_attention,
                    loras=[parse_file_strength(item) for item in args.lora or ()],
@@ -287,8 +292,26 @@ def cmd_export(args: argparse.Namespace) -> None:
         manifest = export_single_file(args.src, args.out, args.config, **options)
     else:
         manifest = export(args.src, args.out, **options)
+    if args.lora_branches is not None:  # rank and targets were checked before the export
+        from diffrt.artifacts import read_manifest
+        from diffrt.export.lora_branches import add_branch_stages
+
+        add_branch_stages(args.out, args.lora_branches, args.lora_targets)
+        manifest = read_manifest(args.out)
     size = sum(f.size for f in manifest.all_files()) / 2**20
     print(f"wrote {args.out} ({len(manifest.stages)} stages, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_lora_branches(args: argparse.Namespace) -> None:
+    _require_export_extra("lora-branches")
+    from diffrt.export.lora_branches import add_branch_stages, check_options
+
+    check_options(args.rank, args.lora_targets)
+    t0 = time.perf_counter()
+    for spec in add_branch_stages(args.out, args.rank, args.lora_targets):
+        modules = len(spec.facts["lora_branches"]["modules"])
+        print(f"added {spec.name}: {modules} LoRA branches of rank {args.rank} ({args.lora_targets})")
+    print(f"done in {time.perf_counter() - t0:.1f}s")
 
 
 def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> None:
@@ -593,6 +616,18 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
                         help="hash every file of the stages loaded, even those verified before")
 
 
+def _add_lora_branch_args(p: argparse.ArgumentParser, rank_flag: str) -> None:
+    required = rank_flag == "--rank"
+    p.add_argument(rank_flag, dest="rank" if required else "lora_branches", type=int, required=required,
+                   default=None, metavar="RANK",
+                   help="also write UNet graphs with unmerged LoRA branches of this rank (the most a request's "
+                        "LoRAs add up to per layer, e.g. 16), so requests with different LoRAs share a batch"
+                   if not required else "the branches' rank: the most a request's LoRAs add up to per layer")
+    p.add_argument("--lora-targets", default="attention", choices=("attention", "transformer"),
+                   help="layers given a branch: attention projections (default) or every Linear of the "
+                        "transformer blocks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(prog="diffrt", description=__doc__.splitlines()[0], parents=[common])
@@ -621,7 +656,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--textual-inversion", action="append", default=None, metavar="FILE[:TOKEN]",
                    help="bake a textual-inversion embedding (.safetensors or A1111 .pt) into the text encoder(s), "
                         "under TOKEN (default: the file's); repeatable")
+    _add_lora_branch_args(p, "--lora-branches")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("lora-branches", parents=[common],
+                       help="add LoRA-branch UNet graphs to an artifact (per-row LoRAs: mixed-LoRA batches)")
+    p.add_argument("out", help="artifact folder written by `diffrt export`")
+    _add_lora_branch_args(p, "--rank")
+    p.set_defaults(func=cmd_lora_branches)
 
     p = sub.add_parser("generate", parents=[common], help="generate images from an artifact folder")
     p.add_argument("out", help="artifact folder written by `diffrt export`")

@@ -32,6 +32,16 @@ from diffrt.runtime.lora_branches import BRANCH_OF, FACT
 logger = logging.getLogger(__name__)
 
 
+def check_options(rank: int, targets: str) -> None:
+    """A rank and a target set the pass accepts (one line otherwise)."""
+    from diffrt.export.passes.lora_branches import TARGETS
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 1024:
+        raise DiffrtError(f"LoRA branch rank {rank!r}: use an integer from 1 to 1024 (e.g. 16, 32)")
+    if targets not in TARGETS:
+        raise DiffrtError(f"--lora-targets {targets!r}: choose one of {', '.join(TARGETS)}")
+
+
 def add_branch_stages(folder: str | Path, rank: int, targets: str = "attention") -> list[StageSpec]:
     """Add the LoRA-branch stages to the artifact in `folder`; returns them."""
     from diffrt.export import weight_map
@@ -39,6 +49,7 @@ def add_branch_stages(folder: str | Path, rank: int, targets: str = "attention")
     from diffrt.export.passes.stage import InitializerChanges
     from diffrt.weights import read_weight_map
 
+    check_options(rank, targets)
     folder = Path(folder)
     manifest = read_manifest(folder)
     family = get_family(manifest.family)
@@ -84,4 +95,4 @@ def add_branch_stages(folder: str | Path, rank: int, targets: str = "attention")
     return added
 
 
-__all__ = ["add_branch_stages"]
+__all__ = ["add_branch_stages", "check_options"]
