@@ -119,8 +119,10 @@ class MergedLoras:
             raise DiffrtError(f"the {self._backend.name} backend cannot change weights after loading; fuse the "
                               "LoRA at export instead (diffrt export --lora FILE) or use ort or openvino")
         lora = source if isinstance(source, Lora) else read_lora(source)
-        with self._loading:
-            self._targets[name], self._loras[name] = self._match(lora), lora
+        with self._loading:  # one add at a time; a switch meanwhile sees it whole or not at all
+            targets = self._match(lora)
+            with self._change:
+                self._targets[name], self._loras[name] = targets, lora
         logger.info("LoRA %s: %s (%s, %d layers, %.1f MB)", name, lora.path, lora.layout, len(lora.layers),
                     lora.nbytes / 2**20)
         return lora
@@ -270,7 +272,7 @@ class MergedLoras:
         return value
 
     def _stage(self, key: str) -> _Stage:
-        return next(s for stages in self._stages.values() for s in stages if s.key == key)
+        return next(s for stages in list(self._stages.values()) for s in stages if s.key == key)
 
 
 def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
