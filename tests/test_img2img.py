@@ -295,3 +295,50 @@ def test_other_backends_open_the_encoder_like_ort(pipes, exported, backend, opti
         worker = other.worker()
         _compare(worker("a barn", **kw).images, expected, f"{backend}/worker")
         worker.close()
+
+
+def _mask(height, width):
+    """White (repaint) in an off-centre box, black elsewhere, as a grayscale PIL image."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 3: width - 4] = 255
+    return Image.fromarray(mask, "L")
+
+
+@pytest.mark.parametrize(("scheduler", "strength", "size"), [("ddim", 0.6, (48, 64)), ("euler", 1.0, (64, 48)),
+                                                              ("pndm", 0.3, (64, 64)), ("dpmpp_2m", 1.0, (48, 64))])
+def test_inpainting_with_a_regular_unet_matches_diffusers(pipes, tiny_checkpoint, scheduler, strength, size):
+    """StableDiffusionInpaintPipeline on a 4-channel UNet: the known region put back
+    after every step. Its draws: the image's encoder sample, the start noise (then the
+    masked image's encoder sample, unused with a 4-channel UNet)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ours, _, config = pipes("sd15")
+    ref = StableDiffusionInpaintPipeline.from_pipe(_diffusers_pipeline(tiny_checkpoint("sd15")))
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = _diffusers_scheduler(scheduler, config)
+    height, width = size
+    picture, mask = _picture(72, 56, seed=15), _mask(72, 56)  # resized to the output size, as diffusers does
+    latent = (4, height // 2, width // 2)
+    eps, noise, generator = _draws(16, (1, *latent), (2, *latent))
+    kw = dict(num_inference_steps=8, guidance_scale=6.0, strength=strength, height=height, width=width,
+              num_images_per_prompt=2)
+    theirs = ref("a window", image=picture, mask_image=mask, generator=generator, output_type="np", **kw).images
+    got = ours("a window", image=picture, mask_image=mask, image_noise=eps, noise=noise, scheduler=scheduler,
+               output_type="np", **kw).images
+    _compare(got, theirs, f"inpaint/{scheduler}/{strength}")
+
+
+def test_inpainting_errors(pipes, exported):
+    ours, _, _ = pipes("sd15")
+    picture = _picture(64, 64)
+    for kwargs, message in (
+        (dict(mask_image=_mask(64, 64)), "pass image=<the picture> too"),
+        (dict(image=picture, mask_image=_mask(48, 64)), "mask_image is 64x48 but image is 64x64"),
+        (dict(image=picture, mask_image="no-such-mask.png"), "mask_image: cannot read"),
+        (dict(image=picture, mask_image=3), "mask_image must be a PIL image"),
+    ):
+        with pytest.raises(DiffrtError, match=message):
+            ours("a cat", num_inference_steps=4, **kwargs)
+    sdxl, _, _ = pipes("sdxl")
+    with pytest.raises(DiffrtError, match="for Stable Diffusion 1.x/2.x artifacts for now"):
+        sdxl("a cat", image=picture, mask_image=_mask(64, 64), num_inference_steps=4)

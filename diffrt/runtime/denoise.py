@@ -31,14 +31,16 @@ def device_plan(plan: DenoisePlan, to_device: Callable[[np.ndarray], Any]) -> De
 
 
 def denoise(plan: DenoisePlan, run: Any, sample: Any, denoiser: Any, rng: Any, to_device: Callable[[np.ndarray], Any],
-            progress: Progress | None = None, counted: tuple[int, int, int] = (0, 0, 0)) -> tuple[Any, list[float]]:
+            progress: Progress | None = None, counted: tuple[int, int, int] = (0, 0, 0),
+            after_step: Callable[[int, Any], Any] | None = None) -> tuple[Any, list[float]]:
     """Run every step of `run` on `sample` (already on the device, in the plan's packed
     layout); returns the denoised sample and the seconds of each denoiser call.
 
     `progress(step, total)` is called after every call; `counted` = (steps done
     before this run, total steps, calls to skip before counting) makes it count the
     requested steps: PNDM's extra warm-up call is not a step, and a refiner continues
-    a base's count.
+    a base's count. `after_step(i, sample)` replaces the sample after step i (inpainting
+    puts the known region back).
     """
     done, total, extra = counted
     xp = arrays.namespace(sample)
@@ -54,6 +56,8 @@ def denoise(plan: DenoisePlan, run: Any, sample: Any, denoiser: Any, rng: Any, t
                  **plan.step_feeds(i, float(run.timesteps[i]))}
         output = plan.guidance.combine(denoiser.run(feeds)[plan.output_name], sample.shape[0])
         sample = run.step(output, i, sample, rng)
+        if after_step is not None:
+            sample = after_step(i, sample)
         call_times.append(time.perf_counter() - t0)
         if progress is not None:
             progress(max(0, done + i + 1 - extra), total)

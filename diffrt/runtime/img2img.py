@@ -19,6 +19,13 @@ do it. Torch-free.
 
 Latents given as `image=` ((batch, latent channels, h, w), e.g. a base model's
 output_type="latent") skip 1-2: the refiner hand-off is this path with denoising_start.
+
+Inpainting with a regular (4-channel) UNet, as StableDiffusionInpaintPipeline: a
+`mask_image` (white = repaint; resized, made grayscale and binarized as its mask
+processor does, then shrunk to the latents with nearest-neighbour) and, after every
+step, the known region put back: the image's latents noised to the next step's level
+(the same start noise) outside the mask (`keep_unmasked`). At strength 1 the start is
+pure noise (times init_noise_sigma), as there.
 """
 
 from __future__ import annotations
@@ -78,13 +85,7 @@ def load_image(image: Any, what: str = "image") -> Image.Image | np.ndarray:
     """A PIL RGB image or a float (H, W, 3) array in [0, 1]; a path is opened and read
     fully (a truncated file is an error here, not a half-grey picture later)."""
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(Path(image).expanduser()) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DiffrtError(f"{what}: cannot read {str(image)!r} as an image ({exc}); give a complete PNG or "
-                              "JPEG file") from None
+        image = _open(image, what)
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             raise DiffrtError(f"{what} is a {image.mode} image; img2img takes RGB (diffusers' VAE does too): "
@@ -131,6 +132,49 @@ def _nearest(size_in: int, size_out: int) -> np.ndarray:
         return np.arange(size_out)
     scale = np.float32(size_in) / np.float32(size_out)
     return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
+
+
+def read_mask(mask: Any, picture_size: tuple[int, int], height: int, width: int,
+              vae_scale_factor: int) -> np.ndarray:
+    """mask_image= (a PIL image of any mode, a path, or a uint8 (H, W) array; the
+    picture's size) as diffusers' mask processor and prepare_mask_latents make it: resized
+    with Lanczos to (height, width), grayscale, >= 0.5 -> 1, then nearest-neighbour to the
+    latent size: (1, 1, h, w) float32, 1 where the image is repainted."""
+    if isinstance(mask, (str, Path)):
+        mask = _open(mask, "mask_image")
+    if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype == np.uint8:
+        mask = Image.fromarray(mask, "L")
+    if not isinstance(mask, Image.Image):
+        raise DiffrtError("mask_image must be a PIL image, an image file path or a uint8 (H, W) array "
+                          f"(white = repaint), got {type(mask).__name__}")
+    if (mask.height, mask.width) != picture_size:
+        raise DiffrtError(f"mask_image is {mask.width}x{mask.height} but image is {picture_size[1]}x{picture_size[0]}; "
+                          "give a mask of the picture's size")
+    resized = mask.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None).convert("L")
+    binary = (np.array(resized).astype(np.float32) / np.float32(255.0) >= 0.5).astype(np.float32)
+    h, w = height // vae_scale_factor, width // vae_scale_factor
+    return np.ascontiguousarray(binary[_nearest(height, h)][:, _nearest(width, w)][None, None])
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    try:
+        with Image.open(Path(path).expanduser()) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise DiffrtError(f"{what}: cannot read {str(path)!r} as an image ({exc}); give a complete PNG or "
+                          "JPEG file") from None
+
+
+def picture_size(image: Any) -> tuple[int, int] | None:
+    """(height, width) of a picture given as image= (None for latents)."""
+    if isinstance(image, (str, Path)):
+        image = _open(image, "image")
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return image.shape[0], image.shape[1]
+    return None
 
 
 def check_strength(strength: Any, default: float) -> float:
@@ -180,12 +224,13 @@ def plan_run(request: Any, **schedule: Any) -> Any:
 
 
 def start_latents(request: Any, plan: Any, run: Any, rng: Any,
-                  encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                  encode: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The first sample of a request that starts from an image, in the VAE's layout:
     its latents (given, or the picture encoded by `encode` and scaled), noised to the
     run's first step unless it continues from denoising_start. Draws, in this order
     and each only when the caller gave no array: the encoder's sample noise, then the
-    noise added at the start step (per image row, from `rng`)."""
+    noise added at the start step (per image row, from `rng`). Returns (the first
+    sample, the image's latents, the start noise or None)."""
     shape = plan.noise_shape
     if request.pixels is not None:
         eps = None
@@ -197,9 +242,24 @@ def start_latents(request: Any, plan: Any, run: Any, rng: Any,
     else:
         x0 = request.image
     if request.strength is None:
-        return x0
+        return x0, x0, None
     noise = request.noise if request.noise is not None else rng.standard_normal(shape, dtype=np.float32)
-    return np.asarray(run.add_noise(x0, noise, 0), dtype=np.float32)
+    if request.mask is not None and request.strength == 1.0:  # diffusers' inpainting: pure noise at full strength
+        return (noise * np.float32(run.init_noise_sigma)).astype(np.float32), x0, noise
+    return np.asarray(run.add_noise(x0, noise, 0), dtype=np.float32), x0, noise
+
+
+def keep_unmasked(run: Any, x0: Any, noise: Any, mask: Any) -> Callable[[int, Any], Any]:
+    """Inpainting's step (after the scheduler's step i): outside the mask, the image's
+    latents noised to step i + 1's level (none after the last), as
+    StableDiffusionInpaintPipeline does for 4-channel UNets. Arrays on the device."""
+    last = len(run.timesteps) - 1
+
+    def blend(i: int, sample: Any) -> Any:
+        known = run.add_noise(x0, noise, i + 1) if i < last else x0
+        return (1 - mask) * known + mask * sample
+
+    return blend
 
 
 def encoded_latents(parameters: np.ndarray, eps: np.ndarray | None, scaling_factor: float,
@@ -218,4 +278,5 @@ def encoded_latents(parameters: np.ndarray, eps: np.ndarray | None, scaling_fact
 
 
 __all__ = ["SAMPLE_MODES", "StartImage", "check_noise", "check_sample_mode", "check_strength", "encoded_latents",
-           "load_image", "plan_run", "preprocess", "read_start_image", "start_latents"]
+           "keep_unmasked", "load_image", "picture_size", "plan_run", "preprocess", "read_mask", "read_start_image",
+           "start_latents"]

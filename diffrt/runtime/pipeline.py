@@ -301,6 +301,7 @@ class Pipeline:
         noise: np.ndarray | None = None,
         image_noise: np.ndarray | None = None,
         sample_mode: str | None = None,
+        mask_image: Any = None,
         **options: Any,
     ) -> Request:
         """Validate a generation once, before any work: a `Request` for `generate`.
@@ -319,12 +320,14 @@ class Pipeline:
         `noise` (batch, C, h, w), the noise added at the start step, and `image_noise`
         (1 or batch, C, h, w), the VAE encoder's sample noise, replace those draws;
         `sample_mode="argmax"` takes the encoder's mode instead of a sample
-        (diffrt.runtime.img2img)."""
+        (diffrt.runtime.img2img). Inpainting (SD 1.x/2.x, regular UNets): `mask_image`
+        (white = repaint, the picture's size; default strength 1.0 and the checkpoint's
+        size, as StableDiffusionInpaintPipeline)."""
         request = make_request(self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps,
                                guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
                                latents, output_type, vae, denoising_start=denoising_start,
                                denoising_end=denoising_end, image=image, strength=strength, noise=noise,
-                               image_noise=image_noise, sample_mode=sample_mode, **options)
+                               image_noise=image_noise, sample_mode=sample_mode, mask_image=mask_image, **options)
         request = self.with_loras(request, loras)
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
@@ -491,11 +494,14 @@ class Pipeline:
         # drawn in the VAE's layout and packed; `latents=` comes in the denoiser's layout
         # already, as diffusers' latents= does (Flux: packed 2x2 patches).
         sigma = np.float32(run.init_noise_sigma)
+        after_step = None
         if first.from_image:
             t0 = time.perf_counter()
-            start = img2img.start_latents(first, plan, run, rng, self._encode_image)
+            start, known, noise = img2img.start_latents(first, plan, run, rng, self._encode_image)
             timings["vae_encoder"] = time.perf_counter() - t0
             sample = self._to_device(plan.pack(start))
+            if first.mask is not None:  # inpainting: the known region is put back after every step
+                after_step = img2img.keep_unmasked(run, *(self._to_device(a) for a in (known, noise, first.mask)))
         elif first.latents is not None:
             sample = self._to_device((first.latents * sigma).astype(np.float32))
         else:
@@ -510,7 +516,7 @@ class Pipeline:
         done = steps - len(run.timesteps) if first.denoising_start is not None else 0
         counted = (0, len(run.timesteps), 0) if first.strength is not None else (done, steps, extra)  # img2img: its part
         sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._contexts[self.family.DENOISER],
-                                                    rng, self._to_device, progress, counted)
+                                                    rng, self._to_device, progress, counted, after_step)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, plan, timings
 

@@ -98,6 +98,8 @@ class Request:
     noise: np.ndarray | None = None
     image_noise: np.ndarray | None = None
     sample_mode: str = "sample"
+    mask: np.ndarray | None = None
+    """Inpainting: (1, 1, h, w) at the latents' size, 1 where the picture is repainted."""
 
     @property
     def from_image(self) -> bool:
@@ -261,6 +263,7 @@ def make_request(
     noise: Any = None,
     image_noise: Any = None,
     sample_mode: str | None = None,
+    mask_image: Any = None,
     **options: Any,
 ) -> Request:
     """Validate every argument of a generation once (a one-line DiffrtError on the first
@@ -271,6 +274,8 @@ def make_request(
     facts = family.facts(manifest.model)
     start_image = None
     if image is not None:  # img2img: the size follows from the picture or the latents
+        if mask_image is not None:  # inpainting: the checkpoint's size unless given, as diffusers'
+            height, width = check_size(manifest, height, width)
         start_image = read_start_image(family, facts, image, height, width)
         height, width = start_image.height, start_image.width
     settings, sampler = _resolve(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
@@ -297,11 +302,13 @@ def make_request(
                           "(denoising_start); choose euler, euler_ancestral, ddim, dpmpp_2m or lcm")
     shape = family.latent_shape(facts, len(prompts) * count, settings.height, settings.width)
     latents = _check_latents(family, facts, shape, latents, start_image)
+    mask = _check_mask(family, facts, settings, image, start_image, start, mask_image)
     starting = check_image_start(family, settings, sampler, shape, start_image, start, strength, noise, image_noise,
-                                 sample_mode)
+                                 sample_mode, inpainting=mask is not None)
     return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, sampler,
                    family.uses_cfg(facts, settings.guidance_scale), vae, negative_given=negative_prompt is not None,
-                   options=checked_options, denoising_start=start, denoising_end=end, latents=latents, **starting)
+                   options=checked_options, denoising_start=start, denoising_end=end, latents=latents, mask=mask,
+                   **starting)
 
 
 def _check_latents(family, facts, shape: tuple[int, ...], latents: Any,
@@ -343,7 +350,7 @@ def read_start_image(family, facts, image: Any, height: Any, width: Any) -> Any:
 
 def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int, ...], start_image: Any,
                       start: float | None, strength: Any, noise: Any, image_noise: Any,
-                      sample_mode: Any) -> dict[str, Any]:
+                      sample_mode: Any, inpainting: bool = False) -> dict[str, Any]:
     """The img2img fields of a Request: the start latents or picture, the strength (the
     family's default, diffusers' per pipeline; none when it continues from
     denoising_start), the caller's noise arrays, the encoder's sample mode."""
@@ -364,7 +371,7 @@ def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int
                               "give one or the other")
         value = None
     else:
-        value = img2img.check_strength(strength, family.IMG2IMG_STRENGTH)
+        value = img2img.check_strength(strength, 1.0 if inpainting else family.IMG2IMG_STRENGTH)
         try:
             strength_window(settings.num_inference_steps, value, sampler.order)
         except ValueError as exc:
@@ -376,6 +383,25 @@ def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int
     return {"image": start_image.latents, "pixels": start_image.pixels, "strength": value, "sample_mode": mode,
             "noise": img2img.check_noise("noise", noise, [shape]),
             "image_noise": img2img.check_noise("image_noise", image_noise, [(1, *shape[1:]), shape])}
+
+
+def _check_mask(family, facts, settings: Settings, image: Any, start_image: Any, start: float | None,
+                mask_image: Any) -> np.ndarray | None:
+    """Inpainting's mask at the latents' size: SD 1.x/2.x with a regular (4-channel) UNet,
+    a picture to repaint, a mask of its size (diffrt.runtime.img2img.read_mask)."""
+    if mask_image is None:
+        return None
+    if start_image is None or start_image.pixels is None:
+        raise DiffrtError("mask_image is for inpainting a picture: pass image=<the picture> too")
+    if family.NAME != "sd":
+        raise DiffrtError(f"mask_image (inpainting) is for Stable Diffusion 1.x/2.x artifacts for now, not {family.NAME}")
+    if int(facts.latent_channels) != int(facts.noise_channels):
+        raise DiffrtError(f"this UNet takes {facts.latent_channels} channels (an inpainting UNet: mask and masked "
+                          "image as extra inputs), which diffrt does not run yet; use a regular checkpoint")
+    if start is not None:
+        raise DiffrtError("mask_image with denoising_start is not supported; use strength")
+    return img2img.read_mask(mask_image, img2img.picture_size(image), settings.height, settings.width,
+                             int(facts.vae_scale_factor))
 
 
 def check_vae(manifest: Manifest, vae: str | None) -> str:
