@@ -38,23 +38,24 @@ class TextEncoderStage(torch.nn.Module):
     skip_hidden_states (batch, layers, seq, hidden): entry k is hidden_states[-(k + 2)],
     diffusers' SDXL conditioning at clip_skip=k (chosen per call, no re-export)."""
 
-    def __init__(self, text_encoder: torch.nn.Module, with_projection: bool):
+    def __init__(self, text_encoder: torch.nn.Module, with_projection: bool, with_skip: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
         self.with_projection = with_projection
+        self.with_skip = with_skip  # SDXL's stages; SD3 (which reuses this wrapper) declares no such output
 
     def forward(self, input_ids):
         out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
-        skip = torch.stack(out.hidden_states[-2::-1], dim=1)  # the penultimate first, down to the embeddings
-        if self.with_projection:
-            return out.hidden_states[-2], out.text_embeds, skip
-        return out.hidden_states[-2], skip
+        outputs = (out.hidden_states[-2], out.text_embeds) if self.with_projection else (out.hidden_states[-2],)
+        if self.with_skip:  # the penultimate first, down to the embeddings
+            outputs += (torch.stack(out.hidden_states[-2::-1], dim=1),)
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
 def text_encoder_stage(encoder: torch.nn.Module, role: str) -> torch.nn.Module:
     """The export wrapper of a text encoder role (the torch backend builds its stages so):
     the bigG encoder (text_encoder_2) also gives its projected pooled embeds."""
-    return TextEncoderStage(encoder, with_projection=role == sdxl.TEXT_ENCODER_2)
+    return TextEncoderStage(encoder, with_projection=role == sdxl.TEXT_ENCODER_2, with_skip=True)
 
 
 class UNetStage(torch.nn.Module):
@@ -199,7 +200,8 @@ def stage_module(name: str, module: torch.nn.Module, model: dict[str, Any], inpu
 
     if name in (sdxl.TEXT_ENCODER, sdxl.TEXT_ENCODER_2):
         reserve_token_rows(module)  # room for textual-inversion tokens loaded at run time
-        stage = inputs.text_encoder(TextEncoderStage(module, name == sdxl.TEXT_ENCODER_2), module.config.vocab_size)
+        stage = inputs.text_encoder(TextEncoderStage(module, name == sdxl.TEXT_ENCODER_2, with_skip=True),
+                                    module.config.vocab_size)
     elif name == sdxl.DENOISER:
         stage = inputs.unet(UNetStage(module), added)
     elif name == sdxl.VAE_DECODER:
