@@ -223,7 +223,8 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
     if frac is not None and refiner is None:
         raise DiffrtError("--high-noise-frac is where a refiner takes over; give --refiner OUT2 too")
     options = {"prompt_2": getattr(args, "prompt_2", None), "negative_prompt_2": getattr(args, "negative_2", None),
-               "clip_skip": getattr(args, "clip_skip", None), "strength": getattr(args, "strength", None)}
+               "clip_skip": getattr(args, "clip_skip", None), "strength": getattr(args, "strength", None),
+               "mask_image": getattr(args, "mask", None)}
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
         num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
@@ -686,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule to redo, in (0, 1] (default diffusers': SD 0.8, "
                         "SDXL 0.3)")
+    p.add_argument("--mask", default=None, metavar="PATH",
+                   help="with --image, SD 1.x/2.x: inpaint where this mask is white (default strength 1.0 and the "
+                        "checkpoint's size, as diffusers' StableDiffusionInpaintPipeline)")
     p.add_argument("--refiner", default=None, metavar="OUT2",
                    help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
     p.add_argument("--high-noise-frac", type=float, default=None,

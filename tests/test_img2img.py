@@ -274,11 +274,18 @@ def test_http_generate_with_image(pipes):
             ({"image": b64(picture.convert("RGBA"))}, "RGBA image"),
             ({"image": b64(picture), "strength": 1.5}, "strength must be"),
             ({"strength": 0.5}, "strength is for"),
+            ({"image": b64(picture), "mask": b64(_mask(64, 64))}, "mask_image is 64x64 but image is 64x48"),
         ):
             status, _, answer = server.post("/v1/generate", {**call, **body})
-            param = "strength" if "strength" in fragment else "image"
+            param = "strength" if "strength" in fragment else "mask" if "mask" in fragment else "image"
             assert status == 400 and answer["error"]["param"] == param, answer
             assert fragment in answer["error"]["message"], answer
+        status, _, answer = server.post("/v1/generate", {**call, "image": b64(picture), "mask": b64(_mask(48, 64)),
+                                                         "size": "64x48"})
+        assert status == 200, answer
+        expected = ours("a barn", image=picture, mask_image=_mask(48, 64), height=48, width=64, num_inference_steps=6,
+                        scheduler="ddim", seed=21, output_type="np").images[0]
+        np.testing.assert_array_equal(decode_npy(answer["images"][0]["b64"]), expected)
 
 
 @pytest.mark.parametrize(("backend", "options"), [("openvino", {"precision": "fp32"}), ("torch", {})])

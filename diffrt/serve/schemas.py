@@ -117,6 +117,8 @@ class GenerateRequest(BaseModel):
     loras: dict[str, float] | None = Field(default=None, description="{name: strength} of loaded LoRAs")
     image: str | None = Field(default=None, description="img2img: the start picture, a base64 RGB PNG or JPEG")
     strength: float | None = Field(default=None, description="with image: how much of the schedule to redo, (0, 1]")
+    mask: str | None = Field(default=None, description="with image, SD 1.x/2.x: inpaint where this mask (base64 "
+                                                       "PNG/JPEG, the image's size) is white")
 
 
 # DiffrtError messages from the runtime start with the argument they are about.
@@ -125,7 +127,7 @@ _FIELD_OF_MESSAGE = (
     ("height", "height"), ("width", "width"), ("scheduler", "scheduler"), ("unknown preset", "preset"),
     ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"), ("prompt", "prompt"),
     ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"), ("image", "image"),
-    ("strength", "strength"),
+    ("strength", "strength"), ("mask_image", "mask"),
 )
 IMAGE_FORMATS = ("PNG", "JPEG")
 
@@ -195,6 +197,8 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
             "strength": body.strength, "output_type": "np"}
     if body.image is not None:
         call["image"] = decode_image(body.image, config.max_side)
+    if body.mask is not None:
+        call["mask_image"] = decode_image(body.mask, config.max_side, "mask")
     return {k: v for k, v in call.items() if v is not None}
 
 
