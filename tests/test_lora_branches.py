@@ -171,3 +171,12 @@ def test_what_branches_cannot_take_is_a_one_line_error(branched, tiny_checkpoint
         add_branch_stages(folder, 16)
     with pytest.raises(DiffrtError, match="rank 0: use an integer"):
         add_branch_stages(folder, 0)
+
+
+def test_export_checks_the_branch_rank_before_exporting(tiny_checkpoint, tmp_path, capsys):
+    from diffrt.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", str(tiny_checkpoint("sd15")), str(out), "--lora-branches", "0"]) == 2
+    assert "rank 0: use an integer from 1 to 1024" in capsys.readouterr().err
+    assert not out.exists()
