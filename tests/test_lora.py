@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -359,3 +360,50 @@ def test_half_and_bfloat16_files_read_as_torch_reads_them(sd, tmp_path):
         layer = lora.layers[("unet", module)]
         np.testing.assert_array_equal(layer.down, tensors[f"unet.{module}.lora_A.weight"].to(dtype).float().numpy())
         np.testing.assert_array_equal(layer.up, tensors[f"unet.{module}.lora_B.weight"].to(dtype).float().numpy())
+
+
+def test_workers_never_run_on_another_sets_weights(sd):
+    """Workers share the models, so the merged set is theirs: a run that wants another
+    set waits until the runs on the current one end, and runs that want the current set
+    queue behind it (no starving a switch). States are waited for, not time."""
+    from serve_util import until
+
+    from diffrt.runtime.backends import get_backend
+    from diffrt.runtime.loras import MergedLoras
+
+    _, folder, files, _ = sd
+    backend = get_backend("ort", disk_cache=False)
+    model = backend.open(folder, read_manifest(folder).stage("unet"))
+    encoder = backend.open(folder, read_manifest(folder).stage("text_encoder"))
+    merged = MergedLoras(folder, {"unet": model, "text_encoder": encoder}, backend)
+    merged.add("a", files["a"])
+    merged.add("b", files["b"])
+    updates, order = [], []
+    update = model.update_weights
+    model.update_weights = lambda weights: updates.append(merged.active) or update(weights)
+    holding, release = threading.Event(), threading.Event()
+
+    def run(wanted, label, hold=False):
+        with merged.using(wanted):
+            order.append((label, merged.active))
+            if hold:
+                holding.set()
+                release.wait(60)
+
+    first = threading.Thread(target=run, args=((("a", 1.0),), "first", True))
+    first.start()
+    assert holding.wait(60)
+    second = threading.Thread(target=run, args=((("b", 0.5),), "second"))
+    second.start()
+    until(lambda: merged._waiting == 1, 60, "the switch to wait")
+    third = threading.Thread(target=run, args=((("a", 1.0),), "third"))
+    third.start()
+    until(lambda: merged._waiting == 2, 60, "a run on the current set to queue behind the switch")
+    assert order == [("first", (("a", 1.0),))] and len(updates) == 1
+    release.set()
+    for thread in (first, second, third):
+        thread.join(60)
+    assert order == [("first", (("a", 1.0),)), ("second", (("b", 0.5),)), ("third", (("a", 1.0),))]
+    assert len(updates) == 3  # a, then b, then a again
+    model.close()
+    encoder.close()
