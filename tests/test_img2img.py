@@ -69,18 +69,16 @@ def _compare(ours, theirs, what):
     assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
 
 
-CASES = [  # kind, scheduler, strength, steps, (picture height, width), images
-    ("sd15", "pndm", 0.6, 10, (48, 64), 1),
+CASES = [  # kind, scheduler, strength, steps, (picture height, width), images; few steps run (the suite's time)
+    ("sd15", "pndm", 0.6, 6, (48, 64), 1),
     ("sd15", "ddim", 0.3, 10, (64, 48), 2),
-    ("sd15", "euler", 1.0, 6, (48, 64), 1),
-    ("sd15", "dpmpp_2m", 0.6, 8, (64, 64), 2),
+    ("sd15", "euler", 1.0, 4, (48, 64), 1),
     ("sd2", "dpmpp_2m_karras", 0.3, 10, (48, 64), 1),
-    ("sd2", "ddim", 1.0, 5, (64, 48), 1),
     ("sdxl", "euler", 0.3, 10, (48, 64), 2),
-    ("sdxl", "ddim", 0.6, 8, (64, 48), 1),
-    ("sdxl", "pndm", 1.0, 6, (48, 64), 1),
-    ("sdxl", "dpmpp_2m", 0.6, 10, (64, 64), 1),
-    ("sdxl-refiner", "dpmpp_2m_karras", 0.6, 8, (48, 64), 1),
+    ("sdxl", "ddim", 0.6, 6, (64, 48), 1),
+    ("sdxl", "pndm", 1.0, 4, (48, 64), 1),
+    ("sdxl", "dpmpp_2m", 0.6, 6, (64, 64), 1),
+    ("sdxl-refiner", "dpmpp_2m_karras", 0.6, 6, (48, 64), 1),
 ]
 
 
@@ -176,7 +174,7 @@ def test_refiner_handoff_takes_the_latent_path(pipes):
     ours, ref, config = pipes("sdxl-refiner")
     ref.scheduler = _diffusers_scheduler("euler", config)
     latents = torch.randn((1, 4, 24, 32), generator=torch.Generator().manual_seed(12))
-    kw = dict(num_inference_steps=8, guidance_scale=5.0, output_type="np")
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, output_type="np")
     theirs = ref("a tree", image=latents, denoising_start=0.6, **kw).images
     _compare(ours("a tree", image=latents.numpy(), denoising_start=0.6, scheduler="euler", **kw).images, theirs,
              "refiner/denoising_start")
@@ -311,23 +309,29 @@ def _mask(height, width):
     return Image.fromarray(mask, "L")
 
 
+@pytest.fixture(scope="module")
+def inpaint_ref(tiny_checkpoint):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ref = StableDiffusionInpaintPipeline.from_pipe(_diffusers_pipeline(tiny_checkpoint("sd15")))
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
 @pytest.mark.parametrize(("scheduler", "strength", "size"), [("ddim", 0.6, (48, 64)), ("euler", 1.0, (64, 48)),
-                                                              ("pndm", 0.3, (64, 64)), ("dpmpp_2m", 1.0, (48, 64))])
-def test_inpainting_with_a_regular_unet_matches_diffusers(pipes, tiny_checkpoint, scheduler, strength, size):
+                                                              ("dpmpp_2m", 0.3, (48, 64))])
+def test_inpainting_with_a_regular_unet_matches_diffusers(pipes, inpaint_ref, scheduler, strength, size):
     """StableDiffusionInpaintPipeline on a 4-channel UNet: the known region put back
     after every step. Its draws: the image's encoder sample, the start noise (then the
     masked image's encoder sample, unused with a 4-channel UNet)."""
-    from diffusers import StableDiffusionInpaintPipeline
-
     ours, _, config = pipes("sd15")
-    ref = StableDiffusionInpaintPipeline.from_pipe(_diffusers_pipeline(tiny_checkpoint("sd15")))
-    ref.set_progress_bar_config(disable=True)
+    ref = inpaint_ref
     ref.scheduler = _diffusers_scheduler(scheduler, config)
     height, width = size
     picture, mask = _picture(72, 56, seed=15), _mask(72, 56)  # resized to the output size, as diffusers does
     latent = (4, height // 2, width // 2)
     eps, noise, generator = _draws(16, (1, *latent), (2, *latent))
-    kw = dict(num_inference_steps=8, guidance_scale=6.0, strength=strength, height=height, width=width,
+    kw = dict(num_inference_steps=6, guidance_scale=6.0, strength=strength, height=height, width=width,
               num_images_per_prompt=2)
     theirs = ref("a window", image=picture, mask_image=mask, generator=generator, output_type="np", **kw).images
     got = ours("a window", image=picture, mask_image=mask, image_noise=eps, noise=noise, scheduler=scheduler,
