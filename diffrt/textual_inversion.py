@@ -58,6 +58,8 @@ TABLE_PARAMETER = "token_embedding.weight"
 # tokenizer adds these tokens, with these ids, when it loads).
 TOKENS_FILE = "textual_inversion.json"
 SDXL_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
+# Embeddings are KBs (75 vectors of SDXL's 2048 floats are 600 KB); a larger file is a mistake.
+MAX_FILE_BYTES = 64 << 20
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 
 
@@ -106,6 +108,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DiffrtError(f"{path}: no such textual-inversion file")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise DiffrtError(f"{path}: {path.stat().st_size / 2**20:.0f} MB is far more than a textual-inversion "
+                          "embedding holds (a few KB); is it a model or LoRA file?")
     if path.suffix in (".pt", ".bin", ".ckpt"):
         raise DiffrtError(f"{path}: a {path.suffix} file is a pickle that needs torch to read; the runtime reads "
                           ".safetensors only: bake it in with `diffrt export SRC OUT --textual-inversion "
@@ -137,7 +142,10 @@ def parse(state: Mapping[str, Any], token: str | None, source: str) -> dict[str,
 
 
 def _vectors(value: Any, source: str) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float32)
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise DiffrtError(f"{source}: the embedding is a {type(value).__name__}, not an array of numbers") from None
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or not array.shape[0] or not np.isfinite(array).all():
@@ -160,8 +168,7 @@ def embeddings_for(parsed: Mapping[str | None, tuple[str, np.ndarray]], roles: t
     for key, (token, vectors) in parsed.items():
         role = "text_encoder" if key is None else SDXL_KEYS[key]
         if role not in roles:
-            what = "an SDXL (clip_l + clip_g) embedding" if key is None and "text_encoder_2" not in roles else \
-                "this embedding"
+            what = "an SDXL (clip_l + clip_g) embedding" if key is not None else "a one-encoder embedding"
             raise DiffrtError(f"{source}: {what} needs a {role} this artifact has no place for (it has "
                               f"{', '.join(roles)}); use an embedding made for this model family")
         out.append(Embedding(role, expand(token, vectors.shape[0]), vectors))

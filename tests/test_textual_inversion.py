@@ -164,3 +164,16 @@ def test_token_already_known_is_refused(exported, files):
     with pytest.raises(DiffrtError, match=re.escape("'<|endoftext|>' is already in")):  # a token of the vocabulary
         ours.load_textual_inversion(files["multi"], token="<|endoftext|>")
     ours.close()
+
+
+def test_files_that_are_no_embedding(tmp_path):
+    """A model-sized file, and a single key that holds no numbers: one line each."""
+    from diffrt.textual_inversion import parse, read_file
+
+    big = tmp_path / "model.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(65 << 20)  # sparse: nothing is written
+    with pytest.raises(DiffrtError, match="far more than a textual-inversion embedding"):
+        read_file(big)
+    with pytest.raises(DiffrtError, match="not an array of numbers"):
+        parse({"name": "<x>"}, None, "f.pt")
