@@ -199,7 +199,7 @@ def test_switching_back_restores_the_exported_weights_exactly(sd):
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     a, b = tensors[f"unet.{module}.lora_A.weight"], tensors[f"unet.{module}.lora_B.weight"]
     placement = weight_map(folder, model.spec)[f"{module}.weight"].placements[0]
-    base = torch.from_numpy(stored[placement.initializer]).T
+    base = torch.from_numpy(stored[placement.initializer].copy()).T
     want = (base + 0.5 * 2.0 * (b @ a)).T.numpy()
     np.testing.assert_allclose(handed[0][placement.initializer], want, rtol=1e-6, atol=1e-6)
 
