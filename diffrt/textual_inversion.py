@@ -195,9 +195,12 @@ def check_fits(embedding: Embedding, tokenizer: Any, rows: int, dim: int, source
     return ids
 
 
-def write_tokens_file(folder: Path, groups: list[tuple[str, ...]], first_id: int) -> None:
-    """Record the tokens baked into an artifact, for its runtime tokenizer (TOKENS_FILE)."""
-    data = {"format": "diffrt-textual-inversion", "version": 1, "first_id": first_id, "groups": [list(g) for g in groups]}
+def write_tokens_file(folder: Path, groups: list[tuple[str, ...]], first_id: int,
+                      sources: list[dict[str, Any]] | None = None) -> None:
+    """Record the tokens baked into an artifact, for its runtime tokenizer (TOKENS_FILE),
+    and where they came from (`sources`: file name, sha256, tokens; for the record only)."""
+    data = {"format": "diffrt-textual-inversion", "version": 1, "first_id": first_id, "groups": [list(g) for g in groups],
+            "sources": sources or []}
     (folder / TOKENS_FILE).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 

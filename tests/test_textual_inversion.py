@@ -129,6 +129,13 @@ def test_export_bakes_embeddings_in(tiny_checkpoint, files, tmp_path):
     assert _diff(got, theirs) <= TOLERANCE
     with pytest.raises(DiffrtError, match="already in the text_encoder tokenizer"):
         ours.load_textual_inversion(files["single"])  # baked in already
+    import hashlib
+    import json
+
+    record = json.loads((out / "tokenizer" / "textual_inversion.json").read_text())
+    assert [(r["file"], r["sha256"], r["tokens"]) for r in record["sources"]] == [
+        (p.name, hashlib.sha256(p.read_bytes()).hexdigest(), t)
+        for p, t in ((files["single"], ["<cat-toy>"]), (files["a1111"], ["<old-style>", "<old-style>_1"]))]
     ours.close()
 
 

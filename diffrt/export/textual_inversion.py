@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffrt.artifacts import sha256_file
 from diffrt.errors import DiffrtError
 from diffrt.textual_inversion import (
     SPARE_TOKEN_ROWS,
@@ -93,6 +94,7 @@ class BakedEmbeddings:
     rows: dict[str, list[tuple[Embedding, tuple[int, ...]]]] = field(default_factory=dict)
     tokenizers: dict[str, str] = field(default_factory=dict)  # role -> tokenizer folder name
     first_ids: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # role -> file, sha256, tokens
 
     def wrap(self, role: str, load: Callable[[], Any]) -> Callable[[], Any]:
         """The stage loader of `role`, writing this role's vectors into its table."""
@@ -114,7 +116,8 @@ class BakedEmbeddings:
         """Record the tokens in a copied tokenizer folder of the artifact."""
         for role, name in self.tokenizers.items():
             if name == component and role in self.rows:
-                write_tokens_file(folder, [e.tokens for e, _ in self.rows[role]], self.first_ids[role])
+                write_tokens_file(folder, [e.tokens for e, _ in self.rows[role]], self.first_ids[role],
+                                  self.sources.get(role))
 
 
 def prepare(items: Sequence, folder: Path, fam: Any) -> BakedEmbeddings | None:
@@ -140,6 +143,8 @@ def prepare(items: Sequence, folder: Path, fam: Any) -> BakedEmbeddings | None:
             ids = check_fits(embedding, tokenizers[embedding.role], rows, int(config["hidden_size"]), source)
             tokenizers[embedding.role].add_embedding_tokens(embedding.tokens)
             baked.rows.setdefault(embedding.role, []).append((embedding, ids))
+            baked.sources.setdefault(embedding.role, []).append(
+                {"file": path.name, "sha256": sha256_file(path), "tokens": list(embedding.tokens)})
             logger.info("%s: %s -> %s rows %d..%d", path, ", ".join(embedding.tokens), embedding.role, ids[0], ids[-1])
     return baked
 
