@@ -625,8 +625,8 @@ def _add_lora_branch_args(p: argparse.ArgumentParser, rank_flag: str) -> None:
                         "LoRAs add up to per layer, e.g. 16), so requests with different LoRAs share a batch"
                    if not required else "the branches' rank: the most a request's LoRAs add up to per layer")
     p.add_argument("--lora-targets", default="attention", choices=("attention", "transformer"),
-                   help="layers given a branch: attention projections (default) or every Linear of the "
-                        "transformer blocks")
+                   help="UNet layers given a branch: attention projections (default) or every Linear of the "
+                        "transformer blocks (CLIP text encoders: always attention and MLP)")
 
 
 def build_parser() -> argparse.ArgumentParser:

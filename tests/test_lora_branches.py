@@ -79,6 +79,7 @@ def test_branches_match_diffusers_and_the_merged_weights(branched, backend, opti
             Pipeline.load(folder, backend=backend, loras=loaded, lora_branches=False, **options) as merged:
         spec = pipe.models["unet"].spec
         assert spec.variant == ("fused-attention+lora-branches" if backend == "ort" else "lora-branches")
+        assert pipe.models["text_encoder"].spec.variant == "lora-branches"  # text-encoder layers: branches too
         assert merged.models["unet"].spec.variant in ("default", "fused-attention")
         base = _theirs(branched, {})
         none = _ours(pipe, branched)
@@ -156,7 +157,7 @@ def test_what_branches_cannot_take_is_a_one_line_error(branched, tiny_checkpoint
     checkpoint, folder, files, _ = branched
     conv = make_kohya_lora(checkpoint, tmp_path / "k.safetensors", seed=5)  # conv, proj_in, time_emb_proj ...
     with Pipeline.load(folder, loras={"a": files["a"], "c": files["c"]}) as pipe:
-        with pytest.raises(DiffrtError, match="no LoRA branch in this artifact: unet.*lora_branches=False") as info:
+        with pytest.raises(DiffrtError, match="no LoRA branch in this artifact: .*lora_branches=False") as info:
             pipe.load_lora("k", conv)
         assert "\n" not in str(info.value)
         assert set(pipe.loras) == {"a", "c"}
@@ -180,3 +181,37 @@ def test_export_checks_the_branch_rank_before_exporting(tiny_checkpoint, tmp_pat
     assert main(["export", str(tiny_checkpoint("sd15")), str(out), "--lora-branches", "0"]) == 2
     assert "rank 0: use an integer from 1 to 1024" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sdxl_transformer_branches_match_diffusers_and_mix(tiny_checkpoint, exported, tmp_path):
+    """SDXL, branches on every Linear of the transformer blocks (proj_in and the
+    feed-forward too), a LoRA on them and both text encoders: diffusers' image; a batch
+    with and without it equals each alone."""
+    from diffrt.export.lora_branches import add_branch_stages
+
+    checkpoint = tiny_checkpoint("sdxl")
+    folder = copy_artifact(exported("sdxl"), tmp_path / "artifact")
+    add_branch_stages(folder, 4, "transformer")
+    file = make_lora(checkpoint, tmp_path / "xl", seed=5, unet=["to_q", "to_v", "to_out.0", "proj_in", "ff.net.2"],
+                     text=["q_proj", "fc1"], text_2=["v_proj", "fc2"])
+    latents = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(1))
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+
+    ref = DiffusionPipeline.from_pretrained(checkpoint)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    base = ref("a red cat", latents=latents, **CALL).images
+    ref.load_lora_weights(str(file), adapter_name="xl")
+    ref.set_adapters(["xl"], [0.8])
+    want = ref("a red cat", latents=latents, **CALL).images
+    assert float(np.abs(want - base).max()) > 2e-2
+    with Pipeline.load(folder, loras={"xl": file}) as pipe:
+        assert pipe.models["unet"].spec.facts["lora_branches"]["targets"] == "transformer"
+        assert pipe.models["text_encoder_2"].spec.variant == "lora-branches"
+        got = pipe("a red cat", latents=latents.numpy(), scheduler="euler", loras={"xl": 0.8}, **CALL).images
+        _close(got, want, "sdxl branches")
+        common = {"num_inference_steps": 2, "scheduler": "euler", "height": 64, "width": 64, "output_type": "np"}
+        requests = [pipe.request("a cat", seed=1, loras={"xl": 0.8}, **common), pipe.request("a dog", seed=2, **common)]
+        together = pipe.generate(requests)
+        for request, result in zip(requests, together, strict=True):
+            np.testing.assert_allclose(result.images, pipe.generate([request])[0].images, atol=1e-5, rtol=0)

@@ -2,8 +2,8 @@
 (or `diffrt export SRC OUT --lora-branches 16`).
 
 For each fp32 UNet graph of the artifact (the portable one and the fused-attention
-one), a new stage `<name>-lora` (variant "lora-branches" / "fused-attention+lora-
-branches", same role) is written beside it by diffrt.export.passes.lora_branches:
+one) and each CLIP text encoder, a new stage `<name>-lora` (variant "lora-branches" /
+"fused-attention+lora-branches", same role) is written beside it by diffrt.export.passes.lora_branches:
 the same weights (hard-linked external data, the same weight map), plus one low-rank
 branch per targeted Linear with its factors as batched inputs. The plain stages stay:
 a pipeline loaded with `lora_branches=False` runs them as before. The manifest is
@@ -55,19 +55,23 @@ def add_branch_stages(folder: str | Path, rank: int, targets: str = "attention")
     family = get_family(manifest.family)
     if family.DENOISER != "unet":
         raise DiffrtError(f"{folder}: LoRA branches are for UNet models (SD 1.x/2.x, SDXL); this is {manifest.family}")
-    sources = [s for s in manifest.variants(family.DENOISER) if s.precision == "fp32" and s.variant in BRANCH_OF]
-    have = [s.name for s in manifest.variants(family.DENOISER) if s.variant in BRANCH_OF.values()]
+    roles = (family.DENOISER, *family.TOKENIZER_OF)  # the UNet and the CLIP text encoders
+    sources = [s for r in roles for s in manifest.variants(r) if s.precision == "fp32" and s.variant in BRANCH_OF]
+    have = [s.name for r in roles for s in manifest.variants(r) if s.variant in BRANCH_OF.values()]
     if have:
         raise DiffrtError(f"{folder} already has LoRA-branch stages ({', '.join(have)}); export again for another "
                           "rank or targets")
     if any(s.weight_map is None for s in sources):
-        raise DiffrtError(f"{folder}: its UNet has no weight map (exported by an older diffrt); re-export it")
+        raise DiffrtError(f"{folder}: its UNet or text encoder has no weight map (exported by an older diffrt); "
+                          "re-export it")
     added: list[StageSpec] = []
     try:
         for source in sources:
             name = f"{source.name}-lora"
             weights = read_weight_map(folder / source.weight_map.path)
-            files, report = add_lora_branches(folder / source.name, folder / name, weights, rank, targets)
+            # a text encoder runs once per request: every Linear of its layers (attention and MLP) gets one
+            chosen = targets if source.role == family.DENOISER else "transformer"
+            files, report = add_lora_branches(folder / source.name, folder / name, weights, rank, chosen)
             inputs = [TensorSpec(f"{prefix}{m}", "float32", ("batch", *dims))
                       for m, (i, o) in report.modules.items()
                       for prefix, dims in (("lora_down.", (i, rank)), ("lora_up.", (rank, o)))]
@@ -78,13 +82,13 @@ def add_branch_stages(folder: str | Path, rank: int, targets: str = "attention")
             mapped = weight_map.derive(weights, name, InitializerChanges())
             spec = dataclasses.replace(
                 source, name=name, variant=BRANCH_OF[source.variant], inputs=(*source.inputs, *inputs),
-                files=tuple(records), passes=(*source.passes, f"lora_branches:{targets}:{rank}"),
-                facts={**source.facts, FACT: {"rank": rank, "targets": targets,
+                files=tuple(records), passes=(*source.passes, f"lora_branches:{chosen}:{rank}"),
+                facts={**source.facts, FACT: {"rank": rank, "targets": chosen, "ignored": list(report.ignored),
                                               "modules": {m: list(d) for m, d in report.modules.items()}}},
                 reference=source.name, max_abs_error=None,
                 weight_map=weight_map.write(folder / name, folder, mapped))
             added.append(spec)
-            logger.info("%s: %d LoRA branches of rank %d (%s)%s", name, len(report.modules), rank, targets,
+            logger.info("%s: %d LoRA branches of rank %d (%s)%s", name, len(report.modules), rank, chosen,
                         f"; {len(report.skipped)} targeted layers without one" if report.skipped else "")
         stages = {**manifest.stages, **{s.name: s for s in added}}
         write_manifest(folder, dataclasses.replace(manifest, stages=stages))

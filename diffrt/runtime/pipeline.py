@@ -134,13 +134,12 @@ class Pipeline:
                            for role in roles}
         self.scheduler_config = read_scheduler_config(folder)
         self._contexts = _open_contexts(self._models, self._shapes)
-        # LoRA: merged into the weights, or (a denoiser with LoRA branches) fed per row, text encoders merged
-        layout = BranchLayout.of(self._models[self.family.DENOISER].spec) if self.family.DENOISER in self._models \
-            else None
-        merged = self._models if layout is None else {k: m for k, m in self._models.items()
-                                                      if k != self.family.DENOISER}
+        # LoRA: merged into the weights, or (a denoiser with LoRA branches) fed per row where stages have branches
+        layouts = {m.spec.role: BranchLayout.of(m.spec) for m in self._models.values() if BranchLayout.of(m.spec)}
+        layouts = layouts if self.family.DENOISER in layouts else {}
+        merged = {k: m for k, m in self._models.items() if m.spec.role not in layouts}
         self._loras = MergedLoras(folder, merged, backend)  # shared with worker() views, as the models are
-        self._branches = BranchLoras(layout, self._loras) if layout is not None else None
+        self._branches = BranchLoras(layouts, self._loras) if layouts else None
         self._token_tables: dict[str, np.ndarray] = {}  # textual inversion: each role's table as it runs now
 
     @classmethod
@@ -189,7 +188,7 @@ class Pipeline:
         workers = check_count("workers", workers)
         engine = get_backend(backend, cache_dir=cache_root, workers=workers, **backend_options)
         specs = select_stages(manifest, family, engine, graph_precision, attention)
-        specs[family.DENOISER] = select_branches(manifest, specs[family.DENOISER], lora_branches, engine)
+        specs = select_branches(manifest, specs, family.DENOISER, family.TOKENIZER_OF, lora_branches, engine)
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
         if mode == "stamp" and not engine.reads_graphs:
             mode = "size"  # the torch backend never opens the ONNX files: do not hash GBs of them
@@ -521,13 +520,20 @@ class Pipeline:
         return sample, plan, timings
 
     def _prepare(self, request: Request) -> DenoisePlan:
-        """The family's plan for one request; with LoRA branches, its text encoded under
-        its text-encoder LoRAs and its rows fed its UNet LoRAs' factors."""
+        """The family's plan for one request; with LoRA branches, its text encoded with
+        its LoRAs' factors (or under them merged, for a text encoder without branches)
+        and its denoiser rows fed its LoRAs' factors."""
         if self._branches is None:
             return self.family.prepare(self.facts, request, self._encode)
-        with self._loras.using(self._branches.text_set(request.loras)):
-            plan = self.family.prepare(self.facts, request, self._encode)
-        return self._branches.with_feeds(plan, request.loras)
+        branches, loras = self._branches, request.loras
+
+        def encode(role: str, texts: list[str], *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+            extra = branches.feeds(role, loras, len(texts)) if role in branches.layouts else None
+            return self._encode(role, texts, *args, feeds=extra, **kwargs)
+
+        with self._loras.using(branches.merged_set(loras)):
+            plan = self.family.prepare(self.facts, request, encode)
+        return branches.with_feeds(plan, loras, self.family.DENOISER)
 
     def _decode(self, sample: Any, plan: DenoisePlan, vae: str, timings: dict[str, Any]) -> np.ndarray:
         """5. Latents -> float32 NHWC images in [0, 1] on the host."""
@@ -568,13 +574,15 @@ class Pipeline:
         spec = self._models[self.family.DENOISER].spec
         return spec.variant not in (FUSED_VARIANT, FUSED_LORA_VARIANT) and not self.backend.fuses_attention_itself
 
-    def _encode(self, role: str, texts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+    def _encode(self, role: str, texts: list[str], max_length: int | None = None,
+                feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Tokenize with the role's tokenizer and run that text encoder: its outputs by
         name, on the host (the family combines them there, once per request).
         `max_length`: the token length of a T5 encoder's input (max_sequence_length)."""
         tokenizer = self.tokenizers[role]
         ids = tokenizer(texts) if max_length is None else tokenizer(texts, max_length=max_length)
-        return {name: self._to_host(array) for name, array in self._contexts[role].run({"input_ids": ids}).items()}
+        inputs = {"input_ids": ids, **(feeds or {})}  # feeds: LoRA branch factors, host arrays as the ids are
+        return {name: self._to_host(array) for name, array in self._contexts[role].run(inputs).items()}
 
     def _to_device(self, array: np.ndarray) -> Any:
         return self.backend.to_device(array)

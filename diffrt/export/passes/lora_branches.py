@@ -42,11 +42,13 @@ from diffrt.runtime.lora_branches import DOWN_PREFIX, UP_PREFIX
 logger = logging.getLogger(__name__)
 
 # Which Linear layers get a branch. "attention": the projections of every attention
-# block (what most style/character LoRAs train); "transformer": every Linear of the
-# transformer blocks (attention, feed-forward, and proj_in/proj_out where Linear).
+# block (what most style/character LoRAs train): the UNet's attn1/attn2 and CLIP's
+# self_attn; "transformer": every Linear of the transformer blocks (also the UNet's
+# feed-forward and Linear proj_in/proj_out, CLIP's MLP).
+_ATTENTION = r"\.attn\d\.(to_q|to_k|to_v|to_out\.0)|\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
 TARGETS = {
-    "attention": r"\.attn\d\.(to_q|to_k|to_v|to_out\.0)$",
-    "transformer": r"(\.attn\d\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2)|\.proj_in|\.proj_out)$",
+    "attention": rf"({_ATTENTION})$",
+    "transformer": rf"({_ATTENTION}|\.ff\.net\.(0\.proj|2)|\.proj_in|\.proj_out|\.mlp\.(fc1|fc2))$",
 }
 
 
@@ -57,6 +59,9 @@ class BranchReport:
     """module -> (in_features, out_features), one branch each."""
     skipped: tuple[str, ...] = ()
     """'module: reason' for targeted modules left without a branch."""
+    ignored: tuple[str, ...] = ()
+    """Targeted modules the stage's outputs do not depend on (e.g. SDXL's last CLIP layer):
+    a LoRA layer there changes nothing, so none is needed."""
 
 
 def add_lora_branches(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, weights, rank: int,
@@ -72,7 +77,7 @@ def add_lora_branches(stage_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     model = load_graph(source)
     report = branch_model(model, weights, rank, re.compile(TARGETS[targets]))
     if not report.modules:
-        raise DiffrtError(f"{source}: no {targets} Linear layer found to branch; is this a denoiser stage?")
+        raise DiffrtError(f"{source}: no {targets} Linear layer found to branch; is this a UNet or CLIP stage?")
     return _write(model, source, out), report
 
 
@@ -84,9 +89,13 @@ def branch_model(model: onnx.ModelProto, weights, rank: int, pattern: re.Pattern
     batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
     modules: dict[str, tuple[int, int]] = {}
     skipped: list[str] = []
+    ignored: list[str] = []
     for parameter, entry in weights.entries.items():
         module = parameter.removesuffix(".weight")
         if not parameter.endswith(".weight") or not pattern.search(module) or len(entry.shape) != 2:
+            continue
+        if entry.absent in ("unused", "removed"):
+            ignored.append(module)
             continue
         reason, matmul = _site(entry, index, weights, shapes)
         if reason:
@@ -97,7 +106,7 @@ def branch_model(model: onnx.ModelProto, weights, rank: int, pattern: re.Pattern
         modules[module] = (in_features, out_features)
     for item in skipped:
         logger.warning("no LoRA branch on %s", item)
-    return BranchReport(rank=rank, modules=modules, skipped=tuple(skipped))
+    return BranchReport(rank=rank, modules=modules, skipped=tuple(skipped), ignored=tuple(ignored))
 
 
 def _site(entry, index: GraphIndex, weights, shapes) -> tuple[str, onnx.NodeProto | None]:
