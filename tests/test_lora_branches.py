@@ -215,3 +215,27 @@ def test_sdxl_transformer_branches_match_diffusers_and_mix(tiny_checkpoint, expo
         together = pipe.generate(requests)
         for request, result in zip(requests, together, strict=True):
             np.testing.assert_allclose(result.images, pipe.generate([request])[0].images, atol=1e-5, rtol=0)
+
+
+def test_a_text_encoder_without_branches_is_merged_per_request(branched, tmp_path):
+    """An artifact with UNet branches only: the text-encoder layers of each request's
+    LoRAs are merged while it encodes; a mixed batch still equals each request alone."""
+    import dataclasses
+
+    from diffrt.artifacts import read_manifest, write_manifest
+
+    _, folder, files, _ = branched
+    copy = copy_artifact(folder, tmp_path / "artifact")
+    manifest = read_manifest(copy)
+    write_manifest(copy, dataclasses.replace(manifest, stages={k: v for k, v in manifest.stages.items()
+                                                               if k != "text_encoder-lora"}))
+    with Pipeline.load(copy, loras={"a": files["a"], "b": files["b"]}) as pipe:
+        assert pipe.models["text_encoder"].spec.variant == "default"
+        assert pipe.models["unet"].spec.facts["lora_branches"]
+        _close(_ours(pipe, branched, {"a": 0.7}), _theirs(branched, {"a": 0.7}), "text encoder merged")
+        common = {"num_inference_steps": 2, "scheduler": "euler", "height": 64, "width": 64, "output_type": "np"}
+        requests = [pipe.request("a cat", seed=1, loras={"a": 0.8}, **common),
+                    pipe.request("a dog", seed=2, loras={"b": 1.0}, **common), pipe.request("a tree", seed=3, **common)]
+        together = pipe.generate(requests)
+        for request, result in zip(requests, together, strict=True):
+            np.testing.assert_allclose(result.images, pipe.generate([request])[0].images, atol=1e-5, rtol=0)
