@@ -254,6 +254,23 @@ def test_every_address_handed_to_tensorrt_is_256_byte_aligned(fake_gpu, exported
     np.testing.assert_allclose(image, reference, atol=1e-6)
 
 
+def test_image_to_image_on_tensorrt_says_where_it_runs(fake_gpu, exported, tmp_path):
+    """`diffrt build` builds the text-to-image stages only; the first call that starts from
+    a picture must say so, not send the user to rebuild (which would not help)."""
+    from diffrt.errors import DiffrtError
+    from diffrt.runtime.pipeline import Pipeline
+
+    folder = exported("sd15")
+    _build(folder, tmp_path)
+    picture = np.full((64, 64, 3), 128, dtype=np.uint8)
+    with Pipeline.load(folder, backend="tensorrt", cache_dir=tmp_path) as pipe:
+        with pytest.raises(DiffrtError) as info:
+            pipe("a cat", image=picture, strength=0.5, num_inference_steps=2, height=64, width=64, output_type="np")
+        assert "ort or openvino" in str(info.value) and "\n" not in str(info.value)
+        assert "diffrt build" in str(info.value) and "does not build yet" in str(info.value)
+        pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np")  # text-to-image still runs
+
+
 def test_closing_waits_for_the_stream_before_freeing_contexts(fake_gpu, exported, tmp_path):
     from diffrt.runtime.pipeline import Pipeline
 

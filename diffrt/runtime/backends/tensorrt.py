@@ -400,6 +400,9 @@ class TensorRTBackend:
         folder = Path(folder)
         cache = EngineCache(Path(self.cache_dir) if self.cache_dir is not None else folder / "engines", BACKEND)
         engines = find_engines(cache, spec, trt.__version__, self.gpu)
+        if not engines and spec.role == "vae_encoder":  # opened by the first image-to-image call only
+            raise DiffrtError("image-to-image on TensorRT needs a VAE encoder engine, which `diffrt build` does not "
+                              "build yet; run requests that start from a picture on the ort or openvino backend")
         if not engines:
             raise DiffrtError(f"no TensorRT engine for stage {spec.describe()} built with TensorRT {trt.__version__} "
                               f"on {self.gpu.name} in {cache.folder}; run `diffrt build {folder} --backend tensorrt` "
