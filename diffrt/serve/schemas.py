@@ -119,6 +119,9 @@ class GenerateRequest(BaseModel):
     strength: float | None = Field(default=None, description="with image: how much of the schedule to redo, (0, 1]")
     mask: str | None = Field(default=None, description="with image, SD 1.x/2.x: inpaint where this mask (base64 "
                                                        "PNG/JPEG, the image's size) is white")
+    options: dict[str, str | int | float | None] | None = Field(
+        default=None, description="the model family's own options, e.g. SDXL {\"prompt_2\": ...}, "
+                                  "{\"clip_skip\": 1}, SD3 {\"prompt_3\": ...}, Flux {\"max_sequence_length\": 256}")
 
 
 # DiffrtError messages from the runtime start with the argument they are about.
@@ -199,7 +202,29 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
         call["image"] = decode_image(body.image, config.max_side)
     if body.mask is not None:
         call["mask_image"] = decode_image(body.mask, config.max_side, "mask")
-    return {k: v for k, v in call.items() if v is not None}
+    call = {k: v for k, v in call.items() if v is not None}
+    return {**call, **family_options(body.options, config.max_prompt_chars)}
+
+
+def family_options(options: dict[str, Any] | None, max_chars: int) -> dict[str, Any]:
+    """The request's `options` as pipeline keywords: the family validates names and values
+    when the request is built (an unknown one is a 400 naming those it accepts); text
+    options get the prompt's checks here. The core parameters have their own fields."""
+    out = {}
+    for name, value in (options or {}).items():
+        if name in _CORE_FIELDS:
+            raise ApiError(400, f"options.{name}: {name} is a request field of its own, not a family option",
+                           "options")
+        if isinstance(value, str):
+            check_text(f"options.{name}", value, max_chars)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+_CORE_FIELDS = frozenset({"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
+                          "num_images_per_prompt", "seed", "scheduler", "preset", "vae", "loras", "strength",
+                          "output_type", "image", "mask_image", "latents", "generator", "noise", "image_noise"})
 
 
 def decode_image(value: str, max_side: int, param: str = "image") -> Any:
