@@ -152,7 +152,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["| runner | what | status |", "|---|---|---|"]
     for name, r in report["runners"].items():
         status = f"partial: the worker died at {r['died']}" if r["status"] == "ok" and r.get("died") else r["status"]
-        lines.append(f"| {name} | {r['description']} | {status} |")
+        what = r["description"].replace("|", "\\|")  # a "|" would end the table cell
+        lines.append(f"| {name} | {what} | {status} |")
     for workload in report["workloads"]:
         w = WORKLOADS.get(workload["name"])
         lines += ["", f"## {workload_title(workload)}", "",

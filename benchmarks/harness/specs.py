@@ -189,12 +189,12 @@ RUNNERS = {r.name: r for r in (
     # What users would pick instead.
     RunnerSpec("diffusers-fp32", "diffusers", {"dtype": "fp32"}, "diffusers + torch CPU, fp32"),
     RunnerSpec("diffusers-bf16", "diffusers", {"dtype": "bf16"}, "diffusers + torch CPU, bf16", requires_bf16=True),
-    RunnerSpec("optimum-onnx", "optimum-onnx", {}, "optimum-onnx ORTStableDiffusion(XL|3)Pipeline (onnxruntime CPU)"),
+    RunnerSpec("optimum-onnx", "optimum-onnx", {}, "optimum-onnx ORTStableDiffusion(XL/3)Pipeline (onnxruntime CPU)"),
     # Measured at SD1.5 size, 256x256, on the AVX2 machine: 8.2-8.7 GiB (12.4 starting from a warm cache).
     # SDXL: estimated as diffrt-openvino's measured compile peak (not measured for optimum-intel).
-    RunnerSpec("optimum-intel", "optimum-intel", {}, "optimum-intel OVStableDiffusion(XL|3)Pipeline, dynamic shapes",
+    RunnerSpec("optimum-intel", "optimum-intel", {}, "optimum-intel OVStableDiffusion(XL/3)Pipeline, dynamic shapes",
                cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
     RunnerSpec("optimum-intel-static", "optimum-intel", {"static": True},
-               "optimum-intel OVStableDiffusion(XL|3)Pipeline, reshaped to static shapes + compile()",
+               "optimum-intel OVStableDiffusion(XL/3)Pipeline, reshaped to static shapes + compile()",
                cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
 )}
