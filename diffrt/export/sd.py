@@ -188,10 +188,10 @@ def load_tiny_vae(path: Path, model: dict[str, Any]) -> torch.nn.Module:
         raise DiffrtError(f"--tiny-vae {path}: cannot load it as an AutoencoderTiny ({first})") from None
     config = vae.config
     factor = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
-    if config.latent_channels != model["latent_channels"] or factor != model["vae_scale_factor"]:
+    if config.latent_channels != vae_channels(model) or factor != model["vae_scale_factor"]:
         raise DiffrtError(
             f"--tiny-vae {path}: it decodes {config.latent_channels}-channel latents upscaled {factor}x, this "
-            f"checkpoint has {model['latent_channels']} channels and a {model['vae_scale_factor']}x VAE; "
+            f"checkpoint has {vae_channels(model)} channels and a {model['vae_scale_factor']}x VAE; "
             "use the tiny VAE made for this model family (taesd for SD 1.x/2.x, taesdxl for SDXL)"
         )
     return vae.eval().requires_grad_(False)
@@ -207,7 +207,7 @@ def tiny_vae_facts(vae: torch.nn.Module) -> dict[str, Any]:
 
 def tiny_vae_stage(vae: torch.nn.Module, model: dict[str, Any]) -> StageModule:
     gen = torch.Generator().manual_seed(1)
-    channels = model["latent_channels"]
+    channels = vae_channels(model)
     return StageModule(TinyVaeDecoderStage(vae), (torch.randn(2, channels, 5, 7, generator=gen),),
                        {"latent_sample": torch.randn(1, channels, 8, 6, generator=gen)}, weights=vae,
                        component="tiny_vae")
@@ -251,6 +251,11 @@ def model_facts(folder: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "text_num_layers": int(text_config.num_hidden_layers),
         **vae_latent_facts(vae_config),
     }))
+
+
+def vae_channels(model: dict[str, Any]) -> int:
+    """The VAE's latent channels (an inpainting UNet's `latent_channels` are 9, its VAE's 4)."""
+    return int(model.get("vae_latent_channels") or model["latent_channels"])
 
 
 def vae_latent_facts(vae_config) -> dict[str, Any]:
@@ -316,7 +321,7 @@ class SampleInputs:
         return StageModule(wrapper, tuple(feeds(2, up + 1, 2 * up + 1).values()), feeds(1, 2 * up, 3 * up))
 
     def vae_decoder(self, vae: torch.nn.Module) -> StageModule:
-        channels = self.model["latent_channels"]
+        channels = vae_channels(self.model)
         return StageModule(VaeDecoderStage(vae), (self.randn(2, channels, 5, 7),),
                            {"latent_sample": self.randn(1, channels, 8, 6)})
 

@@ -126,6 +126,29 @@ def make_tiny_sd(folder: str | Path, kind: str = "sd15", seed: int = 0, sample_s
     return folder
 
 
+def make_tiny_sd_inpaint(folder: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+    """A tiny StableDiffusionInpaintPipeline with a dedicated 9-channel inpainting UNet
+    (latents, mask, masked-image latents in; 4 channels out), otherwise the sd15 kind:
+    PNDM, epsilon, the same text encoder and VAE shapes."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = diffusers.StableDiffusionPipeline.from_pretrained(make_tiny_sd(Path(tmp) / "sd15", "sd15", seed,
+                                                                              sample_size))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**{**_TINY_UNET, "in_channels": 9}, sample_size=sample_size, cross_attention_dim=32,
+                                attention_head_dim=8)
+    pipe = diffusers.StableDiffusionInpaintPipeline(vae=base.vae, text_encoder=base.text_encoder,
+                                                    tokenizer=base.tokenizer, unet=unet, scheduler=base.scheduler,
+                                                    safety_checker=None, feature_extractor=None,
+                                                    requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    logger.info("wrote a tiny random-weight 9-channel inpainting checkpoint to %s", folder)
+    return folder
+
+
 SDXL_KINDS = ("sdxl", "sdxl-lcm", "sdxl-refiner")
 # stabilityai/stable-diffusion-xl-base-1.0's (and the refiner's) scheduler_config.json
 _SDXL_SCHEDULER = {**_SD_BETAS, "interpolation_type": "linear", "prediction_type": "epsilon", "sample_max_value": 1.0,

@@ -142,6 +142,10 @@ class DenoisePlan:
     unpack: Callable[[Any], Any] = _identity
     step_feeds: Callable[[int, float], Mapping[str, Any]] = _no_step_feeds
     """Inputs that change per step (ControlNet residuals, inpainting masks): none yet."""
+    extra_channels: Any = None
+    """Concatenated to the scaled model input on channels before every denoiser call,
+    one row per model row: a 9-channel inpainting UNet's mask and masked-image latents
+    (diffusers' StableDiffusionInpaintPipeline). None: the sample alone."""
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     schedule: Mapping[str, Any] = field(default_factory=dict)

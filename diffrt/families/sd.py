@@ -19,7 +19,7 @@ from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan, NoGuidance
 from diffrt.families.presets import Preset
 
 NAME = "sd"
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", "StableDiffusionInpaintPipeline")
 LCM_PIPELINE_CLASS = "LatentConsistencyModelPipeline"
 EXPORT_MODULE = "diffrt.export.sd"
 

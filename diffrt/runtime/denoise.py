@@ -27,7 +27,8 @@ def device_plan(plan: DenoisePlan, to_device: Callable[[np.ndarray], Any]) -> De
     if isinstance(guidance, ClassifierFreeGuidance) and np.ndim(guidance.scale):
         guidance = dataclasses.replace(guidance, scale=to_device(guidance.scale))
     return dataclasses.replace(plan, feeds={k: to_device(v) for k, v in plan.feeds.items()},
-                               static_feeds={k: to_device(v) for k, v in plan.static_feeds.items()}, guidance=guidance)
+                               static_feeds={k: to_device(v) for k, v in plan.static_feeds.items()}, guidance=guidance,
+                               extra_channels=None if plan.extra_channels is None else to_device(plan.extra_channels))
 
 
 def denoise(plan: DenoisePlan, run: Any, sample: Any, denoiser: Any, rng: Any, to_device: Callable[[np.ndarray], Any],
@@ -52,6 +53,8 @@ def denoise(plan: DenoisePlan, run: Any, sample: Any, denoiser: Any, rng: Any, t
     for i in range(len(run.timesteps)):
         t0 = time.perf_counter()
         model_input = run.scale_model_input(plan.guidance.model_input(sample, xp), i)
+        if plan.extra_channels is not None:  # after scaling, as diffusers concatenates them
+            model_input = xp.concat([model_input, plan.extra_channels], axis=1)
         feeds = {plan.sample_feed: model_input, plan.timestep_feed: timesteps[i], **plan.feeds, **plan.static_feeds,
                  **plan.step_feeds(i, float(run.timesteps[i]))}
         output = plan.guidance.combine(denoiser.run(feeds)[plan.output_name], sample.shape[0])

@@ -26,6 +26,11 @@ processor does, then shrunk to the latents with nearest-neighbour) and, after ev
 step, the known region put back: the image's latents noised to the next step's level
 (the same start noise) outside the mask (`keep_unmasked`). At strength 1 the start is
 pure noise (times init_noise_sigma), as there.
+
+Dedicated inpainting UNets (9 input channels: latents, mask, masked-image latents) get
+no blending: the mask and the masked picture's latents (`masked_pixels`,
+`inpainting_channels`) are concatenated to every step's scaled model input through the
+plan's `extra_channels`, as StableDiffusionInpaintPipeline does for them.
 """
 
 from __future__ import annotations
@@ -140,6 +145,20 @@ def read_mask(mask: Any, picture_size: tuple[int, int], height: int, width: int,
     picture's size) as diffusers' mask processor and prepare_mask_latents make it: resized
     with Lanczos to (height, width), grayscale, >= 0.5 -> 1, then nearest-neighbour to the
     latent size: (1, 1, h, w) float32, 1 where the image is repainted."""
+    binary = full_mask(mask, picture_size, height, width)
+    h, w = height // vae_scale_factor, width // vae_scale_factor
+    return np.ascontiguousarray(binary[_nearest(height, h)][:, _nearest(width, w)][None, None])
+
+
+def masked_pixels(pixels: np.ndarray, mask: Any, picture_size: tuple[int, int]) -> np.ndarray:
+    """What a 9-channel inpainting UNet sees of the picture: its preprocessed pixels
+    with the repainted region set to 0 (diffusers: init_image * (mask_condition < 0.5))."""
+    binary = full_mask(mask, picture_size, pixels.shape[2], pixels.shape[3])
+    return (pixels * (binary < np.float32(0.5)).astype(np.float32)[None, None]).astype(np.float32)
+
+
+def full_mask(mask: Any, picture_size: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """The mask processor's binarized mask at (height, width): (H, W) float32 of 0/1."""
     if isinstance(mask, (str, Path)):
         mask = _open(mask, "mask_image")
     if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype == np.uint8:
@@ -151,9 +170,7 @@ def read_mask(mask: Any, picture_size: tuple[int, int], height: int, width: int,
         raise DiffrtError(f"mask_image is {mask.width}x{mask.height} but image is {picture_size[1]}x{picture_size[0]}; "
                           "give a mask of the picture's size")
     resized = mask.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None).convert("L")
-    binary = (np.array(resized).astype(np.float32) / np.float32(255.0) >= 0.5).astype(np.float32)
-    h, w = height // vae_scale_factor, width // vae_scale_factor
-    return np.ascontiguousarray(binary[_nearest(height, h)][:, _nearest(width, w)][None, None])
+    return (np.array(resized).astype(np.float32) / np.float32(255.0) >= 0.5).astype(np.float32)
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
@@ -223,15 +240,20 @@ def plan_run(request: Any, **schedule: Any) -> Any:
     return scheduler.plan(n, begin=begin, end=end, **schedule)
 
 
-def start_latents(request: Any, plan: Any, run: Any, rng: Any,
-                  encode: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def start_latents(request: Any, plan: Any, run: Any, rng: Any, encode: Callable[[np.ndarray], np.ndarray],
+                  inpainting_unet: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """The first sample of a request that starts from an image, in the VAE's layout:
     its latents (given, or the picture encoded by `encode` and scaled), noised to the
     run's first step unless it continues from denoising_start. Draws, in this order
     and each only when the caller gave no array: the encoder's sample noise, then the
     noise added at the start step (per image row, from `rng`). Returns (the first
-    sample, the image's latents, the start noise or None)."""
+    sample, the image's latents, the start noise or None). An inpainting UNet at
+    strength 1 starts from pure noise and never needs the image's latents: like
+    diffusers, it neither encodes the picture nor draws its sample (the latents: None)."""
     shape = plan.noise_shape
+    if inpainting_unet and request.strength == 1.0:
+        noise = request.noise if request.noise is not None else rng.standard_normal(shape, dtype=np.float32)
+        return (noise * np.float32(run.init_noise_sigma)).astype(np.float32), None, noise
     if request.pixels is not None:
         eps = None
         if request.sample_mode == "sample":
@@ -262,6 +284,23 @@ def keep_unmasked(run: Any, x0: Any, noise: Any, mask: Any) -> Callable[[int, An
     return blend
 
 
+def inpainting_channels(request: Any, plan: Any, rng: Any,
+                        encode: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A 9-channel inpainting UNet's extra input, one row per model row: the mask at the
+    latents' size, then the masked picture's latents (`request.masked_pixels` encoded
+    and scaled), as StableDiffusionInpaintPipeline's prepare_mask_latents; CFG rows
+    repeat them. Draws after `start_latents` (diffusers' order): the masked picture's
+    encoder sample, per image row, unless sample_mode is "argmax"."""
+    shape = plan.noise_shape
+    eps = rng.standard_normal(shape, dtype=np.float32) if request.sample_mode == "sample" else None
+    # diffusers' _encode_vae_image scales and never shifts (SD's VAE has no shift)
+    latents = encoded_latents(encode(request.masked_pixels), eps, plan.scaling_factor, 0.0)
+    latents = np.broadcast_to(latents, shape)
+    mask = np.broadcast_to(request.mask, (shape[0], 1, *shape[2:]))
+    channels = np.concatenate([mask, latents], axis=1)
+    return np.ascontiguousarray(np.concatenate([channels] * plan.guidance.rows_per_sample), dtype=np.float32)
+
+
 def encoded_latents(parameters: np.ndarray, eps: np.ndarray | None, scaling_factor: float,
                     shift_factor: float) -> np.ndarray:
     """The VAE encoder's output (mean and logvar stacked on channels) as the denoiser's
@@ -278,5 +317,5 @@ def encoded_latents(parameters: np.ndarray, eps: np.ndarray | None, scaling_fact
 
 
 __all__ = ["SAMPLE_MODES", "StartImage", "check_noise", "check_sample_mode", "check_strength", "encoded_latents",
-           "keep_unmasked", "load_image", "picture_size", "plan_run", "preprocess", "read_mask", "read_start_image",
-           "start_latents"]
+           "full_mask", "inpainting_channels", "keep_unmasked", "load_image", "masked_pixels", "picture_size",
+           "plan_run", "preprocess", "read_mask", "read_start_image", "start_latents"]

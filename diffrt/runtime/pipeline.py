@@ -496,10 +496,14 @@ class Pipeline:
         after_step = None
         if first.from_image:
             t0 = time.perf_counter()
-            start, known, noise = img2img.start_latents(first, plan, run, rng, self._encode_image)
+            start, known, noise = img2img.start_latents(first, plan, run, rng, self._encode_image,
+                                                        inpainting_unet=first.masked_pixels is not None)
+            if first.masked_pixels is not None:  # a 9-channel inpainting UNet: mask and masked picture as input
+                channels = img2img.inpainting_channels(first, plan, rng, self._encode_image)
+                on_device = dataclasses.replace(on_device, extra_channels=self._to_device(channels))
             timings["vae_encoder"] = time.perf_counter() - t0
             sample = self._to_device(plan.pack(start))
-            if first.mask is not None:  # inpainting: the known region is put back after every step
+            if first.mask is not None and first.masked_pixels is None:  # 4-channel: the known region put back
                 after_step = img2img.keep_unmasked(run, *(self._to_device(a) for a in (known, noise, first.mask)))
         elif first.latents is not None:
             sample = self._to_device((first.latents * sigma).astype(np.float32))

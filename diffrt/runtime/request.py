@@ -100,6 +100,8 @@ class Request:
     sample_mode: str = "sample"
     mask: np.ndarray | None = None
     """Inpainting: (1, 1, h, w) at the latents' size, 1 where the picture is repainted."""
+    masked_pixels: np.ndarray | None = None
+    """A 9-channel inpainting UNet's: the picture's pixels, 0 where it is repainted."""
 
     @property
     def from_image(self) -> bool:
@@ -302,13 +304,13 @@ def make_request(
                           "(denoising_start); choose euler, euler_ancestral, ddim, dpmpp_2m or lcm")
     shape = family.latent_shape(facts, len(prompts) * count, settings.height, settings.width)
     latents = _check_latents(family, facts, shape, latents, start_image)
-    mask = _check_mask(family, facts, settings, image, start_image, start, mask_image)
+    mask, masked = _check_mask(family, facts, settings, image, start_image, start, mask_image)
     starting = check_image_start(family, settings, sampler, shape, start_image, start, strength, noise, image_noise,
                                  sample_mode, inpainting=mask is not None)
     return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, sampler,
                    family.uses_cfg(facts, settings.guidance_scale), vae, negative_given=negative_prompt is not None,
                    options=checked_options, denoising_start=start, denoising_end=end, latents=latents, mask=mask,
-                   **starting)
+                   masked_pixels=masked, **starting)
 
 
 def _check_latents(family, facts, shape: tuple[int, ...], latents: Any,
@@ -386,22 +388,28 @@ def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int
 
 
 def _check_mask(family, facts, settings: Settings, image: Any, start_image: Any, start: float | None,
-                mask_image: Any) -> np.ndarray | None:
-    """Inpainting's mask at the latents' size: SD 1.x/2.x with a regular (4-channel) UNet,
-    a picture to repaint, a mask of its size (diffrt.runtime.img2img.read_mask)."""
+                mask_image: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Inpainting's mask at the latents' size: SD 1.x/2.x, a picture to repaint, a mask
+    of its size (diffrt.runtime.img2img.read_mask); and for a 9-channel inpainting UNet
+    (which takes nothing else) the masked picture too."""
+    inpainting_unet = family.NAME == "sd" and int(facts.latent_channels) != int(facts.noise_channels)
     if mask_image is None:
-        return None
+        if inpainting_unet:
+            raise DiffrtError("this is an inpainting checkpoint (its UNet takes a mask and a masked picture): pass "
+                              "image=<the picture> and mask_image=<white = repaint>")
+        return None, None
     if start_image is None or start_image.pixels is None:
         raise DiffrtError("mask_image is for inpainting a picture: pass image=<the picture> too")
     if family.NAME != "sd":
         raise DiffrtError(f"mask_image (inpainting) is for Stable Diffusion 1.x/2.x artifacts for now, not {family.NAME}")
-    if int(facts.latent_channels) != int(facts.noise_channels):
-        raise DiffrtError(f"this UNet takes {facts.latent_channels} channels (an inpainting UNet: mask and masked "
-                          "image as extra inputs), which diffrt does not run yet; use a regular checkpoint")
+    if inpainting_unet and int(facts.latent_channels) != 2 * int(facts.noise_channels) + 1:
+        raise DiffrtError(f"this UNet takes {facts.latent_channels} channels; an inpainting UNet takes "
+                          f"{2 * int(facts.noise_channels) + 1} (latents, mask, masked-image latents)")
     if start is not None:
         raise DiffrtError("mask_image with denoising_start is not supported; use strength")
-    return img2img.read_mask(mask_image, img2img.picture_size(image), settings.height, settings.width,
-                             int(facts.vae_scale_factor))
+    size = img2img.picture_size(image)
+    mask = img2img.read_mask(mask_image, size, settings.height, settings.width, int(facts.vae_scale_factor))
+    return mask, img2img.masked_pixels(start_image.pixels, mask_image, size) if inpainting_unet else None
 
 
 def check_vae(manifest: Manifest, vae: str | None) -> str:

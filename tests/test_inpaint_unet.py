@@ -1,0 +1,123 @@
+"""Dedicated (9-channel) inpainting UNets against diffusers' StableDiffusionInpaintPipeline
+on a tiny random-weight StableDiffusionInpaintPipeline checkpoint, with the same random
+draws: both draw from a torch generator seeded alike (ours through TorchNoise), in
+diffusers' order: below strength 1 the picture's encoder sample, then the start noise,
+then the masked picture's encoder sample; at strength 1 the start noise, then the masked
+picture's sample (the picture itself is not encoded).
+
+The bar is 2e-3 on the [0, 1] image scale; we assert test_pipeline_parity's TOLERANCE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffrt.errors import DiffrtError
+from diffrt.runtime.pipeline import Pipeline
+
+from test_pipeline_parity import TOLERANCE, TorchNoise, _diffusers_scheduler
+
+
+@pytest.fixture(scope="module")
+def inpaint_checkpoint(tmp_path_factory):
+    from diffrt.export.tiny import make_tiny_sd_inpaint
+
+    return make_tiny_sd_inpaint(tmp_path_factory.mktemp("ckpt-inpaint") / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def inpaint_artifact(inpaint_checkpoint, tmp_path_factory):
+    from diffrt.export import export
+
+    out = tmp_path_factory.mktemp("art-inpaint") / "artifact"
+    export(inpaint_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipes(inpaint_checkpoint, inpaint_artifact):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    ref = StableDiffusionInpaintPipeline.from_pretrained(inpaint_checkpoint, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = Pipeline.load(inpaint_artifact)
+    yield ours, ref, dict(ref.scheduler.config)
+    ours.close()
+
+
+def picture(height, width, seed=0):
+    """A smooth RGB test picture (gradients plus a little noise), as PIL."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8), "RGB")
+
+
+def mask(height, width):
+    """White (repaint) in an off-centre box, black elsewhere, as a grayscale PIL image."""
+    array = np.zeros((height, width), np.uint8)
+    array[height // 4: 3 * height // 4, width // 3: width - 4] = 255
+    return Image.fromarray(array, "L")
+
+
+def _compare(ours, theirs, what):
+    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+    print(f"{what}: max abs difference {diff:.2e}")
+    assert np.shape(ours) == np.shape(theirs)
+    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
+
+
+def test_the_export_records_a_nine_channel_unet(pipes):
+    ours, ref, _ = pipes
+    assert ours.manifest.pipeline_class == "StableDiffusionInpaintPipeline"
+    sample = next(t for t in ours.models["unet"].spec.inputs if t.name == "sample")
+    assert sample.shape[1] == ref.unet.config.in_channels == 9
+    assert ours.facts.noise_channels == ref.vae.config.latent_channels
+
+
+@pytest.mark.parametrize(("scheduler", "strength", "size", "guidance"), [
+    ("ddim", 0.6, (48, 64), 6.0),
+    ("euler", 1.0, (64, 48), 6.0),
+    ("pndm", 1.0, (48, 64), 1.0),  # no CFG: the extra channels once per row
+    ("euler_ancestral", 0.6, (64, 48), 5.0),  # its step noise continues the generator
+])
+def test_nine_channel_inpainting_matches_diffusers(pipes, scheduler, strength, size, guidance):
+    ours, ref, config = pipes
+    ref.scheduler = _diffusers_scheduler(scheduler, config)
+    height, width = size
+    image, repaint = picture(72, 56, seed=21), mask(72, 56)  # resized to the output size, as diffusers does
+    kw = dict(num_inference_steps=6, guidance_scale=guidance, strength=strength, height=height, width=width,
+              negative_prompt="blurry")
+    import torch
+
+    theirs = ref("a window", image=image, mask_image=repaint, generator=torch.Generator().manual_seed(7),
+                 output_type="np", **kw).images
+    got = ours("a window", image=image, mask_image=repaint, scheduler=scheduler, generator=TorchNoise(7),
+               output_type="np", **kw).images
+    _compare(got, theirs, f"inpaint-9ch/{scheduler}/{strength}")
+
+
+def test_nine_channel_inpainting_from_paths_and_seeds(pipes, tmp_path):
+    """Files in, per-image seeds: the same image alone and in a batch of two, at the
+    checkpoint's size (diffusers' default for inpainting, not the picture's)."""
+    ours, ref, _ = pipes
+    picture(48, 64, seed=2).save(tmp_path / "in.png")
+    mask(48, 64).save(tmp_path / "mask.png")
+    kw = dict(image=tmp_path / "in.png", mask_image=tmp_path / "mask.png", num_inference_steps=4, output_type="np",
+              strength=0.6)
+    pair = ours("a door", seed=3, num_images_per_prompt=2, **kw).images
+    alone = ours("a door", seed=4, **kw).images
+    _compare(pair[1:], alone, "inpaint-9ch/batch row 1 vs alone")
+    side = ref.unet.config.sample_size * ref.vae_scale_factor
+    assert pair.shape == (2, side, side, 3)
+
+
+def test_nine_channel_checkpoint_needs_a_mask(pipes):
+    ours, _, _ = pipes
+    for kwargs in ({}, {"image": picture(64, 64)}):
+        with pytest.raises(DiffrtError, match="inpainting checkpoint.*mask_image"):
+            ours("a cat", num_inference_steps=4, **kwargs)
+    with pytest.raises(DiffrtError, match="mask_image is 64x48 but image is 64x64"):
+        ours("a cat", image=picture(64, 64), mask_image=mask(48, 64), num_inference_steps=4)
