@@ -276,6 +276,7 @@ class TorchBackend:
     fuses_attention_itself = True  # SDPA
     reads_graphs = False  # Pipeline.load checks the ONNX files' sizes only (verify_source= hashes the checkpoint)
     updates_weights = False  # it runs the checkpoint's modules, not the graphs whose initializers are named
+    runs_lora_branches = False
 
     def __init__(self, device: str | None = None, dtype: str | None = None, compile: Any = False,
                  compile_mode: str | None = None, cuda_graphs: Any = False, channels_last: Any = False,

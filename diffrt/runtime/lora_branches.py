@@ -63,7 +63,7 @@ def select_branches(manifest: Manifest, specs: Mapping[str, StageSpec], denoiser
     `wanted=True` without a denoiser branch graph is an error."""
     if wanted is not None and not isinstance(wanted, bool):
         raise DiffrtError(f"lora_branches={wanted!r}: use True, False or None (use them when the artifact has them)")
-    if wanted is False or not getattr(backend, "reads_graphs", True):  # torch runs no ONNX graph to feed
+    if wanted is False or not backend.runs_lora_branches:
         if wanted:
             raise DiffrtError(f"the {backend.name} backend cannot run LoRA-branch graphs; use ort or openvino")
         return dict(specs)

@@ -138,6 +138,9 @@ class Backend(Protocol):
     updates_weights: bool
     """Whether its compiled models take `update_weights` (TensorRT: engines built with
     `diffrt build --refittable` only; the others say so when called)."""
+    runs_lora_branches: bool
+    """Whether it runs an artifact's LoRA-branch graph variants when they are there (ORT,
+    OpenVINO); TensorRT runs the engines `diffrt build` made from the plain graphs."""
 
     device: str
     """Where its contexts' outputs live: "cpu" (numpy arrays) or "cuda"."""

@@ -329,6 +329,7 @@ class OpenVinoBackend:
     fuses_attention_itself = True  # its CPU plugin's SDPA fusion (attention_ops() counts it)
     reads_graphs = True
     updates_weights = True
+    runs_lora_branches = True
     device = "cpu"  # its contexts take and return numpy arrays
 
     @staticmethod

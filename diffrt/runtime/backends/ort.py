@@ -323,6 +323,7 @@ class OrtBackend:
     fuses_attention_itself = False
     reads_graphs = True
     updates_weights = True
+    runs_lora_branches = True
 
     def __init__(self, providers: Sequence[str] | str | None = None, intra_op_num_threads: int = 0,
                  cache_dir: str | Path | None = None, disk_cache: bool = True, device: str | None = None,

@@ -376,6 +376,7 @@ class TensorRTBackend:
     fuses_attention_itself = True
     reads_graphs = True
     updates_weights = True  # engines built with --refittable (refit says so of others)
+    runs_lora_branches = False  # `diffrt build` builds engines of the plain graphs
     device = "cuda"
 
     def __init__(self, cache_dir: str | Path | None = None, cuda_graphs: bool | int = False, workers: int = 1):
