@@ -286,7 +286,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     options = dict(family=args.family, precision=args.precision, opset=args.opset, overwrite=args.overwrite,
                    tiny_vae=args.tiny_vae, fused_attention=args.fused_attention,
                    loras=[parse_file_strength(item) for item in args.lora or ()],
-                   textual_inversion=args.textual_inversion or ())
+                   textual_inversion=args.textual_inversion or (), safety_checker=args.safety_checker)
     if args.config is not None or Path(args.src).expanduser().is_file():  # a single-file checkpoint
         from diffrt.export.single_file import export_single_file
 
@@ -321,17 +321,20 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
     request, refiner_request = _prepare_request(args, folder, batch=len(outputs))
     settings = request.settings
     loras = _lora_args(args)  # parsed before the load: a bad file fails fast
+    safety = getattr(args, "safety", None)  # the demo has no --safety
     with contextlib.ExitStack() as stack:
         pipe = stack.enter_context(Pipeline.load(folder, backend=args.backend, verify=args.verify,
                                                  prepare=_prepare(request),
                                                  loras={name: lora for name, (lora, _) in loras.items()},
+                                                 safety=safety if refiner_request is None else "off",
                                                  **_backend_options(args)))
         if loras:
             request = pipe.with_loras(request, {name: strength for name, (_, strength) in loras.items()})
         refiner = None
         if refiner_request is not None:
             refiner = stack.enter_context(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify,
-                                                        prepare=_prepare(request), **_backend_options(args)))
+                                                        prepare=_prepare(request), safety=safety,
+                                                        **_backend_options(args)))
         if not args.quiet:
             handoff = f", refiner from {request.denoising_end:g}" if refiner is not None else ""
             if request.strength is not None:
@@ -348,6 +351,10 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
     for index, (image, path) in enumerate(zip(result.images, outputs, strict=True)):
         image.save(path)
         print(f"wrote {path} (seed {result.seed + index})")
+        if result.safety and result.safety[index].flagged:
+            done = {"blur": ", blurred", "block": ", replaced by black"}.get(safety, "")
+            concepts = [i for i, score in enumerate(result.safety[index].concept_scores) if score > 0]
+            print(f"{path}: flagged by the safety checker (concepts {concepts}{done})")
     print(_timings_line(result.timings, settings.num_inference_steps))
 
 
@@ -651,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA .safetensors fused into the exported weights (strength default 1); repeatable")
     p.add_argument("--tiny-vae", default=None, metavar="PATH",
                    help="also export this AutoencoderTiny (TAESD) folder as a fast decoder, chosen with --vae tiny")
+    p.add_argument("--safety-checker", default=None, metavar="FOLDER",
+                   help="also export this saved StableDiffusionSafetyChecker folder ('checkpoint': SRC's own "
+                        "safety_checker/), run after decoding with diffrt generate --safety")
     p.add_argument("--config", default=None, metavar="DIFFUSERS_FOLDER",
                    help="SRC is a single-file checkpoint (.safetensors/.ckpt, original layout): the diffusers "
                         "folder of its architecture (configs, tokenizer, scheduler; nothing is downloaded)")
@@ -673,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=1, help="images per prompt; -o x.png then writes x-0.png, x-1.png, ...")
     p.add_argument("-o", "--output", default="out.png", help="image file to write (default out.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--safety", default=None, choices=("flag", "blur", "block", "off"),
+                   help="with an artifact exported with --safety-checker: report flagged images (flag, the default), "
+                        "blur or black them out (blur, block), or skip the check (off)")
     p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
     p.add_argument("--negative-2", default=None,
                    help="SDXL: the second text encoder's negative prompt (default: --negative)")

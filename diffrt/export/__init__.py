@@ -84,6 +84,7 @@ def export(
     loras: Sequence[tuple[str | os.PathLike, float]] = (),
     textual_inversion: Sequence = (),
     source_id: str | None = None,
+    safety_checker: str | os.PathLike | None = None,
 ) -> Manifest:
     """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`.
 
@@ -101,7 +102,10 @@ def export(
     the text encoders' token tables, their tokens recorded for the runtime tokenizers
     (diffrt/export/textual_inversion.py).
     `source_id`: what the manifest names as the source (default `src`; a single-file
-    checkpoint converted to a temporary folder, diffrt/export/single_file.py)."""
+    checkpoint converted to a temporary folder, diffrt/export/single_file.py).
+    `safety_checker`: a saved StableDiffusionSafetyChecker folder ("checkpoint": the
+    source's own safety_checker/), exported as the optional safety_checker stage with
+    its CLIP preprocessing config (diffrt/export/safety.py)."""
     started = time.perf_counter()
     out = Path(out)
     precisions = parse_precisions(precision)
@@ -121,6 +125,7 @@ def export(
     scheduler = _default_scheduler(folder)  # before the long part: a bad config fails fast
     fused = read_loras(loras)  # likewise a bad LoRA file
     baked = prepare_embeddings(textual_inversion, folder, fam)  # and a bad embedding file
+    safety = _check_safety_checker(safety_checker, folder)  # and a folder that is not a safety checker
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with export_lock(out):  # held until OUT is in place: a second exporter is refused
@@ -131,7 +136,7 @@ def export(
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
         try:
             manifest = _export_into(staging, source_id or src, folder, fam, pipeline_class, scheduler, precisions,
-                                    opset, tiny_vae, fused_attention, fused, baked)
+                                    opset, tiny_vae, fused_attention, fused, baked, safety=safety)
             _apply_umask_modes(staging)
             publish(staging, out, replaces)
         except BaseException:
@@ -143,9 +148,9 @@ def export(
 
 def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, scheduler: str,
                  precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool,
-                 loras: Sequence = (), baked=None) -> Manifest:
+                 loras: Sequence = (), baked=None, safety: Path | None = None) -> Manifest:
     """Write the whole artifact into `staging`; returns its manifest."""
-    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras, baked)
+    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras, baked, safety)
     stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
     # the family's exporter may complete a copied component (SD3: a T5 tokenizer.json from spiece.model)
     finish = getattr(importlib.import_module(fam.EXPORT_MODULE), "finish_component", None)
@@ -159,6 +164,8 @@ def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, sch
         if baked is not None:
             baked.finish_tokenizer(staging / component, component)
         components[component] = folder_records(staging, staging / component)
+    if safety is not None:  # the safety checker's CLIP preprocessing config (written with its stage)
+        components["feature_extractor"] = folder_records(staging, staging / "feature_extractor")
     preset = fam.PRESETS[fam.default_preset(pipeline_class, model)]
     size = model["sample_size"] * model["vae_scale_factor"]
     manifest = Manifest(
@@ -188,6 +195,18 @@ def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, sch
     return manifest
 
 
+def _check_safety_checker(value, folder: Path) -> Path | None:
+    """The --safety-checker folder, loaded once to fail before the long part (small
+    next to the UNet; loaded again at its turn), or None."""
+    if value is None:
+        return None
+    from diffrt.export import safety as safety_side
+
+    path = safety_side.resolve_folder(value, folder)
+    safety_side.load_checker(path)
+    return path
+
+
 def _default_scheduler(folder: Path) -> str:
     """Our name for the checkpoint's scheduler. A class we do not implement (e.g.
     UniPC) falls back to DPM++ 2M, the closest multistep solver, on the same betas."""
@@ -207,7 +226,7 @@ def _default_scheduler(folder: Path) -> str:
 
 
 def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None,
-                   loras: Sequence = (), baked=None):
+                   loras: Sequence = (), baked=None, safety: Path | None = None):
     """Export and check every stage of the family (and the opt-in tiny VAE decoder),
     one torch module in memory at a time; returns (model facts, stage specs, each
     stage's check inputs as numpy)."""
@@ -229,6 +248,15 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str |
         facts = torch_side.tiny_vae_facts(torch_side.load_tiny_vae(Path(tiny_vae), model))
         jobs.append((fam.TINY_VAE_DECODER, fam.VAE_DECODER, fam.TINY_VARIANT, facts,
                      lambda: torch_side.tiny_vae_stage(torch_side.load_tiny_vae(Path(tiny_vae), model), model)))
+    if safety is not None:  # the optional safety checker: its own IO and facts, checked like the rest
+        from diffrt.export import safety as safety_side
+
+        checker = safety_side.load_checker(safety)
+        io = {**io, safety_side.SAFETY_CHECKER: safety_side.stage_io(checker)}
+        safety_side.write_preprocessor(staging, safety, folder, checker)
+        jobs.append((safety_side.SAFETY_CHECKER, safety_side.SAFETY_CHECKER, DEFAULT_VARIANT,
+                     safety_side.facts(checker), lambda: safety_side.stage(safety_side.load_checker(safety))))
+        del checker
     if baked is not None:  # textual-inversion vectors into the text encoders' token tables
         jobs = [(name, role, variant, facts, baked.wrap(name, load)) for name, role, variant, facts, load in jobs]
     stages, feeds = {}, {}

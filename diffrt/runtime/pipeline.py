@@ -42,6 +42,7 @@ from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.families.base import DenoisePlan, stack_plans
 from diffrt.runtime import img2img
+from diffrt.runtime import safety as safety_checker
 from diffrt.runtime.backends import CompiledModel, Context, get_backend
 from diffrt.runtime.backends.base import profile_shapes
 from diffrt.runtime.denoise import denoise, device_plan
@@ -83,12 +84,16 @@ class PipelineOutput:
     entry per denoiser call), vae_decoder, total.
     `seed`: the seed of the first image (image i used seed + i); None when a
     `generator` supplied the randomness.
-    `settings`: what was run (scheduler, num_inference_steps, guidance_scale, height, width)."""
+    `settings`: what was run (scheduler, num_inference_steps, guidance_scale, height, width).
+    `nsfw_content_detected`: per image, whether the safety checker flagged it (as diffusers'
+    output); None when no checker ran. `safety`: per image, its safety_checker.Verdict (scores)."""
 
     images: Any
     timings: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     settings: Settings | None = None
+    nsfw_content_detected: list[bool] | None = None
+    safety: list[Any] | None = None
 
 
 class PerImageNoise:
@@ -114,6 +119,7 @@ class PerImageNoise:
 
 class Pipeline:
     _verify_encoder: tuple[str, Path | None] = ("size", None)  # set by `load`
+    _safety: tuple[str, Any] = ("off", None)  # set by `load`: the default policy, the preprocessing config
 
     def __init__(self, folder: Path, manifest: Manifest, backend, models: dict[str, CompiledModel],
                  shapes: Mapping[str, Mapping[str, tuple[int, ...]] | None] | None = None):
@@ -155,6 +161,7 @@ class Pipeline:
         workers: int = 1,
         loras: Mapping[str, str | Path] | None = None,
         lora_branches: bool | None = None,
+        safety: str | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Open an artifact folder.
@@ -178,6 +185,8 @@ class Pipeline:
         `lora_branches`: run the artifact's LoRA-branch UNet (`diffrt lora-branches`), so
         requests with different LoRAs share a batch (diffrt.runtime.lora_branches);
         None (default): when the artifact has one; False: merge LoRAs into the weights.
+        `safety`: the default safety-checker policy, "off", "flag", "blur" or "block"
+        (None: "flag" where the artifact has a safety checker, diffrt.runtime.safety).
         `backend_options` go to the backend (e.g. providers, precision, num_threads).
         """
         folder = Path(folder)
@@ -189,6 +198,9 @@ class Pipeline:
         engine = get_backend(backend, cache_dir=cache_root, workers=workers, **backend_options)
         specs = select_stages(manifest, family, engine, graph_precision, attention)
         specs = select_branches(manifest, specs, family.DENOISER, family.TOKENIZER_OF, lora_branches, engine)
+        safety = safety_checker.check_policy(safety, safety_checker.SAFETY_CHECKER in manifest.stages, engine.name)
+        if safety != "off":  # the checker runs in fp32 on every backend (a small CLIP vision tower)
+            specs[safety_checker.SAFETY_CHECKER] = manifest.select(safety_checker.SAFETY_CHECKER, precision="fp32")
         mode = ("stamp" if verify else "size") if isinstance(verify, bool) else verify
         if mode == "stamp" and not engine.reads_graphs:
             mode = "size"  # the torch backend never opens the ONNX files: do not hash GBs of them
@@ -203,6 +215,9 @@ class Pipeline:
             shapes = {key: profile_shapes(spec, profiles.get(spec.role)) for key, spec in specs.items()}
             pipe = cls(folder, manifest, engine, models, shapes)
             pipe._verify_encoder = (mode, cache_root / STAMPS_NAME)  # how img2img's VAE encoder is checked
+            if safety != "off":
+                spec = specs[safety_checker.SAFETY_CHECKER]
+                pipe._safety = (safety, safety_checker.load_preprocessing(folder, spec.facts))
             for name, path in (loras or {}).items():
                 pipe.load_lora(name, path)
             return pipe
@@ -371,6 +386,7 @@ class Pipeline:
         refiner: Pipeline | None = None,
         high_noise_frac: float | None = None,
         loras: Mapping[str, float] | None = None,
+        safety: str | None = None,
         **options: Any,
     ) -> PipelineOutput:
         """Generate images, diffusers-style: `pipe.request(...)` then `pipe.generate([...])`.
@@ -388,6 +404,7 @@ class Pipeline:
         artifact was exported with a tiny VAE (AutoencoderTiny / TAESD).
         `output_type="latent"` returns the latents undecoded (to hand to a refiner).
         `options`: the family's own (see `request`).
+        `safety`: this call's safety-checker policy (default: the one `load` was given).
 
         A base/refiner ensemble (SDXL): `denoising_end` stops a base model part-way
         (with output_type="latent"); a refiner continues those latents (`image=`) from
@@ -409,7 +426,7 @@ class Pipeline:
             if high_noise_frac is not None:
                 raise DiffrtError("high_noise_frac is where a refiner takes over; pass refiner= too")
             request = self.request(output_type=output_type, denoising_end=denoising_end, **call)
-            return self.generate([request], progress=callback, generator=generator)[0]
+            return self.generate([request], progress=callback, generator=generator, safety=safety)[0]
         if not isinstance(refiner, Pipeline) or not refiner.family.takes_image(refiner.facts):
             raise DiffrtError("refiner= must be a loaded refiner Pipeline (an exported "
                               "StableDiffusionXLImg2ImgPipeline checkpoint)")
@@ -422,12 +439,13 @@ class Pipeline:
         return generate_with_refiner(self, refiner, base, second, progress=callback, generator=generator)
 
     def generate(self, requests: Sequence[Request], progress: Callable[[int, int], None] | None = None,
-                 generator: Any = None) -> list[PipelineOutput]:
+                 generator: Any = None, safety: str | None = None) -> list[PipelineOutput]:
         """Run requests that share a `batch_key` in one batch (one denoiser call per
         step, one decoder call) and return one PipelineOutput per request, in order.
         Each keeps its own prompts, negative prompts, guidance scale, options and seeds:
         its images are the ones it gets alone. `progress(step, total)` as in `__call__`;
-        `generator` replaces the per-image seeds with one shared noise stream."""
+        `generator` replaces the per-image seeds with one shared noise stream.
+        `safety`: the safety-checker policy for these requests (default: `load`'s)."""
         started = time.perf_counter()
         requests = list(requests)
         if not requests:
@@ -455,6 +473,7 @@ class Pipeline:
         # pipeline); the latents go to the host only if a request asked for them.
         kinds = {r.output_type for r in requests}
         decoded = self._decode(sample, plan, first.vae, timings) if kinds - {"latent"} else None
+        decoded, verdicts = self._check_safety(decoded, safety, timings)
         latents = _check_finite(self._to_host(plan.unpack(sample)), "latents") if "latent" in kinds else None
         outputs, start = [], 0
         for request in requests:
@@ -466,7 +485,8 @@ class Pipeline:
                 images = to_pil(decoded[span]) if request.output_type == "pil" else decoded[span]
             outputs.append(PipelineOutput(images=images, timings={**timings, "total": time.perf_counter() - started},
                                           seed=None if generator is not None else request.seed,
-                                          settings=request.settings))
+                                          settings=request.settings,
+                                          **_safety_fields(verdicts, span, request.output_type)))
         return outputs
 
     def _denoise(self, requests: list[Request], rng: Any, progress) -> tuple[Any, DenoisePlan, dict[str, Any]]:
@@ -547,6 +567,27 @@ class Pipeline:
         images = postprocess(_check_finite(self._to_host(decoded), "decoded images"))  # the one device -> host copy
         timings["vae_decoder"] = time.perf_counter() - t0
         return images
+
+    def _check_safety(self, decoded: np.ndarray | None, policy: str | None,
+                      timings: dict[str, Any]) -> tuple[np.ndarray | None, list | None]:
+        """6. The safety checker on the decoded batch (when it runs): the images after
+        the policy (blurred or black where flagged) and one Verdict per image."""
+        default, preprocessing = self._safety
+        if policy not in (None, "off") and preprocessing is None and safety_checker.SAFETY_CHECKER in self.manifest.stages:
+            safety_checker.check_policy(policy, True, self.backend.name)  # a backend that cannot run it says so
+            raise DiffrtError(f"safety={policy!r}: this pipeline was loaded with safety='off', so its safety "
+                              "checker is not open; load it with safety='flag' (or blur, block)")
+        policy = default if policy is None else safety_checker.check_policy(policy, preprocessing is not None)
+        if decoded is None or policy == "off":
+            return decoded, None
+        t0 = time.perf_counter()
+        verdicts = safety_checker.run_checker(self._contexts[safety_checker.SAFETY_CHECKER], preprocessing, decoded,
+                                              self._to_device, self._to_host)
+        timings["safety_checker"] = time.perf_counter() - t0
+        if any(v.flagged for v in verdicts):
+            logger.warning("the safety checker flagged %d of %d image(s) (policy %s)",
+                           sum(v.flagged for v in verdicts), len(verdicts), policy)
+        return safety_checker.apply_policy(decoded, verdicts, policy), verdicts
 
     def _encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """The VAE encoder stage on a preprocessed picture: its latent distribution's
@@ -658,6 +699,14 @@ def _check_finite(array: np.ndarray, what: str) -> np.ndarray:
         raise DiffrtError(f"the generation's {what} hold non-finite values (NaN or inf): the model overflowed; "
                           "use a lower guidance_scale, another scheduler, or fp32 graphs (graph_precision='fp32')")
     return array
+
+
+def _safety_fields(verdicts: list | None, span: slice, output_type: str) -> dict[str, Any]:
+    """A request's part of the batch's safety verdicts, as PipelineOutput fields."""
+    if verdicts is None or output_type == "latent":
+        return {}
+    mine = verdicts[span]
+    return {"nsfw_content_detected": [v.flagged for v in mine], "safety": mine}
 
 
 def _decoder_key(family, variant: str) -> str:

@@ -61,6 +61,17 @@ CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection befo
 OWNER = "diffrt_key"  # the ASGI scope's state entry: the index of the API key a request used
 
 
+def _safety_of(result: Any, index: int) -> dict[str, Any]:
+    """Image `index`'s safety-checker result (when the checker ran): its flag, as
+    diffusers names it, and its per-concept scores (> 0: the concept was detected)."""
+    verdicts = getattr(result, "safety", None)
+    if not verdicts:
+        return {}
+    verdict = verdicts[index]
+    return {"nsfw_content_detected": verdict.flagged,
+            "safety_scores": {"concepts": list(verdict.concept_scores), "special": list(verdict.special_scores)}}
+
+
 def encode_images(images: np.ndarray, fmt: str) -> list[str]:
     """float32 NHWC in [0, 1] -> base64 strings: PNG/JPEG/WebP (8-bit, diffusers'
     rounding), or NPY (the float32 array itself, lossless, for exact comparisons)."""
@@ -197,7 +208,8 @@ class Server:
         return {
             "created": int(time.time()), "model": self.config.model_name,
             "images": [{"b64": b64, "seed": None if seed is None else seed + i, "format": body.output_format,
-                        "media_type": MEDIA_TYPES[body.output_format]} for i, b64 in enumerate(images)],
+                        "media_type": MEDIA_TYPES[body.output_format], **_safety_of(result, i)}
+                       for i, b64 in enumerate(images)],
             "seed": seed, "settings": _settings(result.settings), "timings": _timings(result.timings),
             "batch": {"images": job.batch_size},
         }
@@ -378,7 +390,8 @@ def create_app(pipeline: Any, config: ServeConfig | None = None) -> FastAPI:
             return Response(status_code=499)
         encoded = await asyncio.to_thread(encode_images, result.images, generate.output_format)
         s = result.settings
-        return {"created": int(time.time()), "data": [{"b64_json": b64} for b64 in encoded],
+        return {"created": int(time.time()), "data": [{"b64_json": b64, **_safety_of(result, i)}
+                                                      for i, b64 in enumerate(encoded)],
                 "output_format": generate.output_format, "size": f"{s.width}x{s.height}" if s else None}
 
     @app.post("/v1/generate")

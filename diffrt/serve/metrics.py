@@ -16,6 +16,7 @@ process, as in the tests). Exposed at GET /metrics in the text format.
     diffrt_batches_cancelled_total               batches stopped between steps: every request
                                                  in them was abandoned (timed out, client gone)
     diffrt_images_generated_total                images returned by the pipeline
+    diffrt_images_flagged_total                  of those, images the safety checker flagged
     diffrt_ready                                 1 once the pipeline is loaded and warmed up
 """
 
@@ -59,6 +60,7 @@ class Metrics:
         self.cancelled = Counter("diffrt_batches_cancelled", "Batches stopped: all their requests abandoned",
                                  registry=r)
         self.images = Counter("diffrt_images_generated", "Images generated", registry=r)
+        self.flagged = Counter("diffrt_images_flagged", "Images the safety checker flagged", registry=r)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -79,6 +81,7 @@ class Metrics:
             if isinstance(value, (int, float)):
                 self.stage.labels(stage).observe(float(value))
         self.images.inc(sum(job.images for job in jobs))
+        self.flagged.inc(sum(sum(getattr(o, "nsfw_content_detected", None) or ()) for o in outcome))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
