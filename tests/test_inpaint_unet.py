@@ -121,3 +121,95 @@ def test_nine_channel_checkpoint_needs_a_mask(pipes):
             ours("a cat", num_inference_steps=4, **kwargs)
     with pytest.raises(DiffrtError, match="mask_image is 64x48 but image is 64x64"):
         ours("a cat", image=picture(64, 64), mask_image=mask(48, 64), num_inference_steps=4)
+
+
+@pytest.fixture(scope="module")
+def server(pipes):
+    from serve_util import LiveServer
+
+    with LiveServer(pipes[0], max_side=256) as live:  # its warm-up inpaints (text-to-image cannot run)
+        yield live
+
+
+def _png(image, path):
+    image.save(path, format="PNG")
+    return path
+
+
+def test_openai_client_edit_equals_the_pipeline(pipes, server, tmp_path):
+    """client.images.edit, unchanged: OpenAI's transparent-means-edit mask, the seed as
+    an extra form field; the PNG it returns is the pipeline's inpainting of the same
+    picture with the same region white in a grayscale mask."""
+    openai = pytest.importorskip("openai")
+    import base64
+    import io
+
+    ours, _, _ = pipes
+    image, repaint = picture(48, 64, seed=8), mask(48, 64)
+    alpha = Image.fromarray(np.where(np.asarray(repaint) > 0, 0, 255).astype(np.uint8), "L")
+    transparent = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+    transparent.putalpha(alpha)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with open(_png(image, tmp_path / "in.png"), "rb") as picture_file, \
+            open(_png(transparent, tmp_path / "mask.png"), "rb") as mask_file:
+        result = client.images.edit(image=picture_file, mask=mask_file, prompt="a window", n=1, size="64x48",
+                                    response_format="b64_json",
+                                    extra_body={"seed": 5, "num_inference_steps": 4, "strength": 0.6})
+    assert len(result.data) == 1
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"))
+    expected = ours("a window", image=image, mask_image=repaint, seed=5, num_inference_steps=4, strength=0.6,
+                    height=48, width=64).images[0]
+    assert got.shape == (48, 64, 3)
+    assert np.array_equal(got, np.asarray(expected))
+    # no mask: the picture's own transparent pixels are the region to edit (OpenAI's rule), at its size
+    rgba = image.convert("RGBA")
+    rgba.putalpha(alpha)
+    with open(_png(rgba, tmp_path / "rgba.png"), "rb") as picture_file:
+        result = client.images.edit(image=picture_file, prompt="a window", response_format="b64_json",
+                                    extra_body={"seed": 6, "num_inference_steps": 2})
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"))
+    expected = ours("a window", image=image, mask_image=repaint, seed=6, num_inference_steps=2, height=48,
+                    width=64).images[0]
+    assert np.array_equal(got, np.asarray(expected))
+
+
+def _post_edit(server, files, data):
+    """A multipart/form-data POST, encoded by hand (RFC 7578)."""
+    boundary = "diffrt-test-boundary-7f3a"
+    chunks = []
+    for name, value in data.items():
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, content, media_type) in files.items():
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                      f"Content-Type: {media_type}\r\n\r\n".encode() + content + b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    status, _, body = server.post("/v1/images/edits", b"".join(chunks),
+                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return status, body
+
+
+@pytest.mark.parametrize(("files", "param", "message"), [
+    ({"mask": ("m.png", "MASK_48x64")}, "image", "image is required"),
+    ({"image": ("in.png", b"\x89PNG\r\n\x1a\n not a png"), "mask": ("m.png", "MASK_48x64")}, "image",
+     "PNG or JPEG"),
+    ({"image": ("in.png", "PICTURE_48x64"), "mask": ("m.png", "MASK_32x64")}, "mask", "mask_image is 64x32"),
+    ({"image": ("in.png", "TRUNCATED")}, "image", "not a complete PNG"),
+])
+def test_edit_bad_inputs_are_4xx_naming_the_field(server, tmp_path, files, param, message):
+    made = {"PICTURE_48x64": lambda: picture(48, 64), "MASK_48x64": lambda: mask(48, 64),
+            "MASK_32x64": lambda: mask(32, 64)}
+    parts = {}
+    for name, (filename, content) in files.items():
+        if content == "TRUNCATED":
+            content = _png(picture(48, 64), tmp_path / "t.png").read_bytes()[:200]
+        elif isinstance(content, str):
+            content = _png(made[content](), tmp_path / f"{name}.png").read_bytes()
+        parts[name] = (filename, content, "image/png")
+    status, body = _post_edit(server, parts, {"prompt": "a window", "num_inference_steps": "2"})
+    assert 400 <= status < 500, body
+    assert body["error"]["param"] == param and message in body["error"]["message"], body
+
+
+def test_edit_needs_a_multipart_form(server):
+    status, _, body = server.post("/v1/images/edits", {"prompt": "a window"})
+    assert status == 400 and body["error"]["param"] == "body" and "multipart/form-data" in body["error"]["message"]

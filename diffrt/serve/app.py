@@ -1,4 +1,4 @@
-"""The HTTP API (FastAPI): OpenAI-compatible images, the full generate endpoint, jobs
+"""The HTTP API (FastAPI): OpenAI-compatible images (generations and edits), the full generate endpoint, jobs
 with progress for the playground, health, readiness and metrics.
 
     app = create_app(Pipeline.load(folder), ServeConfig(model_name="sd15"))
@@ -36,6 +36,7 @@ from starlette.routing import Match
 
 from diffrt.errors import DiffrtError
 from diffrt.serve.batching import BatchScheduler, Job, QueueFull
+from diffrt.serve.edits import edit_call, parse_form
 from diffrt.serve.jobs import JobRecord, JobStore
 from diffrt.serve.metrics import Metrics
 from diffrt.serve.schemas import (
@@ -59,6 +60,21 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "
 WARMUP_CALL = {"prompt": "warm-up", "num_inference_steps": 1, "seed": 0, "output_type": "np"}
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 OWNER = "diffrt_key"  # the ASGI scope's state entry: the index of the API key a request used
+
+
+def warmup_call(manifest: Any) -> dict[str, Any]:
+    """The warm-up generation; an inpainting checkpoint (an SD UNet that takes more
+    channels than the VAE gives: it runs only with a picture and a mask) inpaints a
+    small grey picture instead."""
+    model = manifest.model
+    if manifest.family != "sd" or model.get("latent_channels") == (model.get("vae_latent_channels")
+                                                                   or model.get("latent_channels")):
+        return WARMUP_CALL
+    from PIL import Image
+
+    side = 8 * int(model.get("size_multiple", 8))
+    return {**WARMUP_CALL, "image": Image.new("RGB", (side, side), (128, 128, 128)),
+            "mask_image": Image.new("L", (side, side), 255), "height": side, "width": side}
 
 
 def _safety_of(result: Any, index: int) -> dict[str, Any]:
@@ -134,7 +150,7 @@ class Server:
 
     def _warmup(self, generate) -> None:
         t0 = time.perf_counter()
-        generate([self.pipeline.request(**WARMUP_CALL)], None)
+        generate([self.pipeline.request(**warmup_call(self.pipeline.manifest))], None)
         logger.info("warm-up generation in %.2fs", time.perf_counter() - t0)
 
     def stop(self) -> None:
@@ -146,14 +162,15 @@ class Server:
 
     # -- one generation -----------------------------------------------------------------
 
-    def submit(self, body: GenerateRequest) -> Job:
+    def submit(self, body: GenerateRequest, call: dict[str, Any] | None = None) -> Job:
+        """Validate and queue `body` (or `call`, its pipeline call built already: an edit's)."""
         if not self.scheduler.ready.is_set():
             raise ApiError(503, "the model is still loading; retry shortly (see /readyz)", None, "not_ready",
                            {"Retry-After": "5"})
         if self.scheduler.warmup_error is not None:
             raise ApiError(503, f"the model failed its warm-up generation: {self.scheduler.warmup_error}",
                            None, "not_ready")
-        call = make_call(body, self.config, self.size_multiple)
+        call = make_call(body, self.config, self.size_multiple) if call is None else call
         try:
             request = self.pipeline.request(**call)  # validated once, here; the worker runs it as it is
             key = self.pipeline.batch_key(request)
@@ -384,7 +401,16 @@ def create_app(pipeline: Any, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/images/generations")
     async def images_generations(body: ImagesRequest, request: Request):
         generate = images_to_generate(body, config)
-        job = server.submit(generate)
+        return await openai_images(server.submit(generate), generate, request)
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request):
+        form = parse_form(await request.body(), request.headers.get("content-type", ""))
+        generate, call = await asyncio.to_thread(edit_call, form, config, server.size_multiple)  # decodes images
+        return await openai_images(server.submit(generate, call), generate, request)
+
+    async def openai_images(job: Job, generate: GenerateRequest, request: Request):
+        """The OpenAI Images API's answer to a queued generation or edit."""
         result = await server.wait(job, request)
         if result is None:
             return Response(status_code=499)

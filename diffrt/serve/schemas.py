@@ -233,16 +233,25 @@ def decode_image(value: str, max_side: int, param: str = "image") -> Any:
     the mode (RGB) and the rest."""
     import base64
     import binascii
-    import io
-
-    from PIL import Image, UnidentifiedImageError
 
     data = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
     try:
         raw = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(raw))
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except (binascii.Error, ValueError):
         raise ApiError(400, f"{param} must be a base64-encoded PNG or JPEG", param) from None
+    return open_image(raw, max_side, param, "a base64-encoded ")
+
+
+def open_image(raw: bytes, max_side: int, param: str = "image", form: str = "") -> Any:
+    """A PNG or JPEG file's bytes as a fully read PIL image (see decode_image)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except (ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise ApiError(400, f"{param} must be {form or 'a '}PNG or JPEG", param) from None
     if image.format not in IMAGE_FORMATS:
         raise ApiError(400, f"{param} is a {image.format} file; send a PNG or JPEG", param)
     if not 0 < image.width <= max_side or not 0 < image.height <= max_side:
