@@ -86,8 +86,8 @@ CONFIG_FACTS = {
     "text_encoder_2": (("hidden_size", "text_hidden_size_2"), ("projection_dim", "projection_dim")),
     "unet": (("in_channels", "latent_channels"), ("cross_attention_dim", "cross_attention_dim"),
              ("time_cond_proj_dim", "time_cond_proj_dim"), ("sample_size", "sample_size")),
-    "vae_decoder": (("latent_channels", "latent_channels"), ("scaling_factor", "vae_scaling_factor")),
-    "vae_encoder": (("latent_channels", "latent_channels"), ("scaling_factor", "vae_scaling_factor")),
+    "vae_decoder": (("latent_channels", "vae_latent_channels"), ("scaling_factor", "vae_scaling_factor")),
+    "vae_encoder": (("latent_channels", "vae_latent_channels"), ("scaling_factor", "vae_scaling_factor")),
 }
 
 
@@ -405,6 +405,8 @@ class TorchBackend:
 
 def _check_config(spec: StageSpec, config: Any, model: Mapping[str, Any], where: Path) -> None:
     for attribute, key in CONFIG_FACTS.get(spec.role, ()):
+        if key == "vae_latent_channels" and model.get(key) is None:
+            key = "latent_channels"  # older artifacts: the VAE's channels were the UNet's (an inpainting UNet's are not)
         if key not in model:
             continue
         have, want = getattr(config, attribute, None), model[key]

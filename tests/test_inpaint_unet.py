@@ -123,6 +123,20 @@ def test_nine_channel_checkpoint_needs_a_mask(pipes):
         ours("a cat", image=picture(64, 64), mask_image=mask(48, 64), num_inference_steps=4)
 
 
+@pytest.mark.parametrize(("backend", "options"), [("openvino", {"precision": "fp32"}), ("torch", {})])
+def test_other_backends_run_the_nine_channel_unet_like_ort(pipes, inpaint_artifact, backend, options):
+    """OpenVINO (static shapes compiled with the UNet's 9 channels) and the torch backend
+    (the checkpoint's VAE checked against the VAE's channels, not the UNet's): ORT's
+    images, which equal diffusers'."""
+    pytest.importorskip("openvino" if backend == "openvino" else "torch")
+    ours, _, _ = pipes
+    kw = dict(image=picture(48, 64, seed=9), mask_image=mask(48, 64), strength=0.6, seed=2, num_inference_steps=4,
+              scheduler="ddim", height=48, width=64, output_type="np")
+    expected = ours("a door", **kw).images
+    with Pipeline.load(inpaint_artifact, backend=backend, **options) as other:
+        _compare(other("a door", **kw).images, expected, f"inpaint-9ch/{backend}")
+
+
 @pytest.fixture(scope="module")
 def server(pipes):
     from serve_util import LiveServer
