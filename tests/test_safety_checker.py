@@ -242,3 +242,25 @@ def test_a_folder_that_is_not_a_safety_checker_is_one_line(which, tiny_checkpoin
     lines = [line for line in run.stderr.splitlines() if line.strip() and "torchvision" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: --safety-checker"), run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_checkpoints_own_checker_and_feature_extractor(tiny_checkpoint, tmp_path):
+    """`--safety-checker checkpoint`: SRC's safety_checker/, and (the folder having no
+    preprocessing config) SRC's feature_extractor/ config, as diffusers' SD checkpoints hold them."""
+    import json
+    import shutil
+
+    from diffrt.export import export
+    from diffrt.runtime.pipeline import Pipeline
+
+    checkpoint = shutil.copytree(tiny_checkpoint("sd15"), tmp_path / "checkpoint")
+    checker = _tiny_checker(1)
+    checker.save_pretrained(checkpoint / "safety_checker")
+    _processor().save_pretrained(checkpoint / "feature_extractor")
+    export(checkpoint, tmp_path / "out", safety_checker="checkpoint")
+    copied = tmp_path / "out" / "feature_extractor" / "preprocessor_config.json"
+    assert json.loads(copied.read_text()) == json.loads((checkpoint / "feature_extractor" /
+                                                         "preprocessor_config.json").read_text())
+    with Pipeline.load(tmp_path / "out") as pipe:
+        out = pipe(PROMPT, num_inference_steps=1, seed=0, output_type="np")
+    assert out.nsfw_content_detected == _diffusers_check(checker, out.images)[1]
