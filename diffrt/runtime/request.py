@@ -396,7 +396,7 @@ def _check_mask(family, facts, settings: Settings, image: Any, start_image: Any,
     if mask_image is None:
         if inpainting_unet:
             raise DiffrtError("this is an inpainting checkpoint (its UNet takes a mask and a masked picture): pass "
-                              "image=<the picture> and mask_image=<white = repaint>")
+                              "image=<the picture> and mask_image=<white = repaint> (CLI: --image and --mask)")
         return None, None
     if start_image is None or start_image.pixels is None:
         raise DiffrtError("mask_image is for inpainting a picture: pass image=<the picture> too")
