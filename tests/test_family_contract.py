@@ -101,3 +101,19 @@ def test_latent_shapes_come_from_the_vae(exported):
         assert shape == (2, pipe.facts.noise_channels, 32, 24)
         with pytest.raises(DiffrtError, match=r"latents must have shape \(2, 4, 32, 24\)"):
             pipe.request("a cat", num_images_per_prompt=2, height=64, width=48, latents=np.zeros((2, 9, 32, 24)))
+
+
+def test_no_family_is_named_outside_the_family_and_export_files():
+    """The loop, requests, backends, server and CLI ask the family (its functions and
+    facts), never which family it is: a new family is a new file, not a new branch."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "diffrt"
+    branch = re.compile(r"\b(NAME|\.family|family)\s*(==|!=)|\bNAME\s+(not\s+)?in\b|[\"'](sd|sdxl|sd3|flux)[\"']\s*(==|!=)")
+    files = [*(root / "runtime").rglob("*.py"), *(root / "serve").rglob("*.py"), root / "cli.py",
+             root / "torch_backend.py", *(root / "build").rglob("*.py")]
+    found = [f"{path.relative_to(root)}:{n}: {line.strip()}" for path in files
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if branch.search(line) and "CLASS_NAME ==" not in line]
+    assert found == []

@@ -158,6 +158,14 @@ def takes_image(model: Any) -> bool:
     return False
 
 
+def inpainting(model: Any) -> str | None:
+    """A UNet taking more channels than the VAE gives is a dedicated inpainting UNet
+    (StableDiffusionInpaintPipeline: latents, mask, masked-image latents); any other
+    SD UNet inpaints by blending the known latents after each step."""
+    f = _f(model)
+    return "unet" if int(f.latent_channels) != int(f.noise_channels) else "blend"
+
+
 def keeps_fp32(model: Any, spec) -> str:
     """Why a stage is exported in fp32 only ("" = it gets half-precision graphs too)."""
     return ""

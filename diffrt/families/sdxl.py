@@ -213,6 +213,11 @@ def takes_image(model: Any) -> bool:
     return _f(model).pipeline == "img2img"
 
 
+def inpainting(model: Any) -> str | None:
+    """Not yet for this family: mask_image= is refused in one line."""
+    return None
+
+
 def keeps_fp32(model: Any, spec) -> str:
     """Why a stage is exported in fp32 only ("" = it gets half-precision graphs too):
     the checkpoint's own VAE when its config says `force_upcast` (SDXL's overflows in

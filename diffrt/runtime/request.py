@@ -392,7 +392,8 @@ def _check_mask(family, facts, settings: Settings, image: Any, start_image: Any,
     """Inpainting's mask at the latents' size: SD 1.x/2.x, a picture to repaint, a mask
     of its size (diffrt.runtime.img2img.read_mask); and for a 9-channel inpainting UNet
     (which takes nothing else) the masked picture too."""
-    inpainting_unet = family.NAME == "sd" and int(facts.latent_channels) != int(facts.noise_channels)
+    how = family.inpainting(facts)
+    inpainting_unet = how == "unet"
     if mask_image is None:
         if inpainting_unet:
             raise DiffrtError("this is an inpainting checkpoint (its UNet takes a mask and a masked picture): pass "
@@ -400,7 +401,7 @@ def _check_mask(family, facts, settings: Settings, image: Any, start_image: Any,
         return None, None
     if start_image is None or start_image.pixels is None:
         raise DiffrtError("mask_image is for inpainting a picture: pass image=<the picture> too")
-    if family.NAME != "sd":
+    if how is None:
         raise DiffrtError(f"mask_image (inpainting) is for Stable Diffusion 1.x/2.x artifacts for now, not {family.NAME}")
     if inpainting_unet and int(facts.latent_channels) != 2 * int(facts.noise_channels) + 1:
         raise DiffrtError(f"this UNet takes {facts.latent_channels} channels; an inpainting UNet takes "

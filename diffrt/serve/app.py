@@ -66,13 +66,15 @@ def warmup_call(manifest: Any) -> dict[str, Any]:
     """The warm-up generation; an inpainting checkpoint (an SD UNet that takes more
     channels than the VAE gives: it runs only with a picture and a mask) inpaints a
     small grey picture instead."""
-    model = manifest.model
-    if manifest.family != "sd" or model.get("latent_channels") == (model.get("vae_latent_channels")
-                                                                   or model.get("latent_channels")):
+    from diffrt.families import get_family
+
+    family = get_family(manifest.family)
+    facts = family.facts(manifest.model)
+    if family.inpainting(facts) != "unet":
         return WARMUP_CALL
     from PIL import Image
 
-    side = 8 * int(model.get("size_multiple", 8))
+    side = 8 * int(facts.size_multiple)
     return {**WARMUP_CALL, "image": Image.new("RGB", (side, side), (128, 128, 128)),
             "mask_image": Image.new("L", (side, side), 255), "height": side, "width": side}
 
