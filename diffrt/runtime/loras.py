@@ -29,6 +29,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ class MergedLoras:
         self._targets: dict[str, dict[str, dict[str, str]]] = {}  # lora -> stage key -> module -> parameter
         self._active: LoraSet = ()
         self._users = 0
-        self._waiting = 0
+        self._pending: Counter[LoraSet] = Counter()  # the sets of runs not yet started
         self._change = threading.Condition()
         self._loading = threading.Lock()
 
@@ -198,17 +199,20 @@ class MergedLoras:
     def using(self, wanted: LoraSet) -> Iterator[None]:
         """Hold the models' weights at `wanted` for a run (switching when needed)."""
         with self._change:
-            queued = False
+            self._pending[wanted] += 1
             try:
-                # same set: go, unless someone waits to switch; another set: once no run holds the weights
-                while self._users and (wanted != self._active or self._waiting > queued):
-                    if not queued:
-                        self._waiting, queued = self._waiting + 1, True
+                while not self._may_run(wanted):
                     self._change.wait()
             finally:
-                self._waiting -= queued
+                self._pending[wanted] -= 1
+                if not self._pending[wanted]:
+                    del self._pending[wanted]
             if wanted != self._active:
-                self._switch(wanted)
+                try:
+                    self._switch(wanted)
+                except BaseException:
+                    self._change.notify_all()  # the set changed (to the base): waiters look again
+                    raise
             self._users += 1
         try:
             yield
@@ -216,6 +220,19 @@ class MergedLoras:
             with self._change:
                 self._users -= 1
                 self._change.notify_all()
+
+    def _may_run(self, wanted: LoraSet) -> bool:
+        """Another set: once no run holds the weights. The current set: unless a run
+        waits to switch to another one (it goes first once the current runs end, so a
+        stream of runs on the current set never starves a switch)."""
+        if wanted != self._active:
+            return self._users == 0
+        return not any(pending != self._active for pending in self._pending)
+
+    @property
+    def _waiting(self) -> int:
+        """Runs waiting to start (tests wait for this)."""
+        return sum(self._pending.values())
 
     def _switch(self, wanted: LoraSet) -> None:
         """Write the weights of `wanted` in place of the active set's (caller holds the lock)."""
