@@ -110,6 +110,14 @@ def _no_step_feeds(i: int, t: float) -> Mapping[str, Any]:
     return {}
 
 
+DenoiserCall = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+"""One denoiser call: feeds -> outputs (the denoiser context's `run`)."""
+DenoiserHook = Callable[[int, Mapping[str, Any], DenoiserCall], Mapping[str, Any]]
+"""`hook(i, feeds, call_next) -> outputs`: wraps step i's denoiser call. A hook may add
+feeds (ControlNet residuals), run other stages first, or answer without calling the
+denoiser at all (a step cache); `call_next` is the next hook, the last one the denoiser."""
+
+
 @dataclass(frozen=True, eq=False)
 class DenoisePlan:
     """Everything the runtime's denoising loop needs from a family for one batch.
@@ -141,7 +149,13 @@ class DenoisePlan:
     """VAE latents -> the layout the denoiser and scheduler work in (identity for UNets)."""
     unpack: Callable[[Any], Any] = _identity
     step_feeds: Callable[[int, float], Mapping[str, Any]] = _no_step_feeds
-    """Inputs that change per step (ControlNet residuals, inpainting masks): none yet."""
+    """Inputs that change per step and depend only on the step (not on the sample)."""
+    denoiser_hooks: tuple[DenoiserHook, ...] = ()
+    """Wrappers of every step's denoiser call, outermost first (see DenoiserHook): the
+    runtime adds them for work that needs other stages (ControlNets, step caches)."""
+    after_step: Callable[[int, Any], Any] | None = None
+    """`after_step(i, sample) -> sample` after the scheduler's step i: 4-channel
+    inpainting puts the known region back. None: the sample as stepped."""
     extra_channels: Any = None
     """Concatenated to the scaled model input on channels before every denoiser call,
     one row per model row: a 9-channel inpainting UNet's mask and masked-image latents

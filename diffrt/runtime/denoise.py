@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan
+from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan, DenoiserCall, DenoiserHook
 from diffrt.runtime import arrays
 
 Progress = Callable[[int, int], None]
@@ -32,16 +32,15 @@ def device_plan(plan: DenoisePlan, to_device: Callable[[np.ndarray], Any]) -> De
 
 
 def denoise(plan: DenoisePlan, run: Any, sample: Any, denoiser: Any, rng: Any, to_device: Callable[[np.ndarray], Any],
-            progress: Progress | None = None, counted: tuple[int, int, int] = (0, 0, 0),
-            after_step: Callable[[int, Any], Any] | None = None) -> tuple[Any, list[float]]:
+            progress: Progress | None = None, counted: tuple[int, int, int] = (0, 0, 0)) -> tuple[Any, list[float]]:
     """Run every step of `run` on `sample` (already on the device, in the plan's packed
     layout); returns the denoised sample and the seconds of each denoiser call.
 
     `progress(step, total)` is called after every call; `counted` = (steps done
     before this run, total steps, calls to skip before counting) makes it count the
     requested steps: PNDM's extra warm-up call is not a step, and a refiner continues
-    a base's count. `after_step(i, sample)` replaces the sample after step i (inpainting
-    puts the known region back).
+    a base's count. The plan's `denoiser_hooks` wrap each call and its `after_step`
+    replaces the sample after each step.
     """
     done, total, extra = counted
     xp = arrays.namespace(sample)
@@ -57,14 +56,26 @@ def denoise(plan: DenoisePlan, run: Any, sample: Any, denoiser: Any, rng: Any, t
             model_input = xp.concat([model_input, plan.extra_channels], axis=1)
         feeds = {plan.sample_feed: model_input, plan.timestep_feed: timesteps[i], **plan.feeds, **plan.static_feeds,
                  **plan.step_feeds(i, float(run.timesteps[i]))}
-        output = plan.guidance.combine(denoiser.run(feeds)[plan.output_name], sample.shape[0])
+        output = plan.guidance.combine(_call(plan.denoiser_hooks, i, denoiser.run)(feeds)[plan.output_name],
+                                       sample.shape[0])
         sample = run.step(output, i, sample, rng)
-        if after_step is not None:
-            sample = after_step(i, sample)
+        if plan.after_step is not None:
+            sample = plan.after_step(i, sample)
         call_times.append(time.perf_counter() - t0)
         if progress is not None:
             progress(max(0, done + i + 1 - extra), total)
     return sample, call_times
+
+
+def _call(hooks: tuple[DenoiserHook, ...], i: int, run: DenoiserCall) -> DenoiserCall:
+    """Step i's denoiser call wrapped by `hooks`, the first outermost."""
+    for hook in reversed(hooks):
+        run = _wrapped(hook, i, run)
+    return run
+
+
+def _wrapped(hook: DenoiserHook, i: int, call_next: DenoiserCall) -> DenoiserCall:
+    return lambda feeds: hook(i, feeds, call_next)
 
 
 __all__ = ["denoise", "device_plan"]

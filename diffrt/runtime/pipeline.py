@@ -513,7 +513,6 @@ class Pipeline:
         # drawn in the VAE's layout and packed; `latents=` comes in the denoiser's layout
         # already, as diffusers' latents= does (Flux: packed 2x2 patches).
         sigma = np.float32(run.init_noise_sigma)
-        after_step = None
         if first.from_image:
             t0 = time.perf_counter()
             start, known, noise = img2img.start_latents(first, plan, run, rng, self._encode_image,
@@ -524,7 +523,8 @@ class Pipeline:
             timings["vae_encoder"] = time.perf_counter() - t0
             sample = self._to_device(plan.pack(start))
             if first.mask is not None and first.masked_pixels is None:  # 4-channel: the known region put back
-                after_step = img2img.keep_unmasked(run, *(self._to_device(a) for a in (known, noise, first.mask)))
+                on_device = dataclasses.replace(on_device, after_step=img2img.keep_unmasked(
+                    run, *(self._to_device(a) for a in (known, noise, first.mask))))
         elif first.latents is not None:
             sample = self._to_device((first.latents * sigma).astype(np.float32))
         else:
@@ -539,7 +539,7 @@ class Pipeline:
         done = steps - len(run.timesteps) if first.denoising_start is not None else 0
         counted = (0, len(run.timesteps), 0) if first.strength is not None else (done, steps, extra)  # img2img: its part
         sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._contexts[self.family.DENOISER],
-                                                    rng, self._to_device, progress, counted, after_step)
+                                                    rng, self._to_device, progress, counted)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, plan, timings
 
