@@ -63,6 +63,18 @@ def check_positive(facts: Any, names: tuple[str, ...]) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def dit_largest_stage(terms: Mapping[str, int]) -> tuple[int, str]:
+    """A DiT family's `min_activation_bytes` from its `activation_terms`: the stages run
+    one after another, so the largest stage's sum, and its name."""
+    stages = {
+        "text encoder activations": terms["text_encoder_activations"],
+        "transformer activations": terms["transformer_activations"] + terms.get("transformer_attention_scores", 0),
+        "VAE decoder activations": terms["vae_decoder_activations"] + terms.get("vae_attention_scores", 0),
+    }
+    what = max(stages, key=lambda k: stages[k])
+    return stages[what], what
+
+
 def facts_to_json(facts: Any) -> dict[str, Any]:
     """What the exporter writes under the manifest's `model` (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(facts).items()}

@@ -28,7 +28,7 @@ import numpy as np
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
 from diffrt.families import sd, sdxl, t5
-from diffrt.families.base import DenoisePlan, NoGuidance, check_positive, facts_from_json
+from diffrt.families.base import DenoisePlan, NoGuidance, check_positive, dit_largest_stage, facts_from_json
 from diffrt.families.presets import Preset
 
 NAME = "flux"
@@ -317,14 +317,7 @@ def activation_terms(model: Any, height: int, width: int, batch: int, do_cfg: bo
 def min_activation_bytes(model: Any, height: int, width: int, batch: int, do_cfg: bool,
                          attention_scores: bool) -> tuple[int, str]:
     """The largest stage's sum of `activation_terms` (the stages run one after another)."""
-    terms = activation_terms(model, height, width, batch, do_cfg, attention_scores)
-    stages = {
-        "text encoder activations": terms["text_encoder_activations"],
-        "transformer activations": terms["transformer_activations"] + terms.get("transformer_attention_scores", 0),
-        "VAE decoder activations": terms["vae_decoder_activations"] + terms.get("vae_attention_scores", 0),
-    }
-    what = max(stages, key=lambda k: stages[k])
-    return stages[what], what
+    return dit_largest_stage(activation_terms(model, height, width, batch, do_cfg, attention_scores))
 
 
 # -- conditioning and the plan -----------------------------------------------------------

@@ -20,7 +20,8 @@ import numpy as np
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
 from diffrt.families import sd, sdxl, t5
-from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan, NoGuidance, check_positive, facts_from_json
+from diffrt.families.base import (ClassifierFreeGuidance, DenoisePlan, NoGuidance, check_positive, dit_largest_stage,
+                                  facts_from_json)
 from diffrt.families.presets import Preset
 
 NAME = "sd3"
@@ -308,14 +309,7 @@ def activation_terms(model: Any, height: int, width: int, batch: int, do_cfg: bo
 def min_activation_bytes(model: Any, height: int, width: int, batch: int, do_cfg: bool,
                          attention_scores: bool) -> tuple[int, str]:
     """The largest stage's sum of `activation_terms` (stages run one after another)."""
-    terms = activation_terms(model, height, width, batch, do_cfg, attention_scores)
-    stages_ = {
-        "text encoder activations": terms["text_encoder_activations"],
-        "transformer activations": terms["transformer_activations"] + terms.get("transformer_attention_scores", 0),
-        "VAE decoder activations": terms["vae_decoder_activations"] + terms.get("vae_attention_scores", 0),
-    }
-    what = max(stages_, key=lambda k: stages_[k])
-    return stages_[what], what
+    return dit_largest_stage(activation_terms(model, height, width, batch, do_cfg, attention_scores))
 
 
 def prepare(model: Any, request, encode: Callable[..., Mapping[str, np.ndarray]]) -> DenoisePlan:
