@@ -287,6 +287,8 @@ def cmd_export(args: argparse.Namespace) -> None:
                    tiny_vae=args.tiny_vae, fused_attention=args.fused_attention,
                    loras=[parse_file_strength(item) for item in args.lora or ()],
                    textual_inversion=args.textual_inversion or (), safety_checker=args.safety_checker)
+    if args.controlnet:
+        options["controlnets"] = args.controlnet
     if args.config is not None or Path(args.src).expanduser().is_file():  # a single-file checkpoint
         from diffrt.export.single_file import export_single_file
 
@@ -661,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-checker", default=None, metavar="FOLDER",
                    help="also export this saved StableDiffusionSafetyChecker folder ('checkpoint': SRC's own "
                         "safety_checker/), run after decoding with diffrt generate --safety")
+    p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
+                   help="also export this saved diffusers ControlNetModel folder (and the UNet taking its residuals), "
+                        "used with diffrt generate --control-image; repeatable (several ControlNets at once)")
     p.add_argument("--config", default=None, metavar="DIFFUSERS_FOLDER",
                    help="SRC is a single-file checkpoint (.safetensors/.ckpt, original layout): the diffusers "
                         "folder of its architecture (configs, tokenizer, scheduler; nothing is downloaded)")

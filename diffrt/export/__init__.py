@@ -85,6 +85,7 @@ def export(
     textual_inversion: Sequence = (),
     source_id: str | None = None,
     safety_checker: str | os.PathLike | None = None,
+    controlnets: Sequence[str | os.PathLike] = (),
 ) -> Manifest:
     """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`.
 
@@ -105,7 +106,10 @@ def export(
     checkpoint converted to a temporary folder, diffrt/export/single_file.py).
     `safety_checker`: a saved StableDiffusionSafetyChecker folder ("checkpoint": the
     source's own safety_checker/), exported as the optional safety_checker stage with
-    its CLIP preprocessing config (diffrt/export/safety.py)."""
+    its CLIP preprocessing config (diffrt/export/safety.py).
+    `controlnets`: saved diffusers ControlNetModel folders, each exported as a stage
+    controlnet_<i>, with the UNet also as a variant taking their residuals
+    (diffrt/export/controlnet.py)."""
     started = time.perf_counter()
     out = Path(out)
     precisions = parse_precisions(precision)
@@ -136,7 +140,8 @@ def export(
         logger.info("exporting %s (%s, family %s) -> %s", src, pipeline_class, fam.NAME, out)
         try:
             manifest = _export_into(staging, source_id or src, folder, fam, pipeline_class, scheduler, precisions,
-                                    opset, tiny_vae, fused_attention, fused, baked, safety=safety)
+                                    opset, tiny_vae, fused_attention, fused, baked, safety=safety,
+                                    controlnets=controlnets)
             _apply_umask_modes(staging)
             publish(staging, out, replaces)
         except BaseException:
@@ -148,9 +153,13 @@ def export(
 
 def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, scheduler: str,
                  precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool,
-                 loras: Sequence = (), baked=None, safety: Path | None = None) -> Manifest:
+                 loras: Sequence = (), baked=None, safety: Path | None = None, controlnets: Sequence = ()) -> Manifest:
     """Write the whole artifact into `staging`; returns its manifest."""
-    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras, baked, safety)
+    model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras, baked, safety, controlnets)
+    if controlnets and fused_attention:  # the ControlNets' and the residual UNet's fused graphs
+        from diffrt.export.controlnet import derive_fused
+
+        stages.update(derive_fused(stages, feeds, staging))
     stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
     # the family's exporter may complete a copied component (SD3: a T5 tokenizer.json from spiece.model)
     finish = getattr(importlib.import_module(fam.EXPORT_MODULE), "finish_component", None)
@@ -226,7 +235,7 @@ def _default_scheduler(folder: Path) -> str:
 
 
 def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str | os.PathLike | None = None,
-                   loras: Sequence = (), baked=None, safety: Path | None = None):
+                   loras: Sequence = (), baked=None, safety: Path | None = None, controlnets: Sequence = ()):
     """Export and check every stage of the family (and the opt-in tiny VAE decoder),
     one torch module in memory at a time; returns (model facts, stage specs, each
     stage's check inputs as numpy)."""
@@ -235,6 +244,9 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str |
     # configs only (no weights): the facts, and a broken component found before the long part
     model = torch_side.model_facts(folder, torch_side.read_configs(folder))
     io = fam.stage_io(model)
+    from diffrt.export import controlnet as controlnet_side  # ControlNets: checked before the long part
+
+    controlnet_sources = controlnet_side.check_sources(controlnets, folder, model, fam.takes_image(model))
     inputs = torch_side.SampleInputs(model)  # one generator, drawn stage by stage in this order
     names = fam.stages(model)
     check_components(loras, names)
@@ -257,11 +269,12 @@ def _export_stages(fam, folder: Path, staging: Path, opset: int, tiny_vae: str |
         jobs.append((safety_side.SAFETY_CHECKER, safety_side.SAFETY_CHECKER, DEFAULT_VARIANT,
                      safety_side.facts(checker), lambda: safety_side.stage(safety_side.load_checker(safety))))
         del checker
+    controlnet_side.add_jobs(io, jobs, controlnet_sources, folder, model, fam.DENOISER)
     if baked is not None:  # textual-inversion vectors into the text encoders' token tables
         jobs = [(name, role, variant, facts, baked.wrap(name, load)) for name, role, variant, facts, load in jobs]
     stages, feeds = {}, {}
     for index, (name, role, variant, facts, load) in enumerate(jobs, start=1):
-        inputs_, outputs = io[role]
+        inputs_, outputs = io[name] if name in io else io[role]
         spec = StageSpec(name=name, inputs=inputs_, outputs=outputs, role=role, variant=variant, facts=facts)
         stages[name], feeds[name] = _export_torch_stage(spec, load, staging, opset, f"[{index}/{len(jobs)}]",
                                                         loras)
