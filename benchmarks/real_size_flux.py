@@ -223,22 +223,7 @@ def attention_counts(pipe, backend: str, artifact: Path) -> dict[str, Any]:
     return {"graph": session.spec.name, "nodes": fused_graph_attention(artifact).get(session.spec.name)}
 
 
-PHASE_FUNCTIONS = {
-    "build": phase_build,
-    "export": phase_export,
-    "generate-ort": lambda args: phase_generate(args, "ort"),
-    "generate-openvino": lambda args: phase_generate(args, "openvino"),
-}
-
-
-def run_phase_here(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    started = time.perf_counter()
-    result = PHASE_FUNCTIONS[args.phase](args)
-    result["process_seconds_in_phase"] = round(time.perf_counter() - started, 3)
-    result["peak_rss_gib"] = round(common.peak_rss_gib(), 3)
-    args.result_json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+PHASE_FUNCTIONS = common.backend_phases(phase_build, phase_export, phase_generate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,42 +251,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps, --units and --t5-layers must be >= 1")
     args.workdir = (args.workdir or Path(f"/tmp/diffrt-real-size-flux-u{args.units}")).expanduser().resolve()
     if args.phase:
-        return run_phase_here(args)
+        return common.run_phase_here(args, PHASE_FUNCTIONS)
     results = args.results or HERE / "results" / f"real_size_flux_u{args.units}.json"
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = [p for p in phases if p not in PHASES]
-    if unknown:
-        parser.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(PHASES)}")
-    marker = args.workdir / ".diffrt-real-size-flux"
-    if args.workdir.exists() and any(args.workdir.iterdir()) and not marker.is_file():
-        raise SystemExit(f"error: {args.workdir} is not empty and was not made by this script; pass another --workdir")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by benchmarks/real_size_flux.py; it may replace checkpoint/ and artifact/\n")
+    phases = common.chosen_phases(parser, args.phases, PHASES)
+    common.claim_workdir(args.workdir, ".diffrt-real-size-flux", "benchmarks/real_size_flux.py")
     size = {"units": args.units, "t5_layers": args.t5_layers, "checkpoint_dtype": args.checkpoint_dtype}
     if "build" not in phases and (args.workdir / SIZE_FILE).is_file() and read_size(args.workdir) != size:
         raise SystemExit(f"error: {args.workdir} holds a model built with {read_size(args.workdir)}; rerun the build "
                          "phase or give those sizes")
     if "build" in phases:
         (args.workdir / SIZE_FILE).write_text(json.dumps(size) + "\n")
-    started = time.perf_counter()
-    report: dict[str, Any] = {"benchmark": "real_size_flux", **size,
-                              "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                              "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "machine": common.machine_info(), "workdir": str(args.workdir), "phases": {}}
-    if results.is_file():  # phases run separately accumulate in one report
-        previous = json.loads(results.read_text())
-        if previous.get("benchmark") == "real_size_flux" and previous.get("units") == args.units:
-            report["phases"] = {k: v for k, v in previous.get("phases", {}).items() if k not in phases}
-    for name in phases:
-        report["phases"][name] = common.run_phase_subprocess(name, args, script=Path(__file__))
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(report, indent=2) + "\n")  # after every phase: long runs
-    report["total_wall_seconds"] = round(time.perf_counter() - started, 3)
-    xl.print_table(report)
-    results.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {results}")
-    return 0
-
+    return common.run_phases(args, phases, common.new_report("real_size_flux", args.workdir, **size), results,
+                             Path(__file__), xl.print_table, keeps_earlier=lambda previous: (
+                                 previous.get("benchmark") == "real_size_flux" and previous.get("units") == args.units))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -437,14 +437,58 @@ class _Recorder(logging.Handler):
 PHASE_FUNCTIONS = {"build": phase_build, "export": phase_export, "generate": phase_generate}
 
 
-def run_phase_here(args: argparse.Namespace) -> int:
-    """Child side: run one phase, write its result (with this process's peak RSS) as JSON."""
+def run_phase_here(args: argparse.Namespace, functions: dict[str, Any] | None = None) -> int:
+    """Child side: run one phase (of `functions`, default this script's), write its result
+    (with this process's peak RSS) as JSON."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     started = time.perf_counter()
-    result = PHASE_FUNCTIONS[args.phase](args)
+    result = (functions or PHASE_FUNCTIONS)[args.phase](args)
     result["process_seconds_in_phase"] = round(time.perf_counter() - started, 3)
     result["peak_rss_gib"] = round(peak_rss_gib(), 3)
     args.result_json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def backend_phases(build, export, generate) -> dict[str, Any]:
+    """The phase table of a script that builds, exports, then generates on ORT and OpenVINO."""
+    return {"build": build, "export": export, "generate-ort": lambda args: generate(args, "ort"),
+            "generate-openvino": lambda args: generate(args, "openvino")}
+
+
+def chosen_phases(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> list[str]:
+    """--phases as a list; an unknown name is a usage error."""
+    phases = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in known]
+    if unknown:
+        parser.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return phases
+
+
+def new_report(benchmark: str, workdir: Path, **fields: Any) -> dict[str, Any]:
+    return {"benchmark": benchmark, **fields, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
+            "workdir": str(workdir), "phases": {}}
+
+
+def run_phases(args: argparse.Namespace, phases: list[str], report: dict[str, Any], results: Path, script: Path,
+               table, keeps_earlier=None) -> int:
+    """Parent side: each phase in its own interpreter, the report written after every
+    phase (long runs); with `keeps_earlier(previous_report)` true, the phases of an
+    earlier report at `results` that this run does not repeat are kept (phases run
+    separately accumulate in one report)."""
+    started = time.perf_counter()
+    if keeps_earlier is not None and results.is_file():
+        previous = json.loads(results.read_text())
+        if keeps_earlier(previous):
+            report["phases"] = {k: v for k, v in previous.get("phases", {}).items() if k not in phases}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for name in phases:
+        report["phases"][name] = run_phase_subprocess(name, args, script=script)
+        results.write_text(json.dumps(report, indent=2) + "\n")
+    report["total_wall_seconds"] = round(time.perf_counter() - started, 3)
+    table(report)
+    results.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {results}")
     return 0
 
 
@@ -604,12 +648,12 @@ def _size(text: str) -> tuple[int, int]:
     return parts[1], parts[0]
 
 
-def _claim_workdir(workdir: Path) -> None:
-    """Use `workdir` only if it is new, empty, or was made by this script."""
-    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+def claim_workdir(workdir: Path, marker: str = MARKER, script: str = "benchmarks/real_size_sd15.py") -> None:
+    """Use `workdir` only if it is new, empty, or was made by `script` (its `marker` file)."""
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / marker).is_file():
         raise SystemExit(f"error: {workdir} is not empty and was not made by this script; pass another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / MARKER).write_text("made by benchmarks/real_size_sd15.py; it may replace checkpoint/ and artifact/\n")
+    (workdir / marker).write_text(f"made by {script}; it may replace checkpoint/ and artifact/\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -633,29 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase:
         return run_phase_here(args)
 
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = [p for p in phases if p not in PHASES]
-    if unknown:
-        parser.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(PHASES)}")
-    _claim_workdir(args.workdir)
-    started = time.perf_counter()
-    report: dict[str, Any] = {
-        "benchmark": "real_size_sd15",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_info(),
-        "workdir": str(args.workdir),
-        "phases": {},
-    }
-    for name in phases:
-        report["phases"][name] = run_phase_subprocess(name, args)
-    report["total_wall_seconds"] = round(time.perf_counter() - started, 3)
-    print_table(report)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.results}")
-    return 0
-
+    phases = chosen_phases(parser, args.phases, PHASES)
+    claim_workdir(args.workdir)
+    return run_phases(args, phases, new_report("real_size_sd15", args.workdir), args.results, Path(__file__),
+                      print_table)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -258,22 +258,7 @@ def phase_generate(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     }
 
 
-PHASE_FUNCTIONS = {
-    "build": phase_build,
-    "export": phase_export,
-    "generate-ort": lambda args: phase_generate(args, "ort"),
-    "generate-openvino": lambda args: phase_generate(args, "openvino"),
-}
-
-
-def run_phase_here(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    started = time.perf_counter()
-    result = PHASE_FUNCTIONS[args.phase](args)
-    result["process_seconds_in_phase"] = round(time.perf_counter() - started, 3)
-    result["peak_rss_gib"] = round(common.peak_rss_gib(), 3)
-    args.result_json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+PHASE_FUNCTIONS = common.backend_phases(phase_build, phase_export, phase_generate)
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -321,40 +306,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 1")
     args.workdir = args.workdir.expanduser().resolve()
     if args.phase:
-        return run_phase_here(args)
-    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = [p for p in phases if p not in PHASES]
-    if unknown:
-        parser.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(PHASES)}")
-    if args.workdir.exists() and any(args.workdir.iterdir()) and not (args.workdir / MARKER).is_file():
-        raise SystemExit(f"error: {args.workdir} is not empty and was not made by this script; pass another --workdir")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / MARKER).write_text("made by benchmarks/real_size_sdxl.py; it may replace checkpoint/ and artifact/\n")
-    started = time.perf_counter()
-    report: dict[str, Any] = {
-        "benchmark": "real_size_sdxl",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": common.machine_info(),
-        "workdir": str(args.workdir),
-        "phases": {},
-    }
-    if args.results.is_file():  # phases run separately accumulate in one report
-        previous = json.loads(args.results.read_text())
-        if previous.get("benchmark") == "real_size_sdxl":
-            report["phases"] = {k: v for k, v in previous.get("phases", {}).items() if k not in phases}
-            report["earlier_runs"] = previous.get("earlier_runs", []) + [
-                {k: previous.get(k) for k in ("command", "date_utc", "machine")}]
-    for name in phases:
-        report["phases"][name] = common.run_phase_subprocess(name, args, script=Path(__file__))
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(report, indent=2) + "\n")  # after every phase: long runs
-    report["total_wall_seconds"] = round(time.perf_counter() - started, 3)
-    print_table(report)
-    args.results.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.results}")
-    return 0
+        return common.run_phase_here(args, PHASE_FUNCTIONS)
+    phases = common.chosen_phases(parser, args.phases, PHASES)
+    common.claim_workdir(args.workdir, MARKER, "benchmarks/real_size_sdxl.py")
+    report = common.new_report("real_size_sdxl", args.workdir)
 
+    def keeps_earlier(previous: dict[str, Any]) -> bool:
+        if previous.get("benchmark") != "real_size_sdxl":
+            return False
+        report["earlier_runs"] = previous.get("earlier_runs", []) + [
+            {k: previous.get(k) for k in ("command", "date_utc", "machine")}]
+        return True
+
+    return common.run_phases(args, phases, report, args.results, Path(__file__), print_table, keeps_earlier)
 
 if __name__ == "__main__":
     sys.exit(main())
