@@ -27,6 +27,13 @@ times what the branches add on their own, less exposed to a busy neighbour than 
 whole UNets: an ONNX graph of only the branch ops (per layer MatMul, MatMul, Add, at
 the shapes SD1.5's UNet gives them: tokens from the layer's block, 77 for attn2's
 to_k/to_v) run by ONNX Runtime, the minimum of 10 runs, with the FLOPs they add.
+
+    python benchmarks/lora_branches.py --switch-only [--rows 2,8]
+
+times what switching a request's LoRAs costs with branches: building a set's factors on
+the host (BranchLoras.feeds, in process, the four LoRA files loaded, an empty cache per
+row count), each set's first use and the same set again (cached: the factors repeated
+per row), with the bytes the feeds take.
 """
 
 from __future__ import annotations
@@ -177,6 +184,39 @@ def branch_ops(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def switch_times(args: argparse.Namespace) -> dict[str, Any]:
+    """Each LoRA set's branch feeds built on the host: first use, then cached (min of 5)."""
+    from diffrt.artifacts import read_manifest
+    from diffrt.runtime.lora_branches import BranchLayout, BranchLoras
+    from diffrt.runtime.loras import MergedLoras
+
+    folder = args.workdir / "artifact"
+    layout = BranchLayout.of(read_manifest(folder).stage("unet-fused-lora"))
+    paths = sorted((args.workdir / "loras").glob("*.safetensors"))
+    results = {}
+    for rows in args.rows:
+        branches = BranchLoras({"unet": layout}, MergedLoras(folder, {}))  # an empty factor cache per row count
+        for index, path in enumerate(paths):
+            branches.add(f"l{index}", path)
+        first, cached, size = [], [], 0
+        for index in range(len(paths)):
+            loras = ((f"l{index}", 1.0),)  # two at once would exceed the branches' rank 16
+            t0 = time.perf_counter()
+            feeds = branches.feeds("unet", loras, rows)
+            first.append(time.perf_counter() - t0)
+            again = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                branches.feeds("unet", loras, rows)
+                again.append(time.perf_counter() - t0)
+            cached.append(min(again))
+            size = sum(v.nbytes for v in feeds.values())
+        results[f"rows {rows}"] = {"first_use_s": first, "cached_s": cached, "feed_bytes": size}
+        print(f"LoRA set switch, {rows} UNet rows: first use {min(first) * 1e3:.0f}-{max(first) * 1e3:.0f} ms, "
+              f"cached {min(cached) * 1e3:.1f}-{max(cached) * 1e3:.1f} ms, feeds {size / 1e6:.0f} MB")
+    return results
+
+
 def _tokens(module: str, height: int, width: int) -> int:
     """Tokens of a UNet attention block: the latent (size / 8) halved per level."""
     parts = module.split(".")
@@ -200,14 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--run", choices=("plain", "branches"), help=argparse.SUPPRESS)
     parser.add_argument("--ops-only", action="store_true", help="time the branch ops alone (see above)")
+    parser.add_argument("--switch-only", action="store_true", help="time LoRA set switches alone (see above)")
     parser.add_argument("--rows", type=lambda t: [int(v) for v in t.split(",")], default=[2, 8],
-                        help="UNet rows for --ops-only (CFG: 2 per image)")
+                        help="UNet rows for --ops-only and --switch-only (CFG: 2 per image)")
     args = parser.parse_args(argv)
     if args.ops_only:
         results = branch_ops(args)
         path = args.results.with_name(args.results.stem + "_ops.json")
         path.write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine_info(), "rank": RANK,
                                     "size": list(args.size), "results": results}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return 0
+    if args.switch_only:
+        results = switch_times(args)
+        path = args.results.with_name(args.results.stem + "_switch.json")
+        path.write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine_info(), "rank": RANK,
+                                    "results": results}, indent=2) + "\n")
         print(f"wrote {path}")
         return 0
     if args.run:
