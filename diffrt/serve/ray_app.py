@@ -54,14 +54,14 @@ def build_app(folder: str, config: ServeConfig, backend: str = "ort", verify: bo
     @serve.ingress()
     class DiffrtReplica:
         def __init__(self, folder: str, config: ServeConfig, backend: str, verify: Any, backend_options: dict):
-            from diffrt.serve.app import WARMUP_CALL, create_app
+            from diffrt.serve.app import create_app, warmup_call
             from diffrt.serve.server import load_pipeline
 
             pipe = load_pipeline(folder, backend=backend, verify=verify, backend_options=backend_options,
                                  workers=config.workers)
             if config.warmup:
                 t0 = time.perf_counter()
-                pipe.generate([pipe.request(**WARMUP_CALL)])
+                pipe.generate([pipe.request(**warmup_call(pipe.manifest))])  # an inpainting UNet needs image and mask
                 logger.info("replica warm-up in %.2fs", time.perf_counter() - t0)
             self._app = create_app(pipe, ServeConfig(**{**config.__dict__, "warmup": False}))
 
