@@ -706,8 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --image: how much of the schedule to redo, in (0, 1] (default diffusers': SD 0.8, "
                         "SDXL 0.3)")
     p.add_argument("--mask", default=None, metavar="PATH",
-                   help="with --image, SD 1.x/2.x: inpaint where this mask is white (default strength 1.0 and the "
-                        "checkpoint's size, as diffusers' StableDiffusionInpaintPipeline)")
+                   help="with --image, SD 1.x/2.x and SDXL: inpaint where this mask is white (default strength as "
+                        "diffusers' inpainting pipelines: SD 1.0, SDXL 0.9999; the checkpoint's size)")
     p.add_argument("--refiner", default=None, metavar="OUT2",
                    help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
     p.add_argument("--high-noise-frac", type=float, default=None,

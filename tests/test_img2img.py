@@ -350,6 +350,3 @@ def test_inpainting_errors(pipes, exported):
     ):
         with pytest.raises(DiffrtError, match=message):
             ours("a cat", num_inference_steps=4, **kwargs)
-    sdxl, _, _ = pipes("sdxl")
-    with pytest.raises(DiffrtError, match="for Stable Diffusion 1.x/2.x artifacts for now"):
-        sdxl("a cat", image=picture, mask_image=_mask(64, 64), num_inference_steps=4)

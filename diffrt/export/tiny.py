@@ -224,6 +224,28 @@ def make_tiny_sdxl(folder: str | Path, kind: str = "sdxl", seed: int = 0, sample
     return folder
 
 
+def make_tiny_sdxl_inpaint(folder: str | Path, seed: int = 0, sample_size: int = 32) -> Path:
+    """A tiny StableDiffusionXLInpaintPipeline with a dedicated 9-channel inpainting UNet
+    (as diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the sdxl kind's encoders, VAE
+    and scheduler, its UNet config with 9 input channels, new random weights)."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = diffusers.StableDiffusionXLPipeline.from_pretrained(make_tiny_sdxl(Path(tmp) / "sdxl", "sdxl", seed,
+                                                                                  sample_size))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler, requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True)
+    pipe.save_pretrained(folder)
+    logger.info("wrote a tiny random-weight 9-channel SDXL inpainting checkpoint to %s", folder)
+    return folder
+
+
 FLUX_KINDS = ("flux", "flux-dev")
 # black-forest-labs/FLUX.1-schnell's and FLUX.1-dev's scheduler_config.json
 _FLUX_SCHEDULERS = {

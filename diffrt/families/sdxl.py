@@ -25,7 +25,8 @@ from diffrt.families.presets import Preset
 NAME = "sdxl"
 BASE_CLASS = "StableDiffusionXLPipeline"
 REFINER_CLASS = "StableDiffusionXLImg2ImgPipeline"
-PIPELINE_CLASSES = (BASE_CLASS, REFINER_CLASS)
+INPAINT_CLASS = "StableDiffusionXLInpaintPipeline"
+PIPELINE_CLASSES = (BASE_CLASS, REFINER_CLASS, INPAINT_CLASS)
 EXPORT_MODULE = "diffrt.export.sdxl"
 
 TEXT_ENCODER = "text_encoder"
@@ -47,6 +48,9 @@ LCM_GUIDANCE_SCALE = 8.0
 AESTHETIC_SCORE = 6.0
 NEGATIVE_AESTHETIC_SCORE = 2.5
 IMG2IMG_STRENGTH = 0.3
+# StableDiffusionXLInpaintPipeline's default strength: just below 1, so its first step is skipped
+# and the start is the picture's noised latents, not pure noise.
+INPAINT_STRENGTH = 0.9999
 
 PRESETS = {
     "full-30step": Preset(
@@ -214,8 +218,9 @@ def takes_image(model: Any) -> bool:
 
 
 def inpainting(model: Any) -> str | None:
-    """Not yet for this family: mask_image= is refused in one line."""
-    return None
+    """As SD's (StableDiffusionXLInpaintPipeline): a UNet taking more channels than the
+    VAE gives is a dedicated inpainting UNet, any other (a refiner's too) blends."""
+    return sd.inpainting(_f(model))
 
 
 def keeps_fp32(model: Any, spec) -> str:

@@ -334,9 +334,9 @@ class Pipeline:
         `noise` (batch, C, h, w), the noise added at the start step, and `image_noise`
         (1 or batch, C, h, w), the VAE encoder's sample noise, replace those draws;
         `sample_mode="argmax"` takes the encoder's mode instead of a sample
-        (diffrt.runtime.img2img). Inpainting (SD 1.x/2.x, regular and 9-channel inpainting
-        UNets): `mask_image` (white = repaint, the picture's size; default strength 1.0
-        and the checkpoint's size, as StableDiffusionInpaintPipeline)."""
+        (diffrt.runtime.img2img). Inpainting (SD 1.x/2.x and SDXL, regular and 9-channel inpainting
+        UNets): `mask_image` (white = repaint, the picture's size; default strength 1.0,
+        SDXL 0.9999, and the checkpoint's size, as diffusers' inpainting pipelines)."""
         request = make_request(self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps,
                                guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
                                latents, output_type, vae, denoising_start=denoising_start,

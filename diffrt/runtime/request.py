@@ -373,7 +373,8 @@ def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int
                               "give one or the other")
         value = None
     else:
-        value = img2img.check_strength(strength, 1.0 if inpainting else family.IMG2IMG_STRENGTH)
+        default = getattr(family, "INPAINT_STRENGTH", 1.0) if inpainting else family.IMG2IMG_STRENGTH
+        value = img2img.check_strength(strength, default)
         try:
             strength_window(settings.num_inference_steps, value, sampler.order)
         except ValueError as exc:
@@ -402,7 +403,8 @@ def _check_mask(family, facts, settings: Settings, image: Any, start_image: Any,
     if start_image is None or start_image.pixels is None:
         raise DiffrtError("mask_image is for inpainting a picture: pass image=<the picture> too")
     if how is None:
-        raise DiffrtError(f"mask_image (inpainting) is for Stable Diffusion 1.x/2.x artifacts for now, not {family.NAME}")
+        raise DiffrtError(f"mask_image (inpainting) is not supported for {family.NAME} artifacts yet; Stable Diffusion "
+                          "1.x/2.x and SDXL take it")
     if inpainting_unet and int(facts.latent_channels) != 2 * int(facts.noise_channels) + 1:
         raise DiffrtError(f"this UNet takes {facts.latent_channels} channels; an inpainting UNet takes "
                           f"{2 * int(facts.noise_channels) + 1} (latents, mask, masked-image latents)")

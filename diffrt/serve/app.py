@@ -76,7 +76,8 @@ def warmup_call(manifest: Any) -> dict[str, Any]:
 
     side = 8 * int(facts.size_multiple)
     return {**WARMUP_CALL, "image": Image.new("RGB", (side, side), (128, 128, 128)),
-            "mask_image": Image.new("L", (side, side), 255), "height": side, "width": side}
+            "mask_image": Image.new("L", (side, side), 255), "height": side, "width": side,
+            "strength": 1.0}  # one step: SDXL inpainting's default strength (0.9999) would leave none
 
 
 def _safety_of(result: Any, index: int) -> dict[str, Any]:
