@@ -86,6 +86,7 @@ def export(
     source_id: str | None = None,
     safety_checker: str | os.PathLike | None = None,
     controlnets: Sequence[str | os.PathLike] = (),
+    step_cache: str | None = None,
 ) -> Manifest:
     """Export every stage of `src` (a diffusers folder or hub id) to ONNX under `out`.
 
@@ -109,7 +110,9 @@ def export(
     its CLIP preprocessing config (diffrt/export/safety.py).
     `controlnets`: saved diffusers ControlNetModel folders, each exported as a stage
     controlnet_<i>, with the UNet also as a variant taking their residuals
-    (diffrt/export/controlnet.py)."""
+    (diffrt/export/controlnet.py).
+    `step_cache`: "deepcache" or "deepcache:BRANCH": the UNet also as DeepCache's full
+    and shallow graphs, for requests with cache="deepcache:N" (diffrt/export/deepcache.py)."""
     started = time.perf_counter()
     out = Path(out)
     precisions = parse_precisions(precision)
@@ -128,6 +131,7 @@ def export(
         raise DiffrtError(f"{folder} holds a {pipeline_class}, not a {fam.NAME} pipeline; use --family auto")
     scheduler = _default_scheduler(folder)  # before the long part: a bad config fails fast
     fused = read_loras(loras)  # likewise a bad LoRA file
+    cache_branch = _check_step_cache(step_cache, fam)  # and a step cache the family has no graphs for
     baked = prepare_embeddings(textual_inversion, folder, fam)  # and a bad embedding file
     safety = _check_safety_checker(safety_checker, folder)  # and a folder that is not a safety checker
 
@@ -141,7 +145,7 @@ def export(
         try:
             manifest = _export_into(staging, source_id or src, folder, fam, pipeline_class, scheduler, precisions,
                                     opset, tiny_vae, fused_attention, fused, baked, safety=safety,
-                                    controlnets=controlnets)
+                                    controlnets=controlnets, cache_branch=cache_branch)
             _apply_umask_modes(staging)
             publish(staging, out, replaces)
         except BaseException:
@@ -153,13 +157,22 @@ def export(
 
 def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, scheduler: str,
                  precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool,
-                 loras: Sequence = (), baked=None, safety: Path | None = None, controlnets: Sequence = ()) -> Manifest:
+                 loras: Sequence = (), baked=None, safety: Path | None = None, controlnets: Sequence = (),
+                 cache_branch: int | None = None) -> Manifest:
     """Write the whole artifact into `staging`; returns its manifest."""
     model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras, baked, safety, controlnets)
     if controlnets and fused_attention:  # the ControlNets' and the residual UNet's fused graphs
         from diffrt.export.controlnet import derive_fused
 
         stages.update(derive_fused(stages, feeds, staging))
+    if cache_branch is not None:  # DeepCache's full and shallow UNet graphs (and their fused forms)
+        from diffrt.export import deepcache
+
+        cached, cache_feeds = deepcache.export_stages(fam, folder, staging, opset, model, cache_branch, loras)
+        stages.update(cached)
+        feeds.update(cache_feeds)
+        if fused_attention:
+            stages.update(deepcache.derive_fused(cached, feeds, staging))
     stages.update(derive_stages(fam, stages, feeds, staging, precisions, fused_attention, model))
     # the family's exporter may complete a copied component (SD3: a T5 tokenizer.json from spiece.model)
     finish = getattr(importlib.import_module(fam.EXPORT_MODULE), "finish_component", None)
@@ -202,6 +215,19 @@ def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, sch
         shutil.rmtree(staging / "engines", ignore_errors=True)
         write_manifest(staging, manifest)
     return manifest
+
+
+def _check_step_cache(value: str | None, fam) -> int | None:
+    """--step-cache: the DeepCache branch to export for, or None (checked before the long part)."""
+    if value is None:
+        return None
+    from diffrt.export.deepcache import parse_option
+
+    branch = parse_option(value)
+    if fam.DENOISER != "unet":
+        raise DiffrtError(f"--step-cache {value}: DeepCache is for UNet models (SD 1.x/2.x, SDXL); {fam.NAME} has "
+                          "none")
+    return branch
 
 
 def _check_safety_checker(value, folder: Path) -> Path | None:

@@ -43,6 +43,7 @@ from diffrt.families import Preset, get_family
 from diffrt.families.base import DenoisePlan, stack_plans
 from diffrt.runtime import img2img
 from diffrt.runtime import safety as safety_checker
+from diffrt.runtime import step_cache
 from diffrt.runtime.backends import CompiledModel, Context, get_backend
 from diffrt.runtime.backends.base import profile_shapes
 from diffrt.runtime.denoise import denoise, device_plan
@@ -316,6 +317,7 @@ class Pipeline:
         image_noise: np.ndarray | None = None,
         sample_mode: str | None = None,
         mask_image: Any = None,
+        cache: str | None = None,
         **options: Any,
     ) -> Request:
         """Validate a generation once, before any work: a `Request` for `generate`.
@@ -343,6 +345,7 @@ class Pipeline:
                                denoising_end=denoising_end, image=image, strength=strength, noise=noise,
                                image_noise=image_noise, sample_mode=sample_mode, mask_image=mask_image, **options)
         request = self.with_loras(request, loras)
+        request = dataclasses.replace(request, cache=step_cache.check_request(self, request, cache))  # "deepcache:3"
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
 
@@ -358,6 +361,7 @@ class Pipeline:
         return (s.height, s.width, s.num_inference_steps, s.scheduler, s.scheduler_config, request.do_cfg,
                 request.vae, request.denoising_start, request.denoising_end,
                 request.loras if self._branches is None else (), *shaping,  # branches: each row its own
+                request.cache,  # a step cache runs other graphs on some steps
                 id(request) if request.from_image else None)  # a start from an image runs alone
 
     # -- generation -------------------------------------------------------------
@@ -387,6 +391,7 @@ class Pipeline:
         high_noise_frac: float | None = None,
         loras: Mapping[str, float] | None = None,
         safety: str | None = None,
+        cache: str | None = None,
         **options: Any,
     ) -> PipelineOutput:
         """Generate images, diffusers-style: `pipe.request(...)` then `pipe.generate([...])`.
@@ -421,7 +426,7 @@ class Pipeline:
                     guidance_scale=guidance_scale, height=height, width=width,
                     num_images_per_prompt=num_images_per_prompt, seed=seed, scheduler=scheduler, preset=preset,
                     latents=latents, vae=vae, denoising_start=denoising_start, image=image, loras=loras,
-                    **options)
+                    cache=cache, **options)
         if refiner is None:
             if high_noise_frac is not None:
                 raise DiffrtError("high_noise_frac is where a refiner takes over; pass refiner= too")
@@ -538,6 +543,8 @@ class Pipeline:
         extra = 0 if windowed else len(run.timesteps) - steps
         done = steps - len(run.timesteps) if first.denoising_start is not None else 0
         counted = (0, len(run.timesteps), 0) if first.strength is not None else (done, steps, extra)  # img2img: its part
+        if first.cache is not None:  # a step cache answers each call with its own UNet graphs
+            on_device = step_cache.attach(self, first.cache, on_device)
         sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._contexts[self.family.DENOISER],
                                                     rng, self._to_device, progress, counted)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))

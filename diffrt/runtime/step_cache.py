@@ -1,0 +1,199 @@
+"""Step caching: skip most of the denoiser's work on most steps. Torch-free.
+
+DeepCache (Ma et al., "DeepCache: Accelerating Diffusion Models for Free", CVPR 2024)
+for UNets. The deep part of a UNet (everything below the skip branch it keeps) changes
+slowly from step to step: on a full step the whole UNet runs and the feature entering
+the last up-block layer of the cache branch is kept; on the next N-1 steps only the
+shallow path runs (time embedding, conv_in, the down layers above the branch, the up
+layers from the branch on, the output conv) on the kept feature. The artifact holds two
+extra UNet graphs for it (`diffrt export --step-cache deepcache[:BRANCH]`,
+diffrt/export/deepcache.py): the full UNet that also outputs the feature, and the
+shallow UNet that takes it. Which layers are skipped follows the `DeepCache` package's
+DeepCacheSDHelper (branch b: up block b // 3 from the bottom... counted from the
+output side, layer b % 3 of it), which tests/test_step_cache.py compares against.
+
+A request asks for it with `cache="deepcache:N"` (N: the interval; step i runs the
+full UNet when i % N == 0, i counting denoiser calls) or `"deepcache:N:BRANCH"`; the
+plain UNet runs when the cache is off, so uncached images do not change at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from diffrt.artifacts import FUSED_VARIANT, verify_files
+from diffrt.errors import ArtifactError, DiffrtError
+
+logger = logging.getLogger(__name__)
+
+DEEPCACHE = "deepcache"
+KINDS = (DEEPCACHE,)
+FULL_VARIANT = "deepcache-full"
+SHALLOW_VARIANT = "deepcache-shallow"
+VARIANTS = (FULL_VARIANT, SHALLOW_VARIANT)
+FEATURE = "deepcache_feature"
+"""The full graph's extra output and the shallow graph's extra input."""
+FACT = "deepcache"
+"""The stages' facts key: {"branch": b, "block": b // 3, "layer": b % 3}."""
+EXPORT_FLAG = "--step-cache deepcache"
+FUSED_PREFIX = "fused-attention+"
+_OPEN_LOCK = threading.Lock()  # concurrent workers open the cache's graphs once
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """A request's step cache: `kind` ("deepcache"), `interval` (a full step every N)
+    and `branch` (None: the one the artifact was exported for)."""
+
+    kind: str
+    interval: int
+    branch: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.interval}" + ("" if self.branch is None else f":{self.branch}")
+
+
+def parse(value: Any) -> StepCache | None:
+    """'off' / None / '' -> None; 'deepcache:3' or 'deepcache:3:1' -> a StepCache; any
+    other value is a one-line error."""
+    if value is None or isinstance(value, StepCache):
+        return value
+    if not isinstance(value, str):
+        raise DiffrtError(f"cache={value!r}: give a string like 'deepcache:3' (or 'off')")
+    text = value.strip().lower()
+    if text in ("", "off", "none"):
+        return None
+    kind, _, rest = text.partition(":")
+    if kind not in KINDS:
+        raise DiffrtError(f"cache={value!r}: unknown step cache {kind!r}; use 'deepcache:N' (N: a full UNet "
+                          "step every N steps, e.g. deepcache:3) or 'off'")
+    parts = rest.split(":") if rest else []
+    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
+        raise DiffrtError(f"cache={value!r}: use 'deepcache:N' or 'deepcache:N:BRANCH' with whole numbers "
+                          "(e.g. deepcache:3, deepcache:3:0)")
+    interval = int(parts[0])
+    if not 1 <= interval <= 1000:
+        raise DiffrtError(f"cache={value!r}: the interval must be 1 or more (1 runs the full UNet every step)")
+    return StepCache(kind, interval, int(parts[1]) if len(parts) == 2 else None)
+
+
+def exported_branch(stages: Mapping[str, Any], denoiser: str) -> int | None:
+    """The DeepCache branch an artifact's stages were exported for (None: no DeepCache graphs)."""
+    for spec in stages.values():
+        if spec.role == denoiser and spec.variant.endswith(FULL_VARIANT) and FACT in spec.facts:
+            return int(spec.facts[FACT]["branch"])
+    return None
+
+
+def check(manifest: Any, denoiser: str, value: Any) -> StepCache | None:
+    """`value` parsed and checked against the artifact: it must hold the graphs for it."""
+    cache = parse(value)
+    if cache is None:
+        return None
+    branch = exported_branch(manifest.stages, denoiser)
+    if branch is None:
+        kind = "a UNet" if denoiser == "unet" else f"a {denoiser}"
+        how = f"re-export it with `diffrt export SRC OUT {EXPORT_FLAG}`" if denoiser == "unet" else \
+            "DeepCache is for UNet models (SD 1.x/2.x, SDXL)"
+        raise DiffrtError(f"cache={str(cache)!r}: this artifact has no DeepCache graphs of {kind}; {how}")
+    if cache.branch is not None and cache.branch != branch:
+        raise DiffrtError(f"cache={str(cache)!r}: this artifact's DeepCache graphs cache branch {branch}; use "
+                          f"deepcache:{cache.interval} (or :{branch}), or re-export with "
+                          f"`{EXPORT_FLAG}:{cache.branch}`")
+    return StepCache(cache.kind, cache.interval, branch)
+
+
+def check_request(pipe: Any, request: Any, value: Any) -> StepCache | None:
+    """A request's `cache=` checked against the pipeline (Pipeline.request)."""
+    cache = check(pipe.manifest, pipe.family.DENOISER, value)
+    if cache is None:
+        return None
+    if not pipe.backend.reads_graphs:
+        raise DiffrtError(f"cache={str(cache)!r}: the {pipe.backend.name} backend runs the checkpoint's own UNet, "
+                          "not the artifact's DeepCache graphs; use backend='ort' or 'openvino'")
+    if request.loras or pipe._branches is not None:
+        raise DiffrtError(f"cache={str(cache)!r} with LoRAs is not supported yet: the DeepCache graphs hold the "
+                          "exported weights only; run LoRA requests with cache='off'")
+    if request.controlnet is not None:
+        raise DiffrtError(f"cache={str(cache)!r} with control_image is not supported yet; use cache='off'")
+    return cache
+
+
+def attach(pipe: Any, cache: StepCache, plan: Any) -> Any:
+    """`plan` with the cache's hook innermost (it answers in place of the UNet)."""
+    full, shallow = _contexts(pipe)
+    hook = DeepCacheHook(full, shallow, cache.interval)
+    return dataclasses.replace(plan, denoiser_hooks=(*plan.denoiser_hooks, hook))
+
+
+def _contexts(pipe: Any) -> tuple[Any, Any]:
+    """The full and shallow graphs' contexts. Their models are opened by the first
+    cached request (uncached pipelines never load them) in the plain UNet's precision
+    and attention form (the portable graph where a shallow path has no attention),
+    verified as `load` verified the rest, and shared with every worker() view."""
+    denoiser = pipe.family.DENOISER
+    plain = pipe._models[denoiser].spec
+    prefix = FUSED_PREFIX if plain.variant == FUSED_VARIANT else ""
+    found = []
+    with _OPEN_LOCK:
+        for variant in VARIANTS:
+            key = f"{denoiser}:{variant}"
+            if key not in pipe._models:
+                spec = _select(pipe.manifest, denoiser, prefix, variant, plain.precision)
+                mode, stamps_path = pipe._verify_encoder
+                verify_files(pipe.folder, pipe.manifest, mode, stages=[spec.name], stamps_path=stamps_path)
+                t0 = time.perf_counter()
+                pipe._models[key] = pipe.backend.open(pipe.folder, spec, profile=None)
+                logger.info("loaded %s in %.2fs (step cache)", spec.describe(), time.perf_counter() - t0)
+            if key not in pipe._contexts:
+                pipe._contexts[key] = pipe._models[key].context()
+            found.append(pipe._contexts[key])
+    return found[0], found[1]
+
+
+def _select(manifest: Any, denoiser: str, prefix: str, variant: str, precision: str) -> Any:
+    try:
+        return manifest.select(denoiser, prefix + variant, [precision])
+    except ArtifactError:
+        if not prefix:
+            raise
+        return manifest.select(denoiser, variant, [precision])
+
+
+class DeepCacheHook:
+    """A DenoisePlan denoiser hook (one per generation: it holds the cached feature):
+    step i runs the full UNet graph when i % interval == 0 and keeps its feature,
+    otherwise the shallow graph on the kept feature. It answers in place of the plain
+    UNet (`call_next` is not called). Both CFG halves run in the same call, as always."""
+
+    def __init__(self, full: Any, shallow: Any, interval: int):
+        self.full, self.shallow, self.interval = full, shallow, interval
+        self.feature: Any = None
+        self.full_steps = 0
+        self.shallow_steps = 0
+
+    def __call__(self, i: int, feeds: Mapping[str, Any], call_next: Any) -> Mapping[str, Any]:
+        foreign = sorted(set(feeds) - {t.name for t in self.full.spec.inputs})
+        if foreign:  # another hook's input (a ControlNet's residuals): never dropped silently
+            raise DiffrtError(f"the step cache's UNet graphs do not take {', '.join(foreign)} (fed by another "
+                              "per-step feature, e.g. a ControlNet); run that request with cache='off'")
+        if self.feature is None or i % self.interval == 0:
+            outputs = self.full.run(feeds)
+            self.feature = outputs[FEATURE]
+            self.full_steps += 1
+            return outputs
+        self.shallow_steps += 1
+        # the shallow graph takes only what its path reads (branch 0 of a UNet whose last
+        # up block has no attention reads no text embeddings)
+        wanted = {t.name for t in self.shallow.spec.inputs}
+        return self.shallow.run({**{k: v for k, v in feeds.items() if k in wanted}, FEATURE: self.feature})
+
+
+__all__ = ["DEEPCACHE", "FEATURE", "FULL_VARIANT", "SHALLOW_VARIANT", "DeepCacheHook", "StepCache", "attach",
+           "check", "check_request", "exported_branch", "parse"]
