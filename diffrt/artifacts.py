@@ -38,7 +38,7 @@ MANIFEST_VERSION = 2
 FORMAT_NAME = "diffrt"
 
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # int8: `diffrt quantize` (diffrt.export.quantize)
 
 
 @dataclass(frozen=True)

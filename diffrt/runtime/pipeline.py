@@ -69,6 +69,7 @@ from diffrt.runtime.request import (
 from diffrt.runtime.tokenizers import load_tokenizer
 
 logger = logging.getLogger(__name__)
+INT8 = "int8"  # the precision of the stages `diffrt quantize` adds (chosen only when asked for)
 
 # The cache folder inside an artifact: built engines (engines/<backend>/<key>/) and
 # the record of verified files. Not part of the manifest: deleting it loses nothing.
@@ -176,7 +177,8 @@ class Pipeline:
         guidance_scale (default: the checkpoint's), so that backends compiling static
         shapes (OpenVINO) do it now, not in the first request; other shapes still work.
         `graph_precision`: which of the artifact's graphs to run, "fp32", "fp16" or
-        "bf16" (default: the backend's preference among those exported).
+        "bf16" (default: the backend's preference among those exported), or "int8":
+        the int8 stages `diffrt quantize` added, the other stages as by default.
         `attention`: "fused" or "portable" graphs where the artifact has both (default:
         the backend's preference: ORT fused, OpenVINO portable).
         `workers`: how many generations will run at once (this pipeline and its
@@ -733,6 +735,8 @@ def select_stages(manifest: Manifest, family, backend, graph_precision: str | No
         if graph_precision not in backend.graph_precisions:
             raise DiffrtError(f"backend {backend.name!r} cannot run {graph_precision} graphs; it runs: "
                               f"{', '.join(backend.graph_precisions)}")
+    if graph_precision == INT8:
+        return _with_int8(manifest, select_stages(manifest, family, backend, None, attention))
     precisions = [graph_precision] if graph_precision else list(backend.graph_precisions)
     precisions = [p for p in precisions if p in manifest.precisions] or precisions
     fused = attention == "fused" or (attention is None and backend.fused_attention)
@@ -749,6 +753,17 @@ def select_stages(manifest: Manifest, family, backend, graph_precision: str | No
         if spec.variant not in (DEFAULT_VARIANT, FUSED_VARIANT) and spec.precision == specs[family.VAE_DECODER].precision:
             specs[_decoder_key(family, spec.variant)] = spec
     return specs
+
+
+def _with_int8(manifest: Manifest, specs: dict[str, StageSpec]) -> dict[str, StageSpec]:
+    """`specs` with each role's int8 stage (`diffrt quantize`) where the artifact has one,
+    in the chosen attention form or else the portable one; the other roles as chosen."""
+    int8 = {(s.role, s.variant): s for s in manifest.stages.values() if s.precision == INT8}
+    if not int8:
+        raise ArtifactError("this artifact has no int8 stages; add them with `diffrt quantize OUT` (the int8 extra "
+                            "for --method weights|hybrid), or choose another graph precision")
+    return {key: int8.get((spec.role, spec.variant), int8.get((spec.role, DEFAULT_VARIANT), spec))
+            for key, spec in specs.items()}
 
 
 def _profiles(manifest: Manifest, family, prepare: Mapping[str, Any]) -> dict[str, dict[str, int]]:

@@ -321,10 +321,12 @@ class OpenVinoBackend:
     """`graph_precisions`: OpenVINO reads every graph precision and computes in its own
     inference precision (bf16/fp32 above), so the fp32 graph, the exact source, comes
     first. It takes the portable attention graph: its CPU plugin fuses
-    MatMul-Softmax-MatMul itself (attention_ops() counts the fused nodes)."""
+    MatMul-Softmax-MatMul itself (attention_ops() counts the fused nodes). int8 graphs
+    (`diffrt quantize`, ONNX with QDQ pairs) run on request: the plugin turns the pairs
+    into int8 kernels and computes the rest in its inference precision."""
 
     name = "openvino"
-    graph_precisions = ("fp32", "fp16", "bf16")
+    graph_precisions = ("fp32", "fp16", "bf16", "int8")
     fused_attention = False
     fuses_attention_itself = True  # its CPU plugin's SDPA fusion (attention_ops() counts it)
     reads_graphs = True

@@ -359,7 +359,8 @@ class OrtBackend:
         if cuda_graphs and "CUDAExecutionProvider" not in self.providers[:1]:
             raise DiffrtError("cuda_graphs=True needs the CUDA provider first (device='cuda')")
         self.cuda_graphs = bool(cuda_graphs)
-        self.graph_precisions = ("fp16", "fp32") if on_gpu else ("fp32", "fp16")
+        # int8 (`diffrt quantize`: QDQ / integer-op graphs) only when asked for, never the default
+        self.graph_precisions = ("fp16", "fp32", "int8") if on_gpu else ("fp32", "fp16", "int8")
 
     def to_device(self, array: Any) -> Any:
         if self.device == "cpu":
