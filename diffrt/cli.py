@@ -810,6 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", default=None, metavar="PATH",
                    help="a file of API keys, one per line (# comments)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation")
+    p.add_argument("--safety", default=None, choices=("flag", "blur", "block", "off"),
+                   help="with an artifact exported with --safety-checker: flag images in the answer (the default), "
+                        "also blur or black them out (blur, block), or skip the check (off)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve (ray[serve]), one replica per device")
     p.add_argument("--replicas", type=int, default=None, help="with --ray: a fixed number of replicas")
     p.add_argument("--min-replicas", type=int, default=None, help="with --ray: autoscaling lower bound")

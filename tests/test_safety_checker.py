@@ -219,6 +219,37 @@ def test_server_returns_the_flag_and_counts_it(scene):
     assert flagged and float(flagged[0].split()[-1]) >= 1.0
 
 
+def test_serve_safety_option_sets_the_policy_of_every_request(scene, monkeypatch):
+    """`diffrt serve --safety block` reaches the loaded pipeline: the server's flagged
+    image comes back black (diffusers' blocked image), the other untouched."""
+    from serve_util import LiveServer, decode_npy
+
+    from diffrt.cli import main
+    from diffrt.serve import server as server_module
+
+    class Loaded(BaseException):  # the CLI's path up to the load; the server itself is not started
+        pass
+
+    loaded, load = {}, server_module.load_pipeline
+
+    def load_and_stop(folder, **kwargs):
+        loaded["pipe"] = load(folder, **kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(server_module, "load_pipeline", load_and_stop)
+    monkeypatch.setattr(server_module, "check_port_free", lambda host, port: None)
+    with pytest.raises(Loaded):
+        main(["serve", str(scene["artifact"]), "--safety", "block", "--no-warmup"])
+    blocked, flags, _ = scene["reference"]
+    with loaded["pipe"] as pipe, LiveServer(pipe) as server:
+        status, _, body = server.post("/v1/generate", {"prompt": PROMPT, "num_inference_steps": STEPS, "seed": SEED,
+                                                       "n": COUNT, "size": "64x64", "output_format": "npy"})
+    assert status == 200, body
+    assert [image["nsfw_content_detected"] for image in body["images"]] == flags
+    images = np.stack([decode_npy(image["b64"]) for image in body["images"]])
+    np.testing.assert_allclose(images, blocked, atol=1e-6)
+
+
 def test_cli_generate_prints_a_line_per_flagged_image(scene, tmp_path):
     from PIL import Image
 

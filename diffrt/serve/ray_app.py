@@ -47,18 +47,20 @@ def autoscaling_config(min_replicas: int | None = None, max_replicas: int | None
 
 def build_app(folder: str, config: ServeConfig, backend: str = "ort", verify: bool | str = True,
               backend_options: dict[str, Any] | None = None, num_replicas: int | None = None,
-              autoscaling: dict | None = None, ray_actor_options: dict | None = None):
-    """A bound Ray Serve application serving `folder` (pass it to `serve.run`)."""
+              autoscaling: dict | None = None, ray_actor_options: dict | None = None, safety: str | None = None):
+    """A bound Ray Serve application serving `folder` (pass it to `serve.run`); `safety`:
+    the safety-checker policy (None: the artifact's default)."""
     from ray import serve
 
     @serve.ingress()
     class DiffrtReplica:
-        def __init__(self, folder: str, config: ServeConfig, backend: str, verify: Any, backend_options: dict):
+        def __init__(self, folder: str, config: ServeConfig, backend: str, verify: Any, backend_options: dict,
+                     safety: str | None):
             from diffrt.serve.app import create_app, warmup_call
             from diffrt.serve.server import load_pipeline
 
             pipe = load_pipeline(folder, backend=backend, verify=verify, backend_options=backend_options,
-                                 workers=config.workers)
+                                 workers=config.workers, safety=safety)
             if config.warmup:
                 t0 = time.perf_counter()
                 pipe.generate([pipe.request(**warmup_call(pipe.manifest))])  # an inpainting UNet needs image and mask
@@ -82,7 +84,7 @@ def build_app(folder: str, config: ServeConfig, backend: str = "ort", verify: bo
     else:
         options["num_replicas"] = num_replicas or 1
     deployment = serve.deployment(**options)(DiffrtReplica)
-    return deployment.bind(str(folder), config, backend, verify, backend_options or {})
+    return deployment.bind(str(folder), config, backend, verify, backend_options or {}, safety)
 
 
 def start(folder: str, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,

@@ -21,10 +21,12 @@ logger = logging.getLogger(__name__)
 
 def load_pipeline(folder: str | Path, backend: str = "ort", verify: bool | str = True,
                   backend_options: dict[str, Any] | None = None, workers: int = 1,
-                  loras: dict[str, Path] | None = None):
+                  loras: dict[str, Path] | None = None, safety: str | None = None):
+    """The pipeline a server runs; `safety`: the safety-checker policy every request gets
+    (None: "flag" where the artifact has a checker)."""
     from diffrt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, backend=backend, verify=verify, workers=workers, loras=loras,
+    pipe = Pipeline.load(folder, backend=backend, verify=verify, workers=workers, loras=loras, safety=safety,
                          **(backend_options or {}))
     if pipe.family.takes_image(pipe.manifest.model):
         pipe.close()
@@ -218,11 +220,11 @@ def serve_from_args(args: Any, backend_options: dict[str, Any]) -> None:
               f"replica(s) of {config.model_name}); Ctrl-C stops", file=sys.stderr)
         ray_app.start(str(folder), config, host=args.host, port=args.port, address=args.ray_address, blocking=True,
                       backend=args.backend, verify=verify, backend_options=backend_options,
-                      num_replicas=args.replicas, autoscaling=autoscaling)
+                      num_replicas=args.replicas, autoscaling=autoscaling, safety=getattr(args, "safety", None))
         return
     check_port_free(args.host, args.port)  # before the minutes a real-size load takes
     pipe = load_pipeline(folder, backend=args.backend, verify=verify, backend_options=backend_options,
-                         workers=args.workers, loras=loras)
+                         workers=args.workers, loras=loras, safety=getattr(args, "safety", None))
     check_port_free(args.host, args.port)  # and again: taken while loading
     workers = f" ({args.workers} workers)" if args.workers > 1 else ""
     print(f"diffrt serve: {config.model_name}{workers} on http://{args.host}:{args.port}/ (playground at /, "
