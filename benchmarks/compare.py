@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import prepare, report, schedule  # noqa: E402
-from harness.specs import (DEFAULT_WORKLOADS, KINDS, MODELS, PROMPT, QUICK_WORKLOADS, RUNNERS, SEED,  # noqa: E402
-                           WORKLOADS, tiny_workload)
+from harness.specs import (ARTIFACT_VARIANTS, DEFAULT_WORKLOADS, KINDS, MODELS, PROMPT, QUICK_WORKLOADS,  # noqa: E402
+                           RUNNERS, SEED, WORKLOADS, tiny_workload)
 from harness.workers import NOT_INSTALLED, mem_available_gib, runner_python, runner_script  # noqa: E402
 
 from diffrt.runtime.cpu import cpu_info, installed_versions  # noqa: E402
@@ -45,7 +45,9 @@ DEFAULT_WORKDIR = Path("/tmp/diffrt-compare")
 DEFAULT_RESULTS = HERE / "results"
 DEFAULT_VENVS = Path(os.environ.get("DIFFRT_BENCH_VENVS", Path.home() / ".cache" / "diffrt-bench" / "venvs"))
 PACKAGES = ("diffrt", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers", "matplotlib")
-REFERENCE_ORDER = ("diffusers-fp32", "diffrt-ort")  # image agreement is measured against the first present
+REFERENCE_ORDER = ("diffusers-fp32", "diffrt-ort")  # image error is measured against the first present (fp32)
+# Every runner draws LCM's step noise as diffrt does (peers/diffusers_api.py), so W1's images compare too.
+SAME_NOISE = "LCM step noise: row i from np.random.default_rng(seed + i), for every runner"
 NO_BF16 = "not available: CPU has no bf16 instructions"
 
 
@@ -185,6 +187,29 @@ def prepare_peers(states: list[schedule.RunnerState], models: prepare.Models, ar
     return dirs
 
 
+def prepare_variants(states: list[schedule.RunnerState], models: prepare.Models, args) -> dict[str, Path]:
+    """diffrt's artifact variants the selected runners need (int8, DeepCache), each made
+    once; one diffrt cannot make yet marks its runners "not available: <why>"."""
+    dirs: dict[str, Path] = {}
+    done: dict[str, Path | str] = {}
+    for state in states:
+        variant = state.spec.artifact
+        if variant is None or state.result["status"] != "ok":
+            continue
+        if variant not in done:
+            log(f"diffrt artifact variant {variant}: {' '.join(ARTIFACT_VARIANTS[variant].command)} (made once)")
+            try:
+                done[variant] = prepare.prepare_variant(models, ARTIFACT_VARIANTS[variant],
+                                                        args.workdir / "logs" / f"prepare-artifact-{variant}.log",
+                                                        args.run_timeout * 2)
+                dirs[f"artifact:{variant}"] = done[variant]
+            except prepare.VariantUnavailable as exc:
+                done[variant] = f"not available: {exc}"
+        if isinstance(done[variant], str):
+            state.result["status"] = done[variant]
+    return dirs
+
+
 def measure_gemm(tiny: bool) -> dict[str, Any]:
     cmd = [sys.executable, str(HERE / "harness" / "machine.py")] + (["--n", "512", "--repeats", "2"] if tiny else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
@@ -248,7 +273,8 @@ def summarize(result: dict[str, Any], workloads: dict[str, Any]) -> None:
         r["summary"] = {key: report.summarize_cell(cell, workloads[cell["workload"]], result["flops"], result["gemm"],
                                                    result["settings"]["runs"], decoder=r.get("decoder", "full"))
                         for key, cell in r["cells"].items()}
-    result["image_agreement"] = report.image_agreement(result["runners"], REFERENCE_ORDER)
+    result["image_agreement"] = report.image_agreement(result["runners"], REFERENCE_ORDER,
+                                                       same_noise=bool(result["settings"].get("same_noise")))
 
 
 def report_again(path: Path, folder: Path) -> int:
@@ -275,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
     models = prepare.prepare_models(args.workdir, args.tiny, log, model=args.model)
     model_dirs = {"artifact": models.artifact, "checkpoint": models.checkpoint,
-                  **prepare_peers(states, models, args)}
+                  **prepare_peers(states, models, args), **prepare_variants(states, models, args)}
     latents = {}
     for cell in cells:
         w = cell.workload
@@ -336,7 +362,8 @@ def build_result(args, date: str, cells: list[schedule.Cell], states: list[sched
         "flops": flops_data,
         "model": {"name": args.model, "description": MODELS[args.model][1 if args.tiny else 0],
                   "checkpoint": str(models.checkpoint), "artifact": str(models.artifact)},
-        "settings": {"prompt": PROMPT, "seed": SEED, "runs": args.runs, "budget_minutes": args.budget_min,
+        "settings": {"prompt": PROMPT, "seed": SEED, "same_noise": SAME_NOISE, "runs": args.runs,
+                     "budget_minutes": args.budget_min,
                      "cell_budget_seconds": args.cell_budget, "worker_gib": args.worker_gib,
                      "growth_gib": plan.growth_gib,
                      "venv_root": str(args.venv_root), "workdir": str(args.workdir)},

@@ -14,8 +14,10 @@
   randomly initialised text encoder, with only a warning). SDXL's text_encoder_2, a
   CLIPTextModelWithProjection, is saved with the prefix already, and its
   "text_projection.weight" sits beside "text_model.*", so it keeps its name;
-- each peer's own conversion (optimum's ONNX / OpenVINO export), made by its runner
-  script's --prepare under the peer's venv;
+- each peer's own conversion (optimum's ONNX / OpenVINO export, optimum-intel's hybrid
+  int8 one), made by its runner script's --prepare under the peer's venv;
+- diffrt's artifact variants (specs.ARTIFACT_VARIANTS: int8 after `diffrt quantize`,
+  the DeepCache export), WORKDIR/MODEL/artifact-int8 and artifact-deepcache;
 - the initial latents, one .npy per (size, batch), the same for every runner.
 
 Every step runs in a subprocess, so the harness process itself never imports torch.
@@ -30,7 +32,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # this file also runs as a script (the tiny build), without the harness package
+    from harness.specs import ArtifactVariant
 
 BENCHMARKS = Path(__file__).resolve().parent.parent
 COMPLETE = ".complete"
@@ -188,6 +193,62 @@ def prepare_peer(python: Path, script: Path, peer_checkpoint: Path, out: Path, l
               "peer_checkpoint_version": PEER_CHECKPOINT_VERSION}
     (out / COMPLETE).write_text(json.dumps(record))
     return {"reused": False, **record}
+
+
+class VariantUnavailable(Exception):
+    """diffrt cannot make this artifact variant (a command or flag it lacks yet): one line."""
+
+
+LINK_BYTES = 16 * 2**20  # files at least this big are hard-linked into a copied export, not copied
+
+
+def prepare_variant(models: Models, variant: ArtifactVariant, log_path: Path, timeout: float) -> Path:
+    """The artifact a variant runner loads, made once beside the plain export (reused
+    while its COMPLETE marker is there): `diffrt ARGS` on the checkpoint, or on a copy of
+    the export (small files copied, weights hard-linked: a tool that writes new files
+    leaves the plain export as it was). Raises VariantUnavailable with the CLI's own last
+    line when diffrt cannot make it."""
+    out = models.folder / variant.folder
+    if (out / COMPLETE).is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    if variant.copy_export:
+        shutil.copytree(models.artifact, out, symlinks=True, copy_function=_copy_or_link)
+    places = {"CHECKPOINT": str(models.checkpoint), "OUT": str(out)}
+    cmd = [sys.executable, "-m", "diffrt.cli", *(places.get(a, a) for a in variant.command)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.PIPE, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise VariantUnavailable(f"diffrt {variant.command[0]}: no result within {timeout:.0f}s") from None
+        log.write(proc.stderr)
+    if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise VariantUnavailable(f"diffrt {variant.command[0]} (for {variant.folder}): {last_line(proc.stderr)}")
+    (out / COMPLETE).write_text(json.dumps({"command": cmd}))
+    return out
+
+
+def last_line(stderr: bytes) -> str:
+    """The CLI's one-line error: its last non-empty stderr line, without argparse's prefix."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    text = lines[-1] if lines else "no message"
+    for prefix in ("diffrt: error: ", "error: "):
+        text = text.removeprefix(prefix)
+    return text[:300]
+
+
+def _copy_or_link(src: str, dst: str) -> None:
+    if Path(src).stat().st_size >= LINK_BYTES:
+        try:
+            Path(dst).hardlink_to(src)
+            return
+        except OSError:  # another file system: copy
+            pass
+    shutil.copy2(src, dst)
 
 
 def write_latents(folder: Path, channels: int, height: int, width: int, batch: int, seed: int) -> Path:

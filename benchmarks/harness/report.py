@@ -3,6 +3,7 @@ included), a markdown table, and a PNG chart (when matplotlib is installed)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -70,17 +71,40 @@ def summarize_cell(cell: dict[str, Any], workload: Workload, flops: dict[str, An
     }
 
 
-def image_agreement(runners: dict[str, dict[str, Any]], reference_order: tuple[str, ...]) -> dict[str, Any]:
-    """Max abs difference of each runner's first image against a reference runner's, for
-    deterministic workloads (same weights, same latents, no injected noise: the images
-    must agree). LCM draws fresh noise each step from each runner's own RNG, so W1's
-    images differ by design and are not compared."""
+def image_error(image: Any, reference: Any) -> dict[str, Any]:
+    """How far `image` is from `reference` (arrays on the [0, 1] scale, same shape): max
+    abs difference and PSNR in dB (10 log10(1 / MSE), peak 1; "identical" when the MSE
+    is 0), or {"shape": "..."} when the shapes differ."""
+    import numpy as np
+
+    image, reference = np.asarray(image, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if image.shape != reference.shape:
+        return {"shape": f"shape {image.shape} vs {reference.shape}"}
+    mse = float(np.mean((image - reference) ** 2))
+    psnr: float | str = "identical" if mse == 0.0 else round(10.0 * math.log10(1.0 / mse), 2)
+    return {"max_abs_diff": float(np.abs(image - reference).max()), "psnr_db": psnr}
+
+
+def comparable(workload: str, same_noise: bool) -> bool:
+    """Whether the runners' images of a workload can be compared: a scheduler that injects
+    no noise always; LCM's (which draws fresh noise at each step) only when every runner
+    drew diffrt's per-image noise (`same_noise`: runs from before that drew from each
+    runner's own RNG, so their W1 images differ by design)."""
+    return workload in WORKLOADS and (WORKLOADS[workload].deterministic or same_noise)
+
+
+def image_agreement(runners: dict[str, dict[str, Any]], reference_order: tuple[str, ...],
+                    same_noise: bool = False) -> dict[str, Any]:
+    """Each runner's first image against the reference runner's (the first of
+    `reference_order` present: the fp32 diffusers/torch runner, else diffrt-ort fp32) on
+    the same prompt, latents and noise: max abs difference and PSNR per runner, so every
+    speed has its cost beside it. Runners with another decoder (TAESD) are left out: a
+    different image by design."""
     import numpy as np
 
     out: dict[str, Any] = {}
     for cell_key in sorted({k for r in runners.values() for k in r.get("cells", {})}):
-        workload = cell_key.split("/")[0]
-        if workload not in WORKLOADS or not WORKLOADS[workload].deterministic:
+        if not comparable(cell_key.split("/")[0], same_noise):
             continue
         images = {name: r["cells"][cell_key].get("image") for name, r in runners.items()
                   if r.get("cells", {}).get(cell_key, {}).get("runs") and r.get("decoder", "full") == "full"}
@@ -89,11 +113,12 @@ def image_agreement(runners: dict[str, dict[str, Any]], reference_order: tuple[s
         if reference is None:
             continue
         ref = np.load(images[reference])
-        diffs = {}
+        diffs, psnr = {}, {}
         for name, path in images.items():
-            img = np.load(path)
-            diffs[name] = float(np.abs(img - ref).max()) if img.shape == ref.shape else f"shape {img.shape} vs {ref.shape}"
-        out[cell_key] = {"reference": reference, "max_abs_diff": diffs}
+            error = image_error(np.load(path), ref)
+            diffs[name] = error.get("max_abs_diff", error.get("shape"))
+            psnr[name] = error.get("psnr_db", error.get("shape"))
+        out[cell_key] = {"reference": reference, "max_abs_diff": diffs, "psnr_db": psnr}
     return out
 
 
@@ -158,12 +183,13 @@ def markdown(report: dict[str, Any]) -> str:
     for workload in report["workloads"]:
         w = WORKLOADS.get(workload["name"])
         lines += ["", f"## {workload_title(workload)}", "",
-                  "| runner | batch | runs | e2e median s | images/s | text enc s | denoiser s/call | VAE s | "
-                  "denoiser GFLOP/s (% of peak) | VAE GFLOP/s (% of peak) | others' CPU max | image max diff |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| runner | batch | runs | e2e median s | images/s | image PSNR dB | image max abs | text enc s | "
+                  "denoiser s/call | VAE s | denoiser GFLOP/s (% of peak) | VAE GFLOP/s (% of peak) | "
+                  "others' CPU max |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, r in report["runners"].items():
             if r["status"] != "ok":
-                lines.append(f"| {name} | | | {r['status']} | | | | | | | | |")
+                lines.append(f"| {name} | | | {r['status']} | | | | | | | | | |")
                 continue
             for batch in workload["batches"]:
                 key = f"{workload['name']}/b{batch}"
@@ -171,28 +197,33 @@ def markdown(report: dict[str, Any]) -> str:
                 if s is None:
                     if r.get("died"):
                         lines.append(f"| {name} | {batch} | 0 | not run: the worker died at {r['died']} "
-                                     "| | | | | | | | |")
+                                     "| | | | | | | | | |")
                     continue
-                diff = report["image_agreement"].get(key, {}).get("max_abs_diff", {}).get(name)
+                agreement = report["image_agreement"].get(key, {})
+                diff = agreement.get("max_abs_diff", {}).get(name)
+                psnr = "reference" if agreement.get("reference") == name else agreement.get("psnr_db", {}).get(name)
                 runs = f"{s['runs_done']}/{s['runs_planned']}"
                 if s["errors"]:
-                    lines.append(f"| {name} | {batch} | {runs} | {'; '.join(s['errors'])} | | | | | | | | |")
+                    lines.append(f"| {name} | {batch} | {runs} | {'; '.join(s['errors'])} | | | | | | | | | |")
                     continue
                 denoiser = _flops_cell(s["denoiser_gflops_per_second"], s["denoiser_pct_of_fp32_gemm"],
                                        s["denoiser_pct_of_bf16_gemm"])
                 vae = _flops_cell(s["vae_gflops_per_second"], s["vae_pct_of_fp32_gemm"], s["vae_pct_of_bf16_gemm"])
                 if r.get("decoder", "full") != "full":  # another decoder: not the counted FLOPs, not the same image
-                    vae = diff = f"n/a: {r['decoder']} decoder"
+                    vae = diff = psnr = f"n/a: {r['decoder']} decoder"
                 others = None if s["others_cpu_share_max"] is None else 100 * s["others_cpu_share_max"]
                 lines.append(
                     f"| {name} | {batch} | {runs} | {_fmt(s['e2e_median_seconds'])} | {_fmt(s['images_per_second'], 3)} | "
+                    f"{_fmt(psnr, 1)} | {_fmt(diff, 6) if isinstance(diff, float) else _fmt(diff)} | "
                     f"{_fmt(s['text_encoder_median_seconds'], 3)} | {_fmt(s['denoiser_step_median_seconds'], 3)} | "
-                    f"{_fmt(s['vae_decoder_median_seconds'])} | {denoiser} | {vae} | {_fmt(others, 0)}% | "
-                    f"{_fmt(diff, 6) if isinstance(diff, float) else _fmt(diff)} |")
-        if w is not None and w.deterministic:
+                    f"{_fmt(s['vae_decoder_median_seconds'])} | {denoiser} | {vae} | {_fmt(others, 0)}% |")
+        same_noise = bool(report["settings"].get("same_noise"))
+        if w is not None and (w.deterministic or same_noise):
             agreement = {k: v for k, v in report["image_agreement"].items() if k.startswith(workload["name"] + "/")}
             refs = sorted({v["reference"] for v in agreement.values()})
-            lines.append(f"\nImage max diff: against {', '.join(refs) or '–'}'s image, [0, 1] scale.")
+            noise = "" if w.deterministic else " LCM's step noise: diffrt's per-image draws for every runner."
+            lines.append(f"\nImage error: each runner's image against {', '.join(refs) or '–'}'s (the fp32 "
+                         f"reference) on the same prompt and latents, [0, 1] scale; PSNR = 10 log10(1/MSE).{noise}")
         elif w is not None:
             lines.append("\nImages are not compared: LCM draws fresh noise at each step from each runner's own RNG.")
     lines += ["", "## Cold start and memory", "",

@@ -59,7 +59,7 @@ class Plan:
     workdir: Path
     venv_root: Path
     model_dirs: dict[str, Path]
-    """"artifact" / "checkpoint" / a peer kind -> the folder its runners load."""
+    """"artifact" / "checkpoint" / a peer kind / "artifact:VARIANT" -> the folder its runners load."""
     latents: dict[tuple[int, int, int], Path]
     """(height, width, batch) -> .npy of initial latents."""
     vae_scale_factor: int
@@ -86,6 +86,8 @@ class RunnerState:
 
 def model_dir(plan: Plan, spec: RunnerSpec) -> Path:
     model = KINDS[spec.kind].model
+    if spec.artifact is not None:  # a diffrt artifact variant (int8, DeepCache)
+        return plan.model_dirs[f"artifact:{spec.artifact}"]
     return plan.model_dirs[spec.kind if model == "peer" else model]
 
 

@@ -114,8 +114,36 @@ class Kind:
 KINDS = {
     "diffrt": Kind("run_diffrt.py", None, "artifact"),
     "diffusers": Kind("run_diffusers.py", None, "checkpoint"),
+    # diffusers with the DeepCache package, in its own venv (the main venv's diffusers and
+    # transformers pins plus DeepCache; `bash benchmarks/peers/setup.sh ROOT diffusers-deepcache`)
+    "diffusers-deepcache": Kind("run_diffusers.py", "diffusers-deepcache", "checkpoint"),
     "optimum-onnx": Kind("run_optimum_onnx.py", "optimum-onnx", "peer"),
     "optimum-intel": Kind("run_optimum_intel.py", "optimum-intel", "peer"),
+    # optimum-intel's own hybrid int8 quantization of its export (its own peer model folder)
+    "optimum-intel-int8": Kind("run_optimum_intel_int8.py", "optimum-intel", "peer"),
+}
+
+
+@dataclass(frozen=True)
+class ArtifactVariant:
+    """A diffrt artifact other than the plain export, made once beside it
+    (harness/prepare.py prepare_variant): `diffrt ARGS` run on the checkpoint ("export")
+    or on a copy of the export ("quantize")."""
+
+    folder: str
+    command: tuple[str, ...]
+    """diffrt's CLI arguments; CHECKPOINT and OUT are replaced by the folders."""
+    copy_export: bool
+    """OUT starts as a copy of the plain export (big weight files hard-linked)."""
+
+
+ARTIFACT_VARIANTS = {
+    # int8 denoiser (and text encoders) added to a copy of the export by `diffrt quantize`
+    "int8": ArtifactVariant("artifact-int8", ("quantize", "OUT"), copy_export=True),
+    # the deep/shallow UNet graphs DeepCache needs, from `diffrt export --step-cache deepcache`
+    "deepcache": ArtifactVariant("artifact-deepcache",
+                                 ("export", "CHECKPOINT", "OUT", "--step-cache", "deepcache", "--overwrite"),
+                                 copy_export=False),
 }
 
 
@@ -145,9 +173,16 @@ class RunnerSpec:
     1024x1024 VAE decode; benchmarks/results/real_size_sdxl.json); the other runners'
     16 is an estimate (weights + activations)."""
 
+    artifact: str | None = None
+    """A diffrt runner's artifact: None, the plain export; else a key of ARTIFACT_VARIANTS
+    (made once; when diffrt cannot make it, the runner is "not available: <why>")."""
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"runner {self.name!r}: kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.artifact is not None and (self.kind != "diffrt" or self.artifact not in ARTIFACT_VARIANTS):
+            raise ValueError(f"runner {self.name!r}: artifact {self.artifact!r} needs kind diffrt and one of "
+                             f"{', '.join(ARTIFACT_VARIANTS)}")
 
     def memory_gib_for(self, model: str) -> float:
         return self.sdxl_memory_gib if model in LARGE_MODELS else self.memory_gib
@@ -165,12 +200,13 @@ class RunnerSpec:
 
 def diffrt(name: str, description: str, load: dict[str, Any], call: dict[str, Any] | None = None,
            cache_option: str | None = None, memory_gib: float = 6.0, sdxl_memory_gib: float = 16.0,
-           warmup_new_shapes: bool = False, decoder: str = "full") -> RunnerSpec:
+           warmup_new_shapes: bool = False, decoder: str = "full", artifact: str | None = None) -> RunnerSpec:
     """A diffrt configuration. `warmup_new_shapes`: the backend compiles per shape, so
-    each new shape gets one untimed 1-step call first (reported as setup time)."""
+    each new shape gets one untimed 1-step call first (reported as setup time).
+    `artifact`: a key of ARTIFACT_VARIANTS, for a mode the plain export lacks."""
     options = {"load": load, "call": call or {}, "warmup_new_shapes": warmup_new_shapes}
     return RunnerSpec(name, "diffrt", options, description, cache_option=cache_option, memory_gib=memory_gib,
-                      sdxl_memory_gib=sdxl_memory_gib, decoder=decoder)
+                      sdxl_memory_gib=sdxl_memory_gib, decoder=decoder, artifact=artifact)
 
 
 RUNNERS = {r.name: r for r in (
@@ -186,9 +222,26 @@ RUNNERS = {r.name: r for r in (
     diffrt("diffrt-openvino-tiny-vae", "diffrt, OpenVINO, tiny VAE decoder", {"backend": "openvino"},
            {"vae": "tiny"}, cache_option="load.cache_dir", memory_gib=11.0, sdxl_memory_gib=21.0,
            warmup_new_shapes=True, decoder="tiny"),
+    # Less work per image, its error in the report's image columns: int8 denoiser
+    # (`diffrt quantize`, then Pipeline.load(precision="int8")) and DeepCache (the deep
+    # branch's output reused on 2 of every 3 steps; cache= on the request).
+    diffrt("diffrt-int8-ort", "diffrt, onnxruntime CPU, int8 denoiser (diffrt quantize)",
+           {"backend": "ort", "precision": "int8"}, cache_option="load.cache_dir", artifact="int8"),
+    diffrt("diffrt-int8-openvino", "diffrt, OpenVINO, int8 denoiser (diffrt quantize)",
+           {"backend": "openvino", "precision": "int8"}, cache_option="load.cache_dir", memory_gib=11.0,
+           sdxl_memory_gib=21.0, warmup_new_shapes=True, artifact="int8"),
+    diffrt("diffrt-deepcache", "diffrt, onnxruntime CPU, fp32, DeepCache interval 3 (cache=\"deepcache:3\")",
+           {"backend": "ort"}, {"cache": "deepcache:3"}, cache_option="load.cache_dir", artifact="deepcache"),
+    diffrt("diffrt-deepcache-openvino", "diffrt, OpenVINO, default precision, DeepCache interval 3",
+           {"backend": "openvino"}, {"cache": "deepcache:3"}, cache_option="load.cache_dir", memory_gib=11.0,
+           sdxl_memory_gib=21.0, warmup_new_shapes=True, artifact="deepcache"),
     # What users would pick instead.
     RunnerSpec("diffusers-fp32", "diffusers", {"dtype": "fp32"}, "diffusers + torch CPU, fp32"),
     RunnerSpec("diffusers-bf16", "diffusers", {"dtype": "bf16"}, "diffusers + torch CPU, bf16", requires_bf16=True),
+    # The DeepCache package's own helper (what its README shows for Stable Diffusion).
+    RunnerSpec("diffusers-deepcache", "diffusers-deepcache",
+               {"dtype": "fp32", "deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
+               "diffusers + torch CPU, fp32, DeepCache package (DeepCacheSDHelper, interval 3, branch 0)"),
     RunnerSpec("optimum-onnx", "optimum-onnx", {}, "optimum-onnx ORTStableDiffusion(XL/3)Pipeline (onnxruntime CPU)"),
     # Measured at SD1.5 size, 256x256, on the AVX2 machine: 8.2-8.7 GiB (12.4 starting from a warm cache).
     # SDXL: estimated as diffrt-openvino's measured compile peak (not measured for optimum-intel).
@@ -196,5 +249,12 @@ RUNNERS = {r.name: r for r in (
                cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
     RunnerSpec("optimum-intel-static", "optimum-intel", {"static": True},
                "optimum-intel OVStableDiffusion(XL/3)Pipeline, reshaped to static shapes + compile()",
+               cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
+    # Its own fast mode: hybrid int8 (NNCF), calibrated on benchmarks/peers/calibration_prompts.txt.
+    RunnerSpec("optimum-intel-int8", "optimum-intel-int8", {},
+               "optimum-intel, hybrid int8 quantization (OVWeightQuantizationConfig(bits=8, quant_method=\"hybrid\")), "
+               "dynamic shapes", cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
+    RunnerSpec("optimum-intel-int8-static", "optimum-intel-int8", {"static": True},
+               "optimum-intel, hybrid int8 quantization, reshaped to static shapes + compile()",
                cache_option="cache_dir", memory_gib=9.0, sdxl_memory_gib=21.0),
 )}

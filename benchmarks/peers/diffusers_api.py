@@ -74,6 +74,25 @@ def scheduler_for(name: str, base_config: dict[str, Any], overrides: dict[str, A
     raise ValueError(f"scheduler {name!r}: this runner knows lcm, dpmpp_2m, euler and flow_match_euler")
 
 
+def diffrt_lcm_noise(seed: int):
+    """A stand-in for diffusers' randn_tensor inside its LCMScheduler: each LCM step's
+    noise drawn as diffrt draws it (row i of the batch from np.random.default_rng(seed +
+    i), float32, in step order), so every runner's W1 image can be compared with the
+    fp32 reference's; the cost, a few microseconds of numpy per step, is not the
+    pipeline's work. The generator diffusers passes is ignored."""
+    generators: list[np.random.Generator] = []
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        if not generators:
+            generators.extend(np.random.default_rng(seed + i) for i in range(shape[0]))
+        if len(generators) != shape[0]:
+            raise ValueError(f"LCM noise for a batch of {shape[0]} after one of {len(generators)}")
+        rows = np.stack([g.standard_normal(tuple(shape[1:]), dtype=np.float32) for g in generators])
+        return torch.from_numpy(rows).to(device=device or "cpu", dtype=dtype or torch.float32)
+
+    return randn_tensor
+
+
 class DiffusersApiRunner:
     """Runs a StableDiffusionPipeline(-like) object with the harness's request."""
 
@@ -108,6 +127,10 @@ class DiffusersApiRunner:
         self.set_scheduler(request["scheduler"], request.get("scheduler_config"))
         latents = torch.from_numpy(load_latents(request)).to(self.latents_dtype)
         self.timer.reset()
+        # LCM (W1) injects noise at each step: diffrt's draws, for every runner alike (see above)
+        from diffusers.schedulers import scheduling_lcm
+
+        scheduling_lcm.randn_tensor = diffrt_lcm_noise(request["seed"])
         with torch.inference_mode():
             out = self.pipe(
                 request["prompt"],

@@ -1,6 +1,10 @@
 """Runner: diffusers' StableDiffusionPipeline, StableDiffusionXLPipeline for an SDXL
 checkpoint or StableDiffusion3Pipeline for an SD3 one, on torch (CPU), fp32 or bf16 (main venv). Options: {"dtype": "fp32" | "bf16"}.
-The checkpoint folder is loaded as saved."""
+The checkpoint folder is loaded as saved.
+
+"deepcache": {"cache_interval": N, "cache_branch_id": B} turns on the DeepCache
+package's DeepCacheSDHelper (UNets only; run in the diffusers-deepcache venv, which has
+it): the UNet's deep branch is computed on every N-th step and reused in between."""
 
 from __future__ import annotations
 
@@ -40,7 +44,29 @@ def load(checkpoint: str, options: dict[str, Any]) -> DiffusersApiRunner:
     runner = DiffusersApiRunner(pipe, latents_dtype=DTYPES[dtype])
     runner.info = {"diffusers": diffusers.__version__, "torch": torch.__version__, "dtype": dtype,
                    "pipeline": type(pipe).__name__, "torch_threads": torch.get_num_threads()}
+    if options.get("deepcache"):
+        runner.info["deepcache"] = enable_deepcache(pipe, options["deepcache"])
     return runner
+
+
+def enable_deepcache(pipe, params: dict[str, Any]) -> dict[str, Any]:
+    """DeepCacheSDHelper on the pipeline, as the package's README shows. It wraps
+    pipe.unet.forward after the stage timer did, so every UNet call, full or shallow,
+    is still timed as one denoiser call."""
+    from importlib import metadata
+
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        raise Unavailable("the DeepCache package is not installed in this venv "
+                          "(bash benchmarks/peers/setup.sh VENV_ROOT diffusers-deepcache)") from None
+    if getattr(pipe, "unet", None) is None:
+        raise Unavailable(f"DeepCache's helper wraps a UNet; {type(pipe).__name__} has a transformer")
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(**params)
+    helper.enable()
+    pipe._deepcache_helper = helper  # kept alive with the pipeline
+    return {"package": metadata.version("DeepCache"), **params}
 
 
 if __name__ == "__main__":
