@@ -41,7 +41,7 @@ from diffrt.artifacts import (
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.families.base import DenoisePlan, stack_plans
-from diffrt.runtime import img2img
+from diffrt.runtime import controlnet, img2img
 from diffrt.runtime import safety as safety_checker
 from diffrt.runtime import step_cache
 from diffrt.runtime.backends import CompiledModel, Context, get_backend
@@ -320,6 +320,11 @@ class Pipeline:
         sample_mode: str | None = None,
         mask_image: Any = None,
         cache: str | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        control_guidance_start: float | Sequence[float] | None = None,
+        control_guidance_end: float | Sequence[float] | None = None,
+        guess_mode: bool = False,
         **options: Any,
     ) -> Request:
         """Validate a generation once, before any work: a `Request` for `generate`.
@@ -340,13 +345,24 @@ class Pipeline:
         `sample_mode="argmax"` takes the encoder's mode instead of a sample
         (diffrt.runtime.img2img). Inpainting (SD 1.x/2.x and SDXL, regular and 9-channel inpainting
         UNets): `mask_image` (white = repaint, the picture's size; default strength 1.0,
-        SDXL 0.9999, and the checkpoint's size, as diffusers' inpainting pipelines)."""
+        SDXL 0.9999, and the checkpoint's size, as diffusers' inpainting pipelines).
+        ControlNets (an artifact exported with --controlnet): `control_image` (one per
+        ControlNet), `controlnet_conditioning_scale`, `control_guidance_start`/`_end` (a
+        number, or one per ControlNet), `guess_mode`, as diffusers' ControlNet pipelines;
+        without height/width the first control image's size (diffrt.runtime.controlnet)."""
+        if control_image is not None:
+            height, width = controlnet.default_size(control_image, height, width, int(self.facts.vae_scale_factor))
         request = make_request(self.manifest, self.scheduler_config, prompt, negative_prompt, num_inference_steps,
                                guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
                                latents, output_type, vae, denoising_start=denoising_start,
                                denoising_end=denoising_end, image=image, strength=strength, noise=noise,
                                image_noise=image_noise, sample_mode=sample_mode, mask_image=mask_image, **options)
-        request = self.with_loras(request, loras)
+        control = controlnet.check_request(self.manifest, control_image, request.settings.height,
+                                           request.settings.width, controlnet_conditioning_scale, control_guidance_start,
+                                           control_guidance_end, guess_mode, self.backend.name)
+        if control is not None and request.from_image:
+            raise DiffrtError("control_image with image= (ControlNet img2img/inpainting) is not supported yet")
+        request = dataclasses.replace(self.with_loras(request, loras), controlnet=control)
         request = dataclasses.replace(request, cache=step_cache.check_request(self, request, cache))  # "deepcache:3"
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
@@ -364,7 +380,7 @@ class Pipeline:
                 request.vae, request.denoising_start, request.denoising_end,
                 request.loras if self._branches is None else (), *shaping,  # branches: each row its own
                 request.cache,  # a step cache runs other graphs on some steps
-                id(request) if request.from_image else None)  # a start from an image runs alone
+                id(request) if request.from_image or request.controlnet is not None else None)  # image=, ControlNets: alone
 
     # -- generation -------------------------------------------------------------
 
@@ -545,10 +561,13 @@ class Pipeline:
         extra = 0 if windowed else len(run.timesteps) - steps
         done = steps - len(run.timesteps) if first.denoising_start is not None else 0
         counted = (0, len(run.timesteps), 0) if first.strength is not None else (done, steps, extra)  # img2img: its part
+        denoiser = self._contexts[self.family.DENOISER]
+        if first.controlnet is not None:  # ControlNets run in a hook; the UNet variant taking residuals denoises
+            on_device, denoiser = controlnet.attach(self, first.controlnet, on_device, len(run.timesteps))
         if first.cache is not None:  # a step cache answers each call with its own UNet graphs
             on_device = step_cache.attach(self, first.cache, on_device)
-        sample, timings["denoiser_calls"] = denoise(on_device, run, sample, self._contexts[self.family.DENOISER],
-                                                    rng, self._to_device, progress, counted)
+        sample, timings["denoiser_calls"] = denoise(on_device, run, sample, denoiser, rng, self._to_device, progress,
+                                                    counted)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, plan, timings
 

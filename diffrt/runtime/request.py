@@ -102,6 +102,8 @@ class Request:
     """Inpainting: (1, 1, h, w) at the latents' size, 1 where the picture is repainted."""
     masked_pixels: np.ndarray | None = None
     """A 9-channel inpainting UNet's: the picture's pixels, 0 where it is repainted."""
+    controlnet: Any = None
+    """Its ControlNets' images, scales and windows (diffrt.runtime.controlnet.ControlRequest)."""
     cache: Any = None
     """Its step cache (diffrt.runtime.step_cache.StepCache), None when off."""
 

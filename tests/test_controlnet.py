@@ -1,0 +1,203 @@
+"""ControlNets against diffusers' StableDiffusionControlNetPipeline and
+StableDiffusionXLControlNetPipeline on tiny random models, with the same `latents`:
+one ControlNet, two with different scales and windows (MultiControlNetModel), guess mode
+with CFG, non-square sizes, several schedulers; the control image preprocessing against
+the pipelines' control_image_processor; bad inputs as one-line errors.
+
+ControlNetModel.from_unet zero-initializes its output convolutions (the residuals would
+be zeros and the tests could not fail): the tiny ControlNets get random ones.
+The bar is 2e-3 on the [0, 1] image scale; we assert 1e-4 as test_pipeline_parity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffrt.errors import DiffrtError
+from diffrt.runtime.controlnet import preprocess
+from diffrt.runtime.pipeline import Pipeline
+
+from test_pipeline_parity import TOLERANCE, _diffusers_pipeline, _diffusers_scheduler
+
+
+def make_controlnet(checkpoint, folder, seed):
+    """A tiny ControlNet for `checkpoint`'s UNet (its conditioning embedding downsamples
+    2x, as the tiny VAE), with random (not zero) output convolutions; saved to `folder`."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16))
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0.0, 0.3)
+            conv.bias.normal_(0.0, 0.1)
+    net.save_pretrained(folder)
+    return net.eval()
+
+
+def _control(height, width, seed=0):
+    """An edge-map-like control picture: random bright lines on black."""
+    rng = np.random.default_rng(seed)
+    array = np.zeros((height, width, 3), np.uint8)
+    for _ in range(6):
+        if rng.random() < 0.5:
+            array[rng.integers(height), :] = 255
+        else:
+            array[:, rng.integers(width)] = 255
+    return Image.fromarray(array, "RGB")
+
+
+def _latents(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def _compare(ours, theirs, what):
+    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+    print(f"{what}: max abs difference {diff:.2e}")
+    assert np.shape(ours) == np.shape(theirs)
+    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
+
+
+def _setup(kind, tiny_checkpoint, tmp_path_factory, count):
+    from diffrt.export import export
+
+    checkpoint = tiny_checkpoint(kind)
+    root = tmp_path_factory.mktemp(f"controlnet-{kind}")
+    nets = [make_controlnet(checkpoint, root / f"cn{i}", seed=10 + i) for i in range(count)]
+    export(checkpoint, root / "out", controlnets=[root / f"cn{i}" for i in range(count)])
+    return Pipeline.load(root / "out"), _diffusers_pipeline(checkpoint), nets, root
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_checkpoint, tmp_path_factory):
+    """(our pipeline on an artifact with two ControlNets, diffusers' SD pipeline, the two ControlNets, root)."""
+    ours, ref, nets, root = _setup("sd15", tiny_checkpoint, tmp_path_factory, 2)
+    yield ours, ref, nets, root
+    ours.close()
+
+
+def _reference(ref, nets, scheduler):
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    cls = StableDiffusionXLControlNetPipeline if "XL" in type(ref).__name__ else StableDiffusionControlNetPipeline
+    pipe = cls.from_pipe(ref, controlnet=nets[0] if len(nets) == 1 else list(nets))
+    pipe.scheduler = _diffusers_scheduler(scheduler, ref.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SD_CASES = [  # which ControlNets, scheduler, steps, (height, width), images, scales, starts, ends, guess mode, cfg
+    ((0,), "ddim", 6, (48, 64), 1, 0.8, 0.0, 1.0, False, 6.0),
+    ((0, 1), "pndm", 6, (64, 48), 2, [0.6, 1.3], [0.0, 0.3], [0.7, 1.0], False, 5.0),
+    ((1,), "euler", 5, (64, 64), 1, 0.9, 0.0, 1.0, True, 7.0),
+    ((0, 1), "dpmpp_2m", 5, (48, 64), 1, [1.0, 0.5], 0.2, 0.8, True, 4.0),
+    ((0,), "euler", 4, (48, 64), 1, 1.0, 0.0, 0.5, False, 1.0),  # no CFG; the last steps without control
+]
+
+
+@pytest.mark.parametrize(("which", "scheduler", "steps", "size", "images", "scale", "start", "end", "guess", "cfg"),
+                         SD_CASES)
+def test_sd_controlnets_match_diffusers(sd, which, scheduler, steps, size, images, scale, start, end, guess, cfg):
+    ours, ref, nets, _ = sd
+    height, width = size
+    controls = [_control(height + 8, width - 8, seed=k) for k in which]  # resized to the request's size
+    latents = _latents((images, 4, height // 2, width // 2), seed=len(which) + steps)
+    kw = dict(num_inference_steps=steps, guidance_scale=cfg, height=height, width=width, negative_prompt="blurry",
+              num_images_per_prompt=images, output_type="np", controlnet_conditioning_scale=scale,
+              control_guidance_start=start, control_guidance_end=end, guess_mode=guess)
+    pipe = _reference(ref, [nets[k] for k in which], scheduler)
+    theirs = pipe("a house by a lake", image=controls if len(which) > 1 else controls[0], latents=latents,
+                  **kw).images
+    given = [controls[which.index(k)] if k in which else None for k in range(len(nets))]
+    if len(which) == 1:  # one number for the one ControlNet in use
+        kw.update(controlnet_conditioning_scale=scale)
+    got = ours("a house by a lake", control_image=given, latents=latents.numpy(), scheduler=scheduler, **kw)
+    _compare(got.images, theirs, f"sd/{which}/{scheduler}/guess={guess}")
+
+
+def test_plain_generation_is_unchanged(sd):
+    """An artifact with ControlNets generates without them exactly as before: the plain
+    UNet, as diffusers' StableDiffusionPipeline."""
+    ours, ref, _, _ = sd
+    ref.scheduler = _diffusers_scheduler("euler", ref.scheduler.config)
+    latents = _latents((1, 4, 24, 32), seed=3)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=48, width=64, output_type="np")
+    theirs = ref("a cat", latents=latents, **kw).images
+    _compare(ours("a cat", latents=latents.numpy(), scheduler="euler", **kw).images, theirs, "sd/plain")
+
+
+def test_size_defaults_to_the_control_image(sd):
+    """Without height/width diffusers generates at the control image's size (rounded
+    down to the VAE's scale factor): 41x57 -> 40x56, here rounded to the size multiple."""
+    ours, _, _, _ = sd
+    control = _control(64, 48)
+    got = ours("a cat", control_image=[control, None], num_inference_steps=2, output_type="np")
+    assert got.images.shape == (1, 64, 48, 3)
+
+
+def test_control_image_preprocessing_matches_diffusers(sd):
+    """PIL (RGB, RGBA, grayscale; resized with Lanczos) and float arrays (nearest) as the
+    ControlNet pipelines' control_image_processor gives them."""
+    _, ref, nets, _ = sd
+    processor = _reference(ref, nets[:1], "ddim").control_image_processor
+    rgb = _control(37, 45, seed=3)
+    images = [rgb, rgb.convert("RGBA"), rgb.convert("L"), np.asarray(rgb, dtype=np.float32) / 255]
+    for image in images:
+        theirs = processor.preprocess(image, height=48, width=64).numpy()
+        got = preprocess(image, 48, 64)
+        np.testing.assert_allclose(got, theirs, atol=1e-6)
+
+
+def test_bad_inputs_are_one_line_errors(sd, tmp_path, exported):
+    ours, _, _, _ = sd
+    control = _control(48, 64)
+    truncated = tmp_path / "cut.png"
+    control.save(tmp_path / "whole.png")
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:120])
+    cases = [
+        (dict(control_image=control), "2 ControlNet"),
+        (dict(control_image=[control, control, control]), "got 3"),
+        (dict(control_image=[None, None]), "at least one"),
+        (dict(control_image=[control, str(truncated)]), "cannot read"),
+        (dict(control_image=[control, control], controlnet_conditioning_scale=[1.0]), "one per ControlNet"),
+        (dict(control_image=[control, control], control_guidance_start=0.6, control_guidance_end=0.4), "start < end"),
+        (dict(guess_mode=True), "control_image= too"),
+        (dict(control_image=[control, np.zeros((4, 4))]), "(H, W, 3)"),
+    ]
+    for kwargs, expected in cases:
+        with pytest.raises(DiffrtError) as info:
+            ours.request("a cat", height=48, width=64, **kwargs)
+        message = str(info.value)
+        assert expected in message and "\n" not in message, message
+    with Pipeline.load(exported("sd15")) as plain, pytest.raises(DiffrtError, match="no ControlNets"):
+        plain.request("a cat", control_image=control)
+
+
+def test_controlnet_for_another_base_is_refused(sd, tiny_checkpoint, tmp_path):
+    """A ControlNet of another base (SDXL's: other cross_attention_dim and added
+    conditioning) is a one-line export error naming the folder and what differs."""
+    from diffrt.export import export
+
+    make_controlnet(tiny_checkpoint("sdxl"), tmp_path / "xl-net", seed=1)
+    with pytest.raises(DiffrtError) as info:
+        export(tiny_checkpoint("sd15"), tmp_path / "out", controlnets=[tmp_path / "xl-net"])
+    message = str(info.value)
+    assert "xl-net" in message and "made for another base" in message and "\n" not in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_controlnet_matches_diffusers(tiny_checkpoint, tmp_path_factory):
+    ours, ref, nets, _ = _setup("sdxl", tiny_checkpoint, tmp_path_factory, 1)
+    with ours:
+        for scheduler, guess in (("euler", False), ("ddim", True)):
+            control = _control(48, 64, seed=5)
+            latents = _latents((1, 4, 24, 32), seed=8)
+            kw = dict(num_inference_steps=5, guidance_scale=5.0, height=48, width=64, output_type="np",
+                      controlnet_conditioning_scale=0.7, control_guidance_end=0.8, guess_mode=guess)
+            theirs = _reference(ref, nets, scheduler)("a red car", image=control, latents=latents, **kw).images
+            got = ours("a red car", control_image=control, latents=latents.numpy(), scheduler=scheduler, **kw).images
+            _compare(got, theirs, f"sdxl/{scheduler}/guess={guess}")
