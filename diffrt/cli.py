@@ -224,7 +224,8 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
         raise DiffrtError("--high-noise-frac is where a refiner takes over; give --refiner OUT2 too")
     options = {"prompt_2": getattr(args, "prompt_2", None), "negative_prompt_2": getattr(args, "negative_2", None),
                "clip_skip": getattr(args, "clip_skip", None), "strength": getattr(args, "strength", None),
-               "mask_image": getattr(args, "mask", None)}
+               "mask_image": getattr(args, "mask", None),
+               "prompt_weighting": getattr(args, "weighted_prompts", None)}
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
         num_inference_steps=args.steps, guidance_scale=args.cfg, height=height, width=width,
@@ -697,6 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="SD/SDXL: condition on the text encoder's state N layers before the usual one "
                         "(diffusers' clip_skip; prompts only, not negative prompts)")
+    p.add_argument("--weighted-prompts", nargs="?", const="compel", default=None, choices=("compel", "a1111"),
+                   metavar="SYNTAX",
+                   help="SD/SDXL: read weights in the prompts as compel does, (words)1.3 word+ word- (SYNTAX "
+                        "compel, the default), or (words:1.3) [words] (a1111); prompts over 75 tokens are chunked "
+                        "where the UNet takes a longer text (docs/prompt_weighting.md)")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
                    help="a LoRA .safetensors merged at run time (strength default 1); repeatable")
     p.add_argument("--image", default=None, metavar="PATH",

@@ -17,6 +17,7 @@ from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
 from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan, NoGuidance, check_positive, facts_from_json
 from diffrt.families.presets import Preset
+from diffrt.prompt_syntax import check_syntax
 
 NAME = "sd"
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", "StableDiffusionInpaintPipeline")
@@ -127,6 +128,9 @@ class Options:
     conditioning from that many layers before the text encoder's last; None or 0: the last)."""
 
     clip_skip: int | None = None
+    prompt_weighting: str | None = None
+    """Weighted and long prompts, as compel: "compel" or "a1111" syntax (True: compel);
+    None: prompts as plain text (diffrt.runtime.prompt_weighting)."""
 
 
 def facts(model: Mapping[str, Any]) -> Facts:
@@ -173,12 +177,13 @@ def keeps_fp32(model: Any, spec) -> str:
 
 def check_options(model: Any, options: Mapping[str, Any], prompts: int = 1) -> Options:
     """SD takes `clip_skip` only; anything else is refused by name."""
-    unknown = sorted(set(options) - {"clip_skip"})
+    unknown = sorted(set(options) - {"clip_skip", "prompt_weighting"})
     if unknown:
         raise DiffrtError(f"{', '.join(unknown)}: not an option of this Stable Diffusion 1.x/2.x artifact "
-                          "(it takes clip_skip beyond the common ones; only SDXL checkpoints take prompt_2 and size "
-                          "conditioning)")
-    return Options(clip_skip=check_clip_skip(options.get("clip_skip"), [_f(model).text_num_layers]))
+                          "(it takes clip_skip and prompt_weighting beyond the common ones; only SDXL checkpoints "
+                          "take prompt_2 and size conditioning)")
+    return Options(clip_skip=check_clip_skip(options.get("clip_skip"), [_f(model).text_num_layers]),
+                   prompt_weighting=check_syntax(options.get("prompt_weighting")))
 
 
 def check_clip_skip(value: Any, layers: Sequence[int | None]) -> int | None:

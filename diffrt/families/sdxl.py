@@ -169,6 +169,9 @@ class Options:
     clip_skip: int | None = None
     """diffusers' meaning for SDXL: hidden_states[-(clip_skip + 2)] of both encoders
     (the penultimate state is clip_skip 0), for the prompts only."""
+    prompt_weighting: str | None = None
+    """Weighted and long prompts on both encoders, as compel: "compel" or "a1111" syntax
+    (True: compel); None: plain text (diffrt.runtime.prompt_weighting)."""
 
 
 def facts(model: Mapping[str, Any]) -> Facts:
@@ -329,6 +332,7 @@ def check_options(model: Any, options: Mapping[str, Any], prompts: int = 1) -> O
         checked[key] = (int(pair[0]), int(pair[1]))
     layers = {TEXT_ENCODER: f.text_num_layers, TEXT_ENCODER_2: f.text_num_layers_2}
     checked["clip_skip"] = sd.check_clip_skip(options.get("clip_skip"), [layers[r] for r in f.text_encoders])
+    checked["prompt_weighting"] = sd.check_syntax(options.get("prompt_weighting"))
     return Options(**checked)
 
 

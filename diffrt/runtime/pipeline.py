@@ -42,6 +42,7 @@ from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.families.base import DenoisePlan, stack_plans
 from diffrt.runtime import controlnet, img2img
+from diffrt.runtime import prompt_weighting
 from diffrt.runtime import safety as safety_checker
 from diffrt.runtime import step_cache
 from diffrt.runtime.backends import CompiledModel, Context, get_backend
@@ -363,6 +364,7 @@ class Pipeline:
         if control is not None and request.from_image:
             raise DiffrtError("control_image with image= (ControlNet img2img/inpainting) is not supported yet")
         request = dataclasses.replace(self.with_loras(request, loras), controlnet=control)
+        self._prompt_chunks(request)  # weighted prompts: their syntax, and a long one on a fixed-length UNet
         request = dataclasses.replace(request, cache=step_cache.check_request(self, request, cache))  # "deepcache:3"
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
@@ -376,6 +378,7 @@ class Pipeline:
         s = request.settings
         # family options that size the conditioning (SD3's and Flux's max_sequence_length)
         shaping = tuple(getattr(request.options, name, None) for name in getattr(self.family, "BATCH_OPTIONS", ()))
+        shaping += (self._prompt_chunks(request),)  # weighted prompts: the conditioning's length in chunks
         return (s.height, s.width, s.num_inference_steps, s.scheduler, s.scheduler_config, request.do_cfg,
                 request.vae, request.denoising_start, request.denoising_end,
                 request.loras if self._branches is None else (), *shaping,  # branches: each row its own
@@ -576,7 +579,7 @@ class Pipeline:
         its LoRAs' factors (or under them merged, for a text encoder without branches)
         and its denoiser rows fed its LoRAs' factors."""
         if self._branches is None:
-            return self.family.prepare(self.facts, request, self._encode)
+            return self.family.prepare(self.facts, request, self._weighted(request, self._encode))
         branches, loras = self._branches, request.loras
 
         def encode(role: str, texts: list[str], *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
@@ -584,8 +587,33 @@ class Pipeline:
             return self._encode(role, texts, *args, feeds=extra, **kwargs)
 
         with self._loras.using(branches.merged_set(loras)):
-            plan = self.family.prepare(self.facts, request, encode)
+            plan = self.family.prepare(self.facts, request, self._weighted(request, encode))
         return branches.with_feeds(plan, loras, self.family.DENOISER)
+
+    def _weighted(self, request: Request, encode: Callable[..., dict[str, np.ndarray]]) -> Callable[..., Any]:
+        """`encode` as is, or with compel's weighting and chunking when the request asks
+        for it (option prompt_weighting; diffrt.runtime.prompt_weighting)."""
+        syntax = getattr(request.options, "prompt_weighting", None)
+        if syntax is None:
+            return encode
+        return prompt_weighting.weighted_encoder(encode, self.tokenizers, syntax, self._prompt_chunks(request))
+
+    def _prompt_chunks(self, request: Request) -> int:
+        """How many text-encoder contexts (chunks of 75 tokens) a weighted request's
+        conditioning spans (1 without weighting). A prompt of more than one is refused
+        where the UNet graph takes a fixed text length."""
+        syntax = getattr(request.options, "prompt_weighting", None)
+        if syntax is None:
+            return 1
+        texts = prompt_weighting.request_texts(request)
+        chunks = max(prompt_weighting.count_chunks(self.tokenizers[role], texts, syntax) for role in self.tokenizers)
+        spec = self._models[self.family.DENOISER].spec
+        length = next((t.shape[1] for t in spec.inputs if t.name == "encoder_hidden_states"), None)
+        if chunks > 1 and isinstance(length, int):
+            raise DiffrtError(f"prompt_weighting: a prompt of this request needs {chunks} chunks of "
+                              f"{length - 2} tokens, but this artifact's UNet takes {length} tokens of text "
+                              "(fixed in its graph); shorten the prompt to one chunk")
+        return chunks
 
     def _decode(self, sample: Any, plan: DenoisePlan, vae: str, timings: dict[str, Any]) -> np.ndarray:
         """5. Latents -> float32 NHWC images in [0, 1] on the host."""
@@ -651,9 +679,13 @@ class Pipeline:
                 feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Tokenize with the role's tokenizer and run that text encoder: its outputs by
         name, on the host (the family combines them there, once per request).
-        `max_length`: the token length of a T5 encoder's input (max_sequence_length)."""
+        `max_length`: the token length of a T5 encoder's input (max_sequence_length).
+        `texts` may be token ids already, int64 (rows, length) (weighted prompts' chunks)."""
         tokenizer = self.tokenizers[role]
-        ids = tokenizer(texts) if max_length is None else tokenizer(texts, max_length=max_length)
+        if isinstance(texts, np.ndarray):
+            ids = texts
+        else:
+            ids = tokenizer(texts) if max_length is None else tokenizer(texts, max_length=max_length)
         inputs = {"input_ids": ids, **(feeds or {})}  # feeds: LoRA branch factors, host arrays as the ids are
         return {name: self._to_host(array) for name, array in self._contexts[role].run(inputs).items()}
 

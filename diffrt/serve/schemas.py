@@ -119,6 +119,9 @@ class GenerateRequest(BaseModel):
     strength: float | None = Field(default=None, description="with image: how much of the schedule to redo, (0, 1]")
     mask: str | None = Field(default=None, description="with image, SD 1.x/2.x: inpaint where this mask (base64 "
                                                        "PNG/JPEG, the image's size) is white")
+    prompt_weighting: bool | Literal["compel", "a1111"] | None = Field(
+        default=None, description="SD/SDXL: weighted and long prompts as compel reads them: true or \"compel\" "
+                                  "((words)1.3, word+), \"a1111\" ((words:1.3), [words]); default off")
     options: dict[str, str | int | float | None] | None = Field(
         default=None, description="the model family's own options, e.g. SDXL {\"prompt_2\": ...}, "
                                   "{\"clip_skip\": 1}, SD3 {\"prompt_3\": ...}, Flux {\"max_sequence_length\": 256}")
@@ -128,7 +131,8 @@ class GenerateRequest(BaseModel):
 _FIELD_OF_MESSAGE = (
     ("num_inference_steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
     ("height", "height"), ("width", "width"), ("scheduler", "scheduler"), ("unknown preset", "preset"),
-    ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"), ("prompt", "prompt"),
+    ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"),
+    ("prompt_weighting", "prompt_weighting"), ("prompt", "prompt"),
     ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"), ("image", "image"),
     ("strength", "strength"), ("mask_image", "mask"),
 )
@@ -202,6 +206,8 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
         call["image"] = decode_image(body.image, config.max_side)
     if body.mask is not None:
         call["mask_image"] = decode_image(body.mask, config.max_side, "mask")
+    if body.prompt_weighting:  # off: not passed at all (families without it would refuse the name)
+        call["prompt_weighting"] = body.prompt_weighting
     call = {k: v for k, v in call.items() if v is not None}
     return {**call, **family_options(body.options, config.max_prompt_chars)}
 
@@ -224,7 +230,8 @@ def family_options(options: dict[str, Any] | None, max_chars: int) -> dict[str, 
 
 _CORE_FIELDS = frozenset({"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
                           "num_images_per_prompt", "seed", "scheduler", "preset", "vae", "loras", "strength",
-                          "output_type", "image", "mask_image", "latents", "generator", "noise", "image_noise"})
+                          "output_type", "image", "mask_image", "latents", "generator", "noise", "image_noise",
+                          "prompt_weighting"})
 
 
 def decode_image(value: str, max_side: int, param: str = "image") -> Any:
