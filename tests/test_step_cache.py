@@ -1,0 +1,183 @@
+"""DeepCache step caching (`diffrt export --step-cache deepcache`, `cache="deepcache:N"`).
+
+The reference is the `DeepCache` package's own DeepCacheSDHelper (0.1.1) wrapped around
+diffusers' pipeline: on a cached step it returns every module output below the cache
+branch from the last full step. Same tiny weights, prompts and latents; we assert 1e-4
+on the [0, 1] image scale (the project's bar is 2e-3; measured ~2e-6), and that the
+helper's cached image differs from its uncached one by far more than that, so the
+comparison can tell a cached schedule from an uncached one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from diffrt.errors import DiffrtError
+from diffrt.runtime.pipeline import Pipeline
+
+TOLERANCE = 1e-4
+DeepCache = pytest.importorskip("DeepCache", reason="the DeepCache package (the reference) is not installed")
+
+
+@pytest.fixture(scope="module")
+def cached_artifact(tiny_checkpoint, tmp_path_factory):
+    """cached_artifact(kind, branch) -> an artifact exported with --step-cache deepcache:branch."""
+    from diffrt.export import export
+
+    made = {}
+
+    def get(kind: str, branch: int = 0):
+        if (kind, branch) not in made:
+            out = tmp_path_factory.mktemp(f"deepcache-{kind}-{branch}") / "artifact"
+            export(tiny_checkpoint(kind), out, step_cache=f"deepcache:{branch}")
+            made[kind, branch] = out
+        return made[kind, branch]
+
+    return get
+
+
+def _reference(folder, scheduler: str):
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _helper_images(pipe, interval: int, branch: int, **call):
+    helper = DeepCache.DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        return pipe(**call).images
+    finally:
+        helper.disable()
+
+
+def _latents(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("branch", [0, 3])
+def test_sd_cached_schedule_matches_the_deepcache_helper(tiny_checkpoint, cached_artifact, branch):
+    """Branch 0: the last up block's last layer only (no attention on the tiny UNet);
+    branch 3: the deeper up block's last layer, with its cross-attention, and the whole
+    first down block."""
+    ref = _reference(tiny_checkpoint("sd15"), "DDIMScheduler")
+    latents = _latents((2, 4, 32, 32))
+    call = dict(prompt=["a photo of a cat", "a dog"], negative_prompt=["blurry", ""], num_inference_steps=8,
+                guidance_scale=7.5, output_type="np")
+    theirs = _helper_images(ref, 3, branch, latents=latents, **call)
+    uncached = ref(latents=latents, **call).images
+    with Pipeline.load(cached_artifact("sd15", branch)) as pipe:
+        ours = pipe(latents=latents.numpy(), scheduler="ddim", cache=f"deepcache:3:{branch}", **call).images
+    diff = float(np.abs(ours - theirs).max())
+    print(f"branch {branch}: max abs difference vs DeepCacheSDHelper {diff:.2e}; "
+          f"cached vs uncached {np.abs(theirs - uncached).max():.2e}")
+    assert np.abs(theirs - uncached).max() > 100 * TOLERANCE  # the cache changes the image: the check can fail
+    assert diff <= TOLERANCE
+
+
+def test_sdxl_cached_schedule_matches_the_deepcache_helper(tiny_checkpoint, cached_artifact):
+    ref = _reference(tiny_checkpoint("sdxl"), "EulerDiscreteScheduler")
+    latents = _latents((1, 4, 32, 32), seed=2)
+    call = dict(prompt="a red car", num_inference_steps=7, guidance_scale=5.0, output_type="np")
+    theirs = _helper_images(ref, 2, 0, latents=latents, **call)
+    with Pipeline.load(cached_artifact("sdxl")) as pipe:
+        ours = pipe(latents=latents.numpy(), scheduler="euler", cache="deepcache:2", **call).images
+    diff = float(np.abs(ours - theirs).max())
+    print(f"sdxl: max abs difference vs DeepCacheSDHelper {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+def test_interval_one_is_the_uncached_pipeline_and_off_is_bit_identical(tiny_checkpoint, cached_artifact, exported):
+    """Interval 1 runs the full graph every step: diffusers' uncached image. With the
+    cache off the plain UNet runs: the same graph bytes as a plain export, the same image."""
+    ref = _reference(tiny_checkpoint("sd15"), "EulerDiscreteScheduler")
+    latents = _latents((1, 4, 32, 32), seed=1)
+    call = dict(prompt="a castle", num_inference_steps=6, guidance_scale=7.5, output_type="np")
+    theirs = ref(latents=latents, **call).images
+    with Pipeline.load(cached_artifact("sd15")) as pipe, Pipeline.load(exported("sd15")) as plain:
+        assert pipe.manifest.stages["unet"].files == plain.manifest.stages["unet"].files
+        one = pipe(latents=latents.numpy(), scheduler="euler", cache="deepcache:1", **call).images
+        off = pipe(latents=latents.numpy(), scheduler="euler", cache="off", **call).images
+        before = plain(latents=latents.numpy(), scheduler="euler", **call).images
+    assert float(np.abs(one - theirs).max()) <= TOLERANCE
+    assert np.array_equal(off, before)
+
+
+def _executed_on_a_cached_step(folder, branch: int) -> list[torch.nn.Module]:
+    """The convolutions, linear layers and attention modules diffusers' UNet runs on a
+    cached step under DeepCacheSDHelper (which replaces the forwards of resnets,
+    transformers and blocks, never of these: their hooks fire only when they run)."""
+    from diffusers.models.attention_processor import Attention
+
+    pipe = _reference(folder, "DDIMScheduler")
+    ran: list[torch.nn.Module] = []
+    leaves = [m for m in pipe.unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, Attention))]
+    handles = []
+    step = {"i": 0}
+
+    def count(module, args, output):
+        if step["i"] == 1:
+            ran.append(module)
+
+    def next_step(pipe, i, t, kwargs):
+        step["i"] = i + 1
+        return kwargs
+
+    for module in leaves:
+        handles.append(module.register_forward_hook(count))
+    try:
+        _helper_images(pipe, 2, branch, prompt="x", num_inference_steps=2, guidance_scale=1.0, output_type="np",
+                       height=32, width=32, callback_on_step_end=next_step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
+
+
+@pytest.mark.parametrize("branch", [0, 3])
+def test_the_shallow_graph_holds_only_what_a_cached_step_runs(tiny_checkpoint, cached_artifact, branch):
+    """Its convolutions and matrix products are those of the modules the helper runs on
+    a cached step (counted with forward hooks on diffusers' UNet); the plain UNet's are
+    every one."""
+    ran = _executed_on_a_cached_step(tiny_checkpoint("sd15"), branch)
+    folder = cached_artifact("sd15", branch)
+
+    def ops(stage: str) -> dict[str, int]:
+        graph = onnx.load(str(folder / stage / "model.onnx"), load_external_data=False).graph
+        return {op: sum(n.op_type == op for n in graph.node) for op in ("Conv", "Gemm", "MatMul")}
+
+    shallow, plain = ops("unet-deepcache-shallow"), ops("unet")
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in ran)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in ran)
+    print(f"branch {branch}: shallow {shallow}, plain {plain}; a cached step runs {convs} convs, {linears} linears")
+    assert shallow["Conv"] == convs
+    assert shallow["Gemm"] + shallow["MatMul"] - _attention_matmuls(ran) == linears
+    assert plain["Conv"] > convs
+    assert ops("unet-deepcache-full") == plain
+
+
+def _attention_matmuls(ran) -> int:
+    """Each attention module run adds two MatMuls that are not Linear layers (QK^T, AV)."""
+    from diffusers.models.attention_processor import Attention
+
+    return 2 * sum(isinstance(m, Attention) for m in ran)
+
+
+def test_a_cache_the_artifact_lacks_is_a_one_line_error(exported, cached_artifact):
+    with Pipeline.load(exported("sd15")) as pipe:
+        with pytest.raises(DiffrtError, match="--step-cache deepcache") as info:
+            pipe.request("a cat", cache="deepcache:3")
+        assert "\n" not in str(info.value)
+    with Pipeline.load(cached_artifact("sd15")) as pipe:
+        with pytest.raises(DiffrtError, match="deepcache:1"):
+            pipe.request("a cat", cache="deepcache:3:1")  # exported for branch 0
+        for bad in ("deepcache", "deepcache:0", "fastcache:2", "deepcache:x", 3):
+            with pytest.raises(DiffrtError, match="cache="):
+                pipe.request("a cat", cache=bad)
