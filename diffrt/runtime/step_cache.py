@@ -120,7 +120,7 @@ def check_request(pipe: Any, request: Any, value: Any) -> StepCache | None:
     if request.loras or pipe._branches is not None:
         raise DiffrtError(f"cache={str(cache)!r} with LoRAs is not supported yet: the DeepCache graphs hold the "
                           "exported weights only; run LoRA requests with cache='off'")
-    if request.controlnet is not None:
+    if getattr(request, "controlnet", None) is not None:
         raise DiffrtError(f"cache={str(cache)!r} with control_image is not supported yet; use cache='off'")
     return cache
 
