@@ -131,12 +131,15 @@ def test_plain_generation_is_unchanged(sd):
 
 
 def test_size_defaults_to_the_control_image(sd):
-    """Without height/width diffusers generates at the control image's size (rounded
-    down to the VAE's scale factor): 41x57 -> 40x56, here rounded to the size multiple."""
-    ours, _, _, _ = sd
-    control = _control(64, 48)
-    got = ours("a cat", control_image=[control, None], num_inference_steps=2, output_type="np")
-    assert got.images.shape == (1, 64, 48, 3)
+    """Without height/width diffusers generates at the control image's size rounded down
+    to the VAE's scale factor (2 here): 65x49 -> 64x48, and so do we, with its image."""
+    ours, ref, nets, _ = sd
+    control = _control(65, 49, seed=2)
+    latents = _latents((1, 4, 32, 24), seed=4)
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
+    theirs = _reference(ref, nets[:1], "euler")("a cat", image=control, latents=latents, **kw).images
+    got = ours("a cat", control_image=[control, None], latents=latents.numpy(), scheduler="euler", **kw).images
+    _compare(got, theirs, "sd/default size")
 
 
 def test_control_image_preprocessing_matches_diffusers(sd):
@@ -201,3 +204,27 @@ def test_sdxl_controlnet_matches_diffusers(tiny_checkpoint, tmp_path_factory):
             theirs = _reference(ref, nets, scheduler)("a red car", image=control, latents=latents, **kw).images
             got = ours("a red car", control_image=control, latents=latents.numpy(), scheduler=scheduler, **kw).images
             _compare(got, theirs, f"sdxl/{scheduler}/guess={guess}")
+
+
+def test_backends_without_controlnet_graphs_refuse_in_one_line(sd, fake_gpu, tmp_path):
+    """TensorRT runs the engines `diffrt build` made (none for ControlNets yet) and the
+    torch backend the checkpoint's modules: a ControlNet request says where it runs,
+    and a plain one still runs."""
+    from test_tensorrt import _build
+
+    _, _, _, root = sd
+    _build(root / "out", tmp_path)
+    control = _control(64, 64)
+    for backend, options in (("tensorrt", {"cache_dir": tmp_path}), ("torch", {})):
+        with Pipeline.load(root / "out", backend=backend, **options) as pipe:
+            with pytest.raises(DiffrtError) as info:
+                pipe.request("a cat", control_image=[control, None])
+            assert "ort or openvino" in str(info.value) and "\n" not in str(info.value), str(info.value)
+            pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    import fake_gpu as fakes
+
+    return fakes.install(monkeypatch)

@@ -48,8 +48,8 @@ from diffrt.runtime.img2img import _nearest, _open
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMS = "a PIL image, an image file path, or an (H, W, 3) array (uint8, or float in [0, 1])"
-# Backends that run only engines `diffrt build` made, which has no ControlNet profiles yet.
-NO_CONTROLNET_BACKENDS = ("tensorrt",)
+# Backends that run only engines `diffrt build` made, which builds no ControlNet engines yet.
+ENGINE_BACKENDS = ("tensorrt",)
 _OPEN_LOCK = threading.Lock()
 
 
@@ -107,7 +107,7 @@ def default_size(control_image: Any, height: int | None, width: int | None, fact
 
 def check_request(manifest: Manifest, control_image: Any, height: int, width: int, scale: Any = None,
                   start: Any = None, end: Any = None, guess_mode: Any = False,
-                  backend: str | None = None) -> ControlRequest | None:
+                  backend: Any = None) -> ControlRequest | None:
     """The request's ControlNets, validated (one-line errors); None without control_image."""
     roles = controlnet_roles(manifest)
     if control_image is None:
@@ -119,9 +119,12 @@ def check_request(manifest: Manifest, control_image: Any, height: int, width: in
     if not roles:
         raise DiffrtError("control_image: this artifact has no ControlNets; export it with "
                           "diffrt export SRC OUT --controlnet FOLDER")
-    if backend in NO_CONTROLNET_BACKENDS:
-        raise DiffrtError(f"control_image: the {backend} backend has no ControlNet engines yet (diffrt build does "
-                          "not build them); use the ort or openvino backend")
+    if backend is not None and backend.name in ENGINE_BACKENDS:
+        raise DiffrtError(f"control_image: the {backend.name} backend has no ControlNet engines yet (diffrt build "
+                          "does not build them); run ControlNet requests on the ort or openvino backend")
+    if backend is not None and not backend.reads_graphs:
+        raise DiffrtError(f"control_image: the {backend.name} backend runs the checkpoint's own modules, not the "
+                          "artifact's ControlNet graphs; use the ort or openvino backend")
     images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
     if len(images) != len(roles):
         raise DiffrtError(f"control_image: this artifact has {len(roles)} ControlNet(s) ({_describe(manifest, roles)}); "

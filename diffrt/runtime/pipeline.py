@@ -360,7 +360,7 @@ class Pipeline:
                                image_noise=image_noise, sample_mode=sample_mode, mask_image=mask_image, **options)
         control = controlnet.check_request(self.manifest, control_image, request.settings.height,
                                            request.settings.width, controlnet_conditioning_scale, control_guidance_start,
-                                           control_guidance_end, guess_mode, self.backend.name)
+                                           control_guidance_end, guess_mode, self.backend)
         if control is not None and request.from_image:
             raise DiffrtError("control_image with image= (ControlNet img2img/inpainting) is not supported yet")
         request = dataclasses.replace(self.with_loras(request, loras), controlnet=control)
