@@ -28,6 +28,7 @@ the same prompt for every configuration within a round. Seeds: run i uses seed +
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import platform
@@ -53,14 +54,18 @@ class BenchConfig:
     """"fp32", "fp16", "bf16" or None (the backend's own choice)."""
     options: tuple[tuple[str, Any], ...] = ()
     """Backend options (-O KEY=VALUE), the same for every configuration of a run."""
+    cache: str | None = None
+    """The requests' step cache, e.g. "deepcache:3" (None: off; diffrt.runtime.step_cache)."""
 
     @property
     def name(self) -> str:
-        return f"{self.backend}/{self.graph_precision or 'default'}"
+        return f"{self.backend}/{self.graph_precision or 'default'}" + (f"/{self.cache}" if self.cache else "")
 
 
-def configs_from(backends: str, precisions: str | None, options: Mapping[str, Any] | None = None) -> list[BenchConfig]:
-    """'ort,openvino' x 'fp32,bf16' -> the configurations, in that order (every pair)."""
+def configs_from(backends: str, precisions: str | None, options: Mapping[str, Any] | None = None,
+                 caches: str | None = None) -> list[BenchConfig]:
+    """'ort,openvino' x 'fp32,bf16' (x 'off,deepcache:3') -> the configurations, in that
+    order (every combination)."""
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if not names:
         raise DiffrtError("--backend: name at least one backend, e.g. --backend ort,openvino")
@@ -70,10 +75,24 @@ def configs_from(backends: str, precisions: str | None, options: Mapping[str, An
         bad = [p for p in graphs if p not in (None, "fp32", "fp16", "bf16")]
         if bad or not graphs:
             raise DiffrtError(f"--precision {precisions!r}: a comma-separated list of default, fp32, fp16, bf16")
-    configs = [BenchConfig(b, g, tuple(sorted((options or {}).items()))) for b in names for g in graphs]
+    configs = [BenchConfig(b, g, tuple(sorted((options or {}).items())), c) for b in names for g in graphs
+               for c in _caches(caches)]
     if len(set(configs)) != len(configs):
-        raise DiffrtError(f"--backend {backends!r} --precision {precisions!r} names a configuration twice")
+        raise DiffrtError(f"--backend {backends!r} --precision {precisions!r} --cache {caches!r} names a "
+                          "configuration twice")
     return configs
+
+
+def _caches(caches: str | None) -> list[str | None]:
+    """'off,deepcache:3' -> [None, 'deepcache:3'] (each checked as a request's cache= is)."""
+    from diffrt.runtime.step_cache import parse
+
+    if not caches:
+        return [None]
+    parsed = [parse(c.strip()) for c in caches.split(",") if c.strip()]
+    if not parsed:
+        raise DiffrtError(f"--cache {caches!r}: a comma-separated list like off,deepcache:3")
+    return [None if c is None else str(c) for c in parsed]
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -196,13 +215,14 @@ def bench(
         images_per_call = None
         for i in range(warmup):
             for config in round_order(configs, i):
-                timings, images = _call(pipes[config], request_for, prompts[i % len(prompts)], i)
+                timings, images = _call(pipes[config], request_for, prompts[i % len(prompts)], i, config.cache)
                 records[config]["warmup"].append(timings)
                 images_per_call = images
                 say(f"warm-up {i + 1}/{warmup} {config.name}: {timings['total']:.3f}s")
         for i in range(runs):
             for position, config in enumerate(round_order(configs, i)):
-                timings, images = _call(pipes[config], request_for, prompts[i % len(prompts)], warmup + i)
+                timings, images = _call(pipes[config], request_for, prompts[i % len(prompts)], warmup + i,
+                                        config.cache)
                 records[config]["runs"].append(timings)
                 records[config]["order"].append(position)
                 images_per_call = images
@@ -215,6 +235,7 @@ def bench(
         record = records[config]
         results[config.name] = {
             "backend": config.backend, "graph_precision": config.graph_precision, "options": dict(config.options),
+            "cache": config.cache,
             "describe": record["describe"], "load_seconds": record["load_seconds"],
             "warmup_total_seconds": [t["total"] for t in record["warmup"]],
             "runs": record["runs"], "position_in_round": record["order"],
@@ -231,8 +252,14 @@ def _load(folder: str | Path, config: BenchConfig) -> Any:
                          **dict(config.options))
 
 
-def _call(pipe: Any, request_for: Callable[[Any, str, int], Any], prompt: str, index: int) -> tuple[dict, int]:
-    output = pipe.generate([request_for(pipe, prompt, index)])[0]
+def _call(pipe: Any, request_for: Callable[[Any, str, int], Any], prompt: str, index: int,
+          cache: str | None = None) -> tuple[dict, int]:
+    request = request_for(pipe, prompt, index)
+    if cache is not None:  # the configuration's step cache on the shared request
+        from diffrt.runtime.step_cache import check_request
+
+        request = dataclasses.replace(request, cache=check_request(pipe, request, cache))
+    output = pipe.generate([request])[0]
     timings = {k: v for k, v in output.timings.items() if isinstance(v, (int, float, list))}
     return timings, len(output.images)
 

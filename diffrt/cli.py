@@ -233,6 +233,10 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
         output_type="latent" if refiner else "pil", denoising_end=(0.8 if frac is None else frac) if refiner else None,
         image=image, **options,
     )
+    if getattr(args, "cache", None):  # the artifact must hold the step cache's graphs: checked before loading
+        from diffrt.runtime.step_cache import check
+
+        request = dataclasses.replace(request, cache=check(manifest, get_family(manifest.family).DENOISER, args.cache))
     check_memory(manifest, request, weights_loaded=False)
     if refiner is None:
         return request, None
@@ -290,6 +294,8 @@ def cmd_export(args: argparse.Namespace) -> None:
                    textual_inversion=args.textual_inversion or (), safety_checker=args.safety_checker)
     if args.controlnet:
         options["controlnets"] = args.controlnet
+    if args.step_cache:
+        options["step_cache"] = args.step_cache
     if args.config is not None or Path(args.src).expanduser().is_file():  # a single-file checkpoint
         from diffrt.export.single_file import export_single_file
 
@@ -333,6 +339,10 @@ def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> No
                                                  **_backend_options(args)))
         if loras:
             request = pipe.with_loras(request, {name: strength for name, (_, strength) in loras.items()})
+        if request.cache is not None:  # what the loaded pipeline can run it with (backend, LoRAs)
+            from diffrt.runtime.step_cache import check_request
+
+            request = dataclasses.replace(request, cache=check_request(pipe, request, request.cache))
         refiner = None
         if refiner_request is not None:
             refiner = stack.enter_context(Pipeline.load(args.refiner, backend=args.backend, verify=args.verify,
@@ -404,6 +414,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.seed is None:
         args.seed = 0  # run i uses seed + i: the same images for every configuration and every rerun
     batch = check_count("--batch", args.batch)
+    caches, args.cache = args.cache, None  # --cache LIST: one configuration each, not one request's option
     requests = {}
     for prompt in dict.fromkeys(prompts):  # each prompt validated once, before anything loads
         args.prompt = prompt
@@ -415,7 +426,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     attention = options.pop("attention")
     if args.precision and args.graph_precision:
         raise DiffrtError("give --precision LIST (bench compares graph precisions) or --graph-precision, not both")
-    configs = configs_from(args.backend, args.precision or args.graph_precision, options)
+    configs = configs_from(args.backend, args.precision or args.graph_precision, options, caches)
 
     def load(folder, config):
         from diffrt.runtime.pipeline import Pipeline
@@ -619,6 +630,10 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
                    help="fused or portable attention graphs (default: ort fused, openvino portable)")
     p.add_argument("--vae", default=None,
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
+    p.add_argument("--cache", default=None, metavar="SPEC",
+                   help="step cache: off (default) or deepcache:N (the full UNet every N steps, its shallow part "
+                        "between; needs an artifact exported with --step-cache deepcache); bench: a comma list "
+                        "compared side by side, e.g. off,deepcache:3")
     verify = p.add_mutually_exclusive_group()
     verify.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
                         help="check file sizes only, not sha256 (by default files are hashed once, then again "
@@ -664,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-checker", default=None, metavar="FOLDER",
                    help="also export this saved StableDiffusionSafetyChecker folder ('checkpoint': SRC's own "
                         "safety_checker/), run after decoding with diffrt generate --safety")
+    p.add_argument("--step-cache", default=None, metavar="deepcache[:BRANCH]",
+                   help="also export the UNet as DeepCache's full and shallow graphs, for generate --cache "
+                        "deepcache:N (BRANCH: the cache branch, default 0, DeepCache's shallowest)")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="also export this saved diffusers ControlNetModel folder (and the UNet taking its residuals), "
                         "used with diffrt generate --control-image; repeatable (several ControlNets at once)")
