@@ -8,11 +8,15 @@ benchmarks/real_size_sd15.py, once, in --workdir), the same prompt, initial late
 steps and size. `--workloads W3-512` runs the SDXL workload instead, on an SDXL-size one
 (benchmarks/real_size_sdxl.py; fp32 weights 13.9 GB, so its runners go one at a time on
 a 24 GiB machine); one run measures one model. Runners: diffrt configurations
-(harness/specs.py: one line each), diffusers + torch (fp32; bf16 where the CPU has bf16
-instructions), optimum-onnx and optimum-intel (default and statically reshaped), the
-optimum ones in their own venvs (`bash benchmarks/peers/setup.sh`). Each runner is its
-own process, speaking JSON lines (peers/worker.py), so its peak RSS is its own. Runs
-alternate round-robin between the runners alive at once (harness/schedule.py).
+(harness/specs.py: one line each; int8 and DeepCache ones on artifact variants made once
+by diffrt's own commands, "not available: <why>" until diffrt can make them), diffusers +
+torch (fp32; bf16 where the CPU has bf16 instructions; with the DeepCache package),
+optimum-onnx and optimum-intel (default, statically reshaped, hybrid int8), the peers in
+their own venvs (`bash benchmarks/peers/setup.sh`). Each runner is its own process,
+speaking JSON lines (peers/worker.py), so its peak RSS is its own. Runs alternate
+round-robin between the runners alive at once (harness/schedule.py). Beside every speed,
+the image's error against the fp32 reference image (PSNR, max abs; LCM's step noise is
+diffrt's for every runner, so W1 compares too).
 
 Writes benchmarks/results/compare-<tag>.json (everything), .md (tables) and .png (chart),
 and benchmarks/results/flops_sd15.json or flops_sdxl.json (FLOPs, counted once). --tiny

@@ -35,7 +35,8 @@ from diffrt.runtime.cpu import cpu_info
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
 RUNNERS = ("diffrt-ort", "diffrt-openvino-tiny-vae", "diffusers-fp32", "diffusers-bf16", "optimum-onnx",
-           "optimum-intel", "optimum-intel-static")
+           "optimum-intel", "optimum-intel-static", "diffusers-deepcache", "optimum-intel-int8")
+PEERS = ("optimum-onnx", "optimum-intel", "optimum-intel-static", "diffusers-deepcache", "optimum-intel-int8")
 CELLS = {"W1-256/b1": (1, 4), "W1-256/b4": (4, 4), "W2-256/b1": (1, 20)}  # batch, denoiser calls
 NOT_INSTALLED = "not installed (run bash benchmarks/peers/setup.sh)"
 VENVS = Path(os.environ.get("DIFFRT_BENCH_VENVS", Path.home() / ".cache" / "diffrt-bench" / "venvs"))
@@ -102,7 +103,7 @@ def test_statuses(report):
     assert list(runners) == list(RUNNERS)
     assert runners["diffrt-ort"]["status"] == "ok"
     assert runners["diffusers-fp32"]["status"] == "ok"
-    for peer in ("optimum-onnx", "optimum-intel", "optimum-intel-static"):
+    for peer in PEERS:
         assert runners[peer]["status"] == NOT_INSTALLED
         assert runners[peer]["summary"] == {}
     tiny_vae = runners["diffrt-openvino-tiny-vae"]["status"]
@@ -160,10 +161,17 @@ def test_round_robin_and_same_work(report):
     positions = {run: [i for i, (_, r) in enumerate(runs) if r == run] for run in by_run}
     assert max(positions[1]) < min(positions[2])  # run 1 of every runner before any run 2
     # DPM++ 2M injects no noise: same latents, same weights -> the same image (design bar 2e-3).
-    agreement = data["image_agreement"]["W2-256/b1"]
-    assert agreement["reference"] == "diffusers-fp32"
-    assert agreement["max_abs_diff"]["diffrt-ort"] <= 1e-4
-    assert "W1-256/b1" not in data["image_agreement"]  # LCM: each runner's own RNG
+    # LCM draws noise at each step: the peers draw diffrt's (peers/diffusers_api.py), so W1's
+    # images agree too (with each runner's own RNG they differed by ~0.5).
+    for key in ("W2-256/b1", "W1-256/b1", "W1-256/b4"):
+        agreement = data["image_agreement"][key]
+        assert agreement["reference"] == "diffusers-fp32"
+        assert agreement["max_abs_diff"]["diffrt-ort"] <= 1e-4, key
+        # the PSNR column is the saved images' own: recomputed here from the files
+        ours, ref = (np.load(data["runners"][n]["cells"][key]["image"]).astype(np.float64)
+                     for n in ("diffrt-ort", "diffusers-fp32"))
+        mse = float(np.mean((ours - ref) ** 2))
+        assert agreement["psnr_db"]["diffrt-ort"] == pytest.approx(10 * np.log10(1 / mse), abs=0.01) > 60
 
 
 def test_machine_and_flops_fields(report):
@@ -294,6 +302,7 @@ def test_report_from_a_json_from_before_sdxl(report, tmp_path):
     data, _, _ = report
     old = json.loads(json.dumps(data))
     del old["model"]["name"]
+    del old["settings"]["same_noise"]  # before it, each runner drew LCM's noise from its own RNG
     for workload in old["workloads"]:
         for key in ("model", "preset", "scheduler_config"):
             del workload[key]
@@ -309,6 +318,8 @@ def test_report_from_a_json_from_before_sdxl(report, tmp_path):
         assert redone["runners"][name]["summary"] == r["summary"]
     md = (tmp_path / "again" / "compare-old.md").read_text()
     assert "## W2-256: dpmpp_2m, 20 steps, CFG 7.5, 32x32" in md and "preset" not in md
+    assert set(redone["image_agreement"]) == {"W2-256/b1"}  # W1's images are not compared in such a run
+    assert "Images are not compared: LCM draws fresh noise" in md
 
 
 # --- SDXL --------------------------------------------------------------------------------
@@ -569,3 +580,127 @@ def test_sd3_workload(tmp_path):
     assert agreement["reference"] == "diffusers-fp32" and set(agreement["max_abs_diff"]) == set(runners)
     for name, diff in agreement["max_abs_diff"].items():
         assert diff <= image_tolerance(data["runners"][name]), (name, diff)
+
+
+# --- speed with its cost: the image-error column and the fast-mode runners -------------
+
+
+def test_image_error_of_two_known_images():
+    """PSNR and max abs of images whose error is known by hand: every value off by 0.1
+    but one off by 0.5 in 96 -> MSE (95 * 0.01 + 0.25) / 96 = 0.0125, PSNR 10 log10(80)
+    = 19.0309 dB; a copy is "identical"; another shape is said as such."""
+    report_mod = _benchmarks_import("harness.report")
+    reference = np.zeros((2, 4, 4, 3), dtype=np.float32)
+    image = reference + np.float32(0.1)
+    image[1, 2, 3, 0] = 0.5
+    error = report_mod.image_error(image, reference)
+    assert error["max_abs_diff"] == pytest.approx(0.5, abs=1e-7)
+    assert error["psnr_db"] == pytest.approx(19.03, abs=0.005)
+    assert report_mod.image_error(reference.copy(), reference) == {"max_abs_diff": 0.0, "psnr_db": "identical"}
+    assert "shape" in report_mod.image_error(reference[:1], reference)
+
+
+def test_image_agreement_picks_the_fp32_reference(tmp_path):
+    """Against diffusers-fp32 when it ran, else diffrt-ort; a TAESD-decoder runner is left
+    out (another image by design); LCM's W1 only when every runner drew the same noise."""
+    report_mod = _benchmarks_import("harness.report")
+    reference = np.full((1, 4, 4, 3), 0.5, dtype=np.float32)
+    images = {"diffusers-fp32": reference, "diffrt-ort": reference + np.float32(0.01),
+              "diffrt-int8-ort": reference + np.float32(0.1), "diffrt-openvino-tiny-vae": reference + np.float32(0.3)}
+    runners = {}
+    for name, image in images.items():
+        cells = {}
+        for key in ("W1-256/b1", "W2-256/b1"):
+            path = tmp_path / f"{name}-{key.replace('/', '-')}.npy"
+            np.save(path, image)
+            cells[key] = {"runs": [{"seconds": 1.0}], "image": str(path)}
+        runners[name] = {"cells": cells, "decoder": "tiny" if "tiny-vae" in name else "full"}
+    order = ("diffusers-fp32", "diffrt-ort")
+    agreement = report_mod.image_agreement(runners, order, same_noise=True)
+    w2 = agreement["W2-256/b1"]
+    assert w2["reference"] == "diffusers-fp32" and set(w2["max_abs_diff"]) == set(images) - {"diffrt-openvino-tiny-vae"}
+    assert w2["max_abs_diff"]["diffrt-int8-ort"] == pytest.approx(0.1, abs=1e-6)
+    assert w2["psnr_db"]["diffrt-int8-ort"] == pytest.approx(20.0, abs=0.01)  # MSE 0.01
+    assert w2["psnr_db"]["diffrt-ort"] == pytest.approx(40.0, abs=0.01)  # MSE 1e-4
+    assert w2["psnr_db"]["diffusers-fp32"] == "identical"
+    assert "W1-256/b1" in agreement and "W1-256/b1" not in report_mod.image_agreement(runners, order)
+    del runners["diffusers-fp32"]
+    assert report_mod.image_agreement(runners, order)["W2-256/b1"]["reference"] == "diffrt-ort"
+
+
+def test_fast_mode_runners_are_in_the_table():
+    specs = _benchmarks_import("harness.specs")
+    for name, artifact in (("diffrt-int8-ort", "int8"), ("diffrt-int8-openvino", "int8"),
+                           ("diffrt-deepcache", "deepcache"), ("diffrt-deepcache-openvino", "deepcache")):
+        assert specs.RUNNERS[name].kind == "diffrt" and specs.RUNNERS[name].artifact == artifact
+    assert specs.RUNNERS["diffrt-int8-ort"].options["load"]["precision"] == "int8"
+    assert specs.RUNNERS["diffrt-deepcache"].options["call"] == {"cache": "deepcache:3"}
+    assert specs.KINDS[specs.RUNNERS["diffusers-deepcache"].kind].venv == "diffusers-deepcache"
+    assert specs.RUNNERS["diffusers-deepcache"].options["deepcache"] == {"cache_interval": 3, "cache_branch_id": 0}
+    assert specs.RUNNERS["diffusers-bf16"].requires_bf16
+    for name in ("optimum-intel-int8", "optimum-intel-int8-static"):
+        assert specs.KINDS[specs.RUNNERS[name].kind].script == "run_optimum_intel_int8.py"
+    prompts = (BENCHMARKS / "peers" / "calibration_prompts.txt").read_text().splitlines()
+    assert len([p for p in prompts if p.strip()]) >= 8
+
+
+def test_an_artifact_variant_diffrt_cannot_make_is_not_available(exported, tmp_path):
+    """A variant whose diffrt command does not exist (as `diffrt quantize` before int8
+    landed) marks its runners "not available: <the CLI's one line>", makes nothing, and
+    leaves the plain export as it was; the runners of other variants are untouched."""
+    import argparse
+
+    compare = _benchmarks_import("compare")
+    specs = _benchmarks_import("harness.specs")
+    prepare = _benchmarks_import("harness.prepare")
+    schedule = _benchmarks_import("harness.schedule")
+    artifact = tmp_path / "tiny" / "artifact"
+    artifact.parent.mkdir()
+    artifact.symlink_to(exported("sd15"), target_is_directory=True)
+    before = sorted(p.name for p in artifact.iterdir())
+    models = prepare.Models("sd15", tmp_path / "tiny", tmp_path / "tiny" / "checkpoint", artifact, tmp_path, 2, 4, 0.0)
+    missing = specs.ArtifactVariant("artifact-missing", ("no-such-command", "OUT"), copy_export=True)
+    original = dict(specs.ARTIFACT_VARIANTS)
+    specs.ARTIFACT_VARIANTS["missing"] = missing
+    try:
+        spec = specs.RunnerSpec("diffrt-missing", "diffrt", {"load": {}, "call": {}}, artifact="missing")
+        states = [schedule.RunnerState(spec, {"status": "ok"}),
+                  schedule.RunnerState(specs.RUNNERS["diffrt-ort"], {"status": "ok"})]
+        args = argparse.Namespace(workdir=tmp_path, run_timeout=300.0)
+        assert compare.prepare_variants(states, models, args) == {}
+    finally:
+        specs.ARTIFACT_VARIANTS.clear()
+        specs.ARTIFACT_VARIANTS.update(original)
+    status = states[0].result["status"]
+    assert status.startswith("not available: diffrt no-such-command (for artifact-missing): ")
+    assert "invalid choice: 'no-such-command'" in status and len(status.splitlines()) == 1
+    assert states[1].result["status"] == "ok"
+    assert not (tmp_path / "tiny" / "artifact-missing").exists()
+    assert sorted(p.name for p in artifact.iterdir()) == before
+
+
+@pytest.mark.parametrize("options", [{"load": {"backend": "ort", "precision": "int8"}},
+                                     {"load": {"backend": "ort"}, "call": {"cache": "deepcache:3"}}],
+                         ids=["int8", "deepcache"])
+def test_a_mode_the_artifact_lacks_is_not_available(exported, options, tmp_path):
+    """diffrt-int8 / diffrt-deepcache on an artifact without int8 or DeepCache graphs (the
+    plain export): the runner refuses with one line, reported "not available", never an
+    fp32 image timed as the fast mode."""
+    sys.path.insert(0, str(BENCHMARKS / "peers"))
+    try:
+        run_diffrt = importlib.import_module("run_diffrt")
+        worker = importlib.import_module("worker")
+    finally:
+        sys.path.remove(str(BENCHMARKS / "peers"))
+    latents = tmp_path / "latents.npy"
+    np.save(latents, np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32))
+    request = {"prompt": "a cat", "preset": None, "scheduler": "lcm", "scheduler_config": {}, "steps": 4,
+               "guidance_scale": 1.0, "height": 32, "width": 32, "batch": 1, "seed": 0, "latents": str(latents),
+               "vae_scale_factor": 2}
+    from diffrt.errors import DiffrtError
+
+    with pytest.raises((worker.Unavailable, DiffrtError)) as caught:
+        runner = run_diffrt.load(str(exported("sd15")), options)
+        runner.generate(request)
+    reply = worker._failure(caught.value, (DiffrtError,))
+    assert reply["kind"] == "unavailable" and reply["error"] and len(reply["error"].splitlines()) == 1
