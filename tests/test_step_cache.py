@@ -181,3 +181,24 @@ def test_a_cache_the_artifact_lacks_is_a_one_line_error(exported, cached_artifac
         for bad in ("deepcache", "deepcache:0", "fastcache:2", "deepcache:x", 3):
             with pytest.raises(DiffrtError, match="cache="):
                 pipe.request("a cat", cache=bad)
+
+
+def test_the_server_takes_cache_and_refuses_one_the_artifact_lacks(cached_artifact):
+    """/v1/generate's `cache` field: the served image is the pipeline's with the same
+    cache (and not the uncached one); an unknown cache is a 400 naming the field."""
+    pytest.importorskip("fastapi")
+    from serve_util import LiveServer, decode_npy
+
+    fast = {"num_inference_steps": 5, "scheduler": "euler", "size": "64x64", "seed": 3, "output_format": "npy"}
+    call = dict(num_inference_steps=5, scheduler="euler", height=64, width=64, seed=3, output_type="np")
+    with Pipeline.load(cached_artifact("sd15")) as pipe:
+        expected = pipe("a red cat", cache="deepcache:2", **call).images[0]
+        plain = pipe("a red cat", **call).images[0]
+        with LiveServer(pipe, warmup=False) as server:
+            status, _, body = server.post("/v1/generate", {"prompt": "a red cat", **fast, "cache": "deepcache:2"})
+            assert status == 200, body
+            served = decode_npy(body["images"][0]["b64"])
+            status, _, bad = server.post("/v1/generate", {"prompt": "a red cat", **fast, "cache": "fastcache:2"})
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    assert np.abs(served - plain).max() > 1e-4
+    assert status == 400 and bad["error"].get("param") == "cache", bad

@@ -122,6 +122,8 @@ class GenerateRequest(BaseModel):
     prompt_weighting: bool | Literal["compel", "a1111"] | None = Field(
         default=None, description="SD/SDXL: weighted and long prompts as compel reads them: true or \"compel\" "
                                   "((words)1.3, word+), \"a1111\" ((words:1.3), [words]); default off")
+    cache: str | None = Field(default=None, description="step cache: \"deepcache:3\" (the full UNet every 3rd step; "
+                                                         "an artifact exported with --step-cache deepcache); default off")
     options: dict[str, str | int | float | None] | None = Field(
         default=None, description="the model family's own options, e.g. SDXL {\"prompt_2\": ...}, "
                                   "{\"clip_skip\": 1}, SD3 {\"prompt_3\": ...}, Flux {\"max_sequence_length\": 256}")
@@ -134,7 +136,7 @@ _FIELD_OF_MESSAGE = (
     ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"),
     ("prompt_weighting", "prompt_weighting"), ("prompt", "prompt"),
     ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"), ("image", "image"),
-    ("strength", "strength"), ("mask_image", "mask"),
+    ("strength", "strength"), ("mask_image", "mask"), ("cache=", "cache"),
 )
 IMAGE_FORMATS = ("PNG", "JPEG")
 
@@ -201,7 +203,7 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
             "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
             "height": height, "width": width, "num_images_per_prompt": body.n, "seed": body.seed,
             "scheduler": body.scheduler, "preset": body.preset, "vae": body.vae, "loras": body.loras,
-            "strength": body.strength, "output_type": "np"}
+            "strength": body.strength, "cache": body.cache, "output_type": "np"}
     if body.image is not None:
         call["image"] = decode_image(body.image, config.max_side)
     if body.mask is not None:
@@ -231,7 +233,7 @@ def family_options(options: dict[str, Any] | None, max_chars: int) -> dict[str, 
 _CORE_FIELDS = frozenset({"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
                           "num_images_per_prompt", "seed", "scheduler", "preset", "vae", "loras", "strength",
                           "output_type", "image", "mask_image", "latents", "generator", "noise", "image_noise",
-                          "prompt_weighting"})
+                          "prompt_weighting", "cache"})
 
 
 def decode_image(value: str, max_side: int, param: str = "image") -> Any:
