@@ -218,6 +218,11 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
         raise DiffrtError(f"{folder} is an SDXL refiner: it continues a base model's latents; run "
                           f'diffrt generate BASE_ARTIFACT "prompt" --refiner {folder} (or give it --image PATH)')
     height, width = args.size if args.size else (None, None)
+    if getattr(args, "control_image", None):  # ControlNets: the first control image's size by default
+        from diffrt.runtime import controlnet
+
+        height, width = controlnet.default_size(controlnet.cli_images(args.control_image), height, width,
+                                                int(manifest.model["vae_scale_factor"]))
     refiner = getattr(args, "refiner", None)
     frac = getattr(args, "high_noise_frac", None)
     if frac is not None and refiner is None:
@@ -233,6 +238,10 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
         output_type="latent" if refiner else "pil", denoising_end=(0.8 if frac is None else frac) if refiner else None,
         image=image, **options,
     )
+    if hasattr(args, "control_image"):  # ControlNets (--control-image ...), checked before loading
+        from diffrt.runtime.controlnet import from_cli
+
+        request = from_cli(manifest, request, args)
     if getattr(args, "cache", None):  # the artifact must hold the step cache's graphs: checked before loading
         from diffrt.runtime.step_cache import check
 
@@ -732,6 +741,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, metavar="PATH",
                    help="with --image, SD 1.x/2.x and SDXL: inpaint where this mask is white (default strength as "
                         "diffusers' inpainting pipelines: SD 1.0, SDXL 0.9999; the checkpoint's size)")
+    p.add_argument("--control-image", action="append", default=None, metavar="PATH",
+                   help="with an artifact exported with --controlnet: the control image of each ControlNet, in "
+                        "export order ('none' for one not used); the size defaults to the first one's")
+    p.add_argument("--control-scale", type=float, nargs="+", default=None, metavar="X",
+                   help="controlnet_conditioning_scale: one for all ControlNets or one per ControlNet (default 1)")
+    p.add_argument("--control-start", type=float, nargs="+", default=None, metavar="S",
+                   help="control_guidance_start: the fraction of the steps where the ControlNets start (default 0)")
+    p.add_argument("--control-end", type=float, nargs="+", default=None, metavar="E",
+                   help="control_guidance_end: the fraction of the steps where they stop (default 1)")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="diffusers' guess_mode: ControlNets on the conditional rows only, residuals ramped")
     p.add_argument("--refiner", default=None, metavar="OUT2",
                    help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
     p.add_argument("--high-noise-frac", type=float, default=None,

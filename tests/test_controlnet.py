@@ -228,3 +228,32 @@ def fake_gpu(monkeypatch):
     import fake_gpu as fakes
 
     return fakes.install(monkeypatch)
+
+
+def test_cli_generate_with_control_images(sd, tmp_path):
+    """diffrt generate --control-image ... gives the API's image; a flag without
+    --control-image is a one-line error naming the flags."""
+    from test_cli import cli
+
+    ours, _, _, root = sd
+    controls = [_control(48, 64, seed=k) for k in range(2)]
+    for k, control in enumerate(controls):
+        control.save(tmp_path / f"c{k}.png")
+    out = tmp_path / "out.png"
+    result = cli("generate", str(root / "out"), "a cat", "--steps", "3", "--seed", "1", "--scheduler", "ddim",
+                 "--control-image", str(tmp_path / "c0.png"), "--control-image", str(tmp_path / "c1.png"),
+                 "--control-scale", "0.5", "1.2", "--control-start", "0", "0.2", "--control-end", "0.8",
+                 "--guess-mode", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    api = ours("a cat", control_image=controls, num_inference_steps=3, seed=1, scheduler="ddim",
+               controlnet_conditioning_scale=[0.5, 1.2], control_guidance_start=[0.0, 0.2], control_guidance_end=0.8,
+               guess_mode=True).images[0]
+    assert Image.open(out).size == (64, 48)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api))
+    plain = ours("a cat", num_inference_steps=3, seed=1, scheduler="ddim", height=48, width=64).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(api))
+
+    result = cli("generate", str(root / "out"), "a cat", "--control-scale", "0.5", "-o", str(tmp_path / "x.png"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "--control-scale" in lines[0], result.stderr
+    assert "--control-image" in lines[0]

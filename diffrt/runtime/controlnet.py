@@ -119,12 +119,8 @@ def check_request(manifest: Manifest, control_image: Any, height: int, width: in
     if not roles:
         raise DiffrtError("control_image: this artifact has no ControlNets; export it with "
                           "diffrt export SRC OUT --controlnet FOLDER")
-    if backend is not None and backend.name in ENGINE_BACKENDS:
-        raise DiffrtError(f"control_image: the {backend.name} backend has no ControlNet engines yet (diffrt build "
-                          "does not build them); run ControlNet requests on the ort or openvino backend")
-    if backend is not None and not backend.reads_graphs:
-        raise DiffrtError(f"control_image: the {backend.name} backend runs the checkpoint's own modules, not the "
-                          "artifact's ControlNet graphs; use the ort or openvino backend")
+    if backend is not None:
+        check_backend(backend)
     images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
     if len(images) != len(roles):
         raise DiffrtError(f"control_image: this artifact has {len(roles)} ControlNet(s) ({_describe(manifest, roles)}); "
@@ -146,6 +142,16 @@ def check_request(manifest: Manifest, control_image: Any, height: int, width: in
         _read(image, f"control_image[{k}]" if len(images) > 1 else "control_image"), height, width, c)
         for k, (image, c) in enumerate(zip(images, channels, strict=True)))
     return ControlRequest(pictures, tuple(scales), tuple(starts), tuple(ends), bool(guess_mode))
+
+
+def check_backend(backend: Any) -> None:
+    """Whether `backend` can run the artifact's ControlNet graphs (a one-line error if not)."""
+    if backend.name in ENGINE_BACKENDS:
+        raise DiffrtError(f"control_image: the {backend.name} backend has no ControlNet engines yet (diffrt build "
+                          "does not build them); run ControlNet requests on the ort or openvino backend")
+    if not backend.reads_graphs:
+        raise DiffrtError(f"control_image: the {backend.name} backend runs the checkpoint's own modules, not the "
+                          "artifact's ControlNet graphs; use the ort or openvino backend")
 
 
 def _read(image: Any, what: str) -> Image.Image | np.ndarray:
@@ -233,6 +239,7 @@ def _contexts(pipe: Any) -> tuple[Any, list[Any]]:
 def attach(pipe: Any, control: ControlRequest, plan: DenoisePlan, steps: int) -> tuple[DenoisePlan, Any]:
     """`plan` with the ControlNet hook added (outermost), and the residual UNet's context
     to run as the denoiser. `steps`: the run's denoiser calls (diffusers' len(timesteps))."""
+    check_backend(pipe.backend)
     unet, nets = _contexts(pipe)
     cfg = isinstance(plan.guidance, ClassifierFreeGuidance)
     conditional_only = control.guess_mode and cfg
@@ -274,3 +281,35 @@ def _zeros(sample: Any, facts: Mapping[str, Any], names: Sequence[str]) -> dict[
 
 
 __all__ = ["ControlRequest", "attach", "check_request", "default_size", "guess_scales", "preprocess"]
+
+
+# -- the CLI's flags ----------------------------------------------------------------------
+
+_FLAGS = {"control_image=": "--control-image", "control_image": "--control-image",
+          "controlnet_conditioning_scale": "--control-scale", "control_guidance_start": "--control-start",
+          "control_guidance_end": "--control-end", "guess_mode": "--guess-mode"}
+
+
+def cli_images(paths: Sequence[str] | None) -> list[str | None] | None:
+    """--control-image PATH (repeatable; 'none' for a ControlNet not used)."""
+    return None if not paths else [None if p.lower() == "none" else p for p in paths]
+
+
+def from_cli(manifest: Manifest, request: Any, args: Any) -> Any:
+    """`request` with the ControlNets of diffrt generate's flags (errors name the flags)."""
+    def one(values: Sequence[float] | None) -> Any:
+        return values[0] if values is not None and len(values) == 1 else values
+
+    try:
+        control = check_request(manifest, cli_images(getattr(args, "control_image", None)),
+                                request.settings.height, request.settings.width,
+                                one(getattr(args, "control_scale", None)), one(getattr(args, "control_start", None)),
+                                one(getattr(args, "control_end", None)), bool(getattr(args, "guess_mode", False)))
+    except DiffrtError as exc:
+        message = str(exc)
+        for name, flag in _FLAGS.items():
+            message = message.replace(name, flag)
+        raise DiffrtError(message.replace("--control-image too", "--control-image PATH too")) from None
+    if control is not None and request.from_image:
+        raise DiffrtError("--control-image with --image (ControlNet img2img/inpainting) is not supported yet")
+    return dataclasses.replace(request, controlnet=control)
