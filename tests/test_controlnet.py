@@ -257,3 +257,46 @@ def test_cli_generate_with_control_images(sd, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "--control-scale" in lines[0], result.stderr
     assert "--control-image" in lines[0]
+
+
+def test_server_generates_with_controlnets(sd):
+    """/v1/generate with `controlnets` (base64 images, scales, windows) and guess_mode
+    serves the pipeline's image; a count that does not match the artifact's ControlNets,
+    a corrupt or truncated image, an unknown key are 400s naming the field."""
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from serve_util import LiveServer, decode_npy
+
+    ours, _, _, _ = sd
+
+    def b64(image, cut=None):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return base64.b64encode(buffer.getvalue()[:cut]).decode()
+
+    controls = [_control(48, 64, seed=k) for k in range(2)]
+    nets = [{"image": b64(controls[0]), "scale": 0.7, "end": 0.6}, {"image": b64(controls[1]), "start": 0.3}]
+    call = {"prompt": "a barn", "num_inference_steps": 4, "seed": 21, "output_format": "npy", "size": "64x48",
+            "scheduler": "euler", "controlnets": nets, "guess_mode": True}
+    bad = [
+        ({**call, "controlnets": nets[:1]}, "controlnets"),
+        ({**call, "controlnets": [nets[0], {"image": b64(controls[1], cut=100)}]}, "controlnets[1].image"),
+        ({**call, "controlnets": [nets[0], {"image": "bm90IGFuIGltYWdl"}]}, "controlnets[1].image"),
+        ({**call, "controlnets": [nets[0], {**nets[1], "weight": 2}]}, None),
+        ({**call, "controlnets": [nets[0], {**nets[1], "start": 0.9, "end": 0.5}]}, "controlnets"),
+        ({k: v for k, v in call.items() if k != "controlnets"}, "controlnets"),
+    ]
+    with LiveServer(ours, warmup=False) as server:
+        status, _, answer = server.post("/v1/generate", call)
+        assert status == 200, answer
+        for body, param in bad:
+            status, _, error = server.post("/v1/generate", body)
+            assert 400 <= status < 500, (param, error)
+            if param is not None:
+                assert error["error"]["param"] == param, error
+    expected = ours("a barn", control_image=controls, controlnet_conditioning_scale=[0.7, 1.0],
+                    control_guidance_start=[0.0, 0.3], control_guidance_end=[0.6, 1.0], guess_mode=True,
+                    num_inference_steps=4, seed=21, height=48, width=64, scheduler="euler", output_type="np").images[0]
+    np.testing.assert_array_equal(decode_npy(answer["images"][0]["b64"]), expected)

@@ -96,6 +96,17 @@ class ImagesRequest(BaseModel):
     """diffrt's extra field: {name: strength} of LoRAs the server loaded (GET /v1/loras)."""
 
 
+class ControlNetInput(BaseModel):
+    """One ControlNet of the artifact (in export order) in `POST /v1/generate`'s `controlnets`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(default=None, description="its control image, base64 PNG/JPEG; null: not used")
+    scale: float | None = Field(default=None, description="controlnet_conditioning_scale (default 1)")
+    start: float | None = Field(default=None, description="control_guidance_start, fraction of the steps (default 0)")
+    end: float | None = Field(default=None, description="control_guidance_end, fraction of the steps (default 1)")
+
+
 class GenerateRequest(BaseModel):
     """`POST /v1/generate` (and `POST /v1/jobs`): every pipeline parameter."""
 
@@ -124,6 +135,9 @@ class GenerateRequest(BaseModel):
                                   "((words)1.3, word+), \"a1111\" ((words:1.3), [words]); default off")
     cache: str | None = Field(default=None, description="step cache: \"deepcache:3\" (the full UNet every 3rd step; "
                                                          "an artifact exported with --step-cache deepcache); default off")
+    controlnets: list[ControlNetInput] | None = Field(
+        default=None, description="one entry per ControlNet of the artifact (exported with --controlnet), in order")
+    guess_mode: bool = Field(default=False, description="with controlnets: diffusers' guess_mode")
     options: dict[str, str | int | float | None] | None = Field(
         default=None, description="the model family's own options, e.g. SDXL {\"prompt_2\": ...}, "
                                   "{\"clip_skip\": 1}, SD3 {\"prompt_3\": ...}, Flux {\"max_sequence_length\": 256}")
@@ -137,6 +151,7 @@ _FIELD_OF_MESSAGE = (
     ("prompt_weighting", "prompt_weighting"), ("prompt", "prompt"),
     ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"), ("image", "image"),
     ("strength", "strength"), ("mask_image", "mask"), ("cache=", "cache"),
+    ("control", "controlnets"), ("guess_mode", "guess_mode"),
 )
 IMAGE_FORMATS = ("PNG", "JPEG")
 
@@ -208,10 +223,26 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
         call["image"] = decode_image(body.image, config.max_side)
     if body.mask is not None:
         call["mask_image"] = decode_image(body.mask, config.max_side, "mask")
+    if body.controlnets is not None or body.guess_mode:
+        call.update(controlnet_call(body.controlnets, body.guess_mode, config.max_side))
     if body.prompt_weighting:  # off: not passed at all (families without it would refuse the name)
         call["prompt_weighting"] = body.prompt_weighting
     call = {k: v for k, v in call.items() if v is not None}
     return {**call, **family_options(body.options, config.max_prompt_chars)}
+
+
+def controlnet_call(controlnets: list[ControlNetInput] | None, guess_mode: bool, max_side: int) -> dict[str, Any]:
+    """`controlnets` as the pipeline's ControlNet keywords (it checks the count against
+    the artifact's ControlNets); each image decoded here, a bad one a 400 naming it."""
+    if not controlnets:
+        raise ApiError(400, "guess_mode is for a request with controlnets" if controlnets is None else
+                       "controlnets must hold one entry per ControlNet of the artifact", "controlnets")
+    images = [None if c.image is None else decode_image(c.image, max_side, f"controlnets[{k}].image")
+              for k, c in enumerate(controlnets)]
+    return {"control_image": images, "guess_mode": guess_mode,
+            "controlnet_conditioning_scale": [1.0 if c.scale is None else c.scale for c in controlnets],
+            "control_guidance_start": [0.0 if c.start is None else c.start for c in controlnets],
+            "control_guidance_end": [1.0 if c.end is None else c.end for c in controlnets]}
 
 
 def family_options(options: dict[str, Any] | None, max_chars: int) -> dict[str, Any]:
@@ -233,7 +264,8 @@ def family_options(options: dict[str, Any] | None, max_chars: int) -> dict[str, 
 _CORE_FIELDS = frozenset({"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
                           "num_images_per_prompt", "seed", "scheduler", "preset", "vae", "loras", "strength",
                           "output_type", "image", "mask_image", "latents", "generator", "noise", "image_noise",
-                          "prompt_weighting", "cache"})
+                          "prompt_weighting", "cache", "control_image", "controlnet_conditioning_scale",
+                          "control_guidance_start", "control_guidance_end", "guess_mode"})
 
 
 def decode_image(value: str, max_side: int, param: str = "image") -> Any:
