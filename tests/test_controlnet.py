@@ -300,3 +300,17 @@ def test_server_generates_with_controlnets(sd):
                     control_guidance_start=[0.0, 0.3], control_guidance_end=[0.6, 1.0], guess_mode=True,
                     num_inference_steps=4, seed=21, height=48, width=64, scheduler="euler", output_type="np").images[0]
     np.testing.assert_array_equal(decode_npy(answer["images"][0]["b64"]), expected)
+
+
+def test_openvino_runs_the_controlnet_graphs(sd, tmp_path):
+    """The same ONNX stages on OpenVINO (fp32 inference) give diffusers' image."""
+    pytest.importorskip("openvino")
+    _, ref, nets, root = sd
+    controls = [_control(48, 64, seed=k) for k in range(2)]
+    latents = _latents((1, 4, 24, 32), seed=9)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=48, width=64, output_type="np",
+              controlnet_conditioning_scale=[0.8, 1.1], control_guidance_start=[0.0, 0.25], guess_mode=True)
+    theirs = _reference(ref, nets, "euler")("a barn", image=controls, latents=latents, **kw).images
+    with Pipeline.load(root / "out", backend="openvino", precision="fp32", cache_dir=tmp_path) as ov:
+        got = ov("a barn", control_image=controls, latents=latents.numpy(), scheduler="euler", **kw).images
+    _compare(got, theirs, "openvino/two ControlNets/guess")
