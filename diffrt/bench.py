@@ -51,7 +51,7 @@ class BenchConfig:
 
     backend: str
     graph_precision: str | None = None
-    """"fp32", "fp16", "bf16" or None (the backend's own choice)."""
+    """"fp32", "fp16", "bf16", "int8" (`diffrt quantize`'s stages) or None (the backend's own choice)."""
     options: tuple[tuple[str, Any], ...] = ()
     """Backend options (-O KEY=VALUE), the same for every configuration of a run."""
     cache: str | None = None
@@ -72,9 +72,9 @@ def configs_from(backends: str, precisions: str | None, options: Mapping[str, An
     graphs: list[str | None] = [None]
     if precisions:
         graphs = [None if p.strip() == "default" else p.strip() for p in precisions.split(",") if p.strip()]
-        bad = [p for p in graphs if p not in (None, "fp32", "fp16", "bf16")]
+        bad = [p for p in graphs if p not in (None, "fp32", "fp16", "bf16", "int8")]
         if bad or not graphs:
-            raise DiffrtError(f"--precision {precisions!r}: a comma-separated list of default, fp32, fp16, bf16")
+            raise DiffrtError(f"--precision {precisions!r}: a comma-separated list of default, fp32, fp16, bf16, int8")
     configs = [BenchConfig(b, g, tuple(sorted((options or {}).items())), c) for b in names for g in graphs
                for c in _caches(caches)]
     if len(set(configs)) != len(configs):

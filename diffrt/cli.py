@@ -333,6 +333,32 @@ def cmd_lora_branches(args: argparse.Namespace) -> None:
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise DiffrtError(f"`diffrt quantize` needs onnx and onnxruntime ({exc}); install them with "
+                          "`pip install -e '.[int8]'` in a diffrt clone") from None
+    from diffrt.artifacts import read_manifest
+    from diffrt.export.calibration import CalibrationSettings
+    from diffrt.export.quantize import quantize_artifact
+
+    settings = None
+    if args.calibration_size is not None or args.calibration_steps is not None:
+        height, width = args.calibration_size or (256, 256)
+        settings = CalibrationSettings(steps=args.calibration_steps or 4, height=height, width=width)
+    t0 = time.perf_counter()
+    for spec in quantize_artifact(args.out, method=args.method, stages=args.stages, prompts=args.prompts,
+                                  exclude=args.exclude, settings=settings):
+        info = spec.facts["int8"]
+        kept = ", ".join(f"{g} ({n} nodes)" for g, n in info["excluded"].items()) or "nothing"
+        print(f"added {spec.name} ({info['method']}, {info['tool']}): relative RMS error vs {spec.reference} "
+              f"{info['error']['rms_relative']:.3g}, max abs {spec.max_abs_error:.3g}; kept in float: {kept}")
+    psnr = read_manifest(args.out).checks.get("int8", {}).get("image_psnr_db")
+    print(f"done in {time.perf_counter() - t0:.1f}s" + (f"; image PSNR vs fp32 {psnr} dB" if psnr else ""))
+
+
 def _generate(args: argparse.Namespace, folder: Path, outputs: list[Path]) -> None:
     from diffrt.runtime.pipeline import Pipeline, generate_with_refiner
 
@@ -633,8 +659,9 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE",
                    help="a backend option, repeatable: ort: intra_op_num_threads; openvino: precision=fp32|bf16|fp16, "
                         "num_threads, num_streams, performance_hint=latency|throughput")
-    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16"),
-                   help="which of the artifact's graphs to run (default: the backend's choice; ort: fp32 on a CPU)")
+    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16", "int8"),
+                   help="which of the artifact's graphs to run (default: the backend's choice; ort: fp32 on a CPU); "
+                        "int8: the stages `diffrt quantize` added")
     p.add_argument("--attention", default=None, choices=("fused", "portable"),
                    help="fused or portable attention graphs (default: ort fused, openvino portable)")
     p.add_argument("--vae", default=None,
@@ -709,6 +736,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_branch_args(p, "--rank")
     p.set_defaults(func=cmd_lora_branches)
 
+    p = sub.add_parser("quantize", parents=[common],
+                       help="add int8 stages (denoiser; text encoders with --stages) beside the fp32 ones")
+    p.add_argument("out", help="artifact folder written by `diffrt export`")
+    p.add_argument("--method", default="static", choices=("dynamic", "static", "weights", "hybrid"),
+                   help="dynamic, static (ONNX Runtime: int8 MatMul weights / calibrated QDQ, default), weights, "
+                        "hybrid (NNCF, the int8 extra: weight-only / optimum-intel's hybrid)")
+    p.add_argument("--stages", default=None, help="roles to quantize, comma-separated (default: the denoiser), "
+                   "e.g. unet,text_encoder")
+    p.add_argument("--prompts", default=None, help="calibration prompts, one per line (default: the list that "
+                   "ships with diffrt); the last 4 measure the error")
+    p.add_argument("--exclude", default="auto", help="node groups kept in float: auto (measured, default), none, "
+                   "or a list of time_embedding,time_emb_proj,conv_in,conv_out,attention_scores,text_projection")
+    p.add_argument("--calibration-steps", type=int, default=None, help="denoising steps per prompt (default 4)")
+    p.add_argument("--calibration-size", type=_size, default=None, help="WIDTHxHEIGHT of the calibration runs "
+                   "(default: the checkpoint's size, at most 256)")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("generate", parents=[common], help="generate images from an artifact folder")
     p.add_argument("out", help="artifact folder written by `diffrt export`")
     _add_generation_args(p)
@@ -766,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="timed runs (rounds) per configuration (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="calls per configuration before the timed ones, kept out of the statistics (default 1)")
     p.add_argument("--precision", default=None, metavar="LIST",
-                   help="graph precisions to compare, comma-separated: default, fp32, fp16, bf16 (with --backend "
+                   help="graph precisions to compare, comma-separated: default, fp32, fp16, bf16, int8 (with --backend "
                         "ort,openvino: every pair); default: the backend's choice")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse", help="the prompt of every run")
     p.add_argument("--prompts", default=None, metavar="FILE",
@@ -822,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ort",
                    help="inference backend: ort, openvino, tensorrt or torch (default ort)")
     p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE", help="a backend option, repeatable")
-    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16", "int8"),
                    help="which of the artifact's graphs to run (default: the backend's choice)")
     p.add_argument("--attention", default=None, choices=("fused", "portable"), help="fused or portable attention graphs")
     p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",

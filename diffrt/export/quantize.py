@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from diffrt.artifacts import DEFAULT_VARIANT, Manifest, StageSpec, file_record, read_manifest, write_manifest
+from diffrt.artifacts import (
+    DEFAULT_VARIANT,
+    Manifest,
+    StageSpec,
+    file_mode,
+    file_record,
+    read_manifest,
+    write_manifest,
+)
 from diffrt.errors import DiffrtError
 from diffrt.export.calibration import CalibrationSettings, collect, read_prompts
 from diffrt.export.passes.int8 import CALIBRATED, METHODS, NNCF_METHODS, SENSITIVE_GROUPS, group_nodes, require_nncf
@@ -128,12 +136,20 @@ def _quantize_locked(folder: Path, manifest: Manifest, family, roles: list[str],
 def _build(folder: Path, source: StageSpec, method: str, feeds, fresh, excluding, scratch: Path,
            calibration: dict[str, Any]) -> tuple[Path, StageSpec]:
     """Quantize one stage into a scratch folder (choosing the exclusions); its spec."""
+    from diffrt.export.passes.int8 import readable_copy
+
+    with readable_copy(folder / source.name, scratch) as readable:  # copied once for all the trials when hard-linked
+        return _build_from(readable, source, method, feeds, fresh, excluding, scratch, calibration)
+
+
+def _build_from(stage_dir: Path, source: StageSpec, method: str, feeds, fresh, excluding, scratch: Path,
+                calibration: dict[str, Any]) -> tuple[Path, StageSpec]:
     import onnx
 
     from diffrt.export.onnx_graph import GRAPH_NAME
 
-    reference = _run(folder / source.name, fresh)
-    graph = onnx.load(str(folder / source.name / GRAPH_NAME), load_external_data=False)
+    reference = _run(stage_dir, fresh)
+    graph = onnx.load(str(stage_dir / GRAPH_NAME), load_external_data=False)
     candidates = [g for g in SENSITIVE_GROUPS if group_nodes(graph, g)]
     del graph
     calib = feeds if method in CALIBRATED else ()
@@ -141,7 +157,7 @@ def _build(folder: Path, source: StageSpec, method: str, feeds, fresh, excluding
 
     def attempt(groups: tuple[str, ...]) -> tuple[Path, dict[str, float]]:
         out = scratch / f"{source.name}-{len(trials)}"
-        _quantize(folder / source.name, out, method, calib, groups)
+        _quantize(stage_dir, out, method, calib, groups)
         error = _error(reference, _run(out, fresh))
         trials.append({"exclude": list(groups), **error})
         logger.info("%s %s, float: %s -> relative RMS error %.3g", source.name, method, ",".join(groups) or "none",
@@ -233,6 +249,8 @@ def _publish(folder: Path, manifest: Manifest, family, built: dict[str, tuple[Pa
             target = folder / spec.name
             staged = folder / f".{spec.name}.new-{os.getpid()}"
             shutil.copytree(scratch_dir, staged)
+            for path in staged.iterdir():  # ONNX Runtime writes its external data 0600: the umask's mode, as export
+                path.chmod(file_mode())
             moved.append(staged)
             if target.exists():
                 shutil.rmtree(target)

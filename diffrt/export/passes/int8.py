@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +90,11 @@ def quantize_stage(source_dir: str | os.PathLike, out_dir: str | os.PathLike, me
     excluded = sorted({name for group in exclude for name in group_nodes(graph, group)})
     out.mkdir(parents=True)
     try:
-        if method in NNCF_METHODS:
-            _nncf(source, out, method, calibration, excluded)
-        else:
-            _ort(source, out, method, calibration, excluded)
+        with readable_copy(source, out.parent) as readable:
+            if method in NNCF_METHODS:
+                _nncf(readable, out, method, calibration, excluded)
+            else:
+                _ort(readable, out, method, calibration, excluded)
     except BaseException:
         for path in out.iterdir():
             path.unlink()
@@ -99,6 +103,25 @@ def quantize_stage(source_dir: str | os.PathLike, out_dir: str | os.PathLike, me
     files = [out / GRAPH_NAME] + ([out / EXTERNAL_DATA_NAME] if (out / EXTERNAL_DATA_NAME).exists() else [])
     logger.info("%s -> %s: int8 (%s), %d nodes kept in float", source, out, method, len(excluded))
     return files
+
+
+@contextmanager
+def readable_copy(stage_dir: Path, scratch: Path | None = None) -> Iterator[Path]:
+    """The stage folder itself, or a private copy when a file of it has several hard
+    links: onnx (1.17+) refuses to read external data through a hard-linked file (a
+    fused-attention graph shares its weights file with the portable one by a hard link,
+    diffrt.export.variants), and ONNX Runtime's and NNCF's quantizers read with onnx.
+    The copy goes under `scratch` (default: beside the stage folder)."""
+    if all(p.stat().st_nlink == 1 for p in stage_dir.iterdir() if p.is_file()):
+        yield stage_dir
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{stage_dir.name}-copy-", dir=scratch or stage_dir.parent) as tmp:
+        copy = Path(tmp) / stage_dir.name
+        copy.mkdir()
+        for path in stage_dir.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, copy / path.name)
+        yield copy
 
 
 def require_nncf() -> None:
@@ -143,25 +166,40 @@ class _Reader:
 
 
 def _nncf(source: Path, out: Path, method: str, calibration, excluded: list[str]) -> None:
+    """NNCF's ONNX backend, weights left on disk where they are external: it reads them
+    from `external_data_dir` (a graph over protobuf's 2 GiB cannot be held inline)."""
     require_nncf()
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, AdvancedSmoothQuantParameters
 
-    model = onnx.load(str(source / GRAPH_NAME), load_external_data=True)
-    scope = nncf.IgnoredScope(names=excluded, validate=False)
-    if method == "weights":
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
-    else:
-        with_weights = _matmuls_with_weights(model)
-        # 1. weight-only int8 for the MatMuls that have weights (not the convolutions)
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                      ignored_scope=nncf.IgnoredScope(names=excluded, types=["Conv"], validate=False))
+    model = onnx.load(str(source / GRAPH_NAME), load_external_data=False)
+    with_weights = _matmuls_with_weights(model)
+    model = nncf.compress_weights(
+        model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+        # hybrid: weight-only int8 for the MatMuls that have weights, not the convolutions (quantized fully below)
+        ignored_scope=nncf.IgnoredScope(names=excluded, types=["Conv"] if method == "hybrid" else [], validate=False),
+        advanced_parameters=AdvancedCompressionParameters(backend_params=_data_dir(source)))
+    if method == "hybrid":
         # 2. weights and activations of the rest (convolutions, attention's activation MatMuls), calibrated
-        dataset = nncf.Dataset([dict(f) for f in calibration])
-        full_scope = nncf.IgnoredScope(names=sorted({*excluded, *with_weights}), validate=False)
-        model = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
-                              ignored_scope=full_scope,
-                              advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=-1))
+        with tempfile.TemporaryDirectory(prefix=".hybrid-", dir=out.parent) as middle:
+            save_graph(_one_dimensional_scales(model), Path(middle))
+            del model
+            model = onnx.load(str(Path(middle) / GRAPH_NAME), load_external_data=False)
+            dataset = nncf.Dataset([dict(f) for f in calibration])
+            model = nncf.quantize(
+                model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
+                ignored_scope=nncf.IgnoredScope(names=sorted({*excluded, *with_weights}), validate=False),
+                advanced_parameters=nncf.AdvancedQuantizationParameters(  # no SmoothQuant, as optimum-intel
+                    smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1),
+                    backend_params=_data_dir(Path(middle))))
     save_graph(_one_dimensional_scales(model), out)
+
+
+def _data_dir(stage_dir: Path) -> dict[str, str]:
+    from nncf.onnx.quantization.backend_parameters import BackendParameters
+
+    external = (stage_dir / EXTERNAL_DATA_NAME).exists()
+    return {BackendParameters.EXTERNAL_DATA_DIR: str(stage_dir.resolve())} if external else {}
 
 
 def _one_dimensional_scales(model: onnx.ModelProto) -> onnx.ModelProto:

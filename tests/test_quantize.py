@@ -1,0 +1,227 @@
+"""`diffrt quantize`: int8 stages beside the fp32 ones (diffrt.export.quantize).
+
+The expected values come from outside the code under test: each int8 graph is run
+here with onnxruntime / OpenVINO directly on fresh inputs drawn in the test and
+compared with the fp32 graph's outputs; a copy of the int8 graph with its
+dequantization scales deliberately wrong must miss the same bound (so the bound can
+tell a broken quantization); int8-ness is read from the graph file itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from diffrt.errors import ArtifactError, DiffrtError
+from diffrt.export.calibration import CalibrationSettings
+from diffrt.export.quantize import quantize_artifact
+from tests.conftest import copy_artifact
+
+PROMPTS = ["a red fox in the snow", "a city at night", "a bowl of fruit", "an old car on a dirt road",
+           "a portrait of a woman", "a mountain lake", "a robot in a kitchen", "a ship in a storm"]
+# Relative RMS error of the int8 UNet's output vs fp32 on the test's fresh inputs. Measured on the
+# tiny models: dynamic ~0.01, weights ~0.01, static ~0.1, hybrid ~0.07; scales off by 1.5x: > 0.3.
+BOUND = 0.25
+
+
+def _quantize(exported, tmp_path_factory, method: str, stages: str = "unet", exclude: str = "conv_in") -> Path:
+    folder = copy_artifact(exported("sd15"), tmp_path_factory.mktemp(f"int8-{method}") / "artifact")
+    prompts = folder.parent / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    quantize_artifact(folder, method=method, stages=stages, prompts=prompts, exclude=exclude,
+                      settings=CalibrationSettings(steps=2, height=64, width=64))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, tmp_path_factory):
+    """quantized(method) -> an artifact copy with int8 stages by that method (cached)."""
+    cache: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in cache:
+            stages = "unet,text_encoder" if method == "static" else "unet"
+            cache[method] = _quantize(exported, tmp_path_factory, method, stages)
+        return cache[method]
+
+    return get
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _fresh_unet_inputs(folder: Path) -> list[dict[str, np.ndarray]]:
+    """UNet inputs drawn here: noise-like samples at several timesteps, conditioning from
+    the fp32 text encoder on random token ids (CFG-sized batches of 2)."""
+    rng = np.random.default_rng(1234)
+    encoder = _session(folder / "text_encoder" / "model.onnx")
+    feeds = []
+    for t in (999.0, 600.0, 250.0, 20.0):
+        ids = rng.integers(0, 1000, size=(2, 77), dtype=np.int64)
+        hidden = encoder.run(["last_hidden_state"], {"input_ids": ids})[0]
+        sample = rng.standard_normal((2, 4, 8, 8), dtype=np.float32) * (1.0 if t > 500 else 0.5)
+        feeds.append({"sample": sample, "timestep": np.full(2, t, np.float32), "encoder_hidden_states": hidden})
+    return feeds
+
+
+def _relative_rms(reference_graph: Path, graph: Path, feeds) -> float:
+    ref, got = _session(reference_graph), _session(graph)
+    diff = norm = 0.0
+    for f in feeds:
+        a = ref.run(None, f)[0].astype(np.float64)
+        b = got.run(None, f)[0].astype(np.float64)
+        diff += float(np.sum((a - b) ** 2))
+        norm += float(np.sum(a ** 2))
+    return float(np.sqrt(diff / norm))
+
+
+def _with_scales_times(graph: Path, factor: float, out: Path) -> Path:
+    """A copy of an int8 graph whose dequantization scales of weights are off by `factor`."""
+    model = onnx.load(str(graph))
+    weights = {t.name for t in model.graph.initializer
+               if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    for tensor in model.graph.initializer:
+        if tensor.name in scales:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(factor), tensor.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def _graph_facts(graph: Path) -> dict[str, int]:
+    model = onnx.load(str(graph), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    return {"int8_initializers": sum(t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                                     for t in model.graph.initializer),
+            **{op: ops.count(op) for op in ("QuantizeLinear", "DequantizeLinear", "MatMulInteger")}}
+
+
+@pytest.mark.parametrize("method", ["static", "dynamic", "weights", "hybrid"])
+def test_int8_unet_is_int8_smaller_and_close_to_fp32(quantized, method, tmp_path):
+    if method in ("weights", "hybrid"):
+        pytest.importorskip("nncf", reason="the int8 extra (nncf) is not installed")
+    folder = quantized(method)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stage = manifest["stages"]["unet-int8"]
+    assert (stage["role"], stage["variant"], stage["precision"]) == ("unet", "default", "int8")
+    assert stage["facts"]["int8"]["method"] == method and stage["reference"] == "unet"
+    assert stage["facts"]["int8"]["excluded"] == {"conv_in": 1}
+    assert "int8" in manifest["precisions"] and "image_psnr_db" in manifest["checks"]["int8"]
+
+    graph, fp32 = folder / "unet-int8" / "model.onnx", folder / "unet" / "model.onnx"
+    facts = _graph_facts(graph)
+    assert facts["int8_initializers"] > 0
+    if method in ("static", "hybrid"):
+        assert facts["QuantizeLinear"] > 0  # activations quantized too
+    if method == "dynamic":
+        assert facts["MatMulInteger"] > 0
+    if method == "weights":
+        assert facts["DequantizeLinear"] > 0 and facts["QuantizeLinear"] == 0
+    # dynamic int8 leaves the convolutions' weights in fp32 (the tiny UNet's are ~40% of its weights)
+    assert graph.stat().st_size < (0.85 if method == "dynamic" else 0.6) * fp32.stat().st_size
+
+    feeds = _fresh_unet_inputs(folder)
+    error = _relative_rms(fp32, graph, feeds)
+    assert 0.0 < error < BOUND
+    if facts["DequantizeLinear"]:  # the bound tells a quantization with wrong scales
+        broken = _with_scales_times(graph, 1.5, tmp_path / "broken.onnx")
+        assert _relative_rms(fp32, broken, feeds) > BOUND
+
+
+def test_the_recorded_error_is_the_error_against_fp32(quantized):
+    """The manifest's max_abs_error is of the same order as the difference measured here."""
+    folder = quantized("static")
+    stage = json.loads((folder / "manifest.json").read_text())["stages"]["unet-int8"]
+    ref, got = _session(folder / "unet" / "model.onnx"), _session(folder / "unet-int8" / "model.onnx")
+    measured = max(float(np.abs(ref.run(None, f)[0] - got.run(None, f)[0]).max()) for f in _fresh_unet_inputs(folder))
+    assert stage["max_abs_error"] > 0 and 0.2 < stage["max_abs_error"] / measured < 5
+
+
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_pipeline_runs_int8_stages(quantized, backend):
+    pytest.importorskip("openvino" if backend == "openvino" else "onnxruntime")
+    from diffrt import Pipeline
+
+    folder = quantized("static")
+    images = {}
+    for precision in ("fp32", "int8"):
+        with Pipeline.load(folder, backend=backend, graph_precision=precision, verify="full") as pipe:
+            chosen = {s.spec.role: s.spec for s in pipe._models.values()}
+            images[precision] = pipe("a photo of a cat", num_inference_steps=3, seed=7, output_type="np").images
+    assert chosen["unet"].name == "unet-int8" and chosen["text_encoder"].name == "text_encoder-int8"
+    assert chosen["vae_decoder"].precision == "fp32"  # not quantized: the artifact's default
+    mse = float(np.mean((images["fp32"].astype(np.float64) - images["int8"]) ** 2))
+    assert np.isfinite(images["int8"]).all() and 0.0 < mse < 0.01  # PSNR > 20 dB, yet not the fp32 image
+
+
+def test_an_edited_int8_file_is_refused(quantized, tmp_path):
+    from diffrt import Pipeline
+
+    folder = copy_artifact(quantized("static"), tmp_path / "artifact")
+    graph = folder / "unet-int8" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="unet-int8/model.onnx"):
+        Pipeline.load(folder, backend="ort", graph_precision="int8", verify="full")
+
+
+def test_requantizing_replaces_the_int8_stage(exported, tmp_path_factory):
+    folder = _quantize(exported, tmp_path_factory, "dynamic", exclude="none")
+    before = (folder / "unet-int8" / "model.onnx").read_bytes()
+    prompts = folder.parent / "prompts.txt"
+    quantize_artifact(folder, method="static", prompts=prompts, exclude="none",
+                      settings=CalibrationSettings(steps=1, height=64, width=64), image_check=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [n for n, s in manifest["stages"].items() if s["precision"] == "int8"] == ["unet-int8"]
+    assert manifest["stages"]["unet-int8"]["facts"]["int8"]["method"] == "static"
+    assert (folder / "unet-int8" / "model.onnx").read_bytes() != before
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no scratch left in the artifact
+
+
+def test_auto_exclusion_records_its_trials(exported, tmp_path_factory):
+    folder = _quantize(exported, tmp_path_factory, "dynamic", exclude="auto")
+    info = json.loads((folder / "manifest.json").read_text())["stages"]["unet-int8"]["facts"]["int8"]
+    # the groups that exist in an SD UNet graph; dynamic int8 touches only MatMul/Gemm
+    assert {"time_embedding", "conv_in", "conv_out", "attention_scores"} <= set(info["candidates"])
+    assert len(info["trials"]) == 1 + len(info["candidates"])
+    assert set(info["excluded"]) <= set(info["candidates"])
+
+
+def test_without_int8_stages_int8_is_a_one_line_error(exported):
+    from diffrt import Pipeline
+
+    with pytest.raises(ArtifactError, match="diffrt quantize") as caught:
+        Pipeline.load(exported("sd15"), backend="ort", graph_precision="int8")
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_nncf_names_the_extra(exported, tmp_path, monkeypatch, capsys):
+    from diffrt.cli import main
+
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf -> ImportError
+    folder = copy_artifact(exported("sd15"), tmp_path / "artifact")
+    with pytest.raises(DiffrtError, match=r"\[int8\]"):
+        quantize_artifact(folder, method="hybrid")
+    assert main(["quantize", str(folder), "--method", "weights"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "nncf" in err and "[int8]" in err and "\n" not in err
+    assert not [n for n in json.loads((folder / "manifest.json").read_text())["stages"] if n.endswith("-int8")]
+
+
+def test_bad_options_are_one_line_errors(exported, tmp_path):
+    folder = copy_artifact(exported("sd15"), tmp_path / "artifact")
+    for kwargs, match in (({"method": "int4"}, "--method"), ({"stages": "vae_decoder"}, "--stages"),
+                          ({"exclude": "everything"}, "--exclude")):
+        with pytest.raises(DiffrtError, match=match) as caught:
+            quantize_artifact(folder, **kwargs)
+        assert "\n" not in str(caught.value)
