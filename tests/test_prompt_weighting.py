@@ -145,11 +145,15 @@ def test_a1111_syntax_is_compel_on_the_converted_text(pipes, prompt):
     assert weights == pytest.approx({"a": 1.1 * 1.1, "b": 1 / 1.1, "c": 0.6})
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-def test_image_matches_diffusers_given_compels_embeddings(pipes, kind):
+@pytest.mark.parametrize("kind, backend", [("sd15", "ort"), ("sdxl", "ort"), ("sd15", "openvino")])
+def test_image_matches_diffusers_given_compels_embeddings(pipes, exported, kind, backend):
     """diffusers' pipeline with compel's prompt_embeds (+ pooled for SDXL) and diffrt with
-    prompt_weighting on: the same image from the same latents."""
+    prompt_weighting on: the same image from the same latents (OpenVINO at fp32
+    inference precision, which every CPU has)."""
     ours_pipe, ref, comp = pipes(kind)
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+        ours_pipe = Pipeline.load(exported(kind), backend="openvino", precision="fp32")
     sdxl = kind == "sdxl"
     prompt, negative = PROMPTS["nested"], "ugly, (blurry)1.3"
     cond, pooled = _theirs(comp, [prompt, negative], sdxl)
@@ -162,8 +166,10 @@ def test_image_matches_diffusers_given_compels_embeddings(pipes, kind):
                      negative_pooled_prompt_embeds=torch.from_numpy(pooled[1:]))
     theirs = ref(latents=latents, **given, **kw).images
     ours = ours_pipe(prompt, negative_prompt=negative, latents=latents.numpy(), prompt_weighting=True, **kw).images
+    if backend == "openvino":
+        ours_pipe.close()
     diff = float(np.abs(ours - theirs).max())
-    print(f"{kind} image: max abs difference {diff:.2e}")
+    print(f"{kind} {backend} image: max abs difference {diff:.2e}")
     assert diff <= IMAGE_TOLERANCE
 
 
