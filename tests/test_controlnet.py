@@ -180,6 +180,21 @@ def test_bad_inputs_are_one_line_errors(sd, tmp_path, exported):
         plain.request("a cat", control_image=control)
 
 
+def test_loras_and_image_are_refused_with_controlnets(sd, tiny_checkpoint, tmp_path):
+    """Merged LoRAs change the plain UNet's weights, not the residual UNet's: a request
+    with both would silently lose the LoRA, so it is refused (as ControlNet img2img)."""
+    from test_lora import make_lora
+
+    ours, _, _, _ = sd
+    control = _control(48, 64)
+    ours.load_lora("style", make_lora(tiny_checkpoint("sd15"), tmp_path / "lora", seed=3))
+    for kwargs, expected in ((dict(loras={"style": 0.8}), "LoRAs"), (dict(image=control), "image=")):
+        with pytest.raises(DiffrtError) as info:
+            ours.request("a cat", control_image=[control, None], height=48, width=64, **kwargs)
+        assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+    ours.request("a cat", loras={"style": 0.8}, height=48, width=64)  # without ControlNets, as before
+
+
 def test_controlnet_for_another_base_is_refused(sd, tiny_checkpoint, tmp_path):
     """A ControlNet of another base (SDXL's: other cross_attention_dim and added
     conditioning) is a one-line export error naming the folder and what differs."""

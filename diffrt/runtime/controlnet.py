@@ -236,10 +236,26 @@ def _contexts(pipe: Any) -> tuple[Any, list[Any]]:
 
 # -- the hook ----------------------------------------------------------------------------
 
-def attach(pipe: Any, control: ControlRequest, plan: DenoisePlan, steps: int) -> tuple[DenoisePlan, Any]:
+def check_combination(pipe: Any, request: Any) -> None:
+    """What a ControlNet request cannot be combined with yet (one-line errors): a start
+    from an image, LoRAs (merged LoRAs change the plain UNet's weights, not the residual
+    graph's), a pipeline running LoRA-branch graphs."""
+    if request.controlnet is None:
+        return
+    check_backend(pipe.backend)
+    if request.from_image:
+        raise DiffrtError("control_image with image= (ControlNet img2img/inpainting) is not supported yet")
+    if request.loras or pipe._branches is not None:
+        raise DiffrtError("control_image with LoRAs is not supported yet: the UNet taking ControlNet residuals holds "
+                          "the exported weights only (load the pipeline with lora_branches=False and run ControlNet "
+                          "requests without loras)")
+
+
+def attach(pipe: Any, request: Any, plan: DenoisePlan, steps: int) -> tuple[DenoisePlan, Any]:
     """`plan` with the ControlNet hook added (outermost), and the residual UNet's context
     to run as the denoiser. `steps`: the run's denoiser calls (diffusers' len(timesteps))."""
-    check_backend(pipe.backend)
+    check_combination(pipe, request)
+    control = request.controlnet
     unet, nets = _contexts(pipe)
     cfg = isinstance(plan.guidance, ClassifierFreeGuidance)
     conditional_only = control.guess_mode and cfg
@@ -312,4 +328,4 @@ def from_cli(manifest: Manifest, request: Any, args: Any) -> Any:
         raise DiffrtError(message.replace("--control-image too", "--control-image PATH too")) from None
     if control is not None and request.from_image:
         raise DiffrtError("--control-image with --image (ControlNet img2img/inpainting) is not supported yet")
-    return dataclasses.replace(request, controlnet=control)
+    return dataclasses.replace(request, controlnet=control)  # the rest is checked when it runs (check_combination)

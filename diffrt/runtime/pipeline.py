@@ -361,9 +361,8 @@ class Pipeline:
         control = controlnet.check_request(self.manifest, control_image, request.settings.height,
                                            request.settings.width, controlnet_conditioning_scale, control_guidance_start,
                                            control_guidance_end, guess_mode, self.backend)
-        if control is not None and request.from_image:
-            raise DiffrtError("control_image with image= (ControlNet img2img/inpainting) is not supported yet")
         request = dataclasses.replace(self.with_loras(request, loras), controlnet=control)
+        controlnet.check_combination(self, request)  # not with image=, LoRAs (yet)
         self._prompt_chunks(request)  # weighted prompts: their syntax, and a long one on a fixed-length UNet
         request = dataclasses.replace(request, cache=step_cache.check_request(self, request, cache))  # "deepcache:3"
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
@@ -566,7 +565,7 @@ class Pipeline:
         counted = (0, len(run.timesteps), 0) if first.strength is not None else (done, steps, extra)  # img2img: its part
         denoiser = self._contexts[self.family.DENOISER]
         if first.controlnet is not None:  # ControlNets run in a hook; the UNet variant taking residuals denoises
-            on_device, denoiser = controlnet.attach(self, first.controlnet, on_device, len(run.timesteps))
+            on_device, denoiser = controlnet.attach(self, first, on_device, len(run.timesteps))
         if first.cache is not None:  # a step cache answers each call with its own UNet graphs
             on_device = step_cache.attach(self, first.cache, on_device)
         sample, timings["denoiser_calls"] = denoise(on_device, run, sample, denoiser, rng, self._to_device, progress,
