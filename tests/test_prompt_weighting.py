@@ -113,6 +113,28 @@ def test_embeddings_match_compel(pipes, kind, name):
         np.testing.assert_allclose(ours_pooled, theirs_pooled, rtol=0, atol=EMBEDDING_TOLERANCE)
 
 
+def test_clip_skip_output_is_weighted_as_compel_weights_the_penultimate_layer(pipes):
+    """clip_skip=1 conditions on the penultimate layer, final-normed (diffusers' rule):
+    compel's PENULTIMATE_HIDDEN_STATES_NORMALIZED, weighted the same way."""
+    from types import SimpleNamespace
+
+    ours_pipe, ref, _ = pipes("sd15")
+    encoder = ref.text_encoder
+    if not hasattr(encoder, "text_model"):
+        # compel 2.5 reads text_encoder.text_model.final_layer_norm, a level transformers 5
+        # removed (AttributeError): give its own code the path it expects
+        object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
+    comp = Compel(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder, truncate_long_prompts=False,
+                  downweight_mode=DownweightMode.REMOVE,
+                  returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED)
+    texts = [PROMPTS["nested"], PROMPTS["long"]]
+    with torch.no_grad():
+        theirs = comp(texts).numpy()
+    encode = prompt_weighting.weighted_encoder(ours_pipe._encode, ours_pipe.tokenizers, "compel", 1)
+    ours = encode("text_encoder", texts)["skip_hidden_states"][:, 1]
+    assert float(np.abs(ours - theirs).max()) <= EMBEDDING_TOLERANCE
+
+
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_token_ids_match_compel(pipes, name):
     """The chunked token ids of the full prompt are compel's tokenization."""
@@ -267,3 +289,28 @@ def test_server_prompt_weighting_field(pipes):
         status, _, body = server.post("/v1/generate", {"prompt": "a (red cat", "prompt_weighting": True, **fast})
         assert status == 400, body
         assert body["error"]["param"] == "prompt_weighting" and "unbalanced '('" in body["error"]["message"]
+
+
+def test_refiner_handoff_weights_the_refiners_prompt_too(pipes, exported):
+    """base + refiner in one call with prompt_weighting: the refiner reads the prompt
+    with weights as well (its image is the two calls spelled out, both weighted), not as
+    plain text."""
+    base, _, _ = pipes("sdxl")
+    refiner = Pipeline.load(exported("sdxl-refiner"))
+    prompt = "a (lighthouse)1.4 at dusk-"
+    shape = base.family.latent_shape(base.facts, 1, 64, 64)
+    latents = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, height=64, width=64, scheduler="euler", seed=2)
+    together = base(prompt, latents=latents, refiner=refiner, high_noise_frac=0.5, output_type="np",
+                    prompt_weighting=True, **kw).images
+    handed = base(prompt, latents=latents, denoising_end=0.5, output_type="latent", prompt_weighting=True,
+                  **kw).images
+    kw.pop("height"), kw.pop("width")
+
+    def refine(weighting):
+        return refiner(prompt, image=handed, denoising_start=0.5, output_type="np", prompt_weighting=weighting,
+                       **kw).images
+
+    np.testing.assert_allclose(together, refine(True), atol=1e-6)
+    assert np.abs(together - refine(None)).max() > 1e-4
+    refiner.close()

@@ -40,7 +40,7 @@ TINY_VAE_DECODER = sd.TINY_VAE_DECODER
 TOKENIZER_OF = {TEXT_ENCODER: "tokenizer", TEXT_ENCODER_2: "tokenizer_2"}
 DECODER_MEMORY_FACTS = sd.DECODER_MEMORY_FACTS
 # Options a base hands on to a refiner with its latents.
-HANDOFF_OPTIONS: tuple[str, ...] = ("prompt_2", "negative_prompt_2")
+HANDOFF_OPTIONS: tuple[str, ...] = ("prompt_2", "negative_prompt_2", "prompt_weighting")
 
 # latent-consistency/lcm-sdxl's model card: guidance_scale=8.0 with its guidance embedding.
 LCM_GUIDANCE_SCALE = 8.0
@@ -92,7 +92,7 @@ PRESETS = {
 }
 
 # Request options only this family takes (diffusers' argument names).
-PROMPT_OPTIONS = HANDOFF_OPTIONS
+PROMPT_OPTIONS = ("prompt_2", "negative_prompt_2")
 SIZE_OPTIONS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                 "negative_crops_coords_top_left", "negative_target_size")
 SCORE_OPTIONS = ("aesthetic_score", "negative_aesthetic_score")

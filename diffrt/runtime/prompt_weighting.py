@@ -176,6 +176,14 @@ def count_chunks(tokenizer: Any, texts: Sequence[str], syntax: str) -> int:
 
 # -- embeddings ------------------------------------------------------------------------
 
+def _one_chunk(tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """The texts' ids as the plain path makes them (truncated to one chunk, padded),
+    without its truncation warning: the whole text is encoded in chunks as well."""
+    texts = [tokenizer.expand_prompt(t[: tokenizer.max_prompt_chars]) for t in texts]
+    return np.array([e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)],
+                    dtype=np.int64)
+
+
 def _token_axis(array: np.ndarray) -> int | None:
     """The token axis of an encoder output: (batch, seq, hidden) -> 1, clip_skip's
     (batch, layers, seq, hidden) -> 2; pooled (batch, hidden) -> None."""
@@ -212,7 +220,7 @@ def encode_weighted(run: EncodeIds, tokenizer: Any, texts: Sequence[str], syntax
 
     empty_row = row(v.empty)
     index = [[[row(chunk) for chunk in ids] for ids, _ in p.variants] for p in parsed]
-    pooled_ids = tokenizer([p.pooled_text for p in parsed])
+    pooled_ids = _one_chunk(tokenizer, [p.pooled_text for p in parsed])
     pooled_rows = [row(ids) for ids in pooled_ids]
     out = {name: np.asarray(a) for name, a in run(np.stack(ordered)).items()}
     result = {}
