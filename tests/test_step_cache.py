@@ -202,3 +202,52 @@ def test_the_server_takes_cache_and_refuses_one_the_artifact_lacks(cached_artifa
     np.testing.assert_allclose(served, expected, atol=1e-6)
     assert np.abs(served - plain).max() > 1e-4
     assert status == 400 and bad["error"].get("param") == "cache", bad
+
+
+@pytest.fixture(scope="module")
+def flux_cached(tmp_path_factory):
+    """(checkpoint, artifact exported with --step-cache fbcache) of the tiny Flux-dev model."""
+    from diffrt.export import export
+    from diffrt.export.tiny import make_tiny_flux
+
+    checkpoint = make_tiny_flux(tmp_path_factory.mktemp("ckpt-flux-dev") / "checkpoint", kind="flux-dev")
+    artifact = tmp_path_factory.mktemp("fbcache-flux-dev") / "artifact"
+    export(checkpoint, artifact, step_cache="fbcache")
+    return checkpoint, artifact
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6])
+def test_flux_first_block_cache_matches_diffusers(flux_cached, threshold):
+    """diffusers' FirstBlockCacheConfig on FluxPipeline is the reference: the same image
+    within 1e-4 and the same number of steps on which the other blocks did not run
+    (counted on diffusers' side by the last block's output projection, which runs only
+    when that block computes). Both thresholds skip steps on this model."""
+    import diffusers
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    checkpoint, artifact = flux_cached
+    ref = diffusers.FluxPipeline.from_pretrained(checkpoint)
+    ref.set_progress_bar_config(disable=True)
+    h, w = 48 // ref.vae_scale_factor, 64 // ref.vae_scale_factor
+    latents = ref._pack_latents(torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(1)), 1, 16, h, w)
+    call = dict(prompt="a photo of a cat", height=48, width=64, output_type="np", num_inference_steps=12,
+                guidance_scale=3.5, max_sequence_length=32)
+    uncached = ref(latents=latents, **call).images
+    computed = []
+    handle = ref.transformer.single_transformer_blocks[-1].proj_out.register_forward_hook(
+        lambda *args: computed.append(1))
+    ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    try:
+        theirs = ref(latents=latents, **call).images
+    finally:
+        ref.transformer.disable_cache()
+        handle.remove()
+    with Pipeline.load(artifact) as pipe:
+        result = pipe(latents=latents.numpy(), cache=f"fbcache:{threshold}", **call)
+    diff = float(np.abs(result.images - theirs).max())
+    skipped = call["num_inference_steps"] - len(computed)
+    print(f"fbcache:{threshold}: diffusers skipped {skipped} of 12 steps, diffrt {result.timings['cached_steps']}; "
+          f"max abs difference {diff:.2e}")
+    assert skipped > 0 and np.abs(theirs - uncached).max() > 10 * TOLERANCE  # the skips move the image
+    assert result.timings["cached_steps"] == skipped
+    assert diff <= TOLERANCE

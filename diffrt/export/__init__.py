@@ -112,7 +112,9 @@ def export(
     controlnet_<i>, with the UNet also as a variant taking their residuals
     (diffrt/export/controlnet.py).
     `step_cache`: "deepcache" or "deepcache:BRANCH": the UNet also as DeepCache's full
-    and shallow graphs, for requests with cache="deepcache:N" (diffrt/export/deepcache.py)."""
+    and shallow graphs, for requests with cache="deepcache:N" (diffrt/export/deepcache.py);
+    "fbcache" (Flux): the transformer also as First-Block Cache's head and tail graphs, for
+    cache="fbcache:T" (diffrt/export/fbcache.py)."""
     started = time.perf_counter()
     out = Path(out)
     precisions = parse_precisions(precision)
@@ -131,7 +133,7 @@ def export(
         raise DiffrtError(f"{folder} holds a {pipeline_class}, not a {fam.NAME} pipeline; use --family auto")
     scheduler = _default_scheduler(folder)  # before the long part: a bad config fails fast
     fused = read_loras(loras)  # likewise a bad LoRA file
-    cache_branch = _check_step_cache(step_cache, fam)  # and a step cache the family has no graphs for
+    cache_kind = _check_step_cache(step_cache, fam)  # and a step cache the family has no graphs for
     baked = prepare_embeddings(textual_inversion, folder, fam)  # and a bad embedding file
     safety = _check_safety_checker(safety_checker, folder)  # and a folder that is not a safety checker
 
@@ -145,7 +147,7 @@ def export(
         try:
             manifest = _export_into(staging, source_id or src, folder, fam, pipeline_class, scheduler, precisions,
                                     opset, tiny_vae, fused_attention, fused, baked, safety=safety,
-                                    controlnets=controlnets, cache_branch=cache_branch)
+                                    controlnets=controlnets, step_cache=cache_kind)
             _apply_umask_modes(staging)
             publish(staging, out, replaces)
         except BaseException:
@@ -158,17 +160,23 @@ def export(
 def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, scheduler: str,
                  precisions: tuple[str, ...], opset: int, tiny_vae, fused_attention: bool,
                  loras: Sequence = (), baked=None, safety: Path | None = None, controlnets: Sequence = (),
-                 cache_branch: int | None = None) -> Manifest:
+                 step_cache: tuple[str, int] | None = None) -> Manifest:
     """Write the whole artifact into `staging`; returns its manifest."""
     model, stages, feeds = _export_stages(fam, folder, staging, opset, tiny_vae, loras, baked, safety, controlnets)
     if controlnets and fused_attention:  # the ControlNets' and the residual UNet's fused graphs
         from diffrt.export.controlnet import derive_fused
 
         stages.update(derive_fused(stages, feeds, staging))
-    if cache_branch is not None:  # DeepCache's full and shallow UNet graphs (and their fused forms)
+    if step_cache is not None and step_cache[0] == "fbcache":  # First-Block Cache's head and tail graphs
+        from diffrt.export import fbcache
+
+        cached, cache_feeds = fbcache.export_stages(fam, folder, staging, opset, model, loras)
+        stages.update(cached)
+        feeds.update(cache_feeds)
+    elif step_cache is not None:  # DeepCache's full and shallow UNet graphs (and their fused forms)
         from diffrt.export import deepcache
 
-        cached, cache_feeds = deepcache.export_stages(fam, folder, staging, opset, model, cache_branch, loras)
+        cached, cache_feeds = deepcache.export_stages(fam, folder, staging, opset, model, step_cache[1], loras)
         stages.update(cached)
         feeds.update(cache_feeds)
         if fused_attention:
@@ -217,17 +225,22 @@ def _export_into(staging: Path, src, folder: Path, fam, pipeline_class: str, sch
     return manifest
 
 
-def _check_step_cache(value: str | None, fam) -> int | None:
-    """--step-cache: the DeepCache branch to export for, or None (checked before the long part)."""
+def _check_step_cache(value: str | None, fam) -> tuple[str, int] | None:
+    """--step-cache: ("deepcache", branch) or ("fbcache", 0), or None (checked before the long part)."""
     if value is None:
         return None
+    if value.strip().lower() == "fbcache":
+        if fam.NAME != "flux":
+            raise DiffrtError(f"--step-cache fbcache: First-Block Cache graphs are made for Flux models; this is "
+                              f"{fam.NAME} (UNets: --step-cache deepcache)")
+        return ("fbcache", 0)
     from diffrt.export.deepcache import parse_option
 
     branch = parse_option(value)
     if fam.DENOISER != "unet":
         raise DiffrtError(f"--step-cache {value}: DeepCache is for UNet models (SD 1.x/2.x, SDXL); {fam.NAME} has "
-                          "none")
-    return branch
+                          "none (Flux: --step-cache fbcache)")
+    return ("deepcache", branch)
 
 
 def _check_safety_checker(value, folder: Path) -> Path | None:

@@ -570,6 +570,8 @@ class Pipeline:
             on_device = step_cache.attach(self, first.cache, on_device)
         sample, timings["denoiser_calls"] = denoise(on_device, run, sample, denoiser, rng, self._to_device, progress,
                                                     counted)
+        if first.cache is not None:  # calls the step cache answered without the full denoiser
+            timings["cached_steps"] = step_cache.cached_steps(on_device)
         timings["denoiser"] = float(sum(timings["denoiser_calls"]))
         return sample, plan, timings
 

@@ -33,7 +33,8 @@ from diffrt.errors import ArtifactError, DiffrtError
 logger = logging.getLogger(__name__)
 
 DEEPCACHE = "deepcache"
-KINDS = (DEEPCACHE,)
+FBCACHE = "fbcache"
+KINDS = (DEEPCACHE, FBCACHE)
 FULL_VARIANT = "deepcache-full"
 SHALLOW_VARIANT = "deepcache-shallow"
 VARIANTS = (FULL_VARIANT, SHALLOW_VARIANT)
@@ -42,20 +43,32 @@ FEATURE = "deepcache_feature"
 FACT = "deepcache"
 """The stages' facts key: {"branch": b, "block": b // 3, "layer": b % 3}."""
 EXPORT_FLAG = "--step-cache deepcache"
+# First-Block Cache (diffusers' FirstBlockCacheConfig) for Flux: diffrt/export/fbcache.py
+HEAD_VARIANT = "fbcache-head"
+TAIL_VARIANT = "fbcache-tail"
+FB_TAIL_RESIDUAL = "fbcache_tail_residual"
+FB_FIRST_RESIDUAL = "fbcache_first_residual"
+FB_HIDDEN = "fbcache_hidden"
+FB_ENCODER = "fbcache_encoder"
 FUSED_PREFIX = "fused-attention+"
 _OPEN_LOCK = threading.Lock()  # concurrent workers open the cache's graphs once
 
 
 @dataclass(frozen=True)
 class StepCache:
-    """A request's step cache: `kind` ("deepcache"), `interval` (a full step every N)
-    and `branch` (None: the one the artifact was exported for)."""
+    """A request's step cache: `kind` "deepcache" with `interval` (a full step every N)
+    and `branch` (None: the one the artifact was exported for), or "fbcache" with
+    `threshold` (the other blocks are skipped while the first block's residual changes
+    by at most this, relative)."""
 
     kind: str
-    interval: int
+    interval: int = 1
     branch: int | None = None
+    threshold: float | None = None
 
     def __str__(self) -> str:
+        if self.kind == FBCACHE:
+            return f"{self.kind}:{self.threshold:g}"
         return f"{self.kind}:{self.interval}" + ("" if self.branch is None else f":{self.branch}")
 
 
@@ -71,8 +84,17 @@ def parse(value: Any) -> StepCache | None:
         return None
     kind, _, rest = text.partition(":")
     if kind not in KINDS:
-        raise DiffrtError(f"cache={value!r}: unknown step cache {kind!r}; use 'deepcache:N' (N: a full UNet "
-                          "step every N steps, e.g. deepcache:3) or 'off'")
+        raise DiffrtError(f"cache={value!r}: unknown step cache {kind!r}; use 'deepcache:N' (UNets: a full UNet "
+                          "step every N steps, e.g. deepcache:3), 'fbcache:T' (Flux, e.g. fbcache:0.12) or 'off'")
+    if kind == FBCACHE:
+        try:
+            threshold = float(rest)
+        except ValueError:
+            threshold = -1.0
+        if not 0.0 <= threshold < 10.0:
+            raise DiffrtError(f"cache={value!r}: use 'fbcache:T' with a threshold T >= 0, e.g. fbcache:0.12 "
+                              "(higher skips more steps)")
+        return StepCache(kind, threshold=threshold)
     parts = rest.split(":") if rest else []
     if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
         raise DiffrtError(f"cache={value!r}: use 'deepcache:N' or 'deepcache:N:BRANCH' with whole numbers "
@@ -96,6 +118,11 @@ def check(manifest: Any, denoiser: str, value: Any) -> StepCache | None:
     cache = parse(value)
     if cache is None:
         return None
+    if cache.kind == FBCACHE:
+        if not any(s.role == denoiser and s.variant == HEAD_VARIANT for s in manifest.stages.values()):
+            raise DiffrtError(f"cache={str(cache)!r}: this artifact has no First-Block Cache graphs; re-export it "
+                              "with `diffrt export SRC OUT --step-cache fbcache` (Flux models)")
+        return cache
     branch = exported_branch(manifest.stages, denoiser)
     if branch is None:
         kind = "a UNet" if denoiser == "unet" else f"a {denoiser}"
@@ -127,12 +154,21 @@ def check_request(pipe: Any, request: Any, value: Any) -> StepCache | None:
 
 def attach(pipe: Any, cache: StepCache, plan: Any) -> Any:
     """`plan` with the cache's hook innermost (it answers in place of the UNet)."""
-    full, shallow = _contexts(pipe)
-    hook = DeepCacheHook(full, shallow, cache.interval)
+    if cache.kind == FBCACHE:
+        hook: Any = FirstBlockCacheHook(*_contexts(pipe, (HEAD_VARIANT, TAIL_VARIANT)), cache.threshold)
+    else:
+        hook = DeepCacheHook(*_contexts(pipe, VARIANTS), cache.interval)
     return dataclasses.replace(plan, denoiser_hooks=(*plan.denoiser_hooks, hook))
 
 
-def _contexts(pipe: Any) -> tuple[Any, Any]:
+def cached_steps(plan: Any) -> int | None:
+    """How many denoiser calls of the run just made the plan's step cache answered
+    without the full model (None: the plan has no step cache)."""
+    hooks = [h for h in plan.denoiser_hooks if isinstance(h, (DeepCacheHook, FirstBlockCacheHook))]
+    return hooks[-1].cached_steps if hooks else None
+
+
+def _contexts(pipe: Any, variants: tuple[str, str]) -> tuple[Any, Any]:
     """The full and shallow graphs' contexts. Their models are opened by the first
     cached request (uncached pipelines never load them) in the plain UNet's precision
     and attention form (the portable graph where a shallow path has no attention),
@@ -142,7 +178,7 @@ def _contexts(pipe: Any) -> tuple[Any, Any]:
     prefix = FUSED_PREFIX if plain.variant == FUSED_VARIANT else ""
     found = []
     with _OPEN_LOCK:
-        for variant in VARIANTS:
+        for variant in variants:
             key = f"{denoiser}:{variant}"
             if key not in pipe._models:
                 spec = _select(pipe.manifest, denoiser, prefix, variant, plain.precision)
@@ -176,7 +212,7 @@ class DeepCacheHook:
         self.full, self.shallow, self.interval = full, shallow, interval
         self.feature: Any = None
         self.full_steps = 0
-        self.shallow_steps = 0
+        self.cached_steps = 0
 
     def __call__(self, i: int, feeds: Mapping[str, Any], call_next: Any) -> Mapping[str, Any]:
         foreign = sorted(set(feeds) - {t.name for t in self.full.spec.inputs})
@@ -188,12 +224,56 @@ class DeepCacheHook:
             self.feature = outputs[FEATURE]
             self.full_steps += 1
             return outputs
-        self.shallow_steps += 1
+        self.cached_steps += 1
         # the shallow graph takes only what its path reads (branch 0 of a UNet whose last
         # up block has no attention reads no text embeddings)
         wanted = {t.name for t in self.shallow.spec.inputs}
         return self.shallow.run({**{k: v for k, v in feeds.items() if k in wanted}, FEATURE: self.feature})
 
 
-__all__ = ["DEEPCACHE", "FEATURE", "FULL_VARIANT", "SHALLOW_VARIANT", "DeepCacheHook", "StepCache", "attach",
+class FirstBlockCacheHook:
+    """A DenoisePlan denoiser hook for First-Block Cache, as diffusers' FBCHeadBlockHook
+    decides: the head graph runs every step; when the relative mean absolute change of
+    its first-block residual from the last fully computed step's is at most `threshold`
+    (always computed on the first step), the head's own answer (its hidden states plus
+    the cached residual of the other blocks) is the step's output; otherwise the tail
+    graph runs and its residual is cached."""
+
+    def __init__(self, head: Any, tail: Any, threshold: float):
+        self.head, self.tail, self.threshold = head, tail, threshold
+        self.first_residual: Any = None
+        self.tail_residual: Any = None
+        self.computed = 0
+        self.cached_steps = 0
+
+    def __call__(self, i: int, feeds: Mapping[str, Any], call_next: Any) -> Mapping[str, Any]:
+        from diffrt.runtime import arrays
+
+        foreign = sorted(set(feeds) - {t.name for t in self.head.spec.inputs})
+        if foreign:
+            raise DiffrtError(f"the step cache's transformer graphs do not take {', '.join(foreign)}; run that "
+                              "request with cache='off'")
+        sample = feeds["hidden_states"]
+        xp = arrays.namespace(sample)
+        residual = self.tail_residual
+        if residual is None:  # nothing cached yet: the head's answer is not used
+            inner = self.head.spec.input(FB_TAIL_RESIDUAL).shape[-1]
+            residual = xp.zeros((*sample.shape[:2], inner), dtype=sample.dtype)
+        head = self.head.run({**feeds, FB_TAIL_RESIDUAL: residual})
+        current = head[FB_FIRST_RESIDUAL]
+        if self.first_residual is not None and self.tail_residual is not None:
+            change = float(xp.mean(xp.abs(current - self.first_residual)) / xp.mean(xp.abs(self.first_residual)))
+            if not change > self.threshold:
+                self.cached_steps += 1
+                return {"out_sample": head["out_sample"]}
+        self.first_residual = current
+        wanted = {t.name for t in self.tail.spec.inputs}
+        tail = self.tail.run({**{k: v for k, v in feeds.items() if k in wanted}, FB_HIDDEN: head[FB_HIDDEN],
+                              FB_ENCODER: head[FB_ENCODER]})
+        self.tail_residual = tail[FB_TAIL_RESIDUAL]
+        self.computed += 1
+        return {"out_sample": tail["out_sample"]}
+
+
+__all__ = ["DEEPCACHE", "FBCACHE", "FEATURE", "FirstBlockCacheHook", "FULL_VARIANT", "SHALLOW_VARIANT", "DeepCacheHook", "StepCache", "attach",
            "check", "check_request", "exported_branch", "parse"]
