@@ -667,9 +667,8 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("--vae", default=None,
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
     p.add_argument("--cache", default=None, metavar="SPEC",
-                   help="step cache: off (default), deepcache:N (the full UNet every N steps, its shallow part "
-                        "between) or fbcache:T (Flux: the blocks after the first skipped while its residual moves "
-                        "by at most T); needs an artifact exported with --step-cache; bench: a comma list "
+                   help="step cache: off (default) or deepcache:N (the full UNet every N steps, its shallow part "
+                        "between; needs an artifact exported with --step-cache deepcache); bench: a comma list "
                         "compared side by side, e.g. off,deepcache:3")
     verify = p.add_mutually_exclusive_group()
     verify.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
@@ -716,10 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-checker", default=None, metavar="FOLDER",
                    help="also export this saved StableDiffusionSafetyChecker folder ('checkpoint': SRC's own "
                         "safety_checker/), run after decoding with diffrt generate --safety")
-    p.add_argument("--step-cache", default=None, metavar="deepcache[:BRANCH]|fbcache",
+    p.add_argument("--step-cache", default=None, metavar="deepcache[:BRANCH]",
                    help="also export the UNet as DeepCache's full and shallow graphs, for generate --cache "
-                        "deepcache:N (BRANCH: the cache branch, default 0, DeepCache's shallowest); fbcache (Flux): "
-                        "the transformer as First-Block Cache's head and tail graphs, for --cache fbcache:T")
+                        "deepcache:N (BRANCH: the cache branch, default 0, DeepCache's shallowest)")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="also export this saved diffusers ControlNetModel folder (and the UNet taking its residuals), "
                         "used with diffrt generate --control-image; repeatable (several ControlNets at once)")
@@ -783,10 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a multiple of the VAE's scale factor, unless --size)")
     p.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule to redo, in (0, 1] (default diffusers': SD 0.8, "
-                        "SDXL 0.3)")
+                        "SDXL 0.3, SD3 and Flux 0.6)")
     p.add_argument("--mask", default=None, metavar="PATH",
-                   help="with --image, SD 1.x/2.x and SDXL: inpaint where this mask is white (default strength as "
-                        "diffusers' inpainting pipelines: SD 1.0, SDXL 0.9999; the checkpoint's size)")
+                   help="with --image: inpaint where this mask is white (default strength as diffusers' inpainting "
+                        "pipelines: SD 1.0, SDXL 0.9999, SD3 and Flux 0.6; the checkpoint's size)")
     p.add_argument("--control-image", action="append", default=None, metavar="PATH",
                    help="with an artifact exported with --controlnet: the control image of each ControlNet, in "
                         "export order ('none' for one not used); the size defaults to the first one's")

@@ -54,6 +54,13 @@ HANDOFF_OPTIONS: tuple[str, ...] = ()
 # stack into one batch only when they agree on these (Pipeline.batch_key).
 BATCH_OPTIONS = ("max_sequence_length",)
 
+# img2img as diffusers' FluxImg2ImgPipeline: default strength 0.6, its strength rule (no int(),
+# schedulers.strength_window "sd3"), the noise mixed in by the flow-match scheduler's
+# add_noise (scale_noise), and without height/width the checkpoint's size (not the picture's).
+IMG2IMG_STRENGTH = 0.6
+STRENGTH_RULE = "sd3"
+INPAINT_STRENGTH = 0.6  # diffusers' FluxInpaintPipeline default too
+START_IMAGE_SIZE = "checkpoint"
 PATCH = 2  # latents are packed in 2x2 patches: (C, H, W) -> (H/2 * W/2 tokens, 4C)
 ID_AXES = 3  # rotary position ids per token: (0, row, column); text tokens all (0, 0, 0)
 # T5 prompt lengths (diffusers' FluxPipeline takes max_sequence_length <= 512): schnell
@@ -169,8 +176,10 @@ def takes_image(model: Any) -> bool:
 
 
 def inpainting(model: Any) -> str | None:
-    """Not yet for this family: mask_image= is refused in one line."""
-    return None
+    """As diffusers' FluxInpaintPipeline: the known region blended back after every step
+    (a Flux Fill transformer (its own pipeline): not supported, refused in one line)."""
+    f = _f(model)
+    return "blend" if int(f.transformer_in_channels) == PATCH * PATCH * int(f.latent_channels) else None
 
 
 def keeps_fp32(model: Any, spec) -> str:

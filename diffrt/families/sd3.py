@@ -47,6 +47,13 @@ DECODER_MEMORY_FACTS = sd.DECODER_MEMORY_FACTS
 HANDOFF_OPTIONS: tuple[str, ...] = ()
 # Options that size the conditioning: requests batch together only when they agree (Pipeline.batch_key).
 BATCH_OPTIONS = ("max_sequence_length",)
+# img2img as diffusers' StableDiffusion3Img2ImgPipeline: default strength 0.6, its strength rule (no int(),
+# schedulers.strength_window "sd3"), the noise mixed in by the flow-match scheduler's
+# add_noise (scale_noise), and without height/width the checkpoint's size (not the picture's).
+IMG2IMG_STRENGTH = 0.6
+STRENGTH_RULE = "sd3"
+INPAINT_STRENGTH = 0.6  # diffusers' StableDiffusion3InpaintPipeline default too
+START_IMAGE_SIZE = "checkpoint"
 # diffusers' StableDiffusion3Pipeline default (max_sequence_length=256).
 DEFAULT_MAX_SEQUENCE_LENGTH = 256
 # The transformer's sequence axis: CLIP's tokens, then T5's (or its zeros).
@@ -176,8 +183,10 @@ def takes_image(model: Any) -> bool:
 
 
 def inpainting(model: Any) -> str | None:
-    """Not yet for this family: mask_image= is refused in one line."""
-    return None
+    """As diffusers' StableDiffusion3InpaintPipeline: the known region blended back after every step
+    (a 33-channel inpainting transformer: not supported, refused in one line)."""
+    f = _f(model)
+    return "blend" if int(f.latent_channels) == int(f.noise_channels) else None
 
 
 def keeps_fp32(model: Any, spec) -> str:

@@ -17,6 +17,11 @@ do it. Torch-free.
    (`run.add_noise(x0, noise, 0)`). A request that gives `denoising_start` (a refiner
    continuing a base's latents) starts there and adds no noise, as diffusers does.
 
+Flow-matching families (SD3, Flux; StableDiffusion3Img2ImgPipeline, FluxImg2ImgPipeline)
+take the same path: the flow-match scheduler's add_noise is diffusers' scale_noise, the
+family names its strength rule (request.strength_rule: "sd3"), and Flux packs the
+noised latents (and, inpainting, the blended arrays) into its 2x2 layout.
+
 Latents given as `image=` ((batch, latent channels, h, w), e.g. a base model's
 output_type="latent") skip 1-2: the refiner hand-off is this path with denoising_start.
 
@@ -229,7 +234,7 @@ def plan_run(request: Any, **schedule: Any) -> Any:
     if request.strength is None:
         return plan_window(scheduler, n, request.denoising_start, request.denoising_end, **schedule)
     schedule = {k: v for k, v in schedule.items() if v is not None}
-    begin, end = strength_window(n, request.strength, scheduler.order)
+    begin, end = strength_window(n, request.strength, scheduler.order, rule=request.strength_rule)
     if request.denoising_end is not None:  # SDXL img2img: begin from the strength, end from denoising_end
         full = scheduler.plan(n, **schedule).timesteps
         end = denoising_window(full, int(scheduler.config["num_train_timesteps"]),

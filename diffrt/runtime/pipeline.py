@@ -339,14 +339,17 @@ class Pipeline:
         img2img: `image` is a picture (PIL RGB image, file path, or (H, W, 3) array:
         uint8, or float in [0, 1]) or latents (batch, latent channels, h, w); the output
         has the picture's size rounded down to a multiple of the VAE's scale factor
-        unless height/width are given (then it is resized to them). `strength` in (0, 1]
-        (default diffusers': SD 0.8, SDXL 0.3) is how much of the schedule is redone.
+        unless height/width are given (then it is resized to them; SD3 and Flux: the
+        checkpoint's size unless given, as diffusers'). `strength` in (0, 1]
+        (default diffusers': SD 0.8, SDXL 0.3, SD3 and Flux 0.6) is how much of the
+        schedule is redone.
         `noise` (batch, C, h, w), the noise added at the start step, and `image_noise`
         (1 or batch, C, h, w), the VAE encoder's sample noise, replace those draws;
         `sample_mode="argmax"` takes the encoder's mode instead of a sample
         (diffrt.runtime.img2img). Inpainting (SD 1.x/2.x and SDXL, regular and 9-channel inpainting
-        UNets): `mask_image` (white = repaint, the picture's size; default strength 1.0,
-        SDXL 0.9999, and the checkpoint's size, as diffusers' inpainting pipelines).
+        UNets; SD3 and Flux, regular transformers): `mask_image` (white = repaint, the
+        picture's size; default strength 1.0, SDXL 0.9999, SD3 and Flux 0.6, and the
+        checkpoint's size, as diffusers' inpainting pipelines).
         ControlNets (an artifact exported with --controlnet): `control_image` (one per
         ControlNet), `controlnet_conditioning_scale`, `control_guidance_start`/`_end` (a
         number, or one per ControlNet), `guess_mode`, as diffusers' ControlNet pipelines;
@@ -439,7 +442,8 @@ class Pipeline:
 
         img2img: `image=` a picture (PIL image, path or array) and `strength=` (see
         `request`; also `noise`, `image_noise`, `sample_mode`), as diffusers'
-        StableDiffusionImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline. Its random
+        StableDiffusionImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline (SD3, Flux: their
+        img2img pipelines). Its random
         draws, in order: the VAE encoder's sample, the noise added at the start step.
         """
         call = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
@@ -548,8 +552,10 @@ class Pipeline:
             timings["vae_encoder"] = time.perf_counter() - t0
             sample = self._to_device(plan.pack(start))
             if first.mask is not None and first.masked_pixels is None:  # 4-channel: the known region put back
+                # in the scheduler's layout (Flux: packed; the mask on every latent channel first)
+                blend = (known, noise, np.ascontiguousarray(np.broadcast_to(first.mask, known.shape)))
                 on_device = dataclasses.replace(on_device, after_step=img2img.keep_unmasked(
-                    run, *(self._to_device(a) for a in (known, noise, first.mask))))
+                    run, *(self._to_device(np.ascontiguousarray(plan.pack(a))) for a in blend)))
         elif first.latents is not None:
             sample = self._to_device((first.latents * sigma).astype(np.float32))
         else:

@@ -98,6 +98,9 @@ class Request:
     noise: np.ndarray | None = None
     image_noise: np.ndarray | None = None
     sample_mode: str = "sample"
+    strength_rule: str = "sd"
+    """Which of diffusers' img2img strength rules picks the start step (the family's:
+    schedulers.strength_window's "sd", or "sd3" for SD3 and Flux)."""
     mask: np.ndarray | None = None
     """Inpainting: (1, 1, h, w) at the latents' size, 1 where the picture is repainted."""
     masked_pixels: np.ndarray | None = None
@@ -280,7 +283,8 @@ def make_request(
     facts = family.facts(manifest.model)
     start_image = None
     if image is not None:  # img2img: the size follows from the picture or the latents
-        if mask_image is not None:  # inpainting: the checkpoint's size unless given, as diffusers'
+        if mask_image is not None or getattr(family, "START_IMAGE_SIZE", "picture") == "checkpoint":
+            # inpainting (and SD3/Flux img2img): the checkpoint's size unless given, as diffusers'
             height, width = check_size(manifest, height, width)
         start_image = read_start_image(family, facts, image, height, width)
         height, width = start_image.height, start_image.width
@@ -309,8 +313,11 @@ def make_request(
     shape = family.latent_shape(facts, len(prompts) * count, settings.height, settings.width)
     latents = _check_latents(family, facts, shape, latents, start_image)
     mask, masked = _check_mask(family, facts, settings, image, start_image, start, mask_image)
-    starting = check_image_start(family, settings, sampler, shape, start_image, start, strength, noise, image_noise,
-                                 sample_mode, inpainting=mask is not None)
+    # the start image's and its noise's layout: the VAE's (Flux's latents= are packed, its image latents not)
+    vae_shape = family.noise_shape(facts, shape[0], settings.height, settings.width) \
+        if hasattr(family, "noise_shape") else shape
+    starting = check_image_start(family, settings, sampler, vae_shape, start_image, start, strength, noise,
+                                 image_noise, sample_mode, inpainting=mask is not None)
     return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, sampler,
                    family.uses_cfg(facts, settings.guidance_scale), vae, negative_given=negative_prompt is not None,
                    options=checked_options, denoising_start=start, denoising_end=end, latents=latents, mask=mask,
@@ -344,7 +351,7 @@ def _check_latents(family, facts, shape: tuple[int, ...], latents: Any,
 def read_start_image(family, facts, image: Any, height: Any, width: Any) -> Any:
     if getattr(family, "IMG2IMG_STRENGTH", None) is None:
         raise DiffrtError(f"image= (img2img) is not supported for {family.NAME} artifacts yet; "
-                          "Stable Diffusion 1.x/2.x and SDXL take it")
+                          "Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux take it")
     start = img2img.read_start_image(facts, image, height, width)
     multiple = int(facts.size_multiple)
     if start.pixels is not None and (start.height % multiple or start.width % multiple):
@@ -360,6 +367,7 @@ def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int
     """The img2img fields of a Request: the start latents or picture, the strength (the
     family's default, diffusers' per pipeline; none when it continues from
     denoising_start), the caller's noise arrays, the encoder's sample mode."""
+    rule = getattr(family, "STRENGTH_RULE", "sd")
     if start_image is None:
         for name, value in (("strength", strength), ("noise", noise), ("image_noise", image_noise),
                             ("sample_mode", sample_mode)):
@@ -380,7 +388,7 @@ def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int
         default = getattr(family, "INPAINT_STRENGTH", 1.0) if inpainting else family.IMG2IMG_STRENGTH
         value = img2img.check_strength(strength, default)
         try:
-            strength_window(settings.num_inference_steps, value, sampler.order)
+            strength_window(settings.num_inference_steps, value, sampler.order, rule=rule)
         except ValueError as exc:
             raise DiffrtError(str(exc)) from None
     sampled = start_image.pixels is not None and mode == "sample"
@@ -388,6 +396,7 @@ def check_image_start(family, settings: Settings, sampler: Any, shape: tuple[int
         raise DiffrtError("image_noise is the VAE encoder's sample noise: only with a picture as image= and "
                           "sample_mode='sample'")
     return {"image": start_image.latents, "pixels": start_image.pixels, "strength": value, "sample_mode": mode,
+            "strength_rule": rule,
             "noise": img2img.check_noise("noise", noise, [shape]),
             "image_noise": img2img.check_noise("image_noise", image_noise, [(1, *shape[1:]), shape])}
 
@@ -407,8 +416,9 @@ def _check_mask(family, facts, settings: Settings, image: Any, start_image: Any,
     if start_image is None or start_image.pixels is None:
         raise DiffrtError("mask_image is for inpainting a picture: pass image=<the picture> too")
     if how is None:
-        raise DiffrtError(f"mask_image (inpainting) is not supported for {family.NAME} artifacts yet; Stable Diffusion "
-                          "1.x/2.x and SDXL take it")
+        raise DiffrtError(f"mask_image (inpainting) is not supported for this {family.NAME} artifact: Stable Diffusion "
+                          "1.x/2.x, SDXL, SD3 and Flux take it with their regular denoisers (and SD/SDXL inpainting "
+                          "UNets)")
     if inpainting_unet and int(facts.latent_channels) != 2 * int(facts.noise_channels) + 1:
         raise DiffrtError(f"this UNet takes {facts.latent_channels} channels; an inpainting UNet takes "
                           f"{2 * int(facts.noise_channels) + 1} (latents, mask, masked-image latents)")
