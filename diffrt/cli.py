@@ -667,8 +667,9 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("--vae", default=None,
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
     p.add_argument("--cache", default=None, metavar="SPEC",
-                   help="step cache: off (default) or deepcache:N (the full UNet every N steps, its shallow part "
-                        "between; needs an artifact exported with --step-cache deepcache); bench: a comma list "
+                   help="step cache: off (default), deepcache:N (the full UNet every N steps, its shallow part "
+                        "between) or fbcache:T (Flux: the blocks after the first skipped while its residual moves "
+                        "by at most T); needs an artifact exported with --step-cache; bench: a comma list "
                         "compared side by side, e.g. off,deepcache:3")
     verify = p.add_mutually_exclusive_group()
     verify.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
@@ -715,9 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safety-checker", default=None, metavar="FOLDER",
                    help="also export this saved StableDiffusionSafetyChecker folder ('checkpoint': SRC's own "
                         "safety_checker/), run after decoding with diffrt generate --safety")
-    p.add_argument("--step-cache", default=None, metavar="deepcache[:BRANCH]",
+    p.add_argument("--step-cache", default=None, metavar="deepcache[:BRANCH]|fbcache",
                    help="also export the UNet as DeepCache's full and shallow graphs, for generate --cache "
-                        "deepcache:N (BRANCH: the cache branch, default 0, DeepCache's shallowest)")
+                        "deepcache:N (BRANCH: the cache branch, default 0, DeepCache's shallowest); fbcache (Flux): "
+                        "the transformer as First-Block Cache's head and tail graphs, for --cache fbcache:T")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="also export this saved diffusers ControlNetModel folder (and the UNet taking its residuals), "
                         "used with diffrt generate --control-image; repeatable (several ControlNets at once)")

@@ -9,12 +9,17 @@ layers from the branch on, the output conv) on the kept feature. The artifact ho
 extra UNet graphs for it (`diffrt export --step-cache deepcache[:BRANCH]`,
 diffrt/export/deepcache.py): the full UNet that also outputs the feature, and the
 shallow UNet that takes it. Which layers are skipped follows the `DeepCache` package's
-DeepCacheSDHelper (branch b: up block b // 3 from the bottom... counted from the
-output side, layer b % 3 of it), which tests/test_step_cache.py compares against.
+DeepCacheSDHelper (branch b: block b // 3 and layer b % 3, counted from the UNet's outer
+end), which tests/test_step_cache.py compares against.
 
 A request asks for it with `cache="deepcache:N"` (N: the interval; step i runs the
 full UNet when i % N == 0, i counting denoiser calls) or `"deepcache:N:BRANCH"`; the
 plain UNet runs when the cache is off, so uncached images do not change at all.
+
+First-Block Cache (diffusers' FirstBlockCacheConfig) for Flux: `cache="fbcache:T"` on an
+artifact exported with `--step-cache fbcache` (diffrt/export/fbcache.py): the first
+transformer block runs every step, the others only when its residual moved by more
+than T (FirstBlockCacheHook).
 """
 
 from __future__ import annotations
