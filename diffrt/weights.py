@@ -271,6 +271,9 @@ def weight_map(folder: str | Path, stage: Any) -> WeightMap:
     folder = Path(folder)
     spec = read_manifest(folder).stage(stage) if isinstance(stage, str) else stage
     record = spec.weight_map
+    if record is None and spec.precision == "int8":  # diffrt quantize's stages: no fp32 weights to merge into
+        raise ArtifactError(f"stage {spec.name} of {folder} is an int8 graph: LoRAs and weight updates need the fp32 "
+                            "graphs (load with graph_precision='fp32' / --graph-precision fp32)")
     if record is None:
         raise ArtifactError(f"stage {spec.name} of {folder} has no weight map (exported before diffrt recorded them); "
                             "re-export the model")

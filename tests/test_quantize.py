@@ -225,3 +225,11 @@ def test_bad_options_are_one_line_errors(exported, tmp_path):
         with pytest.raises(DiffrtError, match=match) as caught:
             quantize_artifact(folder, **kwargs)
         assert "\n" not in str(caught.value)
+
+
+def test_loras_on_an_int8_stage_say_to_use_fp32(quantized):
+    from diffrt.weights import weight_map
+
+    with pytest.raises(ArtifactError, match="int8 graph.*fp32") as caught:
+        weight_map(quantized("static"), "unet-int8")
+    assert "\n" not in str(caught.value)

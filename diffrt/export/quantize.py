@@ -150,7 +150,8 @@ def _build_from(stage_dir: Path, source: StageSpec, method: str, feeds, fresh, e
 
     reference = _run(stage_dir, fresh)
     graph = onnx.load(str(stage_dir / GRAPH_NAME), load_external_data=False)
-    candidates = [g for g in SENSITIVE_GROUPS if group_nodes(graph, g)]
+    sizes = {g: len(group_nodes(graph, g)) for g in SENSITIVE_GROUPS}  # nodes per group in the fp32 graph
+    candidates = [g for g, n in sizes.items() if n]
     del graph
     calib = feeds if method in CALIBRATED else ()
     trials: list[dict[str, Any]] = []
@@ -177,7 +178,7 @@ def _build_from(stage_dir: Path, source: StageSpec, method: str, feeds, fresh, e
     if not np.isfinite(error["max_abs"]):
         raise DiffrtError(f"{source.name}: the int8 graph ({method}) gives non-finite outputs; try another --method")
     facts = {INT8: {
-        "method": method, "tool": _tool(method), "excluded": {g: len(_names(best, g)) for g in chosen},
+        "method": method, "tool": _tool(method), "excluded": {g: sizes[g] for g in chosen},
         "candidates": candidates if excluding == "auto" else [], "trials": trials,
         "calibration": {**calibration, "inputs": len(feeds)} if method in CALIBRATED else None,
         "error": {**error, "inputs": len(fresh), "against": source.name},
@@ -192,14 +193,6 @@ def _quantize(source: Path, out: Path, method: str, calib, groups: tuple[str, ..
     from diffrt.export.passes.int8 import quantize_stage
 
     quantize_stage(source, out, method, calib, groups)
-
-
-def _names(stage_dir: Path, group: str) -> list[str]:
-    import onnx
-
-    from diffrt.export.onnx_graph import GRAPH_NAME
-
-    return group_nodes(onnx.load(str(stage_dir / GRAPH_NAME), load_external_data=False), group)
 
 
 def _run(stage_dir: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
