@@ -115,6 +115,36 @@ def run_once(config: dict[str, Any]) -> tuple[list[float], float, np.ndarray]:
     return [float(t) for t in out.timings["denoiser_calls"]], load, out.images
 
 
+def write_report(args, machine, prepared, rows, steps, images, loadavg, rounds_done: int) -> list[dict]:
+    """The JSON so far (written after every round, so a stopped run keeps what it measured)."""
+    reference = images["ort fp32"]
+    fp32_bytes = sum(f.size for f in read_manifest(args.base).stages["unet"].files)
+    results = []
+    for config in rows:
+        name = config["name"]
+        method = name.split("int8-")[1] if "int8-" in name else None
+        results.append({
+            "config": name, "unet_step_s": round(statistics.median(steps[name]), 4),
+            "unet_step_s_rounds": [round(s, 4) for s in steps[name]],
+            "image_psnr_db_vs_ort_fp32": round(psnr(reference, images[name]), 2),
+            "unet_bytes": prepared[method]["unet_bytes"] if method else fp32_bytes,
+        })
+    report = {
+        "command": "python benchmarks/int8.py " + " ".join(sys.argv[1:]),
+        "workload": {"prompt": PROMPT, **{k: v for k, v in CALL.items() if k != "output_type"}},
+        "machine": {**machine, "load_average_during_runs": [round(min(loadavg), 2), round(max(loadavg), 2)],
+                    "note": "shared machine: other engineers' jobs ran during the measurement"},
+        "quantization": {m: {k: v for k, v in p.items() if k != "folder"} for m, p in prepared.items()},
+        "calibration": {"prompts": args.calibration_prompts, "steps": args.calibration_steps, "size": "256x256",
+                        "exclude": args.exclude},
+        "rounds_done": rounds_done,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=Path("/tmp/diffrt-workers-sd15/artifact"))
@@ -150,30 +180,8 @@ def main() -> None:
             images.setdefault(config["name"], image)
             loadavg.append(os.getloadavg()[0])
             logging.info("round %d %s: %.3f s/step", round_ + 1, config["name"], steps[config["name"]][-1])
-    reference = images["ort fp32"]
-    fp32_bytes = sum(f.size for f in read_manifest(args.base).stages["unet"].files)
-    results = []
-    for config in rows:
-        name = config["name"]
-        method = name.split("int8-")[1] if "int8-" in name else None
-        results.append({
-            "config": name, "unet_step_s": round(statistics.median(steps[name]), 4),
-            "unet_step_s_rounds": [round(s, 4) for s in steps[name]],
-            "image_psnr_db_vs_ort_fp32": round(psnr(reference, images[name]), 2),
-            "unet_bytes": prepared[method]["unet_bytes"] if method else fp32_bytes,
-        })
-    report = {
-        "command": "python benchmarks/int8.py " + " ".join(sys.argv[1:]),
-        "workload": {"prompt": PROMPT, **{k: v for k, v in CALL.items() if k != "output_type"}},
-        "machine": {**machine, "load_average_during_runs": [round(min(loadavg), 2), round(max(loadavg), 2)],
-                    "note": "shared machine: other engineers' jobs ran during the measurement"},
-        "quantization": {m: {k: v for k, v in p.items() if k != "folder"} for m, p in prepared.items()},
-        "calibration": {"prompts": args.calibration_prompts, "steps": args.calibration_steps, "size": "256x256",
-                        "exclude": args.exclude},
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args, machine, prepared, rows, steps, images, loadavg, rounds_done=round_ + 1)
+    results = write_report(args, machine, prepared, rows, steps, images, loadavg, rounds_done=args.rounds)
     base_step = results[0]["unet_step_s"]
     print(f"{machine['model']}, {machine['cores']} cores; flags: "
           + " ".join(f for f, on in machine["flags"].items() if on))

@@ -297,7 +297,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         check_options(args.lora_branches, args.lora_targets)
 
-    options = dict(family=args.family, precision=args.precision, opset=args.opset, overwrite=args.overwrite,
+    # int8 is not an export precision: `diffrt quantize` (default method) runs on the finished export
+    wanted = [p.strip() for p in args.precision.split(",")]
+    int8 = "int8" in wanted
+    precision = ",".join(p for p in wanted if p != "int8") or "fp32"
+    options = dict(family=args.family, precision=precision, opset=args.opset, overwrite=args.overwrite,
                    tiny_vae=args.tiny_vae, fused_attention=args.fused_attention,
                    loras=[parse_file_strength(item) for item in args.lora or ()],
                    textual_inversion=args.textual_inversion or (), safety_checker=args.safety_checker)
@@ -316,6 +320,12 @@ def cmd_export(args: argparse.Namespace) -> None:
         from diffrt.export.lora_branches import add_branch_stages
 
         add_branch_stages(args.out, args.lora_branches, args.lora_targets)
+        manifest = read_manifest(args.out)
+    if int8:
+        from diffrt.artifacts import read_manifest
+        from diffrt.export.quantize import quantize_artifact
+
+        quantize_artifact(args.out)
         manifest = read_manifest(args.out)
     size = sum(f.size for f in manifest.all_files()) / 2**20
     print(f"wrote {args.out} ({len(manifest.stages)} stages, {size:.0f} MB) in {time.perf_counter() - t0:.1f}s")
@@ -704,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="auto", help="model family: sd or sdxl; auto: from model_index.json")
     p.add_argument("--precision", default="fp32",
                    help="fp32 (default), or fp16, bf16, fp16,bf16: half-precision graphs beside the fp32 ones, "
-                        "checked against them (fp32 is always exported)")
+                        "checked against them (fp32 is always exported); int8 in the list (e.g. fp32,int8) then runs "
+                        "`diffrt quantize OUT` (static int8 UNet)")
     p.add_argument("--no-fused-attention", dest="fused_attention", action="store_false",
                    help="do not add the fused-attention UNet/VAE graphs (what the ort backend runs by default)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17)")

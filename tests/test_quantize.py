@@ -233,3 +233,14 @@ def test_loras_on_an_int8_stage_say_to_use_fp32(quantized):
     with pytest.raises(ArtifactError, match="int8 graph.*fp32") as caught:
         weight_map(quantized("static"), "unet-int8")
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_export_with_int8_in_the_precision_list_quantizes(tiny_checkpoint, tmp_path, capsys):
+    from diffrt.cli import main
+
+    out = tmp_path / "artifact"
+    assert main(["export", str(tiny_checkpoint("sd15")), str(out), "--precision", "fp32,int8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["unet-int8"]["facts"]["int8"]["method"] == "static"
+    assert _graph_facts(out / "unet-int8" / "model.onnx")["QuantizeLinear"] > 0

@@ -241,7 +241,7 @@ def _publish(folder: Path, manifest: Manifest, family, built: dict[str, tuple[Pa
         for name, (scratch_dir, spec) in built.items():
             target = folder / spec.name
             staged = folder / f".{spec.name}.new-{os.getpid()}"
-            shutil.copytree(scratch_dir, staged)
+            shutil.move(scratch_dir, staged)  # a rename where the scratch folder is on the same file system
             for path in staged.iterdir():  # ONNX Runtime writes its external data 0600: the umask's mode, as export
                 path.chmod(file_mode())
             moved.append(staged)
