@@ -229,7 +229,7 @@ def _prepare_request(args: argparse.Namespace, folder: Path, batch: int):
         raise DiffrtError("--high-noise-frac is where a refiner takes over; give --refiner OUT2 too")
     options = {"prompt_2": getattr(args, "prompt_2", None), "negative_prompt_2": getattr(args, "negative_2", None),
                "clip_skip": getattr(args, "clip_skip", None), "strength": getattr(args, "strength", None),
-               "mask_image": getattr(args, "mask", None),
+               "mask_image": getattr(args, "mask", None), "padding_mask_crop": getattr(args, "padding_mask_crop", None),
                "prompt_weighting": getattr(args, "weighted_prompts", None)}
     request = make_request(
         manifest, read_scheduler_config(folder), args.prompt, negative_prompt=args.negative,
@@ -809,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control_guidance_end: the fraction of the steps where they stop (default 1)")
     p.add_argument("--guess-mode", action="store_true",
                    help="diffusers' guess_mode: ControlNets on the conditional rows only, residuals ramped")
+    p.add_argument("--padding-mask-crop", type=int, default=None, metavar="N",
+                   help="with --mask: inpaint only the mask's bounding box padded by N pixels, at the output size, "
+                        "then paste it back into the whole picture (diffusers' padding_mask_crop)")
     p.add_argument("--refiner", default=None, metavar="OUT2",
                    help="SDXL: an exported refiner artifact that denoises the last part of the schedule")
     p.add_argument("--high-noise-frac", type=float, default=None,

@@ -41,7 +41,7 @@ from diffrt.artifacts import (
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import Preset, get_family
 from diffrt.families.base import DenoisePlan, stack_plans
-from diffrt.runtime import controlnet, img2img
+from diffrt.runtime import controlnet, img2img, mask_crop
 from diffrt.runtime import prompt_weighting
 from diffrt.runtime import safety as safety_checker
 from diffrt.runtime import step_cache
@@ -320,6 +320,7 @@ class Pipeline:
         image_noise: np.ndarray | None = None,
         sample_mode: str | None = None,
         mask_image: Any = None,
+        padding_mask_crop: int | None = None,
         cache: str | None = None,
         control_image: Any = None,
         controlnet_conditioning_scale: float | Sequence[float] | None = None,
@@ -349,7 +350,9 @@ class Pipeline:
         (diffrt.runtime.img2img). Inpainting (SD 1.x/2.x and SDXL, regular and 9-channel inpainting
         UNets; SD3 and Flux, regular transformers): `mask_image` (white = repaint, the
         picture's size; default strength 1.0, SDXL 0.9999, SD3 and Flux 0.6, and the
-        checkpoint's size, as diffusers' inpainting pipelines).
+        checkpoint's size, as diffusers' inpainting pipelines). `padding_mask_crop=N`:
+        only the mask's box padded by N pixels is inpainted, then pasted back into the
+        whole picture (diffrt.runtime.mask_crop).
         ControlNets (an artifact exported with --controlnet): `control_image` (one per
         ControlNet), `controlnet_conditioning_scale`, `control_guidance_start`/`_end` (a
         number, or one per ControlNet), `guess_mode`, as diffusers' ControlNet pipelines;
@@ -360,7 +363,8 @@ class Pipeline:
                                guidance_scale, height, width, num_images_per_prompt, seed, scheduler, preset,
                                latents, output_type, vae, denoising_start=denoising_start,
                                denoising_end=denoising_end, image=image, strength=strength, noise=noise,
-                               image_noise=image_noise, sample_mode=sample_mode, mask_image=mask_image, **options)
+                               image_noise=image_noise, sample_mode=sample_mode, mask_image=mask_image,
+                               padding_mask_crop=padding_mask_crop, **options)
         control = controlnet.check_request(self.manifest, control_image, request.settings.height,
                                            request.settings.width, controlnet_conditioning_scale, control_guidance_start,
                                            control_guidance_end, guess_mode, self.backend)
@@ -512,6 +516,8 @@ class Pipeline:
                 images = latents[span]
             else:
                 images = to_pil(decoded[span]) if request.output_type == "pil" else decoded[span]
+                if request.overlay is not None:  # padding_mask_crop: back into the whole picture
+                    images = mask_crop.paste_back_all(request.overlay, images, request.output_type)
             outputs.append(PipelineOutput(images=images, timings={**timings, "total": time.perf_counter() - started},
                                           seed=None if generator is not None else request.seed,
                                           settings=request.settings,

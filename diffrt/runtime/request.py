@@ -21,7 +21,7 @@ import numpy as np
 from diffrt.artifacts import DEFAULT_VARIANT, FUSED_VARIANT, Manifest
 from diffrt.errors import ArtifactError, DiffrtError
 from diffrt.families import get_family
-from diffrt.runtime import img2img
+from diffrt.runtime import img2img, mask_crop
 from diffrt.runtime.memory import available_memory_bytes, format_gib
 from diffrt.runtime.schedulers import make_scheduler, strength_window
 from diffrt.runtime.schedulers.window import CANNOT_START_LATE, check_fraction
@@ -105,6 +105,8 @@ class Request:
     """Inpainting: (1, 1, h, w) at the latents' size, 1 where the picture is repainted."""
     masked_pixels: np.ndarray | None = None
     """A 9-channel inpainting UNet's: the picture's pixels, 0 where it is repainted."""
+    overlay: Any = None
+    """padding_mask_crop: where the images go back into the whole picture (mask_crop.CropOverlay)."""
     controlnet: Any = None
     """Its ControlNets' images, scales and windows (diffrt.runtime.controlnet.ControlRequest)."""
     cache: Any = None
@@ -273,6 +275,7 @@ def make_request(
     image_noise: Any = None,
     sample_mode: str | None = None,
     mask_image: Any = None,
+    padding_mask_crop: int | None = None,
     **options: Any,
 ) -> Request:
     """Validate every argument of a generation once (a one-line DiffrtError on the first
@@ -281,11 +284,15 @@ def make_request(
     `check_memory`."""
     family = get_family(manifest.family)
     facts = family.facts(manifest.model)
-    start_image = None
+    start_image, overlay = None, None
+    if padding_mask_crop is not None and image is None:
+        raise DiffrtError("padding_mask_crop is for inpainting: pass image= and mask_image= too")
     if image is not None:  # img2img: the size follows from the picture or the latents
         if mask_image is not None or getattr(family, "START_IMAGE_SIZE", "picture") == "checkpoint":
             # inpainting (and SD3/Flux img2img): the checkpoint's size unless given, as diffusers'
             height, width = check_size(manifest, height, width)
+        image, mask_image, overlay = _crop_around_mask(image, mask_image, padding_mask_crop, height, width,
+                                                       output_type)
         start_image = read_start_image(family, facts, image, height, width)
         height, width = start_image.height, start_image.width
     settings, sampler = _resolve(manifest, scheduler_config, preset, scheduler, num_inference_steps, guidance_scale,
@@ -321,7 +328,23 @@ def make_request(
     return Request(prompts, negatives, count, settings, new_seed() if seed is None else seed, output_type, sampler,
                    family.uses_cfg(facts, settings.guidance_scale), vae, negative_given=negative_prompt is not None,
                    options=checked_options, denoising_start=start, denoising_end=end, latents=latents, mask=mask,
-                   masked_pixels=masked, **starting)
+                   masked_pixels=masked, overlay=overlay, **starting)
+
+
+def _crop_around_mask(image: Any, mask_image: Any, padding: Any, height: int, width: int,
+                      output_type: str) -> tuple[Any, Any, Any]:
+    """padding_mask_crop (diffrt.runtime.mask_crop): the picture and mask cropped around
+    the mask and resized to the request's size, and where the images go back; as given
+    without it."""
+    padding = mask_crop.check_padding(padding)
+    if padding is None:
+        return image, mask_image, None
+    if mask_image is None:
+        raise DiffrtError("padding_mask_crop is for inpainting: pass mask_image= too")
+    if output_type == "latent":
+        raise DiffrtError("padding_mask_crop pastes the images back into the picture: use output_type 'pil' or "
+                          "'np', not 'latent'")
+    return mask_crop.crop_inputs(image, mask_image, height, width, padding, img2img.load_image)
 
 
 def _check_latents(family, facts, shape: tuple[int, ...], latents: Any,

@@ -128,8 +128,10 @@ class GenerateRequest(BaseModel):
     loras: dict[str, float] | None = Field(default=None, description="{name: strength} of loaded LoRAs")
     image: str | None = Field(default=None, description="img2img: the start picture, a base64 RGB PNG or JPEG")
     strength: float | None = Field(default=None, description="with image: how much of the schedule to redo, (0, 1]")
-    mask: str | None = Field(default=None, description="with image, SD 1.x/2.x: inpaint where this mask (base64 "
+    mask: str | None = Field(default=None, description="with image: inpaint where this mask (base64 "
                                                        "PNG/JPEG, the image's size) is white")
+    padding_mask_crop: int | None = Field(default=None, description="with mask: inpaint only the mask's bounding "
+                                          "box padded by this many pixels, pasted back into the whole picture")
     prompt_weighting: bool | Literal["compel", "a1111"] | None = Field(
         default=None, description="SD/SDXL: weighted and long prompts as compel reads them: true or \"compel\" "
                                   "((words)1.3, word+), \"a1111\" ((words:1.3), [words]); default off")
@@ -151,7 +153,7 @@ _FIELD_OF_MESSAGE = (
     ("seed", "seed"), ("vae", "vae"), ("negative_prompt", "negative_prompt"),
     ("prompt_weighting", "prompt_weighting"), ("prompt", "prompt"),
     ("num_images_per_prompt", "n"), ("unknown LoRA", "loras"), ("LoRA", "loras"), ("image", "image"),
-    ("strength", "strength"), ("mask_image", "mask"), ("cache=", "cache"),
+    ("strength", "strength"), ("mask_image", "mask"), ("padding_mask_crop", "padding_mask_crop"), ("cache=", "cache"),
     ("control", "controlnets"), ("guess_mode", "guess_mode"),
 )
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -224,6 +226,8 @@ def make_call(body: GenerateRequest, config: ServeConfig, size_multiple: int) ->
         call["image"] = decode_image(body.image, config.max_side)
     if body.mask is not None:
         call["mask_image"] = decode_image(body.mask, config.max_side, "mask")
+    if body.padding_mask_crop is not None:
+        call["padding_mask_crop"] = body.padding_mask_crop
     if body.controlnets is not None or body.guess_mode:
         call.update(controlnet_call(body.controlnets, body.guess_mode, config.max_side))
     if body.prompt_weighting:  # off: not passed at all (families without it would refuse the name)
@@ -266,7 +270,7 @@ _CORE_FIELDS = frozenset({"prompt", "negative_prompt", "num_inference_steps", "g
                           "num_images_per_prompt", "seed", "scheduler", "preset", "vae", "loras", "strength",
                           "output_type", "image", "mask_image", "latents", "generator", "noise", "image_noise",
                           "prompt_weighting", "cache", "control_image", "controlnet_conditioning_scale",
-                          "control_guidance_start", "control_guidance_end", "guess_mode"})
+                          "control_guidance_start", "control_guidance_end", "guess_mode", "padding_mask_crop"})
 
 
 def decode_image(value: str, max_side: int, param: str = "image") -> Any:
