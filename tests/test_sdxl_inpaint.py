@@ -211,3 +211,18 @@ def test_server_edits_with_the_nine_channel_sdxl_unet(nine):
     expected = ours("a barn", image=image, mask_image=repaint, strength=0.6, num_inference_steps=4, seed=21,
                     height=48, width=64, output_type="np").images[0]
     np.testing.assert_array_equal(decode_npy(answer["images"][0]["b64"]), expected)
+
+
+def test_blend_inpainting_draws_as_diffusers(regular):
+    """With one torch generator for everything: the picture's encoder sample, the start
+    noise, the masked picture's sample (drawn by diffusers though a regular UNet never
+    uses it), then Euler ancestral's step noise: the same image."""
+    ours, ref, config = regular("sdxl")
+    ref.scheduler = _diffusers_scheduler("euler_ancestral", config)
+    image, repaint = picture(48, 64, seed=5), mask(48, 64)
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, height=48, width=64, strength=0.7)
+    theirs = ref("a window", image=image, mask_image=repaint, generator=torch.Generator().manual_seed(3),
+                 output_type="np", **kw).images
+    got = ours("a window", image=image, mask_image=repaint, scheduler="euler_ancestral", generator=TorchNoise(3),
+               output_type="np", **kw).images
+    _compare(got, theirs, "sdxl-inpaint/euler_ancestral/one generator")

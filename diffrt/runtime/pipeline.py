@@ -558,6 +558,8 @@ class Pipeline:
             timings["vae_encoder"] = time.perf_counter() - t0
             sample = self._to_device(plan.pack(start))
             if first.mask is not None and first.masked_pixels is None:  # 4-channel: the known region put back
+                if first.sample_mode == "sample":  # diffusers encodes the masked picture here too (unused with a
+                    rng.standard_normal(plan.noise_shape, dtype=np.float32)  # regular denoiser): its draw, skipped
                 # in the scheduler's layout (Flux: packed; the mask on every latent channel first)
                 blend = (known, noise, np.ascontiguousarray(np.broadcast_to(first.mask, known.shape)))
                 on_device = dataclasses.replace(on_device, after_step=img2img.keep_unmasked(
