@@ -78,11 +78,18 @@ def parse(prompt: str, syntax: str = "compel") -> tuple[Fragment, ...]:
     if not prompt.strip():
         return (Fragment("", 1.0),)
     parser = _Parser(prompt)
-    fragments = parser.items(1.0, top=True)
-    if parser.pos < len(prompt):  # a ')' with no '(' before it
-        raise parser.error(parser.pos, "unbalanced ')'")
-    fused = _fuse(fragments)
+    words = parser.items(top=True)
+    fused = _fuse([Fragment(text, _weight(factors)) for text, factors in words])
     return fused or (Fragment("", 1.0),)
+
+
+def _weight(factors: tuple[float, ...]) -> float:
+    """The product of the weights around a word, innermost first, multiplied outermost
+    first as compel's flatten() does (the same float, so equal weights fuse alike)."""
+    scale = 1.0
+    for factor in reversed(factors):
+        scale = scale * factor
+    return 1.0 * scale
 
 
 def _fuse(fragments: list[Fragment]) -> tuple[Fragment, ...]:
@@ -117,10 +124,11 @@ class _Parser:
         return DiffrtError(f"prompt_weighting: {_quote(self.text)} at character {position}: {what} (escape a literal "
                            "one as \\( \\) \\\")")
 
-    def items(self, scale: float, top: bool = False, closer: str = "") -> list[Fragment]:
-        """Fragments up to `closer` (not consumed) or the end; `top`: whole words carry
-        ',' and '.' (compel's free_word) instead of splitting there."""
-        out: list[Fragment] = []
+    def items(self, top: bool = False, closer: str = "") -> list[tuple[str, tuple[float, ...]]]:
+        """Words with the weights around them (innermost first) up to `closer` (not
+        consumed) or the end; `top`: whole words carry ',' and '.' (compel's free_word)
+        instead of splitting there."""
+        out: list[tuple[str, tuple[float, ...]]] = []
         text = self.text
         while self.pos < len(text):
             char = text[self.pos]
@@ -131,26 +139,24 @@ class _Parser:
             elif char == ")":
                 raise self.error(self.pos, "unbalanced ')'")
             elif char in '("':
-                out += self.group(scale, char)
+                out += self.group(char)
             elif not top and char in _GROUP_SEPARATORS:
-                out.append(Fragment(char, scale))
+                out.append((char, ()))
                 self.pos += 1
             else:
-                out += self.word(scale, top)
+                out.append(self.word(top))
         return out
 
-    def group(self, scale: float, opener: str) -> list[Fragment]:
+    def group(self, opener: str) -> list[tuple[str, tuple[float, ...]]]:
         start = self.pos
         self.pos += 1
         closer = ")" if opener == "(" else '"'
-        # the weight comes after the closer: parse the inside at scale 1, then rescale
-        children = self.items(1.0, closer=closer)
+        children = self.items(closer=closer)  # the group's weight comes after its closer
         if self.pos >= len(self.text):
             raise self.error(start, f"unbalanced {opener!r} (no closing {closer!r})")
         self.pos += 1  # the closer
         weight = self.weight_suffix()
-        factor = scale * weight
-        return [Fragment(c.text, c.weight * factor) for c in children if c.text]
+        return [(text, (*factors, weight)) for text, factors in children if text]
 
     def weight_suffix(self) -> float:
         """A weight written right after a group or word: '+'s, '-'s or a number; 1 if none."""
@@ -168,7 +174,7 @@ class _Parser:
             return float(match.group(0))
         return 1.0
 
-    def word(self, scale: float, top: bool) -> list[Fragment]:
+    def word(self, top: bool) -> tuple[str, tuple[float, ...]]:
         """A run of characters up to whitespace or syntax; a trailing run of '+' or '-'
         (followed by whitespace, syntax or the end) is its weight, as compel's
         `word+` / `word-`. A '+'/'-' inside a word (well-known) is text."""
@@ -176,6 +182,11 @@ class _Parser:
         stops = '()"' if top else '()",.'
         start = self.pos
         end = start
+        if _sign_ends_word(text, start):  # a bare '+' / '--' run is text, as compel's free_word reads it
+            while end < len(text) and not text[end].isspace() and text[end] not in stops:
+                end += 1
+            self.pos = end
+            return _unescape(text[start:end]), ()
         while end < len(text):
             char = text[end]
             if char == "\\" and text[end:end + 2] in _ESCAPES:
@@ -183,13 +194,23 @@ class _Parser:
                 continue
             if char.isspace() or char in stops:
                 break
-            if char in "+-" and end > start and (end + 1 == len(text) or text[end + 1].isspace()
-                                                  or text[end + 1] in '()",.+-='):
+            if end > start and _sign_ends_word(text, end):
                 break  # compel: a sign followed by whitespace, syntax or the end is no longer the word's
             end += 1
+        weighted = end < len(text) and text[end] in "+-"
+        if weighted and top and any(c in ",.=" for c in re.sub(r"\\.", "", text[start:end])):
+            # compel weights only a word free of syntax ("dusk.+" is text): take the signs as text
+            while end < len(text) and not text[end].isspace() and text[end] not in stops:
+                end += 1
+            weighted = False
         self.pos = end
-        weight = self.weight_suffix() if end < len(text) and text[end] in "+-" else 1.0
-        return [Fragment(_unescape(text[start:end]), scale * weight)]
+        return _unescape(text[start:end]), (self.weight_suffix(),) if weighted else ()
+
+
+def _sign_ends_word(text: str, i: int) -> bool:
+    """Whether text[i] is a '+'/'-' that compel does not read as part of a word: one
+    followed by whitespace, a syntax character or the end."""
+    return text[i] in "+-" and (i + 1 == len(text) or text[i + 1].isspace() or text[i + 1] in '()",.+-=')
 
 
 # -- AUTOMATIC1111's syntax, as compel's -----------------------------------------------

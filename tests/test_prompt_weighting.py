@@ -314,3 +314,39 @@ def test_refiner_handoff_weights_the_refiners_prompt_too(pipes, exported):
     np.testing.assert_allclose(together, refine(True), atol=1e-6)
     assert np.abs(together - refine(None)).max() > 1e-4
     refiner.close()
+
+
+# -- the parser against compel's, on generated prompts -------------------------------------
+
+def _generated_prompts():
+    """Prompts in the documented syntax: words (some with ',' '.' '-' '\\''), '+'/'-'
+    suffixes on plain words, nested parenthesized groups with a number or signs after
+    them, quoted groups at the top level."""
+    from hypothesis import strategies as st
+
+    words = st.sampled_from(["cat", "red", "a", "sitting", "well-known", "x2", "mat,", "dusk.", "o'clock"])
+    word = st.builds(lambda w, s: w + (s if w[-1].isalnum() else ""), words, st.sampled_from(["", "+", "++", "-"]))
+    weight = st.sampled_from(["", "1.3", "0.5", "2", ".7", "+", "--"])
+
+    def group(inner, marks=("(", ")")):
+        return st.builds(lambda ws, w: marks[0] + " ".join(ws) + marks[1] + w, st.lists(inner, min_size=1, max_size=4),
+                         weight)
+
+    item = st.recursive(word, group, max_leaves=8)
+    return st.lists(item | group(item, ('"', '"')), min_size=1, max_size=6).map(" ".join)
+
+
+def test_parse_matches_compels_parser_on_generated_prompts():
+    from hypothesis import given, settings
+
+    from diffrt.prompt_syntax import parse
+
+    parser = compel.prompt_parser.PromptParser()
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(_generated_prompts())
+    def check(prompt):
+        theirs = [(f.text, f.weight) for f in parser.parse_conjunction(prompt).prompts[0].children]
+        assert [(f.text, f.weight) for f in parse(prompt)] == theirs, prompt
+
+    check()
