@@ -159,7 +159,7 @@ def initial_state(name: str, venv_root: Path) -> schedule.RunnerState:
     elif runner_python(spec, venv_root) is None:
         status = NOT_INSTALLED
     result = {"name": name, "kind": spec.kind, "description": spec.description, "options": spec.options,
-              "decoder": spec.decoder,
+              "decoder": spec.decoder, "denoiser": spec.denoiser,
               "status": status, "info": {}, "processes": [], "cells": {},
               "cold_start": {"empty_cache": None,
                              "warm_cache": None if spec.cache_option else "n/a: no engine cache"}}
@@ -275,7 +275,8 @@ def summarize(result: dict[str, Any], workloads: dict[str, Any]) -> None:
     """Per-cell summaries and image agreement from the raw runs in `result`."""
     for r in result["runners"].values():
         r["summary"] = {key: report.summarize_cell(cell, workloads[cell["workload"]], result["flops"], result["gemm"],
-                                                   result["settings"]["runs"], decoder=r.get("decoder", "full"))
+                                                   result["settings"]["runs"], decoder=r.get("decoder", "full"),
+                                                   denoiser=r.get("denoiser", "full"))
                         for key, cell in r["cells"].items()}
     result["image_agreement"] = report.image_agreement(result["runners"], REFERENCE_ORDER,
                                                        same_noise=bool(result["settings"].get("same_noise")))
@@ -287,6 +288,7 @@ def report_again(path: Path, folder: Path) -> int:
     result["model"].setdefault("name", "sd15")  # runs from before SDXL was measured
     for name, r in result["runners"].items():
         r.setdefault("decoder", RUNNERS[name].decoder if name in RUNNERS else "full")  # runs before it was recorded
+        r.setdefault("denoiser", RUNNERS[name].denoiser if name in RUNNERS else "full")
     summarize(result, {name: tiny_workload(w) if tiny else w for name, w in WORKLOADS.items()})
     result["reported_again"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_outputs(result, folder)

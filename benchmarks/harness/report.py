@@ -28,17 +28,18 @@ def _pct(gflops: float | None, peak: Any) -> float | None:
 
 
 def summarize_cell(cell: dict[str, Any], workload: Workload, flops: dict[str, Any], gemm: dict[str, Any],
-                   runs_planned: int, decoder: str = "full") -> dict[str, Any]:
+                   runs_planned: int, decoder: str = "full", denoiser: str = "full") -> dict[str, Any]:
     """Medians over the runs (the denoiser: over every step of every run), throughput and
     achieved FLOP/s against the machine's GEMM peaks. The VAE's FLOP counts are the
-    checkpoint's decoder's: a runner with another `decoder` gets no VAE FLOP/s."""
+    checkpoint's decoder's: a runner with another `decoder` gets no VAE FLOP/s; one whose
+    `denoiser` is "cached" (most calls run part of the UNet) gets no denoiser FLOP/s."""
     runs = cell["runs"]
     batch = cell["batch"]
     e2e = _median([r["seconds"] for r in runs])
     step = _median([s for r in runs for s in r["denoiser_step_seconds"]])
     vae = _median([r["vae_decoder_seconds"] for r in runs])
     key = f"-{workload.width}x{workload.height}"
-    unet_flops = flops.get("unet", {}).get(f"b{workload.denoiser_batch(batch)}{key}")
+    unet_flops = flops.get("unet", {}).get(f"b{workload.denoiser_batch(batch)}{key}") if denoiser == "full" else None
     vae_flops = flops.get("vae_decoder", {}).get(f"b{batch}{key}") if decoder == "full" else None
     fp32_peak = max((v for v in (gemm.get("numpy_fp32_gflops"), gemm.get("torch_fp32_gflops"))
                      if isinstance(v, (int, float))), default=None)
@@ -211,6 +212,8 @@ def markdown(report: dict[str, Any]) -> str:
                 vae = _flops_cell(s["vae_gflops_per_second"], s["vae_pct_of_fp32_gemm"], s["vae_pct_of_bf16_gemm"])
                 if r.get("decoder", "full") != "full":  # another decoder: not the counted FLOPs, not the same image
                     vae = diff = psnr = f"n/a: {r['decoder']} decoder"
+                if r.get("denoiser", "full") != "full":  # a step cache: most calls run part of the UNet
+                    denoiser = "n/a: step cache"
                 others = None if s["others_cpu_share_max"] is None else 100 * s["others_cpu_share_max"]
                 lines.append(
                     f"| {name} | {batch} | {runs} | {_fmt(s['e2e_median_seconds'])} | {_fmt(s['images_per_second'], 3)} | "
@@ -243,7 +246,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Notes", "",
               "- e2e: one pipeline call, from prompt to decoded array (no PNG encoding); denoiser s/call: median "
               "over every denoiser call of every run; FLOP/s: benchmarks/flops.py's counts (attention included) "
-              "over those medians; % of the dense GEMM peak measured above.",
+              "over those medians; % of the dense GEMM peak measured above. A step-cached runner's calls are "
+              "mostly partial UNets (its median is theirs): no FLOP/s; compare its e2e.",
+              "- image PSNR / max abs: against the fp32 reference runner's image (same prompt, latents and, for "
+              "LCM, step noise); an exact fp32 runner is at ~1e-6 max abs.",
               "- others' CPU: share of the machine's CPU that processes other than the runner used during its "
               "runs (the machine may be shared); trust a row only when it is near 0.",
               "- Cold start: process start + imports + load + first image (the warm-up); the OS page cache is not "

@@ -163,6 +163,9 @@ class RunnerSpec:
     decoder: str = "full"
     """"full": the checkpoint's VAE decoder, like every peer; "tiny": TAESD, a different
     decoder (other FLOPs, another image), so its VAE FLOP/s and image are not compared."""
+    denoiser: str = "full"
+    """"full": every denoiser call is the whole UNet; "cached": a step cache (DeepCache)
+    runs most calls through part of it, so its calls have no FLOP count and no FLOP/s."""
     memory_gib: float = 6.0
     """Peak RSS to expect at SD1.5 size, 256x256 (fp32 weights are 4 GiB); another runner
     process starts only while this much (plus room for the live ones to grow) is free."""
@@ -200,13 +203,14 @@ class RunnerSpec:
 
 def diffrt(name: str, description: str, load: dict[str, Any], call: dict[str, Any] | None = None,
            cache_option: str | None = None, memory_gib: float = 6.0, sdxl_memory_gib: float = 16.0,
-           warmup_new_shapes: bool = False, decoder: str = "full", artifact: str | None = None) -> RunnerSpec:
+           warmup_new_shapes: bool = False, decoder: str = "full", artifact: str | None = None,
+           denoiser: str = "full") -> RunnerSpec:
     """A diffrt configuration. `warmup_new_shapes`: the backend compiles per shape, so
     each new shape gets one untimed 1-step call first (reported as setup time).
     `artifact`: a key of ARTIFACT_VARIANTS, for a mode the plain export lacks."""
     options = {"load": load, "call": call or {}, "warmup_new_shapes": warmup_new_shapes}
     return RunnerSpec(name, "diffrt", options, description, cache_option=cache_option, memory_gib=memory_gib,
-                      sdxl_memory_gib=sdxl_memory_gib, decoder=decoder, artifact=artifact)
+                      sdxl_memory_gib=sdxl_memory_gib, decoder=decoder, artifact=artifact, denoiser=denoiser)
 
 
 RUNNERS = {r.name: r for r in (
@@ -223,25 +227,27 @@ RUNNERS = {r.name: r for r in (
            {"vae": "tiny"}, cache_option="load.cache_dir", memory_gib=11.0, sdxl_memory_gib=21.0,
            warmup_new_shapes=True, decoder="tiny"),
     # Less work per image, its error in the report's image columns: int8 denoiser
-    # (`diffrt quantize`, then Pipeline.load(precision="int8")) and DeepCache (the deep
+    # (`diffrt quantize`, then Pipeline.load(graph_precision="int8")) and DeepCache (the deep
     # branch's output reused on 2 of every 3 steps; cache= on the request).
     diffrt("diffrt-int8-ort", "diffrt, onnxruntime CPU, int8 denoiser (diffrt quantize)",
-           {"backend": "ort", "precision": "int8"}, cache_option="load.cache_dir", artifact="int8"),
+           {"backend": "ort", "graph_precision": "int8"}, cache_option="load.cache_dir", artifact="int8"),
     diffrt("diffrt-int8-openvino", "diffrt, OpenVINO, int8 denoiser (diffrt quantize)",
-           {"backend": "openvino", "precision": "int8"}, cache_option="load.cache_dir", memory_gib=11.0,
+           {"backend": "openvino", "graph_precision": "int8"}, cache_option="load.cache_dir", memory_gib=11.0,
            sdxl_memory_gib=21.0, warmup_new_shapes=True, artifact="int8"),
     diffrt("diffrt-deepcache", "diffrt, onnxruntime CPU, fp32, DeepCache interval 3 (cache=\"deepcache:3\")",
-           {"backend": "ort"}, {"cache": "deepcache:3"}, cache_option="load.cache_dir", artifact="deepcache"),
+           {"backend": "ort"}, {"cache": "deepcache:3"}, cache_option="load.cache_dir", artifact="deepcache",
+           denoiser="cached"),
     diffrt("diffrt-deepcache-openvino", "diffrt, OpenVINO, default precision, DeepCache interval 3",
            {"backend": "openvino"}, {"cache": "deepcache:3"}, cache_option="load.cache_dir", memory_gib=11.0,
-           sdxl_memory_gib=21.0, warmup_new_shapes=True, artifact="deepcache"),
+           sdxl_memory_gib=21.0, warmup_new_shapes=True, artifact="deepcache", denoiser="cached"),
     # What users would pick instead.
     RunnerSpec("diffusers-fp32", "diffusers", {"dtype": "fp32"}, "diffusers + torch CPU, fp32"),
     RunnerSpec("diffusers-bf16", "diffusers", {"dtype": "bf16"}, "diffusers + torch CPU, bf16", requires_bf16=True),
     # The DeepCache package's own helper (what its README shows for Stable Diffusion).
     RunnerSpec("diffusers-deepcache", "diffusers-deepcache",
                {"dtype": "fp32", "deepcache": {"cache_interval": 3, "cache_branch_id": 0}},
-               "diffusers + torch CPU, fp32, DeepCache package (DeepCacheSDHelper, interval 3, branch 0)"),
+               "diffusers + torch CPU, fp32, DeepCache package (DeepCacheSDHelper, interval 3, branch 0)",
+               denoiser="cached"),
     RunnerSpec("optimum-onnx", "optimum-onnx", {}, "optimum-onnx ORTStableDiffusion(XL/3)Pipeline (onnxruntime CPU)"),
     # Measured at SD1.5 size, 256x256, on the AVX2 machine: 8.2-8.7 GiB (12.4 starting from a warm cache).
     # SDXL: estimated as diffrt-openvino's measured compile peak (not measured for optimum-intel).
