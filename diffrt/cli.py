@@ -536,7 +536,8 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     options = BuildOptions(opt_level=args.opt_level, refit=args.refittable, workspace_gib=args.workspace_gib)
     plan = plan_build(args.out, batch=args.batch or "1", size=args.size, min_size=args.min_size,
-                      max_size=args.max_size, static=args.static, precision=args.precision, options=options)
+                      max_size=args.max_size, static=args.static, precision=args.precision, options=options,
+                      text_chunks=args.text_chunks)
     require_tensorrt()  # after every argument is checked: what to install, in one line
     t0 = time.perf_counter()
     built = build_plan(plan, cache_dir=args.cache_dir, progress=lambda line: _say(args, line))
@@ -855,6 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=_size, default=None, help="smallest WIDTHxHEIGHT, with --max-size")
     p.add_argument("--max-size", type=_size, default=None, help="largest WIDTHxHEIGHT, with --min-size")
     p.add_argument("--static", action="store_true", help="one fixed shape (min = opt = max): fastest, for it only")
+    p.add_argument("--text-chunks", type=int, default=3, metavar="N",
+                   help="SD/SDXL UNet: weighted prompts of up to N chunks of 75 tokens (default 3; 1 with --static)")
     p.add_argument("--precision", default=None, choices=("fp16", "bf16", "fp32"),
                    help="which of the artifact's graphs to build (default: fp16 if exported, then bf16, fp32)")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5 (default 3)")

@@ -39,7 +39,7 @@ TOLERANCE = 1e-4
 BF16_TOLERANCE = 5e-2
 DETERMINISTIC = ("ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
-UNET_PROFILE = {"batch": 2, "latent_height": 32, "latent_width": 32}
+UNET_PROFILE = {"batch": 2, "latent_height": 32, "latent_width": 32, "text_length": 77}  # one prompt chunk
 
 
 # -- the oracle (the minimal parts of tests/test_pipeline_parity.py) -----------------

@@ -116,7 +116,9 @@ PROFILE = re.compile(r"[^:,]+:\d+(x\d+)*(,[^:,]+:\d+(x\d+)*)*")
 
 def test_provider_options_are_the_documented_ones(exported, tmp_path):
     spec = read_manifest(exported("sd15")).stage("unet")
-    shapes = ort_backend.trt_profile_shapes(spec, {"batch": 2, "latent_height": 32, "latent_width": 32})
+    shapes = ort_backend.trt_profile_shapes(spec, {"batch": 2, "latent_height": 32, "latent_width": 32,
+                                                   "text_length": 77})
+    assert "encoder_hidden_states:4x231x32" in shapes["trt_profile_max_shapes"]  # weighted prompts: 3 chunks
     assert set(shapes) == {"trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"}
     for cache in (None, tmp_path):
         for fp16 in (True, False):

@@ -167,18 +167,21 @@ def test_a1111_syntax_is_compel_on_the_converted_text(pipes, prompt):
     assert weights == pytest.approx({"a": 1.1 * 1.1, "b": 1 / 1.1, "c": 0.6})
 
 
+@pytest.mark.parametrize("name", ["nested", "long"])
 @pytest.mark.parametrize("kind, backend", [("sd15", "ort"), ("sdxl", "ort"), ("sd15", "openvino")])
-def test_image_matches_diffusers_given_compels_embeddings(pipes, exported, kind, backend):
+def test_image_matches_diffusers_given_compels_embeddings(pipes, exported, kind, backend, name):
     """diffusers' pipeline with compel's prompt_embeds (+ pooled for SDXL) and diffrt with
     prompt_weighting on: the same image from the same latents (OpenVINO at fp32
-    inference precision, which every CPU has)."""
+    inference precision, which every CPU has). "long" (over 150 tokens: 3 chunks, so
+    231 text tokens into the UNet) with a one-chunk negative that compel pads."""
     ours_pipe, ref, comp = pipes(kind)
     if backend == "openvino":
         pytest.importorskip("openvino")
         ours_pipe = Pipeline.load(exported(kind), backend="openvino", precision="fp32")
     sdxl = kind == "sdxl"
-    prompt, negative = PROMPTS["nested"], "ugly, (blurry)1.3"
+    prompt, negative = PROMPTS[name], "ugly, (blurry)1.3"
     cond, pooled = _theirs(comp, [prompt, negative], sdxl)
+    assert cond.shape[1] == (231 if name == "long" else 77)  # compel's chunks, 77 tokens each
     shape = ours_pipe.family.latent_shape(ours_pipe.facts, 1, 64, 64)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
     kw = dict(num_inference_steps=3, guidance_scale=5.0, height=64, width=64, output_type="np")
@@ -191,7 +194,7 @@ def test_image_matches_diffusers_given_compels_embeddings(pipes, exported, kind,
     if backend == "openvino":
         ours_pipe.close()
     diff = float(np.abs(ours - theirs).max())
-    print(f"{kind} {backend} image: max abs difference {diff:.2e}")
+    print(f"{kind} {backend} {name} image: max abs difference {diff:.2e}")
     assert diff <= IMAGE_TOLERANCE
 
 
@@ -218,17 +221,29 @@ def test_bad_syntax_is_one_line_naming_the_position(pipes, prompt, syntax, where
     assert "\n" not in message and where in message
 
 
-def test_long_prompt_on_a_fixed_length_unet_is_refused(pipes):
-    """Today's exports fix the UNet's text length at 77: a prompt of two chunks is
-    refused in one line at request time; one chunk runs."""
-    ours_pipe, _, _ = pipes("sd15")
-    spec = ours_pipe.models["unet"].spec
-    length = next(t.shape[1] for t in spec.inputs if t.name == "encoder_hidden_states")
-    if not isinstance(length, int):
-        pytest.skip("this artifact's UNet takes any text length")
-    with pytest.raises(DiffrtError, match="needs 3 chunks") as info:
-        ours_pipe.request(LONG, prompt_weighting=True)
-    assert "\n" not in str(info.value)
+def test_long_prompt_on_a_fixed_length_unet_is_refused(exported, tmp_path):
+    """Older exports fix the UNet's text length at 77 (an integer in the manifest's
+    encoder_hidden_states spec, here written into a copy's manifest): a prompt of three
+    chunks is refused in one line at request time; one chunk still runs."""
+    import json
+
+    from conftest import copy_artifact
+
+    folder = copy_artifact(exported("sd15"), tmp_path / "fixed")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for stage in manifest["stages"].values():
+        for tensor in stage["inputs"]:
+            if tensor["name"] == "encoder_hidden_states":
+                tensor["shape"][1] = 77
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.load(folder)
+    try:
+        with pytest.raises(DiffrtError, match="needs 3 chunks of 75 tokens.*UNet takes 77") as info:
+            pipe.request(LONG, prompt_weighting=True)
+        assert "\n" not in str(info.value)
+        pipe.request(PROMPTS["nested"], prompt_weighting=True)  # one chunk
+    finally:
+        pipe.close()
 
 
 def test_bad_option_value_is_one_line(pipes):

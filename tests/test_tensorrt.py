@@ -48,7 +48,10 @@ def test_sd_profiles_double_the_batch_for_cfg(exported):
     unet = ranges(plan, "unet")
     assert unet["sample"] == ((1, 4, 32, 32), (2, 4, 32, 32), (8, 4, 32, 32))
     assert unet["timestep"] == ((1,), (2,), (8,))
-    assert unet["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (8, 77, 32))
+    # weighted prompts: min/opt one chunk of CLIP's 77 tokens, max --text-chunks (default 3) of them
+    assert unet["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (8, 3 * 77, 32))
+    longer = ranges(plan_build(exported("sd15"), batch="1-4", text_chunks=5), "unet")
+    assert longer["encoder_hidden_states"][2] == (8, 5 * 77, 32)
     assert ranges(plan, "vae_decoder") == {"latent_sample": ((1, 4, 32, 32), (1, 4, 32, 32), (4, 4, 32, 32))}
 
 
@@ -63,6 +66,7 @@ def test_size_range_and_static(exported):
     assert ranges(static, "unet")["sample"][0] == (6, 4, 40, 24)  # 3 images, CFG, 80x48 pixels
     assert ranges(static, "text_encoder")["input_ids"][0] == (2, 77)  # one prompt (and its negative)
     assert ranges(static, "vae_decoder")["latent_sample"][0] == (3, 4, 40, 24)
+    assert ranges(static, "unet")["encoder_hidden_states"][2] == (6, 77, 32)  # static: one chunk of text
 
 
 def test_lcm_profiles_have_no_cfg_and_take_the_guidance_embedding(exported):
@@ -85,6 +89,7 @@ def test_sdxl_profiles_cover_both_encoders_and_the_added_conditions(exported):
                                 (4, manifest.model["time_ids"]))
     assert unet["text_embeds"][2] == (4, manifest.model["projection_dim"])
     assert unet["sample"][2] == (4, 4, 32, 32)
+    assert [shape[1] for shape in unet["encoder_hidden_states"]] == [77, 77, 3 * 77]  # up to 3 prompt chunks
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -96,6 +101,7 @@ def test_sdxl_profiles_cover_both_encoders_and_the_added_conditions(exported):
     ({"min_size": (64, 64)}, "--min-size and --max-size go together"),
     ({"size": (64, 64), "min_size": (64, 64), "max_size": (64, 64)}, "either --size or --min-size/--max-size"),
     ({"batch": "1-4", "static": True}, "--static builds one shape"),
+    ({"text_chunks": 0}, "--text-chunks 0: use a whole number >= 1"),
 ])
 def test_shapes_are_validated_with_one_line_errors(exported, kwargs, message):
     manifest = read_manifest(exported("sd15"))

@@ -31,7 +31,7 @@ from diffrt.runtime.tokenizers import CLIPTokenizer
 from test_pipeline_parity import TOLERANCE, TorchNoise, _diffusers_pipeline, _diffusers_scheduler, _latents
 
 STAGE_TOLERANCE = 1e-4
-DIMS = {"batch": 2, "latent_height": 6, "latent_width": 10, "height": 12, "width": 20}
+DIMS = {"batch": 2, "latent_height": 6, "latent_width": 10, "height": 12, "width": 20, "text_length": 77}
 
 
 def _feeds(folder, spec, seed=0):

@@ -69,6 +69,7 @@ from diffrt.runtime.tensorrt_engines import (
 logger = logging.getLogger(__name__)
 
 TIMING_CACHE_NAME = "timing.cache"
+DEFAULT_TEXT_CHUNKS = 3  # a UNet engine takes weighted prompts of up to 3 x 75 tokens (231 text tokens)
 _ANY_GUIDANCE = 7.5  # a guidance scale that turns CFG on wherever the checkpoint allows it
 
 
@@ -83,6 +84,7 @@ class BuildShapes:
     opt_size: tuple[int, int]
     max_size: tuple[int, int]
     static: bool = False
+    text_chunks: int = DEFAULT_TEXT_CHUNKS  # weighted prompts: the UNet's text length up to this many chunks
 
 
 def parse_batch(text: Any) -> tuple[int, int]:
@@ -107,8 +109,12 @@ def _check_size(flag: str, size: Sequence[int], multiple: int) -> tuple[int, int
 
 def build_shapes(manifest: Manifest, batch: Any = "1", size: Sequence[int] | None = None,
                  min_size: Sequence[int] | None = None, max_size: Sequence[int] | None = None,
-                 static: bool = False) -> BuildShapes:
-    """Validate the requested shapes; sizes are (height, width). Default size: the checkpoint's."""
+                 static: bool = False, text_chunks: int = DEFAULT_TEXT_CHUNKS) -> BuildShapes:
+    """Validate the requested shapes; sizes are (height, width). Default size: the checkpoint's.
+    `text_chunks`: the most 75-token chunks of a weighted prompt the UNet engine takes
+    (where its graph has a text-length dim; a static build takes one)."""
+    if isinstance(text_chunks, bool) or not isinstance(text_chunks, int) or text_chunks < 1:
+        raise DiffrtError(f"--text-chunks {text_chunks!r}: use a whole number >= 1 (chunks of 75 prompt tokens)")
     lo, hi = parse_batch(batch)
     model = manifest.model
     multiple = max(int(model.get("size_multiple", 8)), int(model["vae_scale_factor"]))
@@ -121,12 +127,12 @@ def build_shapes(manifest: Manifest, batch: Any = "1", size: Sequence[int] | Non
     default = (int(manifest.defaults["height"]), int(manifest.defaults["width"]))
     if min_size is None:
         one = _check_size("--size", size if size is not None else default, multiple)
-        return BuildShapes((lo, hi), one, one, one, static)
+        return BuildShapes((lo, hi), one, one, one, static, text_chunks)
     low, high = _check_size("--min-size", min_size, multiple), _check_size("--max-size", max_size, multiple)
     if low[0] > high[0] or low[1] > high[1]:
         raise DiffrtError(f"--min-size {low[1]}x{low[0]} is larger than --max-size {high[1]}x{high[0]}")
     opt = tuple(min(max(d, a), b) // multiple * multiple for d, a, b in zip(default, low, high, strict=True))
-    return BuildShapes((lo, hi), low, opt, high, False)
+    return BuildShapes((lo, hi), low, opt, high, False, text_chunks)
 
 
 # -- profiles -----------------------------------------------------------------------
@@ -155,6 +161,14 @@ def _named_dim(spec: StageSpec, tensor: str, name: str, dims: Mapping[str, int],
                       "re-export the model with this diffrt")
 
 
+def _chunked_text(family: Any, model: Mapping[str, Any], high: dict, chunks: int) -> None:
+    """The max corner of a UNet with a text-length dim (SD/SDXL exports with long weighted
+    prompts): `chunks` chunks of text_max_length tokens (min and opt stay at one chunk)."""
+    dim = getattr(family, "CHUNKED_TEXT_DIM", None)
+    if dim is not None and dim in high.get(family.DENOISER, {}):
+        high[family.DENOISER] = {**high[family.DENOISER], dim: chunks * int(model["text_max_length"])}
+
+
 def stage_profiles(manifest: Manifest, specs: Mapping[str, StageSpec], shapes: BuildShapes) -> dict[str, StageProfile]:
     """Per stage key of `specs`, the min/opt/max shape of every input, from the family's
     named dims (family.stage_profiles) at the three corners of the requested shapes."""
@@ -174,6 +188,7 @@ def stage_profiles(manifest: Manifest, specs: Mapping[str, StageSpec], shapes: B
         for role in family.TOKENIZER_OF:
             if role in high:
                 high[role] = {**high[role], "batch": max(high[role]["batch"], high[family.DENOISER]["batch"])}
+        _chunked_text(family, model, high, shapes.text_chunks)
         corners["max"] = high
     profiles = {}
     for key, spec in specs.items():
@@ -300,10 +315,11 @@ class BuildPlan:
 
 
 def plan_build(folder: str | Path, batch: Any = "1", size=None, min_size=None, max_size=None, static: bool = False,
-               precision: str | None = None, options: BuildOptions | None = None) -> BuildPlan:
+               precision: str | None = None, options: BuildOptions | None = None,
+               text_chunks: int = DEFAULT_TEXT_CHUNKS) -> BuildPlan:
     folder = Path(folder)
     manifest = read_manifest(folder)
-    shapes = build_shapes(manifest, batch, size, min_size, max_size, static)
+    shapes = build_shapes(manifest, batch, size, min_size, max_size, static, text_chunks)
     specs = select_stages(manifest, precision)
     return BuildPlan(folder, manifest, specs, stage_profiles(manifest, specs, shapes), options or BuildOptions())
 

@@ -203,14 +203,15 @@ def add_jobs(io: dict, jobs: list, sources: Sequence[ControlNetSource], folder: 
 
 
 def _feeds(names: Sequence[str], source: ControlNetSource, model: Mapping[str, Any], batch: int, h: int, w: int,
-           gen: torch.Generator) -> dict[str, torch.Tensor]:
+           gen: torch.Generator, chunks: int = 1) -> dict[str, torch.Tensor]:
     """Seeded inputs for a ControlNet or residual-UNet stage at latent size (h, w)."""
     f = int(model["vae_scale_factor"])
     randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     known = {
         "sample": lambda: randn(batch, int(model["latent_channels"]), h, w),
         "timestep": lambda: torch.full((batch,), 501.0),
-        "encoder_hidden_states": lambda: randn(batch, int(model["text_max_length"]), int(model["cross_attention_dim"])),
+        "encoder_hidden_states": lambda: randn(batch, chunks * int(model["text_max_length"]),  # weighted prompts' chunks
+                                               int(model["cross_attention_dim"])),
         "text_embeds": lambda: randn(batch, int(model.get("projection_dim") or 1)),
         "time_ids": lambda: torch.tensor([[h * f, w * f, 0, 0, h * f, w * f][:int(model.get("time_ids") or 6)]]
                                          * batch, dtype=torch.float32),
@@ -236,7 +237,7 @@ def _stage(module: torch.nn.Module, weights: torch.nn.Module, component: str, na
     export/sd.py SampleInputs), checked at another shape."""
     gen = torch.Generator().manual_seed(7)
     up = 2 ** int(model["num_upsamplers"])
-    trace = _feeds(names, source, model, 2, up + 1, 2 * up + 1, gen)
+    trace = _feeds(names, source, model, 2, up + 1, 2 * up + 1, gen, chunks=2)  # the text length is dynamic too
     check = _feeds(names, source, model, 1, 2 * up, 3 * up, gen)
     return StageModule(module, tuple(trace.values()), check, weights=weights, component=component)
 

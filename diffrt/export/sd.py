@@ -307,18 +307,20 @@ class SampleInputs:
         order after encoder_hidden_states (LCM's timestep_cond comes last)."""
         model, up = self.model, 2 ** self.model["num_upsamplers"]
 
-        def feeds(batch: int, h: int, w: int) -> dict[str, torch.Tensor]:
+        def feeds(batch: int, h: int, w: int, chunks: int) -> dict[str, torch.Tensor]:
+            text = chunks * model["text_max_length"]  # the text length is dynamic (weighted prompts' chunks)
             out = {
                 "sample": self.randn(batch, model["latent_channels"], h, w),
                 "timestep": torch.full((batch,), 501.0),
-                "encoder_hidden_states": self.randn(batch, model["text_max_length"], model["cross_attention_dim"]),
+                "encoder_hidden_states": self.randn(batch, text, model["cross_attention_dim"]),
                 **(added(batch, h, w) if added else {}),
             }
             if model.get("time_cond_proj_dim"):
                 out["timestep_cond"] = self.randn(batch, model["time_cond_proj_dim"])
             return out
 
-        return StageModule(wrapper, tuple(feeds(2, up + 1, 2 * up + 1).values()), feeds(1, 2 * up, 3 * up))
+        # traced at two chunks of text, checked at one: the text axis is exercised too
+        return StageModule(wrapper, tuple(feeds(2, up + 1, 2 * up + 1, 2).values()), feeds(1, 2 * up, 3 * up, 1))
 
     def vae_decoder(self, vae: torch.nn.Module) -> StageModule:
         channels = vae_channels(self.model)

@@ -35,6 +35,9 @@ ATTENTION_ROLES = (DENOISER, VAE_DECODER)
 TINY_VARIANT = "tiny"
 TINY_VAE_DECODER = "vae_decoder-tiny"
 TOKENIZER_OF = {TEXT_ENCODER: "tokenizer"}
+# The UNet's text-length dim (exports since long weighted prompts; older ones fix it at
+# text_max_length): text_max_length tokens per chunk of a weighted prompt.
+CHUNKED_TEXT_DIM = "text_length"
 # Request options only other families take (SDXL's size conditioning).
 CONDITIONING_OPTIONS: tuple[str, ...] = ()
 
@@ -235,7 +238,8 @@ def denoiser_inputs(f: Any, added: tuple[TensorSpec, ...] = ()) -> tuple[TensorS
     inputs = [
         TensorSpec("sample", "float32", latent),
         TensorSpec("timestep", "float32", ("batch",)),
-        TensorSpec("encoder_hidden_states", "float32", ("batch", int(f.text_max_length), int(f.cross_attention_dim))),
+        # the text length is named: weighted prompts over one chunk concatenate 77 tokens per chunk
+        TensorSpec("encoder_hidden_states", "float32", ("batch", CHUNKED_TEXT_DIM, int(f.cross_attention_dim))),
         *added,
     ]
     if f.time_cond_proj_dim:
@@ -342,7 +346,7 @@ def stage_profiles(model: Any, height: int, width: int, batch: int, do_cfg: bool
     cfg = 2 if do_cfg else 1
     return {
         TEXT_ENCODER: {"batch": cfg * prompts},
-        DENOISER: {"batch": cfg * batch, **latent},
+        DENOISER: {"batch": cfg * batch, **latent, CHUNKED_TEXT_DIM: int(_f(model).text_max_length)},  # one chunk
         VAE_DECODER: {"batch": batch, **latent},
     }
 

@@ -38,6 +38,7 @@ ATTENTION_ROLES = sd.ATTENTION_ROLES
 TINY_VARIANT = sd.TINY_VARIANT
 TINY_VAE_DECODER = sd.TINY_VAE_DECODER
 TOKENIZER_OF = {TEXT_ENCODER: "tokenizer", TEXT_ENCODER_2: "tokenizer_2"}
+CHUNKED_TEXT_DIM = sd.CHUNKED_TEXT_DIM  # the UNet's text length: 77 tokens per weighted prompt chunk
 DECODER_MEMORY_FACTS = sd.DECODER_MEMORY_FACTS
 # Options a base hands on to a refiner with its latents.
 HANDOFF_OPTIONS: tuple[str, ...] = ("prompt_2", "negative_prompt_2", "prompt_weighting")
@@ -294,7 +295,8 @@ def stage_profiles(model: Any, height: int, width: int, batch: int, do_cfg: bool
     latent = {"latent_height": height // factor, "latent_width": width // factor}
     text = 2 * prompts if encodes_negative(f, do_cfg, False) else prompts
     profiles = {role: {"batch": text} for role in f.text_encoders}
-    profiles[DENOISER] = {"batch": (2 if do_cfg else 1) * batch, **latent}
+    profiles[DENOISER] = {"batch": (2 if do_cfg else 1) * batch, **latent,
+                          CHUNKED_TEXT_DIM: int(f.text_max_length)}  # one chunk
     profiles[VAE_DECODER] = {"batch": batch, **latent}
     return profiles
 

@@ -622,12 +622,10 @@ class Pipeline:
             return 1
         texts = prompt_weighting.request_texts(request)
         chunks = max(prompt_weighting.count_chunks(self.tokenizers[role], texts, syntax) for role in self.tokenizers)
-        spec = self._models[self.family.DENOISER].spec
-        length = next((t.shape[1] for t in spec.inputs if t.name == "encoder_hidden_states"), None)
-        if chunks > 1 and isinstance(length, int):
-            raise DiffrtError(f"prompt_weighting: a prompt of this request needs {chunks} chunks of "
-                              f"{length - 2} tokens, but this artifact's UNet takes {length} tokens of text "
-                              "(fixed in its graph); shorten the prompt to one chunk")
+        specs = [self._models[self.family.DENOISER].spec]
+        if request.controlnet is not None or request.cache is not None:  # their graphs take the text too
+            specs += list(self.manifest.stages.values())
+        prompt_weighting.check_text_length(specs, chunks)  # a fixed-length graph (older exports): one chunk
         return chunks
 
     def _decode(self, sample: Any, plan: DenoisePlan, vae: str, timings: dict[str, Any]) -> np.ndarray:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from diffrt.errors import DiffrtError
 from diffrt.prompt_syntax import Fragment, a1111_to_compel, parse
 
 # compel's SplitLongTextMode fallbacks: sentence ends, then phrase ends, then word ends.
@@ -263,6 +264,21 @@ def weighted_encoder(encode: Callable[..., Mapping[str, np.ndarray]], tokenizers
                                chunks)
 
     return run
+
+
+def check_text_length(specs: Sequence[Any], chunks: int) -> None:
+    """Refuse `chunks` > 1 where one of the stage specs (the denoiser first) takes a fixed text length
+    (`encoder_hidden_states` with an integer length: UNets exported before the length
+    became the named dim "text_length"); one line naming the first such stage."""
+    if chunks <= 1:
+        return
+    for spec in specs:
+        length = next((t.shape[1] for t in spec.inputs if t.name == "encoder_hidden_states"), None)
+        if isinstance(length, int):
+            what = "UNet" if spec is specs[0] else f"stage {spec.name}"  # specs[0]: the denoiser that runs
+            raise DiffrtError(f"prompt_weighting: a prompt of this request needs {chunks} chunks of {length - 2} "
+                              f"tokens, but this artifact's {what} takes {length} tokens of text (fixed in its "
+                              "graph); shorten the prompt to one chunk, or export the model again with this diffrt")
 
 
 def request_texts(request: Any) -> list[str]:

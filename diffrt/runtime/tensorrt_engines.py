@@ -109,7 +109,7 @@ def check_shapes(engine: str, profile: StageProfile, shapes: Mapping[str, Sequen
     if problem:
         raise DiffrtError(f"TensorRT engine {engine} (stage {profile.stage}): {problem}; build an engine that "
                           "covers it: diffrt build OUT --backend tensorrt --batch LO-HI --size WxH "
-                          "(or --min-size/--max-size)")
+                          "(or --min-size/--max-size; --text-chunks N for weighted prompts of N x 75 tokens)")
 
 
 @dataclass(frozen=True)

@@ -282,10 +282,14 @@ def gpu_provider_options(provider: str, cache: Path | None, fp16: bool, cuda_gra
     return {}
 
 
+UNET_TEXT_CHUNKS = 3  # as `diffrt build --text-chunks` defaults to
+
+
 def trt_profile_shapes(spec: StageSpec, dims: Mapping[str, int] | None) -> dict[str, str]:
     """The TensorRT provider's explicit optimization profile for one stage: opt at the
     shape Pipeline.load prepares (`dims`, its named dims), the batch from 1 (one image,
-    no CFG) to twice the prepared one (CFG turned on for it), every other dim fixed. In
+    no CFG) to twice the prepared one (CFG turned on for it), an SD/SDXL UNet's text length
+    from one to UNET_TEXT_CHUNKS weighted-prompt chunks, every other dim fixed. In
     the documented format, "name:d1xd2x...,name2:..." per corner, covering every input
     with a dynamic dim (the provider needs all of them). Empty when `dims` leaves one
     unbound: the provider then sizes its profile from the first inputs it sees."""
@@ -293,6 +297,8 @@ def trt_profile_shapes(spec: StageSpec, dims: Mapping[str, int] | None) -> dict[
         return {}
     batch = int(dims.get("batch", 1))
     corners = {"min": {**dims, "batch": 1}, "opt": dict(dims), "max": {**dims, "batch": 2 * batch}}
+    if spec.role == "unet" and "text_length" in dims:  # SD/SDXL: weighted prompts of up to 3 chunks of text
+        corners["max"]["text_length"] = UNET_TEXT_CHUNKS * int(dims["text_length"])
     options = {}
     for corner, values in corners.items():
         parts = []
