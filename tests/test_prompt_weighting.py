@@ -246,6 +246,24 @@ def test_long_prompt_on_a_fixed_length_unet_is_refused(exported, tmp_path):
         pipe.close()
 
 
+def test_long_prompts_batch_only_with_the_same_chunk_count(pipes):
+    """Requests whose prompts take 3 chunks share a batch (one UNet call of 231 text
+    tokens per step), each with the image it gets alone; a one-chunk request does not
+    join them (its conditioning is 77 tokens long)."""
+    pipe, _, _ = pipes("sd15")
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="np", prompt_weighting=True)
+    first = pipe.request(LONG, seed=1, **kw)
+    second = pipe.request(LONG.replace("red fox", "(grey cat)1.3"), negative_prompt="ugly", seed=2, **kw)
+    short = pipe.request(PROMPTS["up"], seed=3, **kw)
+    assert pipe.batch_key(first) == pipe.batch_key(second) != pipe.batch_key(short)
+    together = pipe.generate([first, second])
+    for request, out in zip((first, second), together, strict=True):
+        alone = pipe.generate([request])[0].images
+        assert out.images.shape == alone.shape and float(np.abs(out.images - alone).max()) <= 1e-5
+    with pytest.raises(DiffrtError, match="group them by batch_key"):
+        pipe.generate([first, short])
+
+
 def test_bad_option_value_is_one_line(pipes):
     ours_pipe, _, _ = pipes("sd15")
     with pytest.raises(DiffrtError, match="prompt_weighting='sdxl'; choose one of: compel, a1111"):
