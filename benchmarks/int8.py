@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "int8-sd15.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for name in ("diffrt.runtime", "nncf", "root"):
+    for name in ("diffrt.runtime", "nncf"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
