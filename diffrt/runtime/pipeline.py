@@ -321,12 +321,12 @@ class Pipeline:
         sample_mode: str | None = None,
         mask_image: Any = None,
         padding_mask_crop: int | None = None,
-        cache: str | None = None,
         control_image: Any = None,
         controlnet_conditioning_scale: float | Sequence[float] | None = None,
         control_guidance_start: float | Sequence[float] | None = None,
         control_guidance_end: float | Sequence[float] | None = None,
         guess_mode: bool = False,
+        cache: str | None = None,
         **options: Any,
     ) -> Request:
         """Validate a generation once, before any work: a `Request` for `generate`.
@@ -370,8 +370,8 @@ class Pipeline:
                                            control_guidance_end, guess_mode, self.backend)
         request = dataclasses.replace(self.with_loras(request, loras), controlnet=control)
         controlnet.check_combination(self, request)  # not with image=, LoRAs (yet)
-        self._prompt_chunks(request)  # weighted prompts: their syntax, and a long one on a fixed-length UNet
         request = dataclasses.replace(request, cache=step_cache.check_request(self, request, cache))  # "deepcache:3"
+        self._prompt_chunks(request)  # weighted prompts: their syntax, and a long one on a fixed-length UNet
         check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
         return request
 
