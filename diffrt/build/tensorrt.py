@@ -139,7 +139,7 @@ def build_shapes(manifest: Manifest, batch: Any = "1", size: Sequence[int] | Non
 
 def select_stages(manifest: Manifest, precision: str | None = None) -> dict[str, StageSpec]:
     """The stages the tensorrt backend loads, in `precision` (default: its preference)."""
-    from diffrt.runtime.pipeline import select_stages as pipeline_stages  # the same choice Pipeline.load makes
+    from diffrt.runtime.stage_choice import select_stages as pipeline_stages  # the same choice Pipeline.load makes
 
     if precision is None:
         precision = next((p for p in GRAPH_PRECISIONS if p in manifest.precisions), "fp32")
