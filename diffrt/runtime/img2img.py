@@ -91,13 +91,14 @@ def read_start_image(facts: Any, image: Any, height: int | None, width: int | No
     return StartImage(pixels.shape[2], pixels.shape[3], pixels=pixels)
 
 
-def load_image(image: Any, what: str = "image") -> Image.Image | np.ndarray:
-    """A PIL RGB image or a float (H, W, 3) array in [0, 1]; a path is opened and read
-    fully (a truncated file is an error here, not a half-grey picture later)."""
+def load_image(image: Any, what: str = "image", rgb: bool = True) -> Image.Image | np.ndarray:
+    """A PIL RGB image (any mode with rgb=False: a ControlNet's image processor converts
+    it) or a float (H, W, 3) array in [0, 1]; a path is opened and read fully (a truncated
+    file is an error here, not a half-grey picture later)."""
     if isinstance(image, (str, Path)):
         image = _open(image, what)
     if isinstance(image, Image.Image):
-        if image.mode != "RGB":
+        if rgb and image.mode != "RGB":
             raise DiffrtError(f"{what} is a {image.mode} image; img2img takes RGB (diffusers' VAE does too): "
                               "convert it first, e.g. image.convert('RGB')")
         return image
@@ -162,8 +163,8 @@ def masked_pixels(pixels: np.ndarray, mask: Any, picture_size: tuple[int, int]) 
     return (pixels * (binary < np.float32(0.5)).astype(np.float32)[None, None]).astype(np.float32)
 
 
-def full_mask(mask: Any, picture_size: tuple[int, int], height: int, width: int) -> np.ndarray:
-    """The mask processor's binarized mask at (height, width): (H, W) float32 of 0/1."""
+def load_mask(mask: Any) -> Image.Image:
+    """`mask_image` as a PIL image: a path read fully, a uint8 (H, W) array as mode L."""
     if isinstance(mask, (str, Path)):
         mask = _open(mask, "mask_image")
     if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype == np.uint8:
@@ -171,6 +172,12 @@ def full_mask(mask: Any, picture_size: tuple[int, int], height: int, width: int)
     if not isinstance(mask, Image.Image):
         raise DiffrtError("mask_image must be a PIL image, an image file path or a uint8 (H, W) array "
                           f"(white = repaint), got {type(mask).__name__}")
+    return mask
+
+
+def full_mask(mask: Any, picture_size: tuple[int, int], height: int, width: int) -> np.ndarray:
+    """The mask processor's binarized mask at (height, width): (H, W) float32 of 0/1."""
+    mask = load_mask(mask)
     if (mask.height, mask.width) != picture_size:
         raise DiffrtError(f"mask_image is {mask.width}x{mask.height} but image is {picture_size[1]}x{picture_size[0]}; "
                           "give a mask of the picture's size")

@@ -19,7 +19,6 @@ size, then paste the result back into the whole picture. Torch-free (PIL).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,16 +69,9 @@ def crop_inputs(picture: Any, mask: Any, height: int, width: int, padding: int,
 
 
 def _mask_image(mask: Any) -> Image.Image:
-    if isinstance(mask, (str, Path)):
-        from diffrt.runtime.img2img import _open
+    from diffrt.runtime.img2img import load_mask
 
-        mask = _open(mask, "mask_image")
-    if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype == np.uint8:
-        mask = Image.fromarray(mask, "L")
-    if not isinstance(mask, Image.Image):
-        raise DiffrtError("mask_image must be a PIL image, an image file path or a uint8 (H, W) array "
-                          f"(white = repaint), got {type(mask).__name__}")
-    return mask
+    return load_mask(mask)
 
 
 def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int]:
