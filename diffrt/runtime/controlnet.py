@@ -29,28 +29,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from diffrt.artifacts import DEFAULT_VARIANT, FUSED_VARIANT, Manifest, StageSpec, verify_files
+from diffrt.artifacts import DEFAULT_VARIANT, FUSED_VARIANT, Manifest, StageSpec
 from diffrt.errors import DiffrtError
 from diffrt.families.base import ClassifierFreeGuidance, DenoisePlan
 from diffrt.runtime import arrays
 from diffrt.runtime import controlnet_layout as layout
-from diffrt.runtime.img2img import _nearest, _open
+from diffrt.runtime.img2img import _nearest, load_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FORMS = "a PIL image, an image file path, or an (H, W, 3) array (uint8, or float in [0, 1])"
 # Backends that run only engines `diffrt build` made, which builds no ControlNet engines yet.
 ENGINE_BACKENDS = ("tensorrt",)
-_OPEN_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -155,23 +150,8 @@ def check_backend(backend: Any) -> None:
 
 
 def _read(image: Any, what: str) -> Image.Image | np.ndarray:
-    """A PIL image or a float (H, W, C) array in [0, 1]; a path is read fully."""
-    if isinstance(image, (str, Path)):
-        image = _open(image, what)
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise DiffrtError(f"{what} must be {IMAGE_FORMS}, got an array of shape {image.shape}")
-        if image.dtype == np.uint8:
-            return Image.fromarray(image, "RGB")
-        if not np.issubdtype(image.dtype, np.floating):
-            raise DiffrtError(f"{what}: an array must be uint8 or float in [0, 1], got {image.dtype}")
-        array = image.astype(np.float32)
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise DiffrtError(f"{what}: a float array must hold values in [0, 1] (diffusers' convention)")
-        return array
-    raise DiffrtError(f"{what} must be {IMAGE_FORMS}, got {type(image).__name__}")
+    """A PIL image (any mode) or a float (H, W, 3) array in [0, 1]; a path is read fully."""
+    return load_image(image, what, rgb=False)
 
 
 def preprocess(image: Image.Image | np.ndarray, height: int, width: int, channels: int = 3) -> np.ndarray:
@@ -217,21 +197,8 @@ def _contexts(pipe: Any) -> tuple[Any, list[Any]]:
     unet = pipe.models[denoiser].spec
     specs = {f"{denoiser}:{layout.RESIDUAL_VARIANT}": _residual_spec(manifest, unet)}
     specs.update({role: _controlnet_spec(manifest, role, unet) for role in controlnet_roles(manifest)})
-    with _OPEN_LOCK:
-        missing = {k: s for k, s in specs.items() if k not in pipe._models}
-        if missing:
-            mode, stamps_path = pipe._verify_encoder
-            verify_files(pipe.folder, manifest, mode, stages=[s.name for s in missing.values()],
-                         stamps_path=stamps_path)
-            for key, spec in missing.items():
-                t0 = time.perf_counter()
-                pipe._models[key] = pipe.backend.open(pipe.folder, spec, profile=None)
-                logger.info("loaded %s in %.2fs (ControlNet)", spec.describe(), time.perf_counter() - t0)
-        for key in specs:
-            if key not in pipe._contexts:
-                pipe._contexts[key] = pipe._models[key].context()
-    keys = list(specs)
-    return pipe._contexts[keys[0]], [pipe._contexts[k] for k in keys[1:]]
+    contexts = pipe.lazy_contexts(specs, "ControlNet")
+    return contexts[0], contexts[1:]
 
 
 # -- the hook ----------------------------------------------------------------------------

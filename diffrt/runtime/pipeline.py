@@ -33,6 +33,7 @@ from diffrt.artifacts import (
     FUSED_VARIANT,
     STAMPS_NAME,
     Manifest,
+    StageSpec,
     read_manifest,
     verify_files,
 )
@@ -73,8 +74,8 @@ logger = logging.getLogger(__name__)
 # The cache folder inside an artifact: built engines (engines/<backend>/<key>/) and
 # the record of verified files. Not part of the manifest: deleting it loses nothing.
 ENGINES_DIR = "engines"
-# Held while a pipeline opens its VAE encoder (img2img), so concurrent workers open it once.
-_ENCODER_LOCK = threading.Lock()
+# Held while a pipeline opens stages on first use (lazy_contexts), so concurrent workers open each once.
+_LAZY_LOCK = threading.Lock()
 
 
 @dataclass
@@ -666,18 +667,28 @@ class Pipeline:
         from a picture (text-to-image never loads it), in the decoder's precision,
         verified as `load` verified the rest, and shared with every worker() view."""
         key = self.family.VAE_ENCODER
-        with _ENCODER_LOCK:
-            if key not in self._models:
-                precision = self._models[self.family.VAE_DECODER].spec.precision
-                spec = self.manifest.select(key, DEFAULT_VARIANT, [precision, "fp32"])
+        precision = self._models[self.family.VAE_DECODER].spec.precision
+        return self.lazy_contexts({key: self.manifest.select(key, DEFAULT_VARIANT, [precision, "fp32"])}, "img2img")[0]
+
+    def lazy_contexts(self, specs: Mapping[str, StageSpec], why: str) -> list[Context]:
+        """This worker's contexts on stages opened by the first request that needs them
+        (the VAE encoder, ControlNets, step-cache graphs: a plain generation never loads
+        them), keyed as `specs`: each model opened once, its files verified as `load`
+        verified the rest, and shared with every worker() view."""
+        with _LAZY_LOCK:
+            missing = {key: spec for key, spec in specs.items() if key not in self._models}
+            if missing:
                 mode, stamps_path = self._verify_encoder
-                verify_files(self.folder, self.manifest, mode, stages=[spec.name], stamps_path=stamps_path)
-                t0 = time.perf_counter()
-                self._models[key] = self.backend.open(self.folder, spec, profile=None)
-                logger.info("loaded %s in %.2fs (img2img)", spec.describe(), time.perf_counter() - t0)
-            if key not in self._contexts:
-                self._contexts[key] = self._models[key].context()
-        return self._contexts[key]
+                verify_files(self.folder, self.manifest, mode, stages=[s.name for s in missing.values()],
+                             stamps_path=stamps_path)
+                for key, spec in missing.items():
+                    t0 = time.perf_counter()
+                    self._models[key] = self.backend.open(self.folder, spec, profile=None)
+                    logger.info("loaded %s in %.2fs (%s)", spec.describe(), time.perf_counter() - t0, why)
+            for key in specs:
+                if key not in self._contexts:
+                    self._contexts[key] = self._models[key].context()
+            return [self._contexts[key] for key in specs]
 
     def _materializes_attention(self) -> bool:
         """Whether the UNet graph running here builds full attention score tensors: a

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from diffrt.artifacts import FUSED_VARIANT, verify_files
+from diffrt.artifacts import FUSED_VARIANT
 from diffrt.errors import ArtifactError, DiffrtError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +54,6 @@ FB_FIRST_RESIDUAL = "fbcache_first_residual"
 FB_HIDDEN = "fbcache_hidden"
 FB_ENCODER = "fbcache_encoder"
 FUSED_PREFIX = "fused-attention+"
-_OPEN_LOCK = threading.Lock()  # concurrent workers open the cache's graphs once
 
 
 @dataclass(frozen=True)
@@ -181,21 +178,10 @@ def _contexts(pipe: Any, variants: tuple[str, str]) -> tuple[Any, Any]:
     denoiser = pipe.family.DENOISER
     plain = pipe._models[denoiser].spec
     prefix = FUSED_PREFIX if plain.variant == FUSED_VARIANT else ""
-    found = []
-    with _OPEN_LOCK:
-        for variant in variants:
-            key = f"{denoiser}:{variant}"
-            if key not in pipe._models:
-                spec = _select(pipe.manifest, denoiser, prefix, variant, plain.precision)
-                mode, stamps_path = pipe._verify_encoder
-                verify_files(pipe.folder, pipe.manifest, mode, stages=[spec.name], stamps_path=stamps_path)
-                t0 = time.perf_counter()
-                pipe._models[key] = pipe.backend.open(pipe.folder, spec, profile=None)
-                logger.info("loaded %s in %.2fs (step cache)", spec.describe(), time.perf_counter() - t0)
-            if key not in pipe._contexts:
-                pipe._contexts[key] = pipe._models[key].context()
-            found.append(pipe._contexts[key])
-    return found[0], found[1]
+    specs = {f"{denoiser}:{variant}": _select(pipe.manifest, denoiser, prefix, variant, plain.precision)
+             for variant in variants}
+    first, second = pipe.lazy_contexts(specs, "step cache")
+    return first, second
 
 
 def _select(manifest: Any, denoiser: str, prefix: str, variant: str, precision: str) -> Any:
