@@ -197,6 +197,27 @@ def test_auto_exclusion_records_its_trials(exported, tmp_path_factory):
     assert set(info["excluded"]) <= set(info["candidates"])
 
 
+def test_static_auto_keeps_attention_scores_in_float_for_speed(exported, tmp_path_factory):
+    """Static int8's auto mode keeps the MatMuls around each Softmax float (so OpenVINO
+    fuses attention) without trialling them; read from the graph file: no Softmax input
+    comes from, and no Softmax output feeds, a MatMul whose inputs are dequantized."""
+    folder = _quantize(exported, tmp_path_factory, "static", exclude="auto")
+    info = json.loads((folder / "manifest.json").read_text())["stages"]["unet-int8"]["facts"]["int8"]
+    assert info["kept_for_speed"] == ["attention_scores"]
+    assert "attention_scores" in info["excluded"] and "attention_scores" not in info["candidates"]
+    assert all("attention_scores" in t["exclude"] for t in info["trials"])
+    assert len(info["trials"]) == 1 + len(info["candidates"])
+    graph = onnx.load(str(folder / "unet-int8" / "model.onnx"), load_external_data=False).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    around = [n for n in graph.node if n.op_type == "MatMul"
+              and (n.output[0] in {s.input[0] for s in softmax} or {s.output[0] for s in softmax} & set(n.input))]
+    assert softmax and len(around) == 2 * len(softmax)
+    assert not [n.name for n in around if dequantized & set(n.input)]
+    # while the UNet's other MatMuls and convolutions are int8
+    assert sum(1 for n in graph.node if n.op_type in ("MatMul", "Conv") and dequantized & set(n.input)) > 10
+
+
 def test_without_int8_stages_int8_is_a_one_line_error(exported):
     from diffrt import Pipeline
 
