@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
+from diffrt.export.forward_swap import swapped_forwards
 from diffrt.runtime.step_cache import DEEPCACHE, FACT, FEATURE, FULL_VARIANT, SHALLOW_VARIANT
 
 LAYERS_PER_BRANCH_BLOCK = 3  # the helper's `cache_branch_id % 3`
@@ -107,14 +107,12 @@ def _skipped_down_block(block: torch.nn.Module):
     return forward
 
 
-@contextlib.contextmanager
-def _swapped(unet: torch.nn.Module, where: Layout, feature: torch.Tensor) -> Iterator[None]:
+def _swapped(unet: torch.nn.Module, where: Layout, feature: torch.Tensor) -> contextlib.AbstractContextManager:
     """The UNet's forward runs the shallow path of `where` on `feature` while inside."""
-    saved: list[tuple[torch.nn.Module, Any]] = []
+    pairs: list[tuple[torch.nn.Module, Any]] = []
 
     def swap(module: torch.nn.Module, forward) -> None:
-        saved.append((module, module.__dict__.get("forward")))
-        module.forward = forward
+        pairs.append((module, forward))
 
     for index, block in enumerate(unet.down_blocks):
         if index > where.block or (index == where.block and where.layer == 0):
@@ -140,14 +138,7 @@ def _swapped(unet: torch.nn.Module, where: Layout, feature: torch.Tensor) -> Ite
             swap(attention, lambda *a, **k: (feature,))
     else:
         swap(_producer(unet, where), lambda *a, **k: feature)
-    try:
-        yield
-    finally:
-        for module, forward in reversed(saved):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
+    return swapped_forwards(pairs)
 
 
 class FullUNet(torch.nn.Module):

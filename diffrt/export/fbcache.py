@@ -21,15 +21,14 @@ that do not run swapped for identities (the exporter drops their ops).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from diffrt.artifacts import TensorSpec
 from diffrt.errors import DiffrtError
+from diffrt.export.forward_swap import swapped_forwards
 from diffrt.runtime.step_cache import (
     FB_ENCODER,
     FB_FIRST_RESIDUAL,
@@ -48,21 +47,6 @@ def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _passthrough(*args: Any, **kwargs: Any) -> Any:
     return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
-
-
-@contextlib.contextmanager
-def _swapped(pairs: list[tuple[torch.nn.Module, Any]]) -> Iterator[None]:
-    saved = [(module, module.__dict__.get("forward")) for module, _ in pairs]
-    for module, forward in pairs:
-        module.forward = forward
-    try:
-        yield
-    finally:
-        for module, forward in reversed(saved):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
 
 
 class HeadTransformer(torch.nn.Module):
@@ -86,7 +70,7 @@ class HeadTransformer(torch.nn.Module):
             kept.update(hidden=hidden, encoder=encoder, first=hidden - kwargs["hidden_states"])
             return encoder, hidden + residual  # the encoder stream's residual never reaches the output
 
-        with _swapped([(first, head), *((b, _passthrough) for b in blocks[1:])]):
+        with swapped_forwards([(first, head), *((b, _passthrough) for b in blocks[1:])]):
             out = self.stage(*inputs[:-1])
         return out, kept["first"], kept["hidden"], kept["encoder"]
 
@@ -115,7 +99,7 @@ class TailTransformer(torch.nn.Module):
             kept["hidden"] = out_hidden
             return out_encoder, out_hidden
 
-        with _swapped([(blocks[0], lambda *a, **k: (encoder, hidden)), (last, tail)]):
+        with swapped_forwards([(blocks[0], lambda *a, **k: (encoder, hidden)), (last, tail)]):
             out = self.stage(*args)
         return out, kept["hidden"] - hidden
 
