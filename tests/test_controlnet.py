@@ -329,3 +329,22 @@ def test_openvino_runs_the_controlnet_graphs(sd, tmp_path):
     with Pipeline.load(root / "out", backend="openvino", precision="fp32", cache_dir=tmp_path) as ov:
         got = ov("a barn", control_image=controls, latents=latents.numpy(), scheduler="euler", **kw).images
     _compare(got, theirs, "openvino/two ControlNets/guess")
+
+
+def test_an_upcasting_controlnets_half_graph_upcasts_attention(tiny_checkpoint, tmp_path):
+    """A ControlNet whose config asks for fp32 attention scores (SD 2.x ControlNets do)
+    gets half graphs with attention upcast, as the UNet's are when its config asks."""
+    import json
+
+    from diffrt.export import export
+
+    checkpoint = tiny_checkpoint("sd15")
+    make_controlnet(checkpoint, tmp_path / "cn", seed=3)
+    config = json.loads((tmp_path / "cn" / "config.json").read_text())
+    assert config["upcast_attention"] is False  # the tiny base does not upcast
+    config["upcast_attention"] = True
+    (tmp_path / "cn" / "config.json").write_text(json.dumps(config))
+    export(checkpoint, tmp_path / "out", controlnets=[tmp_path / "cn"], precision="fp16")
+    stages = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]
+    assert "to_half:fp16:upcast" in stages["controlnet_0-fp16"]["passes"]
+    assert "to_half:fp16" in stages["unet-fp16"]["passes"]  # the base UNet does not ask

@@ -25,6 +25,7 @@ from diffrt.artifacts import FUSED_VARIANT, StageSpec
 from diffrt.errors import DiffrtError
 from diffrt.export.checkpoint import quiet_library_progress
 from diffrt.export.sd import StageModule, load_module
+from diffrt.export.variants import UPCAST_FACT
 from diffrt.runtime import controlnet_layout as layout
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class ControlNetSource:
     """Each residual's channels: the down residuals, then the mid one."""
     downsamples: tuple[int, ...]
     conditioning_channels: int
+    upcast_attention: bool = False
+    """Its config's upcast_attention (SD 2.x): its half graphs compute attention scores in fp32."""
 
 
 class ControlNetStage(torch.nn.Module):
@@ -159,7 +162,8 @@ def check_sources(paths: Sequence[str | Path], folder: Path, model: Mapping[str,
             raise DiffrtError(f"--controlnet {path}: controlnet_conditioning_channel_order "
                               f"{cn.controlnet_conditioning_channel_order!r} is not supported (rgb only)")
         channels, downsamples = _layout(cn)
-        sources.append(ControlNetSource(path, channels, downsamples, int(cn.conditioning_channels)))
+        sources.append(ControlNetSource(path, channels, downsamples, int(cn.conditioning_channels),
+                                        bool(getattr(cn, "upcast_attention", False))))
     return sources
 
 
@@ -193,7 +197,8 @@ def add_jobs(io: dict, jobs: list, sources: Sequence[ControlNetSource], folder: 
     for index, source in enumerate(sources):
         name = layout.role(index)
         io[name] = layout.controlnet_io(unet_io[0], source.conditioning_channels, residuals)
-        jobs.append((name, name, "default", {**facts, layout.SOURCE_FACT: source.path.name},
+        jobs.append((name, name, "default", {**facts, layout.SOURCE_FACT: source.path.name,
+                                             UPCAST_FACT: source.upcast_attention},
                      lambda source=source, names=[t.name for t in io[name][0]]: _controlnet_stage(
                          source, names, model)))
     io[layout.RESIDUAL_UNET] = layout.residual_unet_io(unet_io, residuals)

@@ -24,6 +24,10 @@ from diffrt.artifacts import FUSED_VARIANT, Manifest, StageSpec, file_record
 from diffrt.errors import DiffrtError
 from diffrt.runtime.request import FLOW_SCHEDULERS
 
+# A stage fact: the stage's own model computes attention scores in fp32 (a ControlNet's
+# config, SD 2.x), so its half graphs upcast attention as the denoiser's do.
+UPCAST_FACT = "upcast_attention"
+
 logger = logging.getLogger(__name__)
 
 HALF_PRECISIONS = ("fp16", "bf16")
@@ -98,7 +102,8 @@ def derive_stages(
                 continue
             name = f"{source.name}-{precision}"
             t0 = time.perf_counter()
-            upcast = bool(model.get("upcast_attention")) and source.role == fam.DENOISER
+            upcast = (bool(model.get("upcast_attention")) and source.role == fam.DENOISER
+                      or bool(source.facts.get(UPCAST_FACT)))
             files, report = to_half(staging / source.name, staging / name, dtype=precision, upcast_attention=upcast)
             spec = dataclasses.replace(source, name=name, precision=precision,
                                        passes=(*source.passes, f"to_half:{precision}" + (":upcast" if upcast else "")))

@@ -237,6 +237,8 @@ def attach(pipe: Any, request: Any, plan: DenoisePlan, steps: int) -> tuple[Deno
     taken = [[t.name for t in net.spec.inputs if t.name not in (layout.COND_INPUT, layout.SCALE_INPUT)]
              for net in nets]
 
+    zeros: dict[str, dict[str, Any]] = {}  # made once per request (the stages only read their inputs)
+
     def hook(i: int, feeds: Mapping[str, Any], call_next: Any) -> Mapping[str, Any]:
         total = None
         for k, keep in enumerate(control.keep(i, steps)):
@@ -246,10 +248,14 @@ def attach(pipe: Any, request: Any, plan: DenoisePlan, steps: int) -> tuple[Deno
             out = nets[k].run({**net_feeds, layout.COND_INPUT: images[k], layout.SCALE_INPUT: scales[k]})
             total = {n: out[n] for n in names} if total is None else {n: total[n] + out[n] for n in names}
         if total is None:
-            total = _zeros(feeds[plan.sample_feed], facts, names)
+            if "all" not in zeros:
+                zeros["all"] = _zeros(feeds[plan.sample_feed], facts, names)
+            total = zeros["all"]
         elif conditional_only:  # the unconditional rows get no control (diffusers: zeros)
             xp = arrays.namespace(feeds[plan.sample_feed])
-            total = {n: xp.concat([xp.zeros_like(v), v]) for n, v in total.items()}
+            if "unconditional" not in zeros:
+                zeros["unconditional"] = {n: xp.zeros_like(v) for n, v in total.items()}
+            total = {n: xp.concat([zeros["unconditional"][n], v]) for n, v in total.items()}
         return call_next({**feeds, **total})
 
     return dataclasses.replace(plan, denoiser_hooks=(hook, *plan.denoiser_hooks)), unet
