@@ -16,7 +16,8 @@ from functools import lru_cache
 from importlib import metadata
 
 # The flags that decide kernel choice for diffusion models on x86 (as /proc/cpuinfo names them).
-RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+                  "amx_tile", "amx_bf16", "amx_fp16", "amx_int8")  # bf16/fp16 and int8 (VNNI, AMX-INT8) dot products
 
 
 @dataclass(frozen=True)
