@@ -36,8 +36,31 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -> None:
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    """Which backend runs which of the artifact's graphs, and how its files are checked
+    at load: generate, bench and serve."""
     from diffrt.runtime.backends import backend_names
+
+    p.add_argument("--backend", default="ort",
+                   help=f"inference backend: {', '.join(backend_names())} (each needs its library: "
+                        "onnxruntime, openvino, TensorRT + CuPy, torch + diffusers); default ort")
+    p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE",
+                   help="a backend option, repeatable: ort: intra_op_num_threads; openvino: precision=fp32|bf16|fp16, "
+                        "num_threads, num_streams, performance_hint=latency|throughput")
+    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16", "int8"),
+                   help="which of the artifact's graphs to run (default: the backend's choice; ort: fp32 on a CPU); "
+                        "int8: the stages `diffrt quantize` added")
+    p.add_argument("--attention", default=None, choices=("fused", "portable"),
+                   help="fused or portable attention graphs (default: ort fused, openvino portable)")
+    verify = p.add_mutually_exclusive_group()
+    verify.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
+                        help="check file sizes only, not sha256 (by default files are hashed once, then again "
+                             "only when they change)")
+    verify.add_argument("--verify-full", action="store_const", const="full", dest="verify",
+                        help="hash every file of the stages loaded, even those verified before")
+
+
+def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -> None:
     from diffrt.runtime.schedulers import SCHEDULER_NAMES
 
     if with_prompt:
@@ -51,17 +74,6 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
     p.add_argument("--preset", default=None,
                    help="a named recipe: SD full-30step, lcm-4step; SDXL full-30step, sdxl-turbo, "
                         "sdxl-lightning-4step, lcm-sdxl-4step")
-    p.add_argument("--backend", default="ort",
-                   help=f"inference backend: {', '.join(backend_names())} (each needs its library: "
-                        "onnxruntime, openvino, TensorRT + CuPy, torch + diffusers); default ort")
-    p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE",
-                   help="a backend option, repeatable: ort: intra_op_num_threads; openvino: precision=fp32|bf16|fp16, "
-                        "num_threads, num_streams, performance_hint=latency|throughput")
-    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16", "int8"),
-                   help="which of the artifact's graphs to run (default: the backend's choice; ort: fp32 on a CPU); "
-                        "int8: the stages `diffrt quantize` added")
-    p.add_argument("--attention", default=None, choices=("fused", "portable"),
-                   help="fused or portable attention graphs (default: ort fused, openvino portable)")
     p.add_argument("--vae", default=None,
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
     p.add_argument("--cache", default=None, metavar="SPEC",
@@ -69,12 +81,7 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
                         "between) or fbcache:T (Flux: the blocks after the first skipped while its residual moves "
                         "by at most T); needs an artifact exported with --step-cache; bench: a comma list "
                         "compared side by side, e.g. off,deepcache:3")
-    verify = p.add_mutually_exclusive_group()
-    verify.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
-                        help="check file sizes only, not sha256 (by default files are hashed once, then again "
-                             "only when they change)")
-    verify.add_argument("--verify-full", action="store_const", const="full", dest="verify",
-                        help="hash every file of the stages loaded, even those verified before")
+    _add_backend_args(p)
 
 
 def _add_lora_branch_args(p: argparse.ArgumentParser, rank_flag: str) -> None:
@@ -270,14 +277,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], None]], d
     p.add_argument("out", help="artifact folder written by `diffrt export`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", default="ort",
-                   help="inference backend: ort, openvino, tensorrt or torch (default ort)")
-    p.add_argument("-O", "--backend-option", action="append", metavar="KEY=VALUE", help="a backend option, repeatable")
-    p.add_argument("--graph-precision", default=None, choices=("fp32", "fp16", "bf16", "int8"),
-                   help="which of the artifact's graphs to run (default: the backend's choice)")
-    p.add_argument("--attention", default=None, choices=("fused", "portable"), help="fused or portable attention graphs")
-    p.add_argument("--no-verify", action="store_const", const="size", dest="verify", default="stamp",
-                   help="check file sizes only at load, not sha256")
+    _add_backend_args(p)
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the folder's name)")
     p.add_argument("--lora", action="append", default=None, metavar="NAME=FILE",
                    help="a LoRA .safetensors requests can name ({\"loras\": {NAME: strength}}); repeatable")
