@@ -113,7 +113,7 @@ def export(
     (diffrt/export/controlnet.py).
     `step_cache`: "deepcache" or "deepcache:BRANCH": the UNet also as DeepCache's full
     and shallow graphs, for requests with cache="deepcache:N" (diffrt/export/deepcache.py);
-    "fbcache" (Flux): the transformer also as First-Block Cache's head and tail graphs, for
+    "fbcache" (Flux, SD3): the transformer also as First-Block Cache's head and tail graphs, for
     cache="fbcache:T" (diffrt/export/fbcache.py)."""
     started = time.perf_counter()
     out = Path(out)
@@ -230,16 +230,19 @@ def _check_step_cache(value: str | None, fam) -> tuple[str, int] | None:
     if value is None:
         return None
     if value.strip().lower() == "fbcache":
-        if fam.NAME != "flux":
-            raise DiffrtError(f"--step-cache fbcache: First-Block Cache graphs are made for Flux models; this is "
-                              f"{fam.NAME} (UNets: --step-cache deepcache)")
+        from diffrt.runtime.step_cache import FB_FAMILIES
+
+        if fam.NAME not in FB_FAMILIES:
+            raise DiffrtError(f"--step-cache fbcache: First-Block Cache graphs are made for "
+                              f"{' and '.join(FB_FAMILIES.values())} models; this is {fam.NAME} "
+                              "(UNets: --step-cache deepcache)")
         return ("fbcache", 0)
     from diffrt.export.deepcache import parse_option
 
     branch = parse_option(value)
     if fam.DENOISER != "unet":
         raise DiffrtError(f"--step-cache {value}: DeepCache is for UNet models (SD 1.x/2.x, SDXL); {fam.NAME} has "
-                          "none (Flux: --step-cache fbcache)")
+                          "none (Flux, SD3: --step-cache fbcache)")
     return ("deepcache", branch)
 
 

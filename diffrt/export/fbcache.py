@@ -1,4 +1,5 @@
-"""First-Block Cache's two transformer graphs for Flux (`diffrt export SRC OUT --step-cache fbcache`).
+"""First-Block Cache's two transformer graphs for Flux and SD3 / SD3.5 (`diffrt export SRC OUT
+--step-cache fbcache`).
 
 diffusers' FirstBlockCache (hooks/first_block_cache.py, `transformer.enable_cache(
 FirstBlockCacheConfig(threshold=...))`) runs the first transformer block every step and
@@ -16,7 +17,13 @@ transformer (which uncached requests run):
   layers on the head's outputs: `out_sample` and `fbcache_tail_residual`.
 
 As in diffrt/export/deepcache.py, the graphs are diffusers' own forward with the blocks
-that do not run swapped for identities (the exporter drops their ops).
+that do not run swapped for identities (the exporter drops their ops). The blocks are
+diffusers' FirstBlockCache order: Flux's double-stream then single-stream blocks, SD3's
+joint blocks (whose last, context_pre_only, returns no encoder stream: only the image
+stream's residual is cached, the only one the output layers read). The residuals are
+image tokens: Flux's input already is tokens; SD3's is latents, which its patch
+embedding cuts into (height / patch) x (width / patch) tokens (the stages' facts record
+the patch size for the runtime).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from diffrt.runtime.step_cache import (
     FB_FIRST_RESIDUAL,
     FB_HIDDEN,
     FB_TAIL_RESIDUAL,
+    FB_FAMILIES,
     FBCACHE,
     HEAD_VARIANT,
     TAIL_VARIANT,
@@ -41,8 +49,39 @@ from diffrt.runtime.step_cache import (
 
 
 def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks in diffusers' FirstBlockCache order: double-stream, then single-stream."""
-    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    """The blocks in diffusers' FirstBlockCache order: Flux's double-stream, then
+    single-stream; SD3's joint blocks (it has no single-stream ones)."""
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", ())]
+
+
+def _tokens(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> int:
+    """The image tokens of the transformer's input: Flux's (batch, tokens, channels) is
+    packed already; SD3's latents (batch, channels, height, width) are cut into patches."""
+    if hidden_states.dim() == 3:
+        return int(hidden_states.shape[1])
+    patch = int(transformer.config.patch_size)
+    return (int(hidden_states.shape[-2]) // patch) * (int(hidden_states.shape[-1]) // patch)
+
+
+def _facts(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> dict[str, Any]:
+    """The stages' facts: the block count, and for latent input the patch size the
+    runtime counts the residuals' tokens with (diffrt.runtime.step_cache.image_tokens)."""
+    facts: dict[str, Any] = {"blocks": len(_blocks(transformer))}
+    if hidden_states.dim() == 4:
+        facts["patch_size"] = int(transformer.config.patch_size)
+    return {FBCACHE: facts}
+
+
+def _encoder_spec(inputs: tuple[TensorSpec, ...], inner: int) -> TensorSpec:
+    """The first block's encoder-stream output: the stage's text tokens (Flux: T5's; SD3:
+    CLIP's and T5's joined) at the blocks' width."""
+    text = next(t for t in inputs if t.name == "encoder_hidden_states").shape[1]
+    return TensorSpec(FB_ENCODER, "float32", ("batch", text, inner))
+
+
+def _sample(stage) -> torch.Tensor:
+    """The trace inputs' hidden_states (the order of check_inputs is the stage's)."""
+    return stage.trace_inputs[list(stage.check_inputs).index("hidden_states")]
 
 
 def _passthrough(*args: Any, **kwargs: Any) -> Any:
@@ -114,6 +153,17 @@ def _unread(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], own: int)
     return {k for k, g in enumerate(grads[:-own]) if g is None}
 
 
+def _shape_sources(specs: tuple[TensorSpec, ...], unread: set[int], given: tuple[TensorSpec, ...],
+                   outputs: tuple[TensorSpec, ...]) -> set[int]:
+    """Those of the `unread` inputs whose shape alone an output's dims come from (SD3's
+    latents: the output layers unpatchify to their height and width; the first block's
+    outputs are tokens): no gradient flows from them, yet the graph needs them."""
+    carried = {d for k, t in enumerate(specs) if k not in unread for d in t.shape}
+    carried |= {d for t in given for d in t.shape}
+    wanted = {d for t in outputs for d in t.shape if isinstance(d, str)} - carried
+    return {k for k in unread if wanted & set(specs[k].shape)}
+
+
 def _token_spec(name: str, inner: int) -> TensorSpec:
     return TensorSpec(name, "float32", ("batch", "image_tokens", inner))
 
@@ -122,18 +172,18 @@ def head_stage(stage, io: tuple):
     """(StageModule, (inputs, outputs), facts) of the head graph."""
     transformer = stage.weights
     inner = int(transformer.inner_dim)
-    text = io[0][1].shape[1]  # the text length's dim name
     module = HeadTransformer(stage.module, transformer)
-    trace_residual = torch.zeros(stage.trace_inputs[0].shape[0], stage.trace_inputs[0].shape[1], inner)
-    check_residual = torch.randn(*stage.check_inputs["hidden_states"].shape[:2], inner,
+    sample, check_sample = _sample(stage), stage.check_inputs["hidden_states"]
+    trace_residual = torch.zeros(sample.shape[0], _tokens(transformer, sample), inner)
+    check_residual = torch.randn(check_sample.shape[0], _tokens(transformer, check_sample), inner,
                                  generator=torch.Generator().manual_seed(5)) * 0.1
     inputs, outputs = io
     spec = ((*inputs, _token_spec(FB_TAIL_RESIDUAL, inner)),
             (*outputs, _token_spec(FB_FIRST_RESIDUAL, inner), _token_spec(FB_HIDDEN, inner),
-             TensorSpec(FB_ENCODER, "float32", ("batch", text, inner))))
+             _encoder_spec(inputs, inner)))
     built = dataclasses.replace(stage, module=module, trace_inputs=(*stage.trace_inputs, trace_residual),
                                 check_inputs={**stage.check_inputs, FB_TAIL_RESIDUAL: check_residual})
-    return built, spec, {FBCACHE: {"blocks": len(_blocks(transformer))}}
+    return built, spec, _facts(transformer, sample)
 
 
 def tail_stage(stage, io: tuple):
@@ -141,30 +191,30 @@ def tail_stage(stage, io: tuple):
     the first block's outputs for the same inputs."""
     transformer = stage.weights
     inner = int(transformer.inner_dim)
-    text = io[0][1].shape[1]
     head = HeadTransformer(stage.module, transformer)
     names = list(stage.check_inputs)
+    at = names.index("hidden_states")
 
     def first_outputs(feeds):
-        residual = torch.zeros(feeds[0].shape[0], feeds[0].shape[1], inner)
+        residual = torch.zeros(feeds[at].shape[0], _tokens(transformer, feeds[at]), inner)
         with torch.no_grad():
             _, _, hidden, encoder = head(*feeds, residual)
         return hidden, encoder
 
     trace_extra = first_outputs(stage.trace_inputs)
     check_extra = first_outputs(tuple(stage.check_inputs.values()))
+    inputs, outputs = io
+    given = (_token_spec(FB_HIDDEN, inner), _encoder_spec(inputs, inner))
     unread = _unread(TailTransformer(stage.module, transformer), (*stage.trace_inputs, *trace_extra), 2)
+    unread -= _shape_sources(inputs, unread, given, outputs)
     module = TailTransformer(stage.module, transformer, {k: stage.trace_inputs[k] for k in unread})
     kept = [k for k in range(len(stage.trace_inputs)) if k not in unread]
-    inputs, outputs = io
     built = dataclasses.replace(
         stage, module=module, trace_inputs=(*(stage.trace_inputs[k] for k in kept), *trace_extra),
         check_inputs={**{names[k]: stage.check_inputs[names[k]] for k in kept}, FB_HIDDEN: check_extra[0],
                       FB_ENCODER: check_extra[1]})
-    spec = ((*(inputs[k] for k in kept), _token_spec(FB_HIDDEN, inner),
-             TensorSpec(FB_ENCODER, "float32", ("batch", text, inner))),
-            (*outputs, _token_spec(FB_TAIL_RESIDUAL, inner)))
-    return built, spec, {FBCACHE: {"blocks": len(_blocks(transformer))}}
+    spec = ((*(inputs[k] for k in kept), *given), (*outputs, _token_spec(FB_TAIL_RESIDUAL, inner)))
+    return built, spec, _facts(transformer, stage.trace_inputs[at])
 
 
 def export_stages(fam, folder, staging, opset: int, model: dict[str, Any], loras=()) -> tuple[dict, dict]:
@@ -174,13 +224,17 @@ def export_stages(fam, folder, staging, opset: int, model: dict[str, Any], loras
     from diffrt.artifacts import StageSpec
     from diffrt.export import _export_torch_stage
 
-    if fam.NAME != "flux":
-        raise DiffrtError(f"--step-cache fbcache is for Flux models; this is {fam.NAME}")
+    if fam.NAME not in FB_FAMILIES:
+        raise DiffrtError(f"--step-cache fbcache is for {' and '.join(FB_FAMILIES.values())} models; this is "
+                          f"{fam.NAME}")
     torch_side = importlib.import_module(fam.EXPORT_MODULE)
     io = fam.stage_io(model)[fam.DENOISER]
     specs, feeds = {}, {}
     for index, (variant, make) in enumerate(((HEAD_VARIANT, head_stage), (TAIL_VARIANT, tail_stage)), 1):
         stage = torch_side.load_stage(folder, fam.DENOISER, model, torch_side.SampleInputs(model, seed=200 + index))
+        if len(_blocks(stage.weights)) < 2:
+            raise DiffrtError(f"--step-cache fbcache: this {fam.NAME} transformer has one block; First-Block Cache "
+                              "skips the blocks after the first, so it needs two or more")
         built, (inputs, outputs), facts = make(stage, io)
         del stage
         name = f"{fam.DENOISER}-{variant}"

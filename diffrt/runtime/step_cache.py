@@ -16,10 +16,12 @@ A request asks for it with `cache="deepcache:N"` (N: the interval; step i runs t
 full UNet when i % N == 0, i counting denoiser calls) or `"deepcache:N:BRANCH"`; the
 plain UNet runs when the cache is off, so uncached images do not change at all.
 
-First-Block Cache (diffusers' FirstBlockCacheConfig) for Flux: `cache="fbcache:T"` on an
-artifact exported with `--step-cache fbcache` (diffrt/export/fbcache.py): the first
-transformer block runs every step, the others only when its residual moved by more
-than T (FirstBlockCacheHook).
+First-Block Cache (diffusers' FirstBlockCacheConfig) for Flux and SD3 / SD3.5:
+`cache="fbcache:T"` on an artifact exported with `--step-cache fbcache`
+(diffrt/export/fbcache.py): the first transformer block runs every step, the others
+only when its residual moved by more than T (FirstBlockCacheHook). With CFG both rows
+run in one call, so the decision is over the whole batch (diffusers' SD3 pipeline too
+calls its transformer once per step).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ FEATURE = "deepcache_feature"
 FACT = "deepcache"
 """The stages' facts key: {"branch": b, "block": b // 3, "layer": b % 3}."""
 EXPORT_FLAG = "--step-cache deepcache"
-# First-Block Cache (diffusers' FirstBlockCacheConfig) for Flux: diffrt/export/fbcache.py
+# First-Block Cache (diffusers' FirstBlockCacheConfig): diffrt/export/fbcache.py
+FB_FAMILIES = {"flux": "Flux", "sd3": "SD3"}
+"""The families whose transformers have First-Block Cache graphs, and their names for users."""
 HEAD_VARIANT = "fbcache-head"
 TAIL_VARIANT = "fbcache-tail"
 FB_TAIL_RESIDUAL = "fbcache_tail_residual"
@@ -87,7 +91,7 @@ def parse(value: Any) -> StepCache | None:
     kind, _, rest = text.partition(":")
     if kind not in KINDS:
         raise DiffrtError(f"cache={value!r}: unknown step cache {kind!r}; use 'deepcache:N' (UNets: a full UNet "
-                          "step every N steps, e.g. deepcache:3), 'fbcache:T' (Flux, e.g. fbcache:0.12) or 'off'")
+                          "step every N steps, e.g. deepcache:3), 'fbcache:T' (Flux, SD3, e.g. fbcache:0.12) or 'off'")
     if kind == FBCACHE:
         try:
             threshold = float(rest)
@@ -122,8 +126,10 @@ def check(manifest: Any, denoiser: str, value: Any) -> StepCache | None:
         return None
     if cache.kind == FBCACHE:
         if not any(s.role == denoiser and s.variant == HEAD_VARIANT for s in manifest.stages.values()):
-            raise DiffrtError(f"cache={str(cache)!r}: this artifact has no First-Block Cache graphs; re-export it "
-                              "with `diffrt export SRC OUT --step-cache fbcache` (Flux models)")
+            how = "re-export it with `diffrt export SRC OUT --step-cache fbcache`" \
+                if manifest.family in FB_FAMILIES else \
+                f"First-Block Cache is for {' and '.join(FB_FAMILIES.values())} transformers (UNets: deepcache:N)"
+            raise DiffrtError(f"cache={str(cache)!r}: this artifact has no First-Block Cache graphs; {how}")
         return cache
     branch = exported_branch(manifest.stages, denoiser)
     if branch is None:
@@ -222,6 +228,17 @@ class DeepCacheHook:
         return self.shallow.run({**{k: v for k, v in feeds.items() if k in wanted}, FEATURE: self.feature})
 
 
+def image_tokens(head: Any, shape: tuple[int, ...]) -> int:
+    """The image tokens of a transformer input of `shape`, as the head graph `head` (a
+    StageSpec) counts them: Flux's input is packed tokens (batch, tokens, channels);
+    SD3's is latents (batch, channels, height, width), cut into patch x patch tokens
+    (the exporter records the patch size in the stage's facts)."""
+    patch = head.facts.get(FBCACHE, {}).get("patch_size")
+    if patch is None:
+        return int(shape[1])
+    return (int(shape[-2]) // int(patch)) * (int(shape[-1]) // int(patch))
+
+
 class FirstBlockCacheHook:
     """A DenoisePlan denoiser hook for First-Block Cache, as diffusers' FBCHeadBlockHook
     decides: the head graph runs every step; when the relative mean absolute change of
@@ -249,7 +266,8 @@ class FirstBlockCacheHook:
         residual = self.tail_residual
         if residual is None:  # nothing cached yet: the head's answer is not used
             inner = self.head.spec.input(FB_TAIL_RESIDUAL).shape[-1]
-            residual = xp.zeros((*sample.shape[:2], inner), dtype=sample.dtype)
+            residual = xp.zeros((sample.shape[0], image_tokens(self.head.spec, sample.shape), inner),
+                                dtype=sample.dtype)
         head = self.head.run({**feeds, FB_TAIL_RESIDUAL: residual})
         current = head[FB_FIRST_RESIDUAL]
         if self.first_residual is not None and self.tail_residual is not None:
@@ -266,5 +284,5 @@ class FirstBlockCacheHook:
         return {"out_sample": tail["out_sample"]}
 
 
-__all__ = ["DEEPCACHE", "FBCACHE", "FEATURE", "FirstBlockCacheHook", "FULL_VARIANT", "SHALLOW_VARIANT", "DeepCacheHook", "StepCache", "attach",
-           "check", "check_request", "exported_branch", "parse"]
+__all__ = ["DEEPCACHE", "FBCACHE", "FB_FAMILIES", "FEATURE", "FirstBlockCacheHook", "FULL_VARIANT", "SHALLOW_VARIANT", "DeepCacheHook", "StepCache", "attach",
+           "check", "check_request", "exported_branch", "image_tokens", "parse"]
