@@ -20,7 +20,7 @@ from diffrt.errors import DiffrtError
 from diffrt.runtime.controlnet import preprocess
 from diffrt.runtime.pipeline import Pipeline
 
-from test_pipeline_parity import TOLERANCE, _diffusers_pipeline, _diffusers_scheduler
+from test_pipeline_parity import compare_images, _diffusers_pipeline, _diffusers_scheduler
 
 
 def make_controlnet(checkpoint, folder, seed):
@@ -53,13 +53,6 @@ def _control(height, width, seed=0):
 
 def _latents(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-
-
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
 
 
 def _setup(kind, tiny_checkpoint, tmp_path_factory, count):
@@ -116,7 +109,7 @@ def test_sd_controlnets_match_diffusers(sd, which, scheduler, steps, size, image
     if len(which) == 1:  # one number for the one ControlNet in use
         kw.update(controlnet_conditioning_scale=scale)
     got = ours("a house by a lake", control_image=given, latents=latents.numpy(), scheduler=scheduler, **kw)
-    _compare(got.images, theirs, f"sd/{which}/{scheduler}/guess={guess}")
+    compare_images(got.images, theirs, f"sd/{which}/{scheduler}/guess={guess}")
 
 
 def test_plain_generation_is_unchanged(sd):
@@ -127,7 +120,7 @@ def test_plain_generation_is_unchanged(sd):
     latents = _latents((1, 4, 24, 32), seed=3)
     kw = dict(num_inference_steps=4, guidance_scale=5.0, height=48, width=64, output_type="np")
     theirs = ref("a cat", latents=latents, **kw).images
-    _compare(ours("a cat", latents=latents.numpy(), scheduler="euler", **kw).images, theirs, "sd/plain")
+    compare_images(ours("a cat", latents=latents.numpy(), scheduler="euler", **kw).images, theirs, "sd/plain")
 
 
 def test_size_defaults_to_the_control_image(sd):
@@ -139,7 +132,7 @@ def test_size_defaults_to_the_control_image(sd):
     kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np")
     theirs = _reference(ref, nets[:1], "euler")("a cat", image=control, latents=latents, **kw).images
     got = ours("a cat", control_image=[control, None], latents=latents.numpy(), scheduler="euler", **kw).images
-    _compare(got, theirs, "sd/default size")
+    compare_images(got, theirs, "sd/default size")
 
 
 def test_control_image_preprocessing_matches_diffusers(sd):
@@ -218,7 +211,7 @@ def test_sdxl_controlnet_matches_diffusers(tiny_checkpoint, tmp_path_factory):
                       controlnet_conditioning_scale=0.7, control_guidance_end=0.8, guess_mode=guess)
             theirs = _reference(ref, nets, scheduler)("a red car", image=control, latents=latents, **kw).images
             got = ours("a red car", control_image=control, latents=latents.numpy(), scheduler=scheduler, **kw).images
-            _compare(got, theirs, f"sdxl/{scheduler}/guess={guess}")
+            compare_images(got, theirs, f"sdxl/{scheduler}/guess={guess}")
 
 
 def test_backends_without_controlnet_graphs_refuse_in_one_line(sd, fake_gpu, tmp_path):
@@ -328,7 +321,7 @@ def test_openvino_runs_the_controlnet_graphs(sd, tmp_path):
     theirs = _reference(ref, nets, "euler")("a barn", image=controls, latents=latents, **kw).images
     with Pipeline.load(root / "out", backend="openvino", precision="fp32", cache_dir=tmp_path) as ov:
         got = ov("a barn", control_image=controls, latents=latents.numpy(), scheduler="euler", **kw).images
-    _compare(got, theirs, "openvino/two ControlNets/guess")
+    compare_images(got, theirs, "openvino/two ControlNets/guess")
 
 
 def test_an_upcasting_controlnets_half_graph_upcasts_attention(tiny_checkpoint, tmp_path):

@@ -21,7 +21,7 @@ from PIL import Image
 pytest.importorskip("sentencepiece", reason="the tiny T5 tokenizers are trained with sentencepiece (export extra)")
 torch = pytest.importorskip("torch")
 
-from test_pipeline_parity import TOLERANCE  # noqa: E402
+from test_pipeline_parity import compare_images  # noqa: E402
 
 from diffrt.errors import DiffrtError  # noqa: E402
 from diffrt.runtime.pipeline import Pipeline  # noqa: E402
@@ -35,13 +35,6 @@ def picture(height, width, seed=0):
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
     return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8), "RGB")
-
-
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
 
 
 def _make(kind, folder):
@@ -120,7 +113,7 @@ def test_flow_img2img_matches_diffusers(pipes, kind, strength, size, images, cal
     progress = []
     got = ours("a red barn in the snow", image=image, image_noise=eps, noise=noise, output_type="np",
                callback=lambda done, total: progress.append((done, total)), **kw)
-    _compare(got.images, theirs, f"{kind}/img2img/{strength}/{height}x{width}")
+    compare_images(got.images, theirs, f"{kind}/img2img/{strength}/{height}x{width}")
     calls = len(got.timings["denoiser_calls"])
     assert progress[-1] == (calls, calls) and "vae_encoder" in got.timings
 
@@ -137,7 +130,7 @@ def test_latents_as_image(pipes, kind):
         kw["max_sequence_length"] = 32
     theirs = ref("a kite", image=latents, generator=torch.Generator().manual_seed(9), **kw).images
     got = ours("a kite", image=latents.numpy(), noise=noise.numpy(), **kw).images
-    _compare(got, theirs, f"{kind}/latents as image")
+    compare_images(got, theirs, f"{kind}/latents as image")
 
 
 def test_flow_img2img_errors(pipes):
@@ -240,4 +233,4 @@ def test_flow_inpainting_matches_diffusers(pipes, kind, strength, size, images, 
         theirs = ref.image_processor.postprocess(decoded, output_type="np")
     got = ours("a window", image=image, mask_image=repaint, image_noise=eps, noise=noise, output_type="np",
                **kw).images
-    _compare(got, theirs, f"{kind}/inpaint/{strength}/{height}x{width}")
+    compare_images(got, theirs, f"{kind}/inpaint/{strength}/{height}x{width}")

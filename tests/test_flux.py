@@ -24,7 +24,7 @@ from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.schedulers import plan_window
 
 from conftest import requires_bf16_cpu
-from test_pipeline_parity import TOLERANCE, TorchNoise
+from test_pipeline_parity import compare_images, TorchNoise
 
 KINDS = ("flux", "flux-dev")
 CHANNELS = 16  # the VAE's latent channels
@@ -74,13 +74,6 @@ def _packed_latents(ref, batch, height, width, seed=0):
     return ref._pack_latents(noise, batch, CHANNELS, h, w)
 
 
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
-
-
 # The recipes as their sources write them (README's preset table).
 RECIPES = {  # preset -> diffusers FluxPipeline arguments
     "flux-schnell-4step": {"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256},
@@ -102,7 +95,7 @@ def test_every_preset_matches_diffusers(flux, kind, preset):
     result = ours(prompts, preset=preset, latents=latents.numpy(), height=48, width=64, output_type="np")
     assert result.settings.num_inference_steps == recipe["num_inference_steps"]
     assert result.settings.guidance_scale == recipe["guidance_scale"]
-    _compare(result.images, theirs, f"{kind}/{preset}")
+    compare_images(result.images, theirs, f"{kind}/{preset}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -117,7 +110,7 @@ def test_prompt_2_images_per_prompt_and_sequence_length(flux, kind):
     theirs = ref(prompts, prompt_2=["at night, stormy sea", "autumn"], latents=latents, output_type="np", **kw).images
     got = ours(prompts, prompt_2=["at night, stormy sea", "autumn"], latents=latents.numpy(), output_type="np",
                **kw).images
-    _compare(got, theirs, f"{kind}/prompt_2")
+    compare_images(got, theirs, f"{kind}/prompt_2")
     plain = ours(prompts, latents=latents.numpy(), output_type="np", **kw).images
     assert np.max(np.abs(plain - got)) > 1e-4  # prompt_2 changed the images
 
@@ -133,7 +126,7 @@ def test_dev_guidance_is_an_embedding_per_image(flux):
     for scale in (1.5, 6.0):
         theirs = ref("a boat", latents=latents, guidance_scale=scale, **kw).images
         images[scale] = ours("a boat", latents=latents.numpy(), guidance_scale=scale, **kw).images
-        _compare(images[scale], theirs, f"flux-dev/guidance {scale}")
+        compare_images(images[scale], theirs, f"flux-dev/guidance {scale}")
     assert np.max(np.abs(images[1.5] - images[6.0])) > 1e-3
     requests = [ours.request("a boat", guidance_scale=s, seed=5, **kw) for s in (1.5, 6.0)]
     assert ours.batch_key(requests[0]) == ours.batch_key(requests[1])
@@ -153,7 +146,7 @@ def test_seeded_noise_is_drawn_unpacked_as_diffusers_draws_it(flux):
               output_type="np")
     theirs = ref("a tree", generator=torch.Generator().manual_seed(9), max_sequence_length=256, **kw).images
     got = ours("a tree", generator=TorchNoise(9), **kw).images
-    _compare(got, theirs, "flux/generator")
+    compare_images(got, theirs, "flux/generator")
 
 
 def test_requests_with_other_t5_lengths_do_not_share_a_batch(flux):
@@ -270,7 +263,7 @@ def test_fused_attention_per_backend(flux, artifacts, checkpoints):
     print(f"tiny flux-dev transformer: {blocks} blocks; ORT fused graph {blocks} MultiHeadAttention; "
           f"OpenVINO {ops[0].fused} fused, {ops[0].unfused} unfused softmax")
     assert ops and all(o.fused == blocks and o.unfused == 0 for o in ops)
-    _compare(got, theirs, "flux-dev/openvino")
+    compare_images(got, theirs, "flux-dev/openvino")
 
 
 def test_transformer_weight_map_holds_every_parameter(artifacts, checkpoints):

@@ -19,7 +19,7 @@ from diffrt.errors import DiffrtError
 from diffrt.runtime.img2img import preprocess
 from diffrt.runtime.pipeline import Pipeline
 
-from test_pipeline_parity import TOLERANCE, TorchNoise, _diffusers_pipeline, _diffusers_scheduler
+from test_pipeline_parity import compare_images, _diffusers_pipeline, _diffusers_scheduler, TorchNoise
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,6 @@ def _draws(seed, image_shape, shape):
     return eps.numpy(), noise.numpy(), torch.Generator().manual_seed(seed)
 
 
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
-
-
 CASES = [  # kind, scheduler, strength, steps, (picture height, width), images; few steps run (the suite's time)
     ("sd15", "pndm", 0.6, 6, (48, 64), 1),
     ("sd15", "ddim", 0.3, 10, (64, 48), 2),
@@ -95,7 +88,7 @@ def test_img2img_matches_diffusers(pipes, kind, scheduler, strength, steps, size
     progress = []
     got = ours("a red barn in the snow", image=picture, image_noise=eps, noise=noise, scheduler=scheduler,
                output_type="np", callback=lambda done, total: progress.append((done, total)), **kw)
-    _compare(got.images, theirs, f"{kind}/{scheduler}/{strength}")
+    compare_images(got.images, theirs, f"{kind}/{scheduler}/{strength}")
     calls = len(got.timings["denoiser_calls"])
     assert progress[-1] == (calls, calls) and "vae_encoder" in got.timings
 
@@ -114,7 +107,7 @@ def test_ancestral_sampler_continues_the_generator(pipes):
         rest.standard_normal(shape)
     got = ours("a boat", image=picture, image_noise=eps, noise=noise, scheduler="euler_ancestral",
                generator=rest, output_type="np", **kw).images
-    _compare(got, theirs, "sd15/euler_ancestral")
+    compare_images(got, theirs, "sd15/euler_ancestral")
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -134,9 +127,9 @@ def test_argmax_and_latents_as_image(pipes, kind):
     kw = dict(num_inference_steps=6, guidance_scale=5.0, strength=0.6, output_type="np")
     theirs = ref("a kite", image=mode, generator=generator, **kw).images
     got = ours("a kite", image=picture, sample_mode="argmax", noise=noise, scheduler="euler", **kw).images
-    _compare(got, theirs, f"{kind}/argmax")
+    compare_images(got, theirs, f"{kind}/argmax")
     from_latents = ours("a kite", image=mode.numpy(), noise=noise, scheduler="euler", **kw).images
-    _compare(from_latents, theirs, f"{kind}/latents")
+    compare_images(from_latents, theirs, f"{kind}/latents")
 
 
 def test_preprocessing_matches_vae_image_processor(pipes):
@@ -163,7 +156,7 @@ def test_draws_come_from_the_seed_and_images_do_not_depend_on_the_batch(pipes):
     kw = dict(num_inference_steps=6, strength=0.6, scheduler="ddim", output_type="np")
     both = ours("a cup", image=picture, num_images_per_prompt=2, seed=40, **kw).images
     for i in range(2):
-        _compare(ours("a cup", image=picture, seed=40 + i, **kw).images[0], both[i], f"row {i}")
+        compare_images(ours("a cup", image=picture, seed=40 + i, **kw).images[0], both[i], f"row {i}")
     assert float(np.max(np.abs(both[0] - both[1]))) > 1e-3  # the rows drew different noise
 
 
@@ -176,12 +169,12 @@ def test_refiner_handoff_takes_the_latent_path(pipes):
     latents = torch.randn((1, 4, 24, 32), generator=torch.Generator().manual_seed(12))
     kw = dict(num_inference_steps=6, guidance_scale=5.0, output_type="np")
     theirs = ref("a tree", image=latents, denoising_start=0.6, **kw).images
-    _compare(ours("a tree", image=latents.numpy(), denoising_start=0.6, scheduler="euler", **kw).images, theirs,
+    compare_images(ours("a tree", image=latents.numpy(), denoising_start=0.6, scheduler="euler", **kw).images, theirs,
              "refiner/denoising_start")
     noise = torch.randn((1, 4, 24, 32), generator=torch.Generator().manual_seed(13)).numpy()
     generator = torch.Generator().manual_seed(13)
     theirs = ref("a tree", image=latents, strength=0.5, generator=generator, **kw).images
-    _compare(ours("a tree", image=latents.numpy(), strength=0.5, noise=noise, scheduler="euler", **kw).images,
+    compare_images(ours("a tree", image=latents.numpy(), strength=0.5, noise=noise, scheduler="euler", **kw).images,
              theirs, "refiner/strength")
 
 
@@ -296,9 +289,9 @@ def test_other_backends_open_the_encoder_like_ort(pipes, exported, backend, opti
     kw = dict(image=picture, strength=0.6, seed=5, num_inference_steps=6, scheduler="ddim", output_type="np")
     expected = ours("a barn", **kw).images
     with Pipeline.load(exported("sd15"), backend=backend, **options) as other:
-        _compare(other("a barn", **kw).images, expected, f"{backend}/img2img")
+        compare_images(other("a barn", **kw).images, expected, f"{backend}/img2img")
         worker = other.worker()
-        _compare(worker("a barn", **kw).images, expected, f"{backend}/worker")
+        compare_images(worker("a barn", **kw).images, expected, f"{backend}/worker")
         worker.close()
 
 
@@ -336,7 +329,7 @@ def test_inpainting_with_a_regular_unet_matches_diffusers(pipes, inpaint_ref, sc
     theirs = ref("a window", image=picture, mask_image=mask, generator=generator, output_type="np", **kw).images
     got = ours("a window", image=picture, mask_image=mask, image_noise=eps, noise=noise, scheduler=scheduler,
                output_type="np", **kw).images
-    _compare(got, theirs, f"inpaint/{scheduler}/{strength}")
+    compare_images(got, theirs, f"inpaint/{scheduler}/{strength}")
 
 
 def test_inpainting_errors(pipes, exported):

@@ -17,7 +17,7 @@ from PIL import Image
 from diffrt.errors import DiffrtError
 from diffrt.runtime.pipeline import Pipeline
 
-from test_pipeline_parity import TOLERANCE, TorchNoise, _diffusers_scheduler
+from test_pipeline_parity import compare_images, _diffusers_scheduler, TorchNoise
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,6 @@ def mask(height, width):
     return Image.fromarray(array, "L")
 
 
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
-
-
 def test_the_export_records_a_nine_channel_unet(pipes):
     ours, ref, _ = pipes
     assert ours.manifest.pipeline_class == "StableDiffusionInpaintPipeline"
@@ -96,7 +89,7 @@ def test_nine_channel_inpainting_matches_diffusers(pipes, scheduler, strength, s
                  output_type="np", **kw).images
     got = ours("a window", image=image, mask_image=repaint, scheduler=scheduler, generator=TorchNoise(7),
                output_type="np", **kw).images
-    _compare(got, theirs, f"inpaint-9ch/{scheduler}/{strength}")
+    compare_images(got, theirs, f"inpaint-9ch/{scheduler}/{strength}")
 
 
 def test_nine_channel_inpainting_from_paths_and_seeds(pipes, tmp_path):
@@ -109,7 +102,7 @@ def test_nine_channel_inpainting_from_paths_and_seeds(pipes, tmp_path):
               strength=0.6)
     pair = ours("a door", seed=3, num_images_per_prompt=2, **kw).images
     alone = ours("a door", seed=4, **kw).images
-    _compare(pair[1:], alone, "inpaint-9ch/batch row 1 vs alone")
+    compare_images(pair[1:], alone, "inpaint-9ch/batch row 1 vs alone")
     side = ref.unet.config.sample_size * ref.vae_scale_factor
     assert pair.shape == (2, side, side, 3)
 
@@ -134,7 +127,7 @@ def test_other_backends_run_the_nine_channel_unet_like_ort(pipes, inpaint_artifa
               scheduler="ddim", height=48, width=64, output_type="np")
     expected = ours("a door", **kw).images
     with Pipeline.load(inpaint_artifact, backend=backend, **options) as other:
-        _compare(other("a door", **kw).images, expected, f"inpaint-9ch/{backend}")
+        compare_images(other("a door", **kw).images, expected, f"inpaint-9ch/{backend}")
 
 
 @pytest.fixture(scope="module")

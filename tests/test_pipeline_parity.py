@@ -19,6 +19,14 @@ TOLERANCE = 1e-4
 DETERMINISTIC = ("ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
 
+def compare_images(ours, theirs, what):
+    """Same shape and within TOLERANCE (max abs); prints the difference for the log."""
+    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+    print(f"{what}: max abs difference {diff:.2e}")
+    assert np.shape(ours) == np.shape(theirs)
+    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
+
+
 def _diffusers_scheduler(name: str, config):
     import diffusers
 

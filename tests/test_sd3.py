@@ -23,7 +23,7 @@ pytest.importorskip("sentencepiece", reason="the tiny T5 tokenizer is trained wi
 torch = pytest.importorskip("torch")
 
 from conftest import requires_bf16_cpu  # noqa: E402
-from test_pipeline_parity import TOLERANCE, _latents  # noqa: E402
+from test_pipeline_parity import compare_images, _latents  # noqa: E402
 
 from diffrt.artifacts import read_manifest  # noqa: E402
 from diffrt.errors import DiffrtError  # noqa: E402
@@ -76,13 +76,6 @@ def sd3(checkpoints, artifacts):
         ours.close()
 
 
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_diffusers_batch_with_negatives(sd3, kind):
     """Two prompts x two images, negative prompts (one empty), CFG 5, non-square 48x64."""
@@ -95,7 +88,7 @@ def test_matches_diffusers_batch_with_negatives(sd3, kind):
     result = ours(prompts, latents=latents.numpy(), output_type="np", **kw)
     assert result.settings.scheduler == "flow_match_euler"
     assert ours.models["transformer"].spec.name == "transformer-fused"  # ORT runs the fused MMDiT
-    _compare(result.images, theirs, f"{kind}/batch")
+    compare_images(result.images, theirs, f"{kind}/batch")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -109,7 +102,7 @@ def test_prompt_2_prompt_3_and_sequence_length(sd3, kind):
               guidance_scale=4.0, height=64, width=48, max_sequence_length=40)
     theirs = ref("a red car", latents=latents, output_type="np", **kw).images
     got = ours("a red car", latents=latents.numpy(), output_type="np", **kw).images
-    _compare(got, theirs, f"{kind}/prompts")
+    compare_images(got, theirs, f"{kind}/prompts")
     plain = ours("a red car", latents=latents.numpy(), output_type="np", num_inference_steps=3, guidance_scale=4.0,
                  height=64, width=48, negative_prompt="low quality").images
     assert np.max(np.abs(plain - got)) > 1e-4  # the options changed the image
@@ -122,7 +115,7 @@ def test_no_cfg(sd3, guidance):
     kw = dict(num_inference_steps=3, guidance_scale=guidance, height=32, width=80)
     theirs = ref("a red car", latents=latents, output_type="np", **kw).images
     got = ours("a red car", latents=latents.numpy(), output_type="np", **kw).images
-    _compare(got, theirs, f"sd3/cfg{guidance}")
+    compare_images(got, theirs, f"sd3/cfg{guidance}")
 
 
 # -- presets and schedules --------------------------------------------------------------
@@ -142,7 +135,7 @@ def test_every_preset_matches_diffusers(sd3, kind, preset):
                  latents=latents, output_type="np").images
     result = ours("a lighthouse", preset=preset, height=32, width=48, latents=latents.numpy(), output_type="np")
     assert (result.settings.num_inference_steps, result.settings.guidance_scale) == (steps, guidance)
-    _compare(result.images, theirs, f"{kind}/{preset}")
+    compare_images(result.images, theirs, f"{kind}/{preset}")
 
 
 def _diffusers_schedule(ref, steps, height, width):
@@ -238,7 +231,7 @@ def test_spiece_only_tokenizer_and_external_data(checkpoints, sd3, tmp_path, mon
     theirs = ref(["a tree", "Ｔｈｅ ｃａｆé, ﬁne"], latents=latents, output_type="np", **kw).images
     with Pipeline.load(tmp_path / "artifact", verify="full") as ours:
         got = ours(["a tree", "Ｔｈｅ ｃａｆé, ﬁne"], latents=latents.numpy(), output_type="np", **kw).images
-    _compare(got, theirs, "sd3/spiece+external")
+    compare_images(got, theirs, "sd3/spiece+external")
 
 
 def test_requests_with_other_t5_lengths_do_not_share_a_batch(sd3):
@@ -339,7 +332,7 @@ def test_attention_per_backend_and_openvino_matches_diffusers(sd3, artifacts, ch
     print(f"tiny sd3 transformer: {blocks} attention blocks; ORT fused graph {blocks} MultiHeadAttention; "
           f"OpenVINO {[o.to_json() for o in ops]}")
     assert ops and all(o.fused == blocks and o.unfused == 0 for o in ops)
-    _compare(got, theirs, "sd3/openvino")
+    compare_images(got, theirs, "sd3/openvino")
 
 
 def test_server_generate_and_openai_endpoints(sd3):

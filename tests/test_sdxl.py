@@ -18,7 +18,7 @@ from diffrt.errors import DiffrtError
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.schedulers import make_scheduler
 
-from test_pipeline_parity import TOLERANCE, TorchNoise, _diffusers_pipeline, _diffusers_scheduler, _latents
+from test_pipeline_parity import compare_images, _diffusers_pipeline, _diffusers_scheduler, _latents, TorchNoise
 
 DETERMINISTIC = ("ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
@@ -39,13 +39,6 @@ def sdxl(tiny_checkpoint, exported):
     return get
 
 
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
-
-
 @pytest.mark.parametrize("scheduler", DETERMINISTIC)
 def test_sdxl_matches_diffusers(sdxl, scheduler):
     """Two prompts x two images, negative prompts (so both encoders run on them),
@@ -59,7 +52,7 @@ def test_sdxl_matches_diffusers(sdxl, scheduler):
               height=48, width=64)
     theirs = ref(prompts, latents=latents, output_type="np", **kw).images
     got = ours(prompts, latents=latents.numpy(), scheduler=scheduler, output_type="np", **kw).images
-    _compare(got, theirs, f"sdxl/{scheduler}")
+    compare_images(got, theirs, f"sdxl/{scheduler}")
 
 
 def test_zeroed_negative_embeddings_and_default_preset(sdxl):
@@ -72,7 +65,7 @@ def test_zeroed_negative_embeddings_and_default_preset(sdxl):
     result = ours("a castle", latents=latents.numpy(), output_type="np")
     assert (result.settings.scheduler, result.settings.num_inference_steps, result.settings.guidance_scale) == \
         ("euler", 30, 5.0)
-    _compare(result.images, theirs, "sdxl/default")
+    compare_images(result.images, theirs, "sdxl/default")
 
 
 def test_prompt_2_and_size_conditioning(sdxl):
@@ -86,7 +79,7 @@ def test_prompt_2_and_size_conditioning(sdxl):
               negative_original_size=(256, 256), negative_crops_coords_top_left=(8, 8), negative_target_size=(640, 640))
     theirs = ref("a red car", latents=latents, output_type="np", **kw).images
     got = ours("a red car", latents=latents.numpy(), output_type="np", **kw).images
-    _compare(got, theirs, "sdxl/prompt_2+sizes")
+    compare_images(got, theirs, "sdxl/prompt_2+sizes")
     plain = ours("a red car", latents=latents.numpy(), output_type="np",
                  **{k: v for k, v in kw.items() if k in ("num_inference_steps", "guidance_scale", "height", "width",
                                                          "num_images_per_prompt", "negative_prompt")}).images
@@ -100,7 +93,7 @@ def test_no_cfg(sdxl, guidance):
     kw = dict(num_inference_steps=5, guidance_scale=guidance, height=48, width=80)
     theirs = ref("a red car", latents=latents, output_type="np", **kw).images
     got = ours("a red car", latents=latents.numpy(), scheduler="euler", output_type="np", **kw).images
-    _compare(got, theirs, f"sdxl/cfg{guidance}")
+    compare_images(got, theirs, f"sdxl/cfg{guidance}")
 
 
 # -- presets --------------------------------------------------------------------------
@@ -149,7 +142,7 @@ def test_turbo_preset_size_and_generation(sdxl):
                      generator=torch.Generator().manual_seed(5), output_type="np").images
         got = ours("a tree", preset="sdxl-turbo", num_inference_steps=steps, height=64, width=64,
                    latents=latents.numpy(), generator=TorchNoise(5), output_type="np").images
-        _compare(got, theirs, f"sdxl-turbo/{steps}")
+        compare_images(got, theirs, f"sdxl-turbo/{steps}")
 
 
 def test_lightning_preset_generation(sdxl):
@@ -160,7 +153,7 @@ def test_lightning_preset_generation(sdxl):
     latents = _latents((1, 4, 32, 32), seed=6)
     theirs = ref("a boat", num_inference_steps=4, guidance_scale=0.0, latents=latents, output_type="np").images
     got = ours("a boat", preset="sdxl-lightning-4step", latents=latents.numpy(), output_type="np").images
-    _compare(got, theirs, "sdxl-lightning-4step")
+    compare_images(got, theirs, "sdxl-lightning-4step")
 
 
 @pytest.mark.parametrize("kind", ["sdxl-lcm", "sdxl"])
@@ -178,7 +171,7 @@ def test_lcm_sdxl_preset(sdxl, kind):
                  generator=torch.Generator().manual_seed(2), output_type="np").images
     got = ours("a lamp", preset="lcm-sdxl-4step", num_images_per_prompt=2, latents=latents.numpy(),
                generator=TorchNoise(2), output_type="np").images
-    _compare(got, theirs, f"{kind}/lcm-sdxl-4step")
+    compare_images(got, theirs, f"{kind}/lcm-sdxl-4step")
 
 
 # -- base + refiner -------------------------------------------------------------------
@@ -204,7 +197,7 @@ def test_base_refiner_handoff_matches_diffusers(sdxl, scheduler, frac, steps):
     result = base("a lighthouse", latents=latents.numpy(), height=64, width=48, num_images_per_prompt=2,
                   scheduler=scheduler, refiner=refiner, high_noise_frac=frac, generator=TorchNoise(3),
                   output_type="np", callback=lambda done, total: progress.append((done, total)), **kw)
-    _compare(result.images, theirs, f"handoff/{scheduler}/{frac}")
+    compare_images(result.images, theirs, f"handoff/{scheduler}/{frac}")
     calls = len(result.timings["denoiser_calls"]) + len(result.timings["refiner"]["denoiser_calls"])
     assert calls == steps and 0 < len(result.timings["denoiser_calls"]) < steps
     assert progress == [(i, steps) for i in range(1, steps + 1)]  # one bar across both
@@ -222,9 +215,9 @@ def test_handoff_step_by_step_api(sdxl):
     theirs = ref_refiner("a mountain", image=handed, denoising_start=0.75, output_type="np", **kw).images
     ours_latents = base("a mountain", latents=latents.numpy(), denoising_end=0.75, output_type="latent",
                         num_inference_steps=8).images
-    _compare(ours_latents, handed.numpy(), "handoff/latents")
+    compare_images(ours_latents, handed.numpy(), "handoff/latents")
     got = refiner("a mountain", image=ours_latents, denoising_start=0.75, output_type="np", **kw).images
-    _compare(got, theirs, "handoff/refiner")
+    compare_images(got, theirs, "handoff/refiner")
 
 
 def test_sdxl_errors(sdxl, exported):
@@ -290,9 +283,9 @@ def test_openvino_runs_sdxl_and_the_refiner_like_ort(exported, tmp_path):
     (ort_base, ort_refiner), (ov_base, ov_refiner) = loads
     for kw in (dict(num_inference_steps=3, negative_prompt="x"), dict(preset="sdxl-lightning-4step", height=64,
                                                                        width=48)):
-        _compare(ov_base("a cat", seed=1, output_type="np", **kw).images,
+        compare_images(ov_base("a cat", seed=1, output_type="np", **kw).images,
                  ort_base("a cat", seed=1, output_type="np", **kw).images, f"openvino/{kw}")
-    _compare(ov_base("a cat", seed=2, output_type="np", num_inference_steps=5, refiner=ov_refiner).images,
+    compare_images(ov_base("a cat", seed=2, output_type="np", num_inference_steps=5, refiner=ov_refiner).images,
              ort_base("a cat", seed=2, output_type="np", num_inference_steps=5, refiner=ort_refiner).images,
              "openvino/refiner")
     for pipe in (*loads[0], *loads[1]):

@@ -23,7 +23,7 @@ from PIL import Image
 from diffrt.errors import DiffrtError
 from diffrt.runtime.pipeline import Pipeline
 
-from test_pipeline_parity import TOLERANCE, TorchNoise, _diffusers_pipeline, _diffusers_scheduler
+from test_pipeline_parity import compare_images, _diffusers_pipeline, _diffusers_scheduler, TorchNoise
 
 
 def picture(height, width, seed=0):
@@ -42,13 +42,6 @@ def mask(height, width, mode="L"):
     array[height // 4 - 1, width // 3: width - 4] = 100  # below 0.5: kept
     array[3 * height // 4, width // 3: width - 4] = 150  # above 0.5: repainted
     return Image.fromarray(array, "L").convert(mode)
-
-
-def _compare(ours, theirs, what):
-    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
-    print(f"{what}: max abs difference {diff:.2e}")
-    assert np.shape(ours) == np.shape(theirs)
-    assert diff <= TOLERANCE, f"{what}: {diff} > {TOLERANCE}"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +93,7 @@ def test_inpainting_with_a_regular_sdxl_unet_matches_diffusers(regular, kind, sc
                  output_type="np", **kw).images
     got = ours("a window", image=image, mask_image=repaint, image_noise=eps, noise=noise, scheduler=scheduler,
                output_type="np", **kw).images
-    _compare(got, theirs, f"{kind}-inpaint/{scheduler}/{strength}")
+    compare_images(got, theirs, f"{kind}-inpaint/{scheduler}/{strength}")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +145,7 @@ def test_nine_channel_sdxl_inpainting_matches_diffusers(nine, scheduler, strengt
                  output_type="np", **kw).images
     got = ours("a window", image=image, mask_image=repaint, scheduler=scheduler, generator=TorchNoise(7),
                output_type="np", **kw).images
-    _compare(got, theirs, f"sdxl-inpaint-9ch/{scheduler}/{strength}")
+    compare_images(got, theirs, f"sdxl-inpaint-9ch/{scheduler}/{strength}")
 
 
 def test_nine_channel_sdxl_checkpoint_errors(nine):
@@ -225,4 +218,4 @@ def test_blend_inpainting_draws_as_diffusers(regular):
                  output_type="np", **kw).images
     got = ours("a window", image=image, mask_image=repaint, scheduler="euler_ancestral", generator=TorchNoise(3),
                output_type="np", **kw).images
-    _compare(got, theirs, "sdxl-inpaint/euler_ancestral/one generator")
+    compare_images(got, theirs, "sdxl-inpaint/euler_ancestral/one generator")
