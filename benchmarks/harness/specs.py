@@ -237,6 +237,10 @@ RUNNERS = {r.name: r for r in (
     diffrt("diffrt-int8-openvino", "diffrt, OpenVINO, int8 denoiser (diffrt quantize)",
            {"backend": "openvino", "graph_precision": "int8"}, cache_option="load.cache_dir", memory_gib=11.0,
            sdxl_memory_gib=21.0, warmup_new_shapes=True, artifact="int8"),
+    # both at once: int8 denoiser and the tiny decoder (where the VAE decode is most of an LCM image)
+    diffrt("diffrt-int8-openvino-tiny-vae", "diffrt, OpenVINO, int8 denoiser, tiny VAE decoder",
+           {"backend": "openvino", "graph_precision": "int8"}, {"vae": "tiny"}, cache_option="load.cache_dir",
+           memory_gib=11.0, sdxl_memory_gib=21.0, warmup_new_shapes=True, decoder="tiny", artifact="int8"),
     diffrt("diffrt-deepcache", "diffrt, onnxruntime CPU, fp32, DeepCache interval 3 (cache=\"deepcache:3\")",
            {"backend": "ort"}, {"cache": "deepcache:3"}, cache_option="load.cache_dir", artifact="deepcache",
            denoiser="cached"),
