@@ -78,7 +78,7 @@ def _add_generation_args(p: argparse.ArgumentParser, with_prompt: bool = True) -
                    help="VAE decoder: default (the checkpoint's), or tiny if exported with --tiny-vae (faster, rougher)")
     p.add_argument("--cache", default=None, metavar="SPEC",
                    help="step cache: off (default), deepcache:N (the full UNet every N steps, its shallow part "
-                        "between) or fbcache:T (Flux: the blocks after the first skipped while its residual moves "
+                        "between) or fbcache:T (Flux, SD3: the blocks after the first skipped while its residual moves "
                         "by at most T); needs an artifact exported with --step-cache; bench: a comma list "
                         "compared side by side, e.g. off,deepcache:3")
     _add_backend_args(p)
@@ -125,7 +125,7 @@ def build_parser(commands: Mapping[str, Callable[[argparse.Namespace], None]], d
                         "safety_checker/), run after decoding with diffrt generate --safety")
     p.add_argument("--step-cache", default=None, metavar="deepcache[:BRANCH]|fbcache",
                    help="also export the UNet as DeepCache's full and shallow graphs, for generate --cache "
-                        "deepcache:N (BRANCH: the cache branch, default 0, DeepCache's shallowest); fbcache (Flux): "
+                        "deepcache:N (BRANCH: the cache branch, default 0, DeepCache's shallowest); fbcache (Flux, SD3): "
                         "the transformer as First-Block Cache's head and tail graphs, for --cache fbcache:T")
     p.add_argument("--controlnet", action="append", default=None, metavar="FOLDER",
                    help="also export this saved diffusers ControlNetModel folder (and the UNet taking its residuals), "

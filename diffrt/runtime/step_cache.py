@@ -284,5 +284,5 @@ class FirstBlockCacheHook:
         return {"out_sample": tail["out_sample"]}
 
 
-__all__ = ["DEEPCACHE", "FBCACHE", "FB_FAMILIES", "FEATURE", "FirstBlockCacheHook", "FULL_VARIANT", "SHALLOW_VARIANT", "DeepCacheHook", "StepCache", "attach",
-           "check", "check_request", "exported_branch", "image_tokens", "parse"]
+__all__ = ["DEEPCACHE", "FBCACHE", "FB_FAMILIES", "FEATURE", "FirstBlockCacheHook", "FULL_VARIANT", "SHALLOW_VARIANT",
+           "DeepCacheHook", "StepCache", "attach", "check", "check_request", "exported_branch", "image_tokens", "parse"]

@@ -136,7 +136,7 @@ class GenerateRequest(BaseModel):
         default=None, description="SD/SDXL: weighted and long prompts as compel reads them: true or \"compel\" "
                                   "((words)1.3, word+), \"a1111\" ((words:1.3), [words]); default off")
     cache: str | None = Field(default=None, description="step cache: \"deepcache:3\" (the full UNet every 3rd step) "
-                                                         "or \"fbcache:0.12\" (Flux); an artifact exported with "
+                                                         "or \"fbcache:0.12\" (Flux, SD3); an artifact exported with "
                                                          "--step-cache; default off")
     controlnets: list[ControlNetInput] | None = Field(
         default=None, description="one entry per ControlNet of the artifact (exported with --controlnet), in order")
