@@ -92,7 +92,9 @@ def _latents(seed: int):
 @pytest.mark.parametrize(("threshold", "guidance"), [(0.35, 4.0), (0.3, 1.0)])
 def test_sd3_first_block_cache_matches_diffusers(sd3_cached, threshold, guidance):
     """With CFG (guidance 4: both rows in one transformer call, one decision for both, as
-    diffusers decides) and without (guidance 1)."""
+    diffusers decides) and without (guidance 1). The steps' relative changes nearest to
+    these thresholds are 0.012 and 0.016 away (measured in diffusers): far beyond the
+    float differences between torch and ONNX Runtime on any CPU."""
     checkpoint, artifact, _ = sd3_cached
     latents = _latents(1)
     call = dict(prompt="a photo of a cat", height=32, width=48, output_type="np", num_inference_steps=STEPS,
