@@ -38,10 +38,10 @@ from diffrt.errors import DiffrtError
 from diffrt.export.forward_swap import swapped_forwards
 from diffrt.runtime.step_cache import (
     FB_ENCODER,
+    FB_FAMILIES,
     FB_FIRST_RESIDUAL,
     FB_HIDDEN,
     FB_TAIL_RESIDUAL,
-    FB_FAMILIES,
     FBCACHE,
     HEAD_VARIANT,
     TAIL_VARIANT,
