@@ -295,6 +295,31 @@ def test_other_backends_open_the_encoder_like_ort(pipes, exported, backend, opti
         worker.close()
 
 
+def test_the_memory_check_counts_the_encoder_until_it_is_open(exported, monkeypatch):
+    """Before the VAE encoder is open, a request starting from a picture counts its
+    weight files (sizes read from disk here) beside the activations; afterwards nothing more."""
+    import json
+
+    from diffrt.runtime import pipeline as pipeline_module
+
+    seen = []
+    real = pipeline_module.check_memory
+    monkeypatch.setattr(pipeline_module, "check_memory",
+                        lambda *a, **k: (seen.append(k.get("unopened_weights", 0)), real(*a, **k))[1])
+    folder = exported("sd15")
+    kw = dict(image=_picture(32, 32, seed=3), strength=0.5, seed=1, num_inference_steps=4, output_type="np")
+    with Pipeline.load(folder) as pipe:
+        pipe.request("a barn", num_inference_steps=4)
+        assert seen[-1] == 0
+        pipe.request("a barn", **kw)
+        listed = json.loads((folder / "manifest.json").read_text())["stages"]["vae_encoder"]["files"]
+        encoder = sum((folder / f["path"]).stat().st_size for f in listed)
+        assert seen[-1] == encoder > 0
+        pipe("a barn", **kw)
+        pipe.request("a barn", **kw)
+        assert seen[-1] == 0
+
+
 def _mask(height, width):
     """White (repaint) in an off-centre box, black elsewhere, as a grayscale PIL image."""
     mask = np.zeros((height, width), np.uint8)

@@ -183,6 +183,38 @@ def test_a_cache_the_artifact_lacks_is_a_one_line_error(exported, cached_artifac
                 pipe.request("a cat", cache=bad)
 
 
+def test_the_memory_check_counts_the_cache_graphs_a_request_opens_first(cached_artifact, monkeypatch):
+    """A cached request's memory bound includes the step-cache graphs it will open (a
+    further copy of UNet weights) until they are open: the bytes predicted equal the
+    files of the stages the first cached generation actually opened."""
+    from diffrt.runtime import pipeline as pipeline_module
+    from diffrt.runtime import request as request_module
+
+    folder = cached_artifact("sd15")
+    seen = []
+    real = pipeline_module.check_memory
+    monkeypatch.setattr(pipeline_module, "check_memory",
+                        lambda *a, **k: (seen.append(k.get("unopened_weights", 0)), real(*a, **k))[1])
+    with Pipeline.load(folder) as pipe:
+        call = dict(num_inference_steps=3, height=32, width=32, seed=0, output_type="np")
+        pipe.request("a cat", **call)
+        assert seen[-1] == 0
+        before = set(pipe._models)
+        pipe.request("a cat", cache="deepcache:3", **call)
+        predicted = seen[-1]
+        with monkeypatch.context() as m:  # nothing left: the request is refused, naming what it would open
+            m.setattr(request_module, "available_memory_bytes", lambda: 1)
+            with pytest.raises(DiffrtError, match="stages it opens first") as info:
+                pipe.request("a cat", cache="deepcache:3", **call)
+            assert "\n" not in str(info.value)
+        pipe("a cat", cache="deepcache:3", **call)
+        opened = [pipe._models[k].spec for k in set(pipe._models) - before]
+        assert len(opened) == 2
+        assert predicted == sum((folder / f.path).stat().st_size for spec in opened for f in spec.files) > 0
+        pipe.request("a cat", cache="deepcache:3", **call)
+        assert seen[-1] == 0  # open now: counted with the loaded weights
+
+
 def test_the_server_takes_cache_and_refuses_one_the_artifact_lacks(cached_artifact):
     """/v1/generate's `cache` field: the served image is the pipeline's with the same
     cache (and not the uncached one); an unknown cache is a 400 naming the field."""

@@ -190,14 +190,20 @@ def _controlnet_spec(manifest: Manifest, role: str, unet: StageSpec) -> StageSpe
     return manifest.select(role, FUSED_VARIANT if fused else DEFAULT_VARIANT, [unet.precision, "fp32"])
 
 
-def _contexts(pipe: Any) -> tuple[Any, list[Any]]:
-    """The residual UNet's context and each ControlNet's, opened on first use (models
-    shared with worker() views, as the VAE encoder is), files verified as `load` did."""
+def lazy_specs(pipe: Any) -> dict[str, StageSpec]:
+    """The residual UNet and each ControlNet, keyed for Pipeline.lazy_contexts: opened on
+    first use (models shared with worker() views, as the VAE encoder is), files
+    verified as `load` did."""
     manifest, denoiser = pipe.manifest, pipe.family.DENOISER
     unet = pipe.models[denoiser].spec
     specs = {f"{denoiser}:{layout.RESIDUAL_VARIANT}": _residual_spec(manifest, unet)}
     specs.update({role: _controlnet_spec(manifest, role, unet) for role in controlnet_roles(manifest)})
-    contexts = pipe.lazy_contexts(specs, "ControlNet")
+    return specs
+
+
+def _contexts(pipe: Any) -> tuple[Any, list[Any]]:
+    """The residual UNet's context and each ControlNet's."""
+    contexts = pipe.lazy_contexts(lazy_specs(pipe), "ControlNet")
     return contexts[0], contexts[1:]
 
 

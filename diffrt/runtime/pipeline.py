@@ -370,7 +370,8 @@ class Pipeline:
         controlnet.check_combination(self, request)  # not with image=, LoRAs (yet)
         request = dataclasses.replace(request, cache=step_cache.check_request(self, request, cache))  # "deepcache:3"
         self._prompt_chunks(request)  # weighted prompts: their syntax, and a long one on a fixed-length UNet
-        check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention())
+        check_memory(self.manifest, request, weights_loaded=True, attention_scores=self._materializes_attention(),
+                     unopened_weights=self._unopened_weight_bytes(request))
         return request
 
     def batch_key(self, request: Request) -> tuple:
@@ -491,7 +492,8 @@ class Pipeline:
         # the whole batch's memory (a bound on each request's too), now that the graphs are known
         check_memory(self.manifest, dataclasses.replace(first, prompts=rows, negative_prompts=rows,
                                                         num_images_per_prompt=1),
-                     weights_loaded=True, attention_scores=self._materializes_attention())
+                     weights_loaded=True, attention_scores=self._materializes_attention(),
+                     unopened_weights=self._unopened_weight_bytes(first))
         # image j of request r draws from default_rng(seed_r + j), exactly as alone
         rng = generator if generator is not None else PerImageNoise.from_seeds(
             [r.seed + j for r in requests for j in range(r.batch)])
@@ -666,9 +668,26 @@ class Pipeline:
         """The VAE encoder's context. Its model is opened by the first call that starts
         from a picture (text-to-image never loads it), in the decoder's precision,
         verified as `load` verified the rest, and shared with every worker() view."""
+        return self.lazy_contexts(self._image_encoder_specs(), "img2img")[0]
+
+    def _image_encoder_specs(self) -> dict[str, StageSpec]:
         key = self.family.VAE_ENCODER
         precision = self._models[self.family.VAE_DECODER].spec.precision
-        return self.lazy_contexts({key: self.manifest.select(key, DEFAULT_VARIANT, [precision, "fp32"])}, "img2img")[0]
+        return {key: self.manifest.select(key, DEFAULT_VARIANT, [precision, "fp32"])}
+
+    def _unopened_weight_bytes(self, request: Request) -> int:
+        """The weight files of the stages `request` will open on first use (the VAE
+        encoder, ControlNets, step-cache graphs) that no earlier request opened: the
+        memory check counts them beside the activations."""
+        specs: dict[str, StageSpec] = {}
+        if request.pixels is not None or request.masked_pixels is not None:
+            specs.update(self._image_encoder_specs())
+        if request.controlnet is not None:
+            specs.update(controlnet.lazy_specs(self))
+        if request.cache is not None:
+            specs.update(step_cache.lazy_specs(self, request.cache))
+        with _LAZY_LOCK:
+            return sum(f.size for key, spec in specs.items() if key not in self._models for f in spec.files)
 
     def lazy_contexts(self, specs: Mapping[str, StageSpec], why: str) -> list[Context]:
         """This worker's contexts on stages opened by the first request that needs them

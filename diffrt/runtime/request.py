@@ -465,14 +465,17 @@ def check_vae(manifest: Manifest, vae: str | None) -> str:
     return vae
 
 
-def check_memory(manifest: Manifest, request: Request, weights_loaded: bool, attention_scores: bool = False) -> None:
+def check_memory(manifest: Manifest, request: Request, weights_loaded: bool, attention_scores: bool = False,
+                 unopened_weights: int = 0) -> None:
     """Refuse a request whose weights plus largest activations exceed the memory available,
     before any work: otherwise it dies minutes later in an allocation deep in a backend.
     The estimate is a lower bound (see the family's `min_activation_bytes`), so a
     request that fits is never refused. `weights_loaded`: the model is already in
     memory (a loaded pipeline), so only activations are counted against what is left.
     `attention_scores`: the graphs that will run materialize attention score tensors
-    (known once loaded; before, the bound leaves them out)."""
+    (known once loaded; before, the bound leaves them out). `unopened_weights`: bytes of
+    the stages this request opens on first use (VAE encoder, ControlNets, step-cache
+    graphs), each a further copy of weights."""
     family = get_family(manifest.family)
     settings = request.settings
     decoder = manifest.select(family.VAE_DECODER, request.vae)
@@ -483,13 +486,18 @@ def check_memory(manifest: Manifest, request: Request, weights_loaded: bool, att
     roles = family.runtime_roles(manifest.model)
     stages = [manifest.select(role) for role in roles if role != family.VAE_DECODER] + [decoder]
     weights = 0 if weights_loaded else sum(f.size for spec in stages for f in spec.files)
-    needed = weights + activations
+    needed = weights + unopened_weights + activations
     available = available_memory_bytes()
     if available is not None and needed > available:
         raise DiffrtError(
             f"{settings.width}x{settings.height} with {request.batch} image(s) needs at least {format_gib(needed)} "
-            f"of memory ({what}), and {format_gib(available)} is available; use a smaller size or fewer images"
+            f"of memory ({what}{_opening(unopened_weights)}), and {format_gib(available)} is available; use a smaller "
+            "size or fewer images"
         )
+
+
+def _opening(unopened_weights: int) -> str:
+    return f"; plus {format_gib(unopened_weights)} of stages it opens first" if unopened_weights else ""
 
 
 def _is_int(value: Any) -> bool:

@@ -162,10 +162,11 @@ def check_request(pipe: Any, request: Any, value: Any) -> StepCache | None:
 
 def attach(pipe: Any, cache: StepCache, plan: Any) -> Any:
     """`plan` with the cache's hook innermost (it answers in place of the UNet)."""
+    first, second = pipe.lazy_contexts(lazy_specs(pipe, cache), "step cache")
     if cache.kind == FBCACHE:
-        hook: Any = FirstBlockCacheHook(*_contexts(pipe, (HEAD_VARIANT, TAIL_VARIANT)), cache.threshold)
+        hook: Any = FirstBlockCacheHook(first, second, cache.threshold)
     else:
-        hook = DeepCacheHook(*_contexts(pipe, VARIANTS), cache.interval)
+        hook = DeepCacheHook(first, second, cache.interval)
     return dataclasses.replace(plan, denoiser_hooks=(*plan.denoiser_hooks, hook))
 
 
@@ -176,18 +177,18 @@ def cached_steps(plan: Any) -> int | None:
     return hooks[-1].cached_steps if hooks else None
 
 
-def _contexts(pipe: Any, variants: tuple[str, str]) -> tuple[Any, Any]:
-    """The full and shallow graphs' contexts. Their models are opened by the first
-    cached request (uncached pipelines never load them) in the plain UNet's precision
-    and attention form (the portable graph where a shallow path has no attention),
-    verified as `load` verified the rest, and shared with every worker() view."""
+def lazy_specs(pipe: Any, cache: StepCache) -> dict[str, Any]:
+    """The cache's two graphs (DeepCache: full and shallow; First-Block Cache: head and
+    tail), keyed for Pipeline.lazy_contexts. Their models are opened by the first
+    cached request (uncached pipelines never load them) in the plain denoiser's
+    precision and attention form (the portable graph where a shallow path has no
+    attention), verified as `load` verified the rest, and shared with every worker() view."""
     denoiser = pipe.family.DENOISER
-    plain = pipe._models[denoiser].spec
+    plain = pipe.models[denoiser].spec
     prefix = FUSED_PREFIX if plain.variant == FUSED_VARIANT else ""
-    specs = {f"{denoiser}:{variant}": _select(pipe.manifest, denoiser, prefix, variant, plain.precision)
-             for variant in variants}
-    first, second = pipe.lazy_contexts(specs, "step cache")
-    return first, second
+    variants = (HEAD_VARIANT, TAIL_VARIANT) if cache.kind == FBCACHE else VARIANTS
+    return {f"{denoiser}:{variant}": _select(pipe.manifest, denoiser, prefix, variant, plain.precision)
+            for variant in variants}
 
 
 def _select(manifest: Any, denoiser: str, prefix: str, variant: str, precision: str) -> Any:
