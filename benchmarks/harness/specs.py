@@ -143,6 +143,11 @@ ARTIFACT_VARIANTS = {
     # --exclude auto, which quantizes the SD1.5-size UNet once per candidate group: ~20 min more)
     "int8": ArtifactVariant("artifact-int8", ("quantize", "OUT", "--exclude",
                                               "conv_in,conv_out,time_embedding,attention_scores"), copy_export=True),
+    # optimum-intel's recipe by diffrt: weight-only int8 linear layers, convolutions and
+    # attention's activation MatMuls fully int8 (NNCF); 2 calibration steps per prompt
+    "int8-hybrid": ArtifactVariant("artifact-int8-hybrid", ("quantize", "OUT", "--method", "hybrid", "--exclude",
+                                                            "conv_in,conv_out,time_embedding", "--calibration-steps",
+                                                            "2"), copy_export=True),
     # the deep/shallow UNet graphs DeepCache needs, from `diffrt export --step-cache deepcache`
     "deepcache": ArtifactVariant("artifact-deepcache",
                                  ("export", "CHECKPOINT", "OUT", "--step-cache", "deepcache", "--overwrite"),
@@ -241,6 +246,9 @@ RUNNERS = {r.name: r for r in (
     diffrt("diffrt-int8-openvino-tiny-vae", "diffrt, OpenVINO, int8 denoiser, tiny VAE decoder",
            {"backend": "openvino", "graph_precision": "int8"}, {"vae": "tiny"}, cache_option="load.cache_dir",
            memory_gib=11.0, sdxl_memory_gib=21.0, warmup_new_shapes=True, decoder="tiny", artifact="int8"),
+    diffrt("diffrt-int8-hybrid-openvino", "diffrt, OpenVINO, int8 denoiser (diffrt quantize --method hybrid)",
+           {"backend": "openvino", "graph_precision": "int8"}, cache_option="load.cache_dir", memory_gib=11.0,
+           sdxl_memory_gib=21.0, warmup_new_shapes=True, artifact="int8-hybrid"),
     diffrt("diffrt-deepcache", "diffrt, onnxruntime CPU, fp32, DeepCache interval 3 (cache=\"deepcache:3\")",
            {"backend": "ort"}, {"cache": "deepcache:3"}, cache_option="load.cache_dir", artifact="deepcache",
            denoiser="cached"),
