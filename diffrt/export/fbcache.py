@@ -45,6 +45,7 @@ from diffrt.runtime.step_cache import (
     FBCACHE,
     HEAD_VARIANT,
     TAIL_VARIANT,
+    patch_tokens,
 )
 
 
@@ -57,10 +58,8 @@ def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 def _tokens(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> int:
     """The image tokens of the transformer's input: Flux's (batch, tokens, channels) is
     packed already; SD3's latents (batch, channels, height, width) are cut into patches."""
-    if hidden_states.dim() == 3:
-        return int(hidden_states.shape[1])
-    patch = int(transformer.config.patch_size)
-    return (int(hidden_states.shape[-2]) // patch) * (int(hidden_states.shape[-1]) // patch)
+    patch = None if hidden_states.dim() == 3 else int(transformer.config.patch_size)
+    return patch_tokens(tuple(hidden_states.shape), patch)
 
 
 def _facts(transformer: torch.nn.Module, hidden_states: torch.Tensor) -> dict[str, Any]:

@@ -234,7 +234,12 @@ def image_tokens(head: Any, shape: tuple[int, ...]) -> int:
     StageSpec) counts them: Flux's input is packed tokens (batch, tokens, channels);
     SD3's is latents (batch, channels, height, width), cut into patch x patch tokens
     (the exporter records the patch size in the stage's facts)."""
-    patch = head.facts.get(FBCACHE, {}).get("patch_size")
+    return patch_tokens(shape, head.facts.get(FBCACHE, {}).get("patch_size"))
+
+
+def patch_tokens(shape: tuple[int, ...], patch: int | None) -> int:
+    """Tokens of packed input (patch None: (batch, tokens, channels)) or of latents
+    (batch, channels, height, width) cut into patch x patch tokens."""
     if patch is None:
         return int(shape[1])
     return (int(shape[-2]) // int(patch)) * (int(shape[-1]) // int(patch))
@@ -286,4 +291,4 @@ class FirstBlockCacheHook:
 
 
 __all__ = ["DEEPCACHE", "FBCACHE", "FB_FAMILIES", "FEATURE", "FirstBlockCacheHook", "FULL_VARIANT", "SHALLOW_VARIANT",
-           "DeepCacheHook", "StepCache", "attach", "check", "check_request", "exported_branch", "image_tokens", "parse"]
+           "DeepCacheHook", "StepCache", "attach", "check", "check_request", "exported_branch", "image_tokens", "parse", "patch_tokens"]
