@@ -291,4 +291,5 @@ class FirstBlockCacheHook:
 
 
 __all__ = ["DEEPCACHE", "FBCACHE", "FB_FAMILIES", "FEATURE", "FirstBlockCacheHook", "FULL_VARIANT", "SHALLOW_VARIANT",
-           "DeepCacheHook", "StepCache", "attach", "check", "check_request", "exported_branch", "image_tokens", "parse", "patch_tokens"]
+           "DeepCacheHook", "StepCache", "attach", "check", "check_request", "exported_branch", "image_tokens", "parse",
+           "patch_tokens"]
