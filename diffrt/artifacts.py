@@ -90,6 +90,10 @@ DEFAULT_VARIANT = "default"
 # A stage graph whose attention blocks are one fused op each (ORT's MultiHeadAttention)
 # instead of the portable MatMul-Softmax-MatMul that TensorRT and OpenVINO fuse themselves.
 FUSED_VARIANT = "fused-attention"
+# In an int8 stage's `passes`: its activation quantizers sit at the ops they quantize for, not
+# above the layout ops before those (diffrt.export.passes.int8.quantizers_at_consumers; hybrid
+# graphs without it compute wrong on OpenVINO).
+QUANTIZERS_AT_CONSUMERS = "int8:quantizers-at-consumers"
 
 
 @dataclass(frozen=True)
@@ -477,6 +481,7 @@ _MOVED = ("VERIFY_MODES", "artifact_file", "component_problem", "file_problem", 
 __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "QUANTIZERS_AT_CONSUMERS",
     "STAMPS_NAME",
     "VERIFY_MODES",
     "FileRecord",

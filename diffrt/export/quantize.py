@@ -49,7 +49,15 @@ from diffrt.artifacts import (
 )
 from diffrt.errors import DiffrtError
 from diffrt.export.calibration import CalibrationSettings, collect, read_prompts
-from diffrt.export.passes.int8 import CALIBRATED, METHODS, NNCF_METHODS, SENSITIVE_GROUPS, group_nodes, require_nncf
+from diffrt.export.passes.int8 import (
+    CALIBRATED,
+    METHOD_PASSES,
+    METHODS,
+    NNCF_METHODS,
+    SENSITIVE_GROUPS,
+    group_nodes,
+    require_nncf,
+)
 from diffrt.families import get_family
 
 logger = logging.getLogger(__name__)
@@ -196,7 +204,7 @@ def _build_from(stage_dir: Path, source: StageSpec, method: str, feeds, fresh, e
         "error": {**error, "inputs": len(fresh), "against": source.name},
     }}
     spec = dataclasses.replace(source, name=f"{source.name}-{INT8}", precision=INT8,
-                               passes=(*source.passes, f"int8:{method}"), facts={**source.facts, **facts},
+                               passes=(*source.passes, f"int8:{method}", *METHOD_PASSES.get(method, ())), facts={**source.facts, **facts},
                                reference=source.name, max_abs_error=error["max_abs"], weight_map=None)
     return best, spec
 
