@@ -95,8 +95,6 @@ def configs(base: Path, prepared: dict[str, dict[str, Any]], bf16: bool) -> list
     for method, info in prepared.items():
         rows.append({"name": f"ort int8-{method}", "folder": Path(info["folder"]), "backend": "ort",
                      "graph_precision": "int8", "options": {}})
-        if method == "hybrid":  # the openvino backend refuses hybrid int8 stages (wrong outputs there: docs/int8.md)
-            continue
         rows.append({"name": f"openvino int8-{method}", "folder": Path(info["folder"]), "backend": "openvino",
                      "graph_precision": "int8", "options": {"precision": "bf16" if bf16 else "fp32"}})
     for row in rows:
