@@ -680,6 +680,28 @@ def test_an_artifact_variant_diffrt_cannot_make_is_not_available(exported, tmp_p
     assert sorted(p.name for p in artifact.iterdir()) == before
 
 
+def test_an_artifact_variant_is_made_again_when_its_arguments_change(exported, tmp_path):
+    """A variant's artifact is reused while its marker records the same diffrt arguments
+    (a file put in it survives), and made again from the export when they change (as when
+    a variant gains an --exclude group): never the old artifact timed under the new name."""
+    prepare = _benchmarks_import("harness.prepare")
+    specs = _benchmarks_import("harness.specs")
+    artifact = tmp_path / "tiny" / "artifact"
+    artifact.parent.mkdir()
+    artifact.symlink_to(exported("sd15"), target_is_directory=True)
+    models = prepare.Models("sd15", tmp_path / "tiny", tmp_path / "tiny" / "checkpoint", artifact, tmp_path, 2, 4, 0.0)
+    log = tmp_path / "prepare.log"
+    first = specs.ArtifactVariant("artifact-inspected", ("inspect", "OUT"), copy_export=True)
+    out = prepare.prepare_variant(models, first, log, 300.0)
+    assert (out / "manifest.json").is_file() and (out / prepare.COMPLETE).is_file()
+    (out / "sentinel").write_text("made by the first arguments")
+    assert prepare.prepare_variant(models, first, log, 300.0) == out and (out / "sentinel").is_file()
+    changed = specs.ArtifactVariant("artifact-inspected", ("inspect", "OUT", "--verify"), copy_export=True)
+    assert prepare.prepare_variant(models, changed, log, 300.0) == out
+    assert not (out / "sentinel").exists() and (out / "manifest.json").is_file()
+    assert log.read_text().count("$ ") == 2  # run twice, not three times
+
+
 @pytest.mark.parametrize("options", [{"load": {"backend": "ort", "graph_precision": "int8"}},
                                      {"load": {"backend": "ort"}, "call": {"cache": "deepcache:3"}}],
                          ids=["int8", "deepcache"])

@@ -204,18 +204,19 @@ LINK_BYTES = 16 * 2**20  # files at least this big are hard-linked into a copied
 
 def prepare_variant(models: Models, variant: ArtifactVariant, log_path: Path, timeout: float) -> Path:
     """The artifact a variant runner loads, made once beside the plain export (reused
-    while its COMPLETE marker is there): `diffrt ARGS` on the checkpoint, or on a copy of
-    the export (small files copied, weights hard-linked: a tool that writes new files
-    leaves the plain export as it was). Raises VariantUnavailable with the CLI's own last
+    while its COMPLETE marker records the same diffrt arguments; made again when the
+    variant's arguments change): `diffrt ARGS` on the checkpoint, or on a copy of the
+    export (small files copied, weights hard-linked: a tool that writes new files leaves
+    the plain export as it was). Raises VariantUnavailable with the CLI's own last
     line when diffrt cannot make it."""
     out = models.folder / variant.folder
-    if (out / COMPLETE).is_file():
+    places = {"CHECKPOINT": str(models.checkpoint), "OUT": str(out)}
+    cmd = [sys.executable, "-m", "diffrt.cli", *(places.get(a, a) for a in variant.command)]
+    if _read_json(out / COMPLETE).get("command", [])[3:] == cmd[3:]:  # made by the same diffrt arguments
         return out
     shutil.rmtree(out, ignore_errors=True)
     if variant.copy_export:
         shutil.copytree(models.artifact, out, symlinks=True, copy_function=_copy_or_link)
-    places = {"CHECKPOINT": str(models.checkpoint), "OUT": str(out)}
-    cmd = [sys.executable, "-m", "diffrt.cli", *(places.get(a, a) for a in variant.command)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
