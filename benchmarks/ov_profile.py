@@ -14,6 +14,11 @@ the step time (median of the rounds). One graph at a time (memory), in the order
 This is how benchmarks/README.md's int8 section saw why quantized attention made the
 int8 UNet no faster than bf16 (int8 convolutions faster, attention's MatMuls split into
 separate fp32 kernels with their reorders). Writes JSON with --out, with the CPU.
+
+`ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/ov_profile.py ...` caps the oneDNN kernels
+OpenVINO's CPU plugin uses (convolutions, fully connected, its JIT subgraphs) at AVX2,
+as on an AVX2-only CPU; the kernel names in the profile show which layers it reached
+(OpenVINO's own JIT kernels such as MVN, and MLAS GEMMs, keep the CPU's full ISA).
 """
 
 from __future__ import annotations
@@ -113,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {item}: precision must be f32 or bf16")
         if not Path(path).is_file():
             raise SystemExit(f"error: {path}: no such graph file")
-        result = profile(Path(path), precision or default, args.size, args.batch, args.rounds)
+        try:
+            result = profile(Path(path), precision or default, args.size, args.batch, args.rounds)
+        except RuntimeError as exc:  # OpenVINO cannot compile it here (e.g. a kernel missing under an ISA cap)
+            line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Exception from" not in ln), "?")
+            results.append({"graph": path, "precision": precision or default, "error": line})
+            print(f"\n{path}: OpenVINO could not compile it: {line}")
+            continue
         results.append(result)
         print(f"\n{path} ({result['precision']}): step {result['step_s']:.3f} s (median of {args.rounds}), "
               f"profiled layers {result['profiled_ms']:.0f} ms")
@@ -125,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps({
             "command": "python benchmarks/ov_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {**cpu.to_json(), "cores": os.cpu_count(), "platform": platform.platform(),
-                        "load_average": list(os.getloadavg())},
+                        "load_average": list(os.getloadavg()),
+                        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA")},
             "profiles": results}, indent=2) + "\n")
     return 0
 

@@ -143,11 +143,12 @@ ARTIFACT_VARIANTS = {
     # --exclude auto, which quantizes the SD1.5-size UNet once per candidate group: ~20 min more)
     "int8": ArtifactVariant("artifact-int8", ("quantize", "OUT", "--exclude",
                                               "conv_in,conv_out,time_embedding,attention_scores"), copy_export=True),
-    # optimum-intel's recipe by diffrt: weight-only int8 linear layers, convolutions and
-    # attention's activation MatMuls fully int8 (NNCF); 2 calibration steps per prompt
+    # optimum-intel's recipe by diffrt: weight-only int8 linear layers, convolutions fully
+    # int8 (NNCF), attention's activation MatMuls kept float (OpenVINO fuses attention then);
+    # 2 calibration steps per prompt
     "int8-hybrid": ArtifactVariant("artifact-int8-hybrid", ("quantize", "OUT", "--method", "hybrid", "--exclude",
-                                                            "conv_in,conv_out,time_embedding", "--calibration-steps",
-                                                            "2"), copy_export=True),
+                                                            "conv_in,conv_out,time_embedding,attention_scores",
+                                                            "--calibration-steps", "2"), copy_export=True),
     # the deep/shallow UNet graphs DeepCache needs, from `diffrt export --step-cache deepcache`
     "deepcache": ArtifactVariant("artifact-deepcache",
                                  ("export", "CHECKPOINT", "OUT", "--step-cache", "deepcache", "--overwrite"),
