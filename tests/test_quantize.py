@@ -195,7 +195,8 @@ def test_hybrid_int8_computes_on_openvino_as_on_onnx_runtime(quantized):
     constants = {t.name for t in graph.initializer}
     quantized_acts = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants}
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized_acts}
-    layout = [n.name for n in graph.node if n.op_type in ("Reshape", "Transpose", "Resize") and n.input[0] in dequantized]
+    layout = [n.name for n in graph.node
+              if n.op_type in ("Reshape", "Transpose", "Resize") and n.input[0] in dequantized]
     assert dequantized and not layout
     # the quantizers were moved, not dropped: the convolutions' inputs are quantized
     assert sum(1 for n in graph.node if n.op_type == "Conv" and n.input[0] in dequantized) > 5

@@ -203,9 +203,10 @@ def _build_from(stage_dir: Path, source: StageSpec, method: str, feeds, fresh, e
         "calibration": {**calibration, "inputs": len(feeds)} if method in CALIBRATED else None,
         "error": {**error, "inputs": len(fresh), "against": source.name},
     }}
-    spec = dataclasses.replace(source, name=f"{source.name}-{INT8}", precision=INT8,
-                               passes=(*source.passes, f"int8:{method}", *METHOD_PASSES.get(method, ())), facts={**source.facts, **facts},
-                               reference=source.name, max_abs_error=error["max_abs"], weight_map=None)
+    passes = (*source.passes, f"int8:{method}", *METHOD_PASSES.get(method, ()))
+    spec = dataclasses.replace(source, name=f"{source.name}-{INT8}", precision=INT8, passes=passes,
+                               facts={**source.facts, **facts}, reference=source.name, max_abs_error=error["max_abs"],
+                               weight_map=None)
     return best, spec
 
 
