@@ -210,8 +210,9 @@ def test_hybrid_int8_computes_on_openvino_as_on_onnx_runtime(quantized):
         return float(np.sqrt(diff / sum(float(np.sum(a ** 2)) for a in reference)))
 
     on_ort, on_openvino = error(_unet_on(folder, "ort", feeds)), error(_unet_on(folder, "openvino", feeds))
-    # measured on the tiny UNet: 0.049 (ORT), 0.053 (OpenVINO); 0.45 on OpenVINO with the quantizers left in place
-    assert on_openvino < BOUND and on_openvino < 2 * on_ort
+    # measured on the tiny UNet (Zen 4): 0.049 (ORT), 0.053 (OpenVINO); 0.45 on OpenVINO with the quantizers left
+    # in place. 3x leaves room for int8 kernels that round or saturate differently on other CPUs (AVX2 without VNNI)
+    assert on_openvino < BOUND and on_openvino < 3 * on_ort
 
 
 def _layout_graph() -> onnx.ModelProto:
