@@ -133,7 +133,7 @@ def write_report(args, machine, prepared, rows, steps, images, loadavg, rounds_d
         "command": "python benchmarks/int8.py " + " ".join(sys.argv[1:]),
         "workload": {"prompt": PROMPT, **{k: v for k, v in CALL.items() if k != "output_type"}},
         "machine": {**machine, "load_average_during_runs": [round(min(loadavg), 2), round(max(loadavg), 2)],
-                    "note": "shared machine: other engineers' jobs ran during the measurement"},
+                    "note": args.note},
         "quantization": {m: {k: v for k, v in p.items() if k != "folder"} for m, p in prepared.items()},
         "calibration": {"prompts": args.calibration_prompts, "steps": args.calibration_steps, "size": "256x256",
                         "exclude": args.exclude},
@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--calibration-prompts", type=int, default=12)
     parser.add_argument("--calibration-steps", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "int8-sd15.json")
+    parser.add_argument("--note", help="what else ran on the machine during the measurement, for the JSON "
+                                       "(the load average is recorded either way)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("diffrt.runtime", "nncf"):
