@@ -84,6 +84,8 @@ def make_feeds(graph_folder: Path, height: int, width: int, batch: int, vae_scal
                 dims.append(dim.dim_value)
             elif name == "batch":
                 dims.append(batch)
+            elif name == "text_length":  # the UNet's conditioning: one 77-token CLIP chunk
+                dims.append(77)
             else:
                 size = height if "height" in name else width
                 dims.append(size // vae_scale_factor if name.startswith("latent") else size)
